@@ -1,0 +1,30 @@
+"""bilevel: fast, verified gradient-based bilevel optimization in PyTorch.
+
+    min_x f(x, y)   s.t.   y ∈ argmin_y g(x, y)
+
+GALET, sl-BAMM and BAGDC — methods that do not need a strongly convex lower level —
+next to the classic baselines (ITD/RHG, T-RHG, AID with CG/Neumann/fixed point, BDA),
+on a functional core: pure ``init``/``step`` functions over an explicit state.
+"""
+
+from . import problems, schedules, tree
+from .callbacks import CSVLogger, JSONLinesLogger, ProgressBar, TensorBoardLogger
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .linsolve import CG, FixedPoint, LinearSolveResult, LineSearchStep, Neumann, NormalGD
+from .methods import AID, BAGDC, BDA, GALET, ITD, TRHG, LowerAggregated, LowerGD, Method, SlBAMM, StabilityWarning, State
+from .oracles import CountingOracles, Linearization, Oracles
+from .problem import Problem
+from .schedules import Constant, Exponential, Linear, Polynomial, bamm_schedules
+from .solve import DivergenceError, FixedBatch, Result, Status, solve
+from .updates import SGD, Adam, Box
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AID", "BAGDC", "BDA", "GALET", "ITD", "TRHG", "SlBAMM", "Method", "State", "LowerGD", "LowerAggregated",
+    "StabilityWarning", "CG", "Neumann", "FixedPoint", "NormalGD", "LineSearchStep", "LinearSolveResult",
+    "Oracles", "CountingOracles", "Linearization", "Problem", "solve", "Result", "Status", "DivergenceError",
+    "FixedBatch", "SGD", "Adam", "Box", "Constant", "Polynomial", "Linear", "Exponential", "bamm_schedules",
+    "ProgressBar", "JSONLinesLogger", "CSVLogger", "TensorBoardLogger", "save_checkpoint", "load_checkpoint",
+    "CheckpointError", "problems", "schedules", "tree", "__version__",
+]

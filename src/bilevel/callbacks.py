@@ -1,0 +1,132 @@
+"""Callbacks for :func:`bilevel.solve`: progress bar and loggers.
+
+A callback is any object with some of ``on_start(run)``, ``on_log(record)`` and
+``on_end(result)``; ``record`` is the dict of floats appended to the history.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["ProgressBar", "JSONLinesLogger", "CSVLogger", "TensorBoardLogger"]
+
+
+class ProgressBar:
+    """A tqdm progress bar showing the iteration and a few diagnostics.
+
+    Args:
+        keys: diagnostics shown next to the bar (default: stationarity and upper loss).
+        desc: the bar's label (default: the method's name).
+        disable: turn the bar off (e.g. in tests).
+    """
+
+    def __init__(self, keys: Sequence[str] = ("stationarity", "upper_loss"), desc: Optional[str] = None, disable: bool = False, leave: bool = True):
+        self.keys, self.desc, self.disable, self.leave = tuple(keys), desc, disable, leave
+        self._bar = None
+        self._last = 0
+
+    def on_start(self, run):
+        from tqdm.auto import tqdm
+
+        self._last = run["start"]
+        self._bar = tqdm(
+            total=run["max_iters"], initial=run["start"], desc=self.desc or run["method"].name, disable=self.disable, leave=self.leave, dynamic_ncols=True
+        )
+
+    def on_log(self, record):
+        it = int(record["iteration"])
+        self._bar.update(it - self._last)
+        self._last = it
+        shown = {k: f"{record[k]:.3e}" for k in self.keys if k in record}
+        if shown:
+            self._bar.set_postfix(shown, refresh=False)
+
+    def on_end(self, result):
+        if self._bar is not None:
+            self._bar.close()
+
+
+class JSONLinesLogger:
+    """Append each record as one JSON line to ``path`` (flushed every ``flush_every`` lines).
+
+    On a resumed run, records already in the file (iteration ≤ the resume point) are kept
+    and the run appends after them.
+    """
+
+    def __init__(self, path, flush_every: int = 50):
+        self.path = Path(path)
+        self.flush_every = flush_every
+        self._handle = None
+        self._count = 0
+
+    def on_start(self, run):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if run["start"] > 0 and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= run["start"]]
+            self.path.write_text("".join(line + "\n" for line in kept))
+            self._handle = self.path.open("a")
+        else:
+            self._handle = self.path.open("w")
+
+    def on_log(self, record):
+        self._handle.write(json.dumps(record) + "\n")
+        self._count += 1
+        if self._count % self.flush_every == 0:
+            self._handle.flush()
+
+    def on_end(self, result):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class CSVLogger:
+    """Write the records to a CSV file (columns from the first record)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self._handle = None
+        self._writer = None
+
+    def on_start(self, run):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = self.path.open("w", newline="")
+
+    def on_log(self, record):
+        if self._writer is None:
+            self._writer = csv.DictWriter(self._handle, fieldnames=list(record), extrasaction="ignore")
+            self._writer.writeheader()
+        self._writer.writerow(record)
+
+    def on_end(self, result):
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class TensorBoardLogger:
+    """Log every diagnostic as a TensorBoard scalar (needs ``pip install tensorboard``)."""
+
+    def __init__(self, log_dir):
+        self.log_dir = str(log_dir)
+        self._writer = None
+
+    def on_start(self, run):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from err
+        self._writer = SummaryWriter(self.log_dir)
+
+    def on_log(self, record):
+        step = int(record["iteration"])
+        for key, value in record.items():
+            if key != "iteration":
+                self._writer.add_scalar(key, value, step)
+
+    def on_end(self, result):
+        if self._writer is not None:
+            self._writer.close()

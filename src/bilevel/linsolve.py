@@ -1,0 +1,326 @@
+"""Solvers for the multiplier's linear system ``H v = b``.
+
+Implicit hypergradients need ``v ≈ H⁻¹ b`` with ``H = ∇²_yy g`` (or ``∇²_yy φ_μ``) and
+``b = ∇_y f``; the hypergradient is then ``∇_x f − J v``. All solvers here are
+matrix-free (they only call ``matvec(v) = H v``), run a fixed number of iterations
+(no host synchronisation, no data-dependent Python branching) and return a
+:class:`LinearSolveResult` with the residual they have for free.
+
+Sign convention of the library: ``v`` solves ``H v = ∇_y f`` and the direction is
+``d = ∇_x f − J v``. GALET's shadow variable is ``w = −v``; Liu et al.'s ``z`` equals ``v``.
+
+========================  =============================================  ===============
+solver                    update                                         H-products/iter
+========================  =============================================  ===============
+:class:`CG`               conjugate gradient on ``H v = b``              1
+:class:`Neumann`          ``v = s Σ_{i=0}^{K} (I − sH)^i b``             1
+:class:`FixedPoint`       Richardson ``v ← v − s (H v − b)`` from v₀     1
+:class:`NormalGD`         GD on ``½‖H v − b‖²``: ``v ← v − ρ H (H v − b)`` 2
+:class:`LineSearchStep`   ``v ← v − η r``, ``η = ‖r‖²/(rᵀHr)``, r = Hv − b 2
+========================  =============================================  ===============
+
+``NormalGD`` is GALET's shadow-implicit-gradient loop (it converges to the minimum-norm
+least-squares solution from ``v₀ = 0`` even when ``H`` is singular); ``LineSearchStep``
+is the "CG-type" dual correction of sl-BAMM/BAGDC, with the guards of ALGORITHMS.md §3.5.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from . import tree as T
+from .tree import Tree
+
+MatVec = Callable[[Tree], Tree]
+
+__all__ = [
+    "LinearSolveResult",
+    "LinearSolver",
+    "CG",
+    "Neumann",
+    "FixedPoint",
+    "NormalGD",
+    "LineSearchStep",
+    "line_search_step_size",
+    "estimate_spectral_norm",
+]
+
+
+@dataclass(frozen=True)
+class LinearSolveResult:
+    """Outcome of a linear solve.
+
+    Attributes:
+        v: the approximate solution.
+        residual_sq: ``‖H v' − b‖²`` at the last iterate ``v'`` whose residual was formed
+            (the final iterate for CG; the one before the last update for the
+            stationary iterations, where it is free).
+        step: the last step size used (line-search solvers), else ``None``.
+        normal_residual_sq: ``‖H (H v' − b)‖²`` at the same iterate, for :class:`NormalGD`
+            (the gradient of its least-squares objective; GALET's third stationarity term).
+    """
+
+    v: Tree
+    residual_sq: torch.Tensor
+    step: Optional[torch.Tensor] = None
+    normal_residual_sq: Optional[torch.Tensor] = None
+
+
+class LinearSolver:
+    """Protocol: ``solver(matvec, b, v0) -> LinearSolveResult``.
+
+    ``v0`` is the starting point: ``None`` for a cold start from zero (which costs no
+    product), the previous multiplier for a warm start; ``Neumann``, defined from zero,
+    ignores it.
+    """
+
+    steps: int
+
+    def __call__(self, matvec: MatVec, b: Tree, v0: Optional[Tree] = None) -> LinearSolveResult:  # pragma: no cover - protocol
+        raise NotImplementedError
+
+    def hvps(self) -> int:
+        """Hessian-vector products per call."""
+        return self.steps
+
+
+def _check_steps(name, steps, minimum=1):
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < minimum:
+        raise ValueError(f"{name}(steps={steps!r}) must be an integer >= {minimum}")
+
+
+def _check_positive(name, what, value):
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise ValueError(f"{name}({what}={value!r}) must be a positive number")
+
+
+def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num / den`` where ``den > 0``, else 0 (no host sync)."""
+    tiny = torch.finfo(den.dtype).tiny
+    return torch.where(den > tiny, num / torch.clamp(den, min=tiny), torch.zeros_like(num))
+
+
+@dataclass(frozen=True)
+class CG(LinearSolver):
+    """Conjugate gradient on ``H v = b`` for symmetric positive (semi)definite ``H``.
+
+    ``r₀ = b − H v₀, p₀ = r₀``; for t < K:
+    ``α = ‖r‖²/(pᵀHp), v ← v + αp, r' = r − αHp, β = ‖r'‖²/‖r‖², p ← r' + βp``.
+    When ``pᵀHp ≤ 0`` (a nonconvex or exactly solved system) the step is zero instead
+    of a division by zero, so later iterations leave ``v`` unchanged.
+
+    Args:
+        steps: K, number of iterations (= Hessian-vector products, plus one for a warm start).
+
+    Reference: Hestenes & Stiefel (1952); as an AID solver, Pedregosa (2016),
+    Grazzi et al. (2020).
+    """
+
+    steps: int = 10
+
+    def __post_init__(self):
+        _check_steps("CG", self.steps)
+
+    def __call__(self, matvec, b, v0=None):
+        v = T.zeros_like(b) if v0 is None else v0
+        r = b if v0 is None else T.sub(b, matvec(v0))
+        p = r
+        rr = T.sq_norm(r)
+        for _ in range(self.steps):
+            hp = matvec(p)
+            alpha = _safe_divide(rr, T.vdot(p, hp))
+            v = T.axpy(alpha, p, v)
+            r = T.axpy(-alpha, hp, r)
+            rr_new = T.sq_norm(r)
+            beta = _safe_divide(rr_new, rr)
+            p = T.axpy(beta, p, r)
+            rr = rr_new
+        return LinearSolveResult(v=v, residual_sq=rr)
+
+
+def _residual(matvec: MatVec, b: Tree, v: Optional[Tree]) -> Tree:
+    """``H v − b``; ``v = None`` stands for zero and costs no product."""
+    return T.scale(-1.0, b) if v is None else T.sub(matvec(v), b)
+
+
+def _start(b: Tree, v0: Optional[Tree]) -> Tree:
+    return T.zeros_like(b) if v0 is None else v0
+
+
+@dataclass(frozen=True)
+class Neumann(LinearSolver):
+    """Truncated Neumann series ``v = s Σ_{i=0}^{K} (I − sH)^i b`` (ignores ``v0``).
+
+    Converges to ``H⁻¹ b`` when ``0 < s < 2/λ_max(H)`` and ``H`` is positive definite.
+
+    Args:
+        steps: K, number of Hessian-vector products.
+        lr: s, the series step.
+
+    Reference: Lorraine, Vicol & Duvenaud (AISTATS 2020).
+    """
+
+    steps: int = 10
+    lr: float = 0.1
+
+    def __post_init__(self):
+        _check_steps("Neumann", self.steps)
+        _check_positive("Neumann", "lr", self.lr)
+
+    def __call__(self, matvec, b, v0=None):
+        term = b
+        v = T.scale(self.lr, b)
+        for _ in range(self.steps):
+            term = T.axpy(-self.lr, matvec(term), term)
+            v = T.axpy(self.lr, term, v)
+        # b − H v = (I − sH)^{K+1} b would cost one more product; the last term
+        # ‖(I − sH)^K b‖² bounds it within a factor ‖I − sH‖ and is free
+        return LinearSolveResult(v=v, residual_sq=T.sq_norm(term))
+
+
+@dataclass(frozen=True)
+class FixedPoint(LinearSolver):
+    """Richardson / fixed-point iteration ``v ← v − s (H v − b)`` from ``v0``.
+
+    With ``v0 = 0`` and K steps it equals :class:`Neumann` with K − 1 terms; with a
+    warm start it is one step of a dual correction per call.
+
+    Args:
+        steps: K, number of iterations (= Hessian-vector products).
+        lr: s, the step; stable when ``0 < s < 2/λ_max(H)``.
+
+    Reference: Grazzi et al., "On the Iteration Complexity of Hypergradient
+    Computation" (ICML 2020).
+    """
+
+    steps: int = 10
+    lr: float = 0.1
+
+    def __post_init__(self):
+        _check_steps("FixedPoint", self.steps)
+        _check_positive("FixedPoint", "lr", self.lr)
+
+    def __call__(self, matvec, b, v0=None):
+        v, residual_sq = v0, None
+        for _ in range(self.steps):
+            r = _residual(matvec, b, v)
+            residual_sq = T.sq_norm(r)
+            v = T.axpy(-self.lr, r, _start(b, v))
+        return LinearSolveResult(v=v, residual_sq=residual_sq)
+
+
+@dataclass(frozen=True)
+class NormalGD(LinearSolver):
+    """Gradient descent on the least-squares problem ``½‖H v − b‖²``.
+
+    ``r = H v − b;  v ← v − ρ H r``. From ``v0 = 0`` the iterates stay in Range(H) and
+    converge to the minimum-norm solution ``H^† b`` even when ``H`` is singular
+    (a PL but not strongly convex lower level). Stable iff ``ρ < 2/λ_max(H)²``.
+    This is GALET's shadow-implicit-gradient subproblem (in GALET's sign, ``w = −v``
+    minimises ``½‖∇_y f + H w‖²``).
+
+    Args:
+        steps: T, number of iterations (2T Hessian-vector products).
+        lr: ρ, the step.
+
+    Reference: Xiao, Lu & Chen, "A Generalized Alternating Method for Bilevel Learning
+    under the Polyak-Łojasiewicz Condition", NeurIPS 2023.
+    """
+
+    steps: int = 10
+    lr: float = 0.1
+
+    def __post_init__(self):
+        _check_steps("NormalGD", self.steps)
+        _check_positive("NormalGD", "lr", self.lr)
+
+    def hvps(self):
+        return 2 * self.steps
+
+    def __call__(self, matvec, b, v0=None):
+        v, residual_sq, normal_sq = v0, None, None
+        for _ in range(self.steps):
+            r = _residual(matvec, b, v)
+            residual_sq = T.sq_norm(r)
+            hr = matvec(r)
+            normal_sq = T.sq_norm(hr)
+            v = T.axpy(-self.lr, hr, _start(b, v))
+        return LinearSolveResult(v=v, residual_sq=residual_sq, normal_residual_sq=normal_sq)
+
+
+def line_search_step_size(
+    r_sq: torch.Tensor, r_h_r: torch.Tensor, fallback: float, max_step: float | None
+) -> torch.Tensor:
+    """The exact line-search step ``η = ‖r‖²/(rᵀHr)`` of a quadratic, with guards.
+
+    If ``rᵀHr ≤ 0`` (negative curvature, or ``r = 0``) the step is ``fallback``;
+    the step is clipped to ``[0, max_step]`` when ``max_step`` is given. No host sync.
+    """
+    tiny = torch.finfo(r_h_r.dtype).tiny
+    exact = r_sq / torch.clamp(r_h_r, min=tiny)
+    eta = torch.where(r_h_r > tiny, exact, torch.full_like(exact, fallback))
+    if max_step is not None:
+        eta = torch.clamp(eta, min=0.0, max=max_step)
+    return eta
+
+
+@dataclass(frozen=True)
+class LineSearchStep(LinearSolver):
+    """Steepest descent with exact line search on ``½ vᵀHv − bᵀv``.
+
+    ``r = H v − b;  η = ‖r‖²/(rᵀ H r);  v ← v − η r`` (``steps`` times). This is the
+    "CG-type" dual correction of sl-BAMM's and BAGDC's official code. Guards (unlike the
+    official code): if ``rᵀHr ≤ 0`` the step falls back to ``fallback``, and the step
+    is clipped to ``[0, max_step]``.
+
+    Args:
+        steps: number of line-search steps (2 Hessian-vector products each).
+        fallback: step used when the curvature along ``r`` is not positive.
+        max_step: optional upper bound on η.
+
+    Reference: Liu et al., ICML 2023 (sl-BAMM), official code ``BAMM_CG``.
+    """
+
+    steps: int = 1
+    fallback: float = 0.1
+    max_step: Optional[float] = None
+
+    def __post_init__(self):
+        _check_steps("LineSearchStep", self.steps)
+        _check_positive("LineSearchStep", "fallback", self.fallback)
+        if self.max_step is not None:
+            _check_positive("LineSearchStep", "max_step", self.max_step)
+
+    def hvps(self):
+        return 2 * self.steps
+
+    def __call__(self, matvec, b, v0=None):
+        v, residual_sq, eta = v0, None, None
+        for _ in range(self.steps):
+            r = _residual(matvec, b, v)
+            residual_sq = T.sq_norm(r)
+            eta = line_search_step_size(residual_sq, T.vdot(r, matvec(r)), self.fallback, self.max_step)
+            v = T.axpy(-eta, r, _start(b, v))
+        return LinearSolveResult(v=v, residual_sq=residual_sq, step=eta)
+
+
+def estimate_spectral_norm(matvec: MatVec, like: Tree, iters: int = 30, seed: int = 0) -> float:
+    """Estimate ``max |λ(H)|`` by power iteration (``iters`` products, one host sync).
+
+    Used to check step sizes against stability bounds at the initial point; the start
+    vector is drawn from a fixed seed so the estimate is reproducible.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    v = T.tree_map(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device), like)
+    v = T.scale(1.0 / T.norm(v), v)
+    estimate = torch.zeros(())
+    for _ in range(iters):
+        hv = matvec(v)
+        estimate = T.norm(hv)
+        if not bool(estimate > 0):
+            return 0.0
+        v = T.scale(1.0 / estimate, hv)
+    return float(estimate)

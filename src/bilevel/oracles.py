@@ -1,0 +1,300 @@
+"""Derivative oracles: gradients, Hessian-vector and mixed products of an objective.
+
+For an objective ``h(x, y)`` (the lower objective ``g``, or the averaged ``φ_μ``) the
+methods need, at a point ``(x, y)``,
+
+* the gradients ``∇_x h`` and ``∇_y h``;
+* Hessian-vector products ``H v = ∇²_yy h · v``;
+* mixed products ``J v = ∇²_xy h · v = ∇_x ⟨∇_y h(x, y), v⟩`` (a vector shaped like x).
+
+:class:`Oracles` builds a :class:`Linearization` of ``∇_y h`` at a point once, then
+serves any number of products there without recomputing the gradient graph: GALET
+makes ``2T`` Hessian products and one mixed product at the same point. Three modes:
+
+``"reverse"`` (default)
+    reverse-over-reverse: ``∇_y h`` is built with a graph and each product is one
+    vector-Jacobian product of it; ``both(v)`` returns ``(J v, H v)`` from a single
+    backward pass. Fastest on CPU here (see ``benchmarks/``), and it only traverses the
+    part of the graph a product needs (``H v`` never back-propagates into ``x``).
+``"forward"``
+    forward-over-reverse with :func:`torch.func.jvp` of :func:`torch.func.grad`:
+    ``both(v)`` is the directional derivative of ``(∇_x h, ∇_y h)`` along ``(0, v)``.
+``"finite_difference"``
+    central differences of gradients, ``(∇h(x, y + εv) − ∇h(x, y − εv)) / 2ε`` with a
+    step relative to ``‖v‖``: two gradients per product, no second-order graph
+    (memory-light; biased by O(ε²)).
+
+Example:
+    >>> import torch, bilevel as bl
+    >>> h = lambda x, y, b: (x["a"] * y["w"] ** 2).sum()
+    >>> x, y = {"a": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}
+    >>> lin = bl.Oracles().linearize(h, x, y, None)
+    >>> lin.hvp({"w": torch.ones(2)})["w"]      # H = diag(2a)
+    tensor([2., 4.])
+    >>> lin.mixed({"w": torch.ones(2)})["a"]    # J v = 2 w ⊙ v
+    tensor([6., 8.])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch.func import grad_and_value, jvp
+
+from . import tree as T
+from .tree import Tree
+
+__all__ = ["Oracles", "Linearization", "WeightedLinearization", "CountingOracles", "ORACLE_MODES"]
+
+ORACLE_MODES = ("reverse", "forward", "finite_difference")
+
+
+def _requires_grad_copy(tree: Tree) -> Tree:
+    return T.tree_map(lambda t: t.detach().requires_grad_(True), tree)
+
+
+def _grads_or_zeros(outputs, inputs: list[torch.Tensor], cotangents=None, retain_graph=False, create_graph=False):
+    """``torch.autograd.grad`` that returns zeros for inputs the outputs do not depend on."""
+    if isinstance(outputs, torch.Tensor):
+        outputs = [outputs]
+        cotangents = None if cotangents is None else [cotangents]
+    pairs = [(o, c) for o, c in zip(outputs, cotangents or [None] * len(outputs)) if o.requires_grad]
+    if not pairs:
+        return [torch.zeros_like(t) for t in inputs]
+    outs, cots = zip(*pairs)
+    grads = torch.autograd.grad(
+        outs,
+        inputs,
+        grad_outputs=None if cotangents is None else list(cots),
+        retain_graph=retain_graph,
+        create_graph=create_graph,
+        allow_unused=True,
+        materialize_grads=True,
+    )
+    return list(grads)
+
+
+class Linearization:
+    """Products with the Hessian ``H`` and mixed matrix ``J`` of ``h`` at a fixed point.
+
+    Attributes:
+        value: ``h(x, y)`` (detached 0-d tensor).
+        grad_y: ``∇_y h(x, y)`` (detached tree shaped like ``y``).
+        grad_x: ``∇_x h(x, y)`` when asked for with ``with_grad_x=True``, else ``None``.
+    """
+
+    value: torch.Tensor
+    grad_y: Tree
+    grad_x: Optional[Tree] = None
+
+    def hvp(self, v: Tree) -> Tree:
+        """``H v = ∇²_yy h · v`` (shaped like y)."""
+        return self.both(v, need_mixed=False)[1]
+
+    def mixed(self, v: Tree) -> Tree:
+        """``J v = ∇²_xy h · v`` (shaped like x)."""
+        return self.both(v, need_hvp=False)[0]
+
+    def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
+        """``(J v, H v)``; a product not needed is returned as ``None``."""
+        raise NotImplementedError
+
+
+class _ReverseLinearization(Linearization):
+    def __init__(self, fn, x, y, batch, with_grad_x):
+        self._x = _requires_grad_copy(x)
+        self._y = _requires_grad_copy(y)
+        self._xl, self._yl = T.leaves(self._x), T.leaves(self._y)
+        with torch.enable_grad():
+            value = fn(self._x, self._y, batch)
+            inputs = (self._xl if with_grad_x else []) + self._yl
+            grads = _grads_or_zeros(value, inputs, create_graph=True)
+        nx = len(self._xl) if with_grad_x else 0
+        self._gy = grads[nx:]
+        self.value = value.detach()
+        self.grad_y = T.unflatten_like([g.detach() for g in self._gy], y)
+        self.grad_x = T.unflatten_like([g.detach() for g in grads[:nx]], x) if with_grad_x else None
+        self._x_like, self._y_like = x, y
+
+    def both(self, v, need_mixed=True, need_hvp=True):
+        inputs = (self._xl if need_mixed else []) + (self._yl if need_hvp else [])
+        with torch.enable_grad():
+            grads = _grads_or_zeros(self._gy, inputs, T.leaves(v), retain_graph=True)
+        nx = len(self._xl) if need_mixed else 0
+        jv = T.unflatten_like(grads[:nx], self._x_like) if need_mixed else None
+        hv = T.unflatten_like(grads[nx:], self._y_like) if need_hvp else None
+        return jv, hv
+
+
+class _ForwardLinearization(Linearization):
+    def __init__(self, fn, x, y, batch, with_grad_x):
+        self._fn, self._x, self._y, self._batch = fn, T.detach(x), T.detach(y), batch
+        if with_grad_x:
+            (gx, gy), value = grad_and_value(lambda xx, yy: fn(xx, yy, batch), argnums=(0, 1))(self._x, self._y)
+            self.grad_x = T.detach(gx)
+        else:
+            gy, value = grad_and_value(lambda yy: fn(self._x, yy, batch))(self._y)
+            self.grad_x = None
+        self.value, self.grad_y = value.detach(), T.detach(gy)
+
+    def both(self, v, need_mixed=True, need_hvp=True):
+        fn, x, batch = self._fn, self._x, self._batch
+        if need_mixed:
+            grads = lambda yy: grad_and_value(lambda xx, yv: fn(xx, yv, batch), argnums=(0, 1))(x, yy)[0]
+            _, (jv, hv) = jvp(grads, (self._y,), (v,))
+            return jv, (hv if need_hvp else None)
+        grad_y = lambda yy: grad_and_value(lambda yv: fn(x, yv, batch))(yy)[0]
+        _, hv = jvp(grad_y, (self._y,), (v,))
+        return None, hv
+
+
+class _FiniteDifferenceLinearization(Linearization):
+    def __init__(self, fn, x, y, batch, with_grad_x, eps):
+        self._fn, self._x, self._y, self._batch, self._eps = fn, T.detach(x), T.detach(y), batch, eps
+        gx, gy, value = _gradients(fn, self._x, self._y, batch)
+        self.value, self.grad_y = value, gy
+        self.grad_x = gx if with_grad_x else None
+
+    def both(self, v, need_mixed=True, need_hvp=True):
+        v_norm = T.norm(v)
+        # relative step: ε·max(1, ‖y‖)/‖v‖ keeps the perturbation at a fixed relative size
+        step = self._eps * torch.clamp(T.norm(self._y), min=1.0) / torch.clamp(v_norm, min=torch.finfo(v_norm.dtype).tiny)
+        plus = _gradients(self._fn, self._x, T.axpy(step, v, self._y), self._batch)
+        minus = _gradients(self._fn, self._x, T.axpy(-step, v, self._y), self._batch)
+        inv = 0.5 / step
+        jv = T.scale(inv, T.sub(plus[0], minus[0])) if need_mixed else None
+        hv = T.scale(inv, T.sub(plus[1], minus[1])) if need_hvp else None
+        return jv, hv
+
+
+def _gradients(fn, x, y, batch) -> tuple[Tree, Tree, torch.Tensor]:
+    """``(∇_x h, ∇_y h, h)`` at ``(x, y)`` by one reverse pass (detached)."""
+    xr, yr = _requires_grad_copy(x), _requires_grad_copy(y)
+    xl, yl = T.leaves(xr), T.leaves(yr)
+    with torch.enable_grad():
+        value = fn(xr, yr, batch)
+        grads = _grads_or_zeros(value, xl + yl)
+    return T.unflatten_like(grads[: len(xl)], x), T.unflatten_like(grads[len(xl):], y), value.detach()
+
+
+def _gradient_y(fn, x, y, batch) -> tuple[Tree, torch.Tensor]:
+    """``(∇_y h, h)`` at ``(x, y)``; ``x`` is treated as a constant."""
+    yr = _requires_grad_copy(y)
+    with torch.enable_grad():
+        value = fn(T.detach(x), yr, batch)
+        grads = _grads_or_zeros(value, T.leaves(yr))
+    return T.unflatten_like(grads, y), value.detach()
+
+
+@dataclass(frozen=True)
+class Oracles:
+    """First- and second-order derivatives of the problem's objectives.
+
+    Args:
+        mode: ``"reverse"`` (default), ``"forward"`` or ``"finite_difference"``
+            (see the module docstring for what each costs).
+        fd_eps: relative step of the finite-difference mode.
+    """
+
+    mode: str = "reverse"
+    fd_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.mode not in ORACLE_MODES:
+            raise ValueError(f"Oracles(mode={self.mode!r}) is not one of {ORACLE_MODES}")
+        if not self.fd_eps > 0:
+            raise ValueError(f"Oracles(fd_eps={self.fd_eps}) must be positive")
+
+    def gradients(self, fn: Callable, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tree, torch.Tensor]:
+        """``(∇_x h, ∇_y h, h)`` at ``(x, y)``, detached."""
+        return _gradients(fn, x, y, batch)
+
+    def gradient_y(self, fn: Callable, x: Tree, y: Tree, batch: Any) -> tuple[Tree, torch.Tensor]:
+        """``(∇_y h, h)`` at ``(x, y)``, detached."""
+        return _gradient_y(fn, x, y, batch)
+
+    def linearize(self, fn: Callable, x: Tree, y: Tree, batch: Any, with_grad_x: bool = False) -> Linearization:
+        """A :class:`Linearization` of ``∇_y h`` at ``(x, y)`` (one gradient evaluation).
+
+        With ``with_grad_x=True`` it also holds ``grad_x = ∇_x h`` from the same pass.
+        """
+        if self.mode == "reverse":
+            return _ReverseLinearization(fn, x, y, batch, with_grad_x)
+        if self.mode == "forward":
+            return _ForwardLinearization(fn, x, y, batch, with_grad_x)
+        return _FiniteDifferenceLinearization(fn, x, y, batch, with_grad_x, self.fd_eps)
+
+
+class WeightedLinearization(Linearization):
+    """The linearization of ``Σ_i c_i h_i`` from linearizations of the ``h_i`` at one point.
+
+    Used for the averaged objective ``φ_μ = μ f + (1 − μ) g``: its products are the
+    weighted sums of the products with ``f`` and ``g``, and the parts stay available
+    (sl-BAMM reports its KKT residual with ``g`` alone at no extra cost).
+    """
+
+    def __init__(self, terms: Sequence[tuple[float, Linearization]]):
+        terms = [(c, lin) for c, lin in terms if c != 0.0]
+        if not terms:
+            raise ValueError("WeightedLinearization needs at least one term with a nonzero weight")
+        self.terms = terms
+        self.value = sum(c * lin.value for c, lin in terms)
+        self.grad_y = _weighted_sum([(c, lin.grad_y) for c, lin in terms])
+        has_x = all(lin.grad_x is not None for _, lin in terms)
+        self.grad_x = _weighted_sum([(c, lin.grad_x) for c, lin in terms]) if has_x else None
+
+    def both(self, v, need_mixed=True, need_hvp=True):
+        parts = [(c, lin.both(v, need_mixed=need_mixed, need_hvp=need_hvp)) for c, lin in self.terms]
+        jv = _weighted_sum([(c, p[0]) for c, p in parts]) if need_mixed else None
+        hv = _weighted_sum([(c, p[1]) for c, p in parts]) if need_hvp else None
+        return jv, hv
+
+
+def _weighted_sum(terms):
+    (c0, first), rest = terms[0], terms[1:]
+    out = T.scale(c0, first)
+    for c, t in rest:
+        out = T.axpy(c, t, out)
+    return out
+
+
+class _CountingLinearization(Linearization):
+    def __init__(self, inner: Linearization, counts: dict):
+        self._inner, self._counts = inner, counts
+        self.value, self.grad_y, self.grad_x = inner.value, inner.grad_y, inner.grad_x
+
+    def both(self, v, need_mixed=True, need_hvp=True):
+        key = "both" if (need_mixed and need_hvp) else ("mixed" if need_mixed else "hvp")
+        self._counts[key] = self._counts.get(key, 0) + 1
+        return self._inner.both(v, need_mixed=need_mixed, need_hvp=need_hvp)
+
+
+@dataclass(frozen=True)
+class CountingOracles(Oracles):
+    """:class:`Oracles` that count their calls in ``counts`` (for cost tests and profiling).
+
+    Keys: ``gradients`` (∇_x h and ∇_y h), ``gradient_y``, ``linearize`` (∇_y h with a
+    graph), ``hvp``, ``mixed`` and ``both`` (one pass giving ``J v`` and ``H v``).
+    """
+
+    counts: dict = field(default_factory=dict, compare=False)
+
+    def _tick(self, key):
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def reset(self):
+        self.counts.clear()
+
+    def gradients(self, fn, x, y, batch):
+        self._tick("gradients")
+        return super().gradients(fn, x, y, batch)
+
+    def gradient_y(self, fn, x, y, batch):
+        self._tick("gradient_y")
+        return super().gradient_y(fn, x, y, batch)
+
+    def linearize(self, fn, x, y, batch, with_grad_x=False):
+        self._tick("linearize")
+        return _CountingLinearization(super().linearize(fn, x, y, batch, with_grad_x), self.counts)

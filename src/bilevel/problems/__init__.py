@@ -1,0 +1,5 @@
+"""Built-in bilevel problems: toys with closed-form answers and the papers' experiments."""
+
+from .toys import T1, T2, T3, T4, T3_LOCAL_MINIMA, T1g, ToyProblem
+
+__all__ = ["T1", "T1g", "T2", "T3", "T4", "T3_LOCAL_MINIMA", "ToyProblem"]
