@@ -68,7 +68,7 @@ def _grads_or_zeros(outputs, inputs: list[torch.Tensor], cotangents=None, retain
         outs,
         inputs,
         grad_outputs=None if cotangents is None else list(cots),
-        retain_graph=retain_graph,
+        retain_graph=retain_graph or create_graph,
         create_graph=create_graph,
         allow_unused=True,
         materialize_grads=True,

@@ -86,12 +86,12 @@ class LowerGD:
         _check_rate(type(self).__name__, "lr", self.lr)
 
     def step(self, problem: Problem, x, y, batch, t: int, oracles: Oracles):
-        """One step without a graph: ``(y_next, ∇_y g(x, y))``."""
+        """One step without a graph: ``(y_next, step direction)`` (``∇_y g(x, y)`` here)."""
         grad_g, _ = oracles.gradient_y(problem.lower, x, y, batch)
         return T.axpy(-self.lr, grad_g, y), grad_g
 
     def run(self, problem: Problem, x, y, batch, oracles: Oracles):
-        """All steps without a graph: ``(y_N, ∇_y g(x, y_{N−1}))``."""
+        """All steps without a graph: ``(y_N, last step direction)``."""
         grad_g = None
         for t in range(self.steps):
             y, grad_g = self.step(problem, x, y, batch, t, oracles)
@@ -148,9 +148,14 @@ class LowerAggregated(LowerGD):
 
     def step(self, problem, x, y, batch, t, oracles):
         a, b = self.coefficients(t)
-        grad_g, _ = oracles.gradient_y(problem.lower, x, y, batch)
-        grad_f = oracles.gradient_y(problem.upper, x, y, batch)[0]
-        return T.axpy(-b, grad_f, T.axpy(-a, grad_g, y)), grad_g
+        lower, upper = problem.lower, problem.upper
+
+        def weighted(xx, yy, bb):
+            return a * lower(xx, yy, bb) + b * upper(xx, yy, bb)
+
+        # one backward pass for the aggregated direction a ∇_y g + b ∇_y f
+        direction, _ = oracles.gradient_y(weighted, x, y, batch)
+        return T.axpy(-1.0, direction, y), direction
 
     def differentiable_step(self, problem, x, y, batch, t):
         a, b = self.coefficients(t)

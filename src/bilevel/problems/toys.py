@@ -247,5 +247,5 @@ def T4(m: int = 5, d: int = 20, seed: int = 0, dtype: torch.dtype = torch.float6
         x_star={"x": x_opt.to(**kw)},
         y_star={"y": y_opt.to(**kw)},
         smoothness={"L_g": L_g},
-        metadata={"A": A},
+        metadata={"A": A, "y_ref": y_ref, "x_ref": x_ref},
     )
