@@ -96,7 +96,8 @@ class Problem:
         >>> f = lambda x, y, b: 0.5 * (y["y"] ** 2).sum() + 0.5 * ((x["x"] - 1) ** 2).sum()
         >>> g = lambda x, y, b: 0.5 * (y["y"] ** 2).sum() - (x["x"] * y["y"]).sum()
         >>> problem = bl.Problem(upper=f, lower=g)
-        >>> problem.validate({"x": torch.zeros(3)}, {"y": torch.zeros(3)})
+        >>> problem.validate({"x": torch.zeros(3)}, {"y": torch.zeros(3)})   # (f, g) at the point
+        (tensor(1.5000), tensor(0.))
     """
 
     upper: Objective
