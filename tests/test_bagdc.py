@@ -148,3 +148,13 @@ def test_sequential_order_is_stable_at_one_over_lphi_where_jacobi_diverges(dual_
 def test_bad_options_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bl.BAGDC(**kwargs)
+
+
+def test_stability_bounds_on_lower_and_dual_steps_warn_and_error():
+    problem = T1(n=3)                                  # H = I: both steps are stable below 2
+    with pytest.warns(bl.StabilityWarning, match=r"BAGDC\(lr_dual=2.5\).*2/λ_max\(H\)"):
+        bl.BAGDC(lr_dual=2.5).init(problem)
+    with pytest.raises(ValueError, match=r"BAGDC\(lr_lower=2.2\).*stability bound 2"):
+        bl.BAGDC(lr_lower=2.2, stability_check="error").init(problem)
+    with pytest.raises(bl.DivergenceError):
+        bl.solve(problem, bl.BAGDC(lr_dual=2.5, stability_check="off"), max_iters=3000)

@@ -158,3 +158,11 @@ def test_t1_jacobi_bias_matches_closed_form_of_averaging():
 def test_bad_options_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bl.SlBAMM(**kwargs)
+
+
+def test_stability_bound_of_the_averaged_hessian_is_checked():
+    problem = T1(n=3)                                  # ∇²_yy φ_μ = I
+    with pytest.raises(ValueError, match=r"SlBAMM\(lr_lower=2.5\).*φ_μ"):
+        bl.SlBAMM(lr_lower=2.5, stability_check="error").init(problem)
+    with pytest.warns(bl.StabilityWarning, match=r"lr_dual=3"):
+        bl.SlBAMM(dual_step="fixed", lr_dual=3.0).init(problem)

@@ -12,7 +12,7 @@ from ..oracles import Oracles
 from ..schedules import ScheduleLike, as_schedule
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
 from .base import Method, State, _check_count, _check_rate
-from .dual import check_dual_options, multiplier_iteration
+from .dual import check_dual_options, check_stability, multiplier_iteration
 
 __all__ = ["BAGDC"]
 
@@ -56,6 +56,9 @@ class BAGDC(Method):
         order: ``"sequential"`` or ``"jacobi"``.
         max_dual_step, dual_fallback: guards of the line search.
         project_x: optional projection of x.
+        stability_check: ``"warn"`` (default), ``"error"`` or ``"off"``: at ``init``, estimate
+            λ_max of the lower Hessian (of φ_μ) by power iteration and check ``lr_lower``
+            and a fixed ``lr_dual`` against the bound ``2/λ_max``.
 
     Cost per iteration (sequential, fixed η): N gradients of g, one gradient of f, one
     gradient of g with a graph, one Hessian product, one pass for ``(J v, H v)``.
@@ -87,6 +90,7 @@ class BAGDC(Method):
     max_dual_step: Optional[float] = None
     dual_fallback: float = 0.1
     project_x: Optional[Box] = None
+    stability_check: str = "warn"
     oracles: Optional[Oracles] = None
 
     def __post_init__(self):
@@ -98,7 +102,12 @@ class BAGDC(Method):
             raise ValueError(f"BAGDC(lower={self.lower!r}) must be 'gd' or 'bda'")
         if not 0 < self.lower_mu < 1:
             raise ValueError(f"BAGDC(lower_mu={self.lower_mu}) must lie in (0, 1)")
-        check_dual_options("BAGDC", self.order, self.dual_step, self.lower_steps, self.period)
+        check_dual_options("BAGDC", self.order, self.dual_step, self.lower_steps, self.period, self.stability_check)
+
+    def init(self, problem, x0=None, y0=None, batch=None, validate=True):
+        state = super().init(problem, x0, y0, batch, validate)
+        check_stability(self, problem, state, batch, self.lower_mu if self.lower == "bda" else 0.0)
+        return state
 
     def _upper(self):
         return as_upper_optimizer(self.lr_upper, "BAGDC(lr_upper)")

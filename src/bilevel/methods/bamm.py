@@ -12,7 +12,7 @@ from ..oracles import Oracles
 from ..schedules import Polynomial, ScheduleLike, as_schedule, bamm_schedules
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
 from .base import Method, State, _check_rate
-from .dual import check_dual_options, multiplier_iteration
+from .dual import check_dual_options, check_stability, multiplier_iteration
 
 __all__ = ["SlBAMM"]
 
@@ -59,6 +59,9 @@ class SlBAMM(Method):
             the curvature along r is not positive).
         period: line-search period for ``dual_step="periodic"``.
         project_x: optional projection of x.
+        stability_check: ``"warn"`` (default), ``"error"`` or ``"off"``: at ``init``, estimate
+            λ_max of the lower Hessian (of φ_μ) by power iteration and check ``lr_lower``
+            and a fixed ``lr_dual`` against the bound ``2/λ_max``.
 
     Use :meth:`from_strategy` for the μ/α/η schedules of BOAT's strategies s1/s2/s3.
 
@@ -91,6 +94,7 @@ class SlBAMM(Method):
     dual_fallback: float = 0.1
     period: int = 10
     project_x: Optional[Box] = None
+    stability_check: str = "warn"
     oracles: Optional[Oracles] = None
     lower_steps: ClassVar[int] = 1
 
@@ -99,7 +103,7 @@ class SlBAMM(Method):
         as_schedule(self.mu, "SlBAMM(mu)")
         as_schedule(self.lr_dual, "SlBAMM(lr_dual)")
         as_upper_optimizer(self.lr_upper, "SlBAMM(lr_upper)")
-        check_dual_options("SlBAMM", self.order, self.dual_step, 1, self.period)
+        check_dual_options("SlBAMM", self.order, self.dual_step, 1, self.period, self.stability_check)
         if self.freeze_phi_mu is not None and not 0 <= self.freeze_phi_mu < 1:
             raise ValueError(f"SlBAMM(freeze_phi_mu={self.freeze_phi_mu}) must lie in [0, 1)")
 
@@ -122,6 +126,11 @@ class SlBAMM(Method):
         defaults = {"order": "jacobi", "dual_step": "linesearch", "freeze_phi_mu": 0.1}
         defaults.update(options)
         return cls.from_strategy(s=0.1, mu0=0.9, p=10.0, tau=1 / 40, strategy="s3", **defaults)
+
+    def init(self, problem, x0=None, y0=None, batch=None, validate=True):
+        state = super().init(problem, x0, y0, batch, validate)
+        check_stability(self, problem, state, batch, self.averaging_weight(0))
+        return state
 
     def _upper(self):
         return as_upper_optimizer(self.lr_upper, "SlBAMM(lr_upper)")

@@ -28,15 +28,18 @@ from typing import Optional
 import torch
 
 from .. import tree as T
-from ..linsolve import line_search_step_size
+from ..linsolve import estimate_spectral_norm, line_search_step_size
 from ..oracles import Linearization, Oracles, WeightedLinearization
+from ..schedules import as_schedule
 from .base import LowerAggregated, LowerGD, State
 
 DUAL_RULES = ("fixed", "linesearch", "periodic")
 ORDERS = ("sequential", "jacobi")
 
 
-def check_dual_options(owner: str, order: str, dual_step: str, lower_steps: int, period: int) -> None:
+def check_dual_options(owner: str, order: str, dual_step: str, lower_steps: int, period: int, stability_check: str = "warn") -> None:
+    if stability_check not in ("warn", "error", "off"):
+        raise ValueError(f"{owner}(stability_check={stability_check!r}) must be 'warn', 'error' or 'off'")
     if order not in ORDERS:
         raise ValueError(f"{owner}(order={order!r}) must be one of {ORDERS}")
     if dual_step not in DUAL_RULES:
@@ -48,6 +51,29 @@ def check_dual_options(owner: str, order: str, dual_step: str, lower_steps: int,
         )
     if not isinstance(period, int) or period < 1:
         raise ValueError(f"{owner}(period={period!r}) must be an integer >= 1")
+
+
+def check_stability(method, problem, state: State, batch, mu: float) -> None:
+    """Check the lower step β and a constant dual step η against ``2/λ_max(H_φ)`` at the start.
+
+    Both the lower gradient step and the fixed-step dual correction are gradient steps on
+    quadratics with Hessian ``H_φ`` near the solution, so each diverges when its step
+    exceeds ``2/λ_max(H_φ)``. λ_max is estimated by power iteration (30 products).
+    """
+    from .galet import check_step_bound
+
+    if method.stability_check == "off":
+        return
+    lin_phi = linearize_parts(method._oracles(), problem, mu, state.x, state.y, batch)[0]
+    lam = estimate_spectral_norm(lin_phi.hvp, state.y)
+    if lam <= 0:
+        return
+    which = "H" if mu == 0.0 else "∇²_yy φ_μ"
+    detail = f"2/λ_max({which}) with λ_max ≈ {lam:.4g}"
+    owner = type(method).__name__
+    check_step_bound(owner, "lr_lower", method.lr_lower, 2.0 / lam, detail, method.stability_check)
+    if method.dual_step == "fixed":
+        check_step_bound(owner, "lr_dual", float(as_schedule(method.lr_dual)(0)), 2.0 / lam, detail, method.stability_check)
 
 
 def linearize_parts(oracles: Oracles, problem, mu: float, x, y, batch):
