@@ -97,8 +97,10 @@ def _to_floats(info: dict) -> dict:
     if not info:
         return {}
     keys = list(info)
-    # one host transfer for all diagnostics instead of one .item() each
-    values = torch.stack([torch.as_tensor(info[k]).detach().reshape(()).to(torch.float64).cpu() for k in keys]).tolist()
+    tensors = [torch.as_tensor(info[k]).detach().reshape(()) for k in keys]
+    device = tensors[0].device
+    # stack on the device, then one host transfer for all diagnostics instead of one .item() each
+    values = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).tolist()
     return dict(zip(keys, values))
 
 
