@@ -138,6 +138,7 @@ def solve(
     resume: Optional[str | Path | dict] = None,
     validate: bool = True,
     meta: Optional[dict] = None,
+    compile: bool = False,
 ) -> Result:
     """Run ``method`` on ``problem`` from ``(x0, y0)`` and return a :class:`Result`.
 
@@ -167,6 +168,9 @@ def solve(
             history, RNG and iteration counter are restored.
         validate: check the problem at the starting point (shapes, dtypes, finite, scalar).
         meta: extra JSON-serialisable information stored in checkpoints.
+        compile: opt-in: run the method with :class:`bilevel.compile.CompiledOracles`
+            (``torch.compile`` of the forward-mode oracles of ``problem``); same iterates
+            within float tolerance, pays the compile time on the first steps.
 
     Example:
         >>> import bilevel as bl
@@ -185,6 +189,10 @@ def solve(
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"log_every={log_every!r} must be a positive integer")
     source = as_data_source(data)
+    if compile:
+        from .compile import compiled
+
+        method = compiled(method, problem)
 
     history: list = []
     elapsed = 0.0

@@ -1,0 +1,192 @@
+"""Side by side with BOAT (boat-torch 1.1.1): same problem, same hyper-parameters, same process.
+
+Run with the BOAT virtual environment's python (see benchmarks/README.md for its install):
+
+    PYTHONPATH=src /tmp/boatenv/bin/python benchmarks/boat_compare.py            # MNIST-sized linear
+    PYTHONPATH=src /tmp/boatenv/bin/python benchmarks/boat_compare.py --model mlp
+
+Pairs (BOAT name -> ours), all on data hyper-cleaning, lower lr β, T lower steps, K solver steps:
+
+    NGD + RAD  (unrolled, warm start)        -> ITD(lower_steps=T, warm_start=True)
+    NGD + CG   (K CG steps on I - ∂Φ)        -> AID(solver=CG(K))
+    NGD + NS   (Neumann, K terms, step β)    -> AID(solver=Neumann(K, lr=β))
+    DM  + RAD  (s1, no GDA: Jacobi, fixed η) -> SlBAMM(mu=0, order="jacobi", dual_step="fixed")
+                                                with BOAT's α_k, η_k schedules
+
+For each pair: (1) the largest |difference| of x and y after a few iterations from the same
+start (both sides should compute the same iterates up to float rounding); (2) the minimum
+time of one iteration (over iterations 3..n, robust to other load) (BOAT: ``Problem.run_iter`` including its own loss bookkeeping;
+ours: ``method.step``) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import common  # noqa: F401
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import bilevel as bl
+from bilevel.linsolve import CG, Neumann
+from bilevel.schedules import Polynomial
+from common import environment, sync
+
+import boat_torch as boat  # noqa: E402  (only in the BOAT venv)
+
+
+# ----------------------------------------------------------------------- BOAT-side losses
+def boat_lower(feed, ul_model, ll_model, params=None, **_):
+    out = ll_model(feed["data"], params=params) if params is not None else ll_model(feed["data"])
+    return (torch.sigmoid(ul_model.logit) * F.cross_entropy(out, feed["target"], reduction="none")).mean()
+
+
+def boat_upper(feed, ul_model, ll_model, params=None, **_):
+    out = ll_model(feed["data"], params=params) if params is not None else ll_model(feed["data"])
+    return F.cross_entropy(out, feed["target"])
+
+
+class Weights(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(n))
+
+
+def make_ll_model(model, features, classes, hidden, seed):
+    torch.manual_seed(seed)
+    if model == "linear":
+        net = nn.Linear(features, classes)
+        nn.init.zeros_(net.weight), nn.init.zeros_(net.bias)
+        return net
+    return nn.Sequential(nn.Linear(features, hidden), nn.Sigmoid(), nn.Linear(hidden, classes))
+
+
+def boat_config(gm, na, ll_model, ul_model, ll_lr, ul_lr, T, K, dm=None, log_path=None):
+    ll_opt = torch.optim.SGD(ll_model.parameters(), lr=ll_lr)
+    ul_opt = torch.optim.SGD(ul_model.parameters(), lr=ul_lr)
+    return {
+        "fo_op": None, "gm_op": gm, "na_op": na,
+        "lower_level_model": ll_model, "upper_level_model": ul_model,
+        "lower_level_var": list(ll_model.parameters()), "upper_level_var": list(ul_model.parameters()),
+        "lower_level_opt": ll_opt, "upper_level_opt": ul_opt,
+        "lower_iters": T, "device": "cpu", "loss_log_path": log_path,
+        "GDA": {"alpha_init": 0.0, "alpha_decay": 1.0}, "RGT": {"truncate_iter": 0},
+        "CG": {"k": K, "tolerance": 1e-30}, "DM": dm or {"auxiliary_v_lr": 0.0, "tau": 0.0, "p": 1.0, "mu0": 0.0, "eta0": 0.0, "strategy": "s1"},
+        "accumulate_grad": False, "return_grad": False, "copy_last_param": True, "fo_ol_batch_input": False,
+    }
+
+
+def boat_problem(cfg):
+    loss_cfg = {"lower_level_loss": {"function": f"{__name__}.boat_lower"},
+                "upper_level_loss": {"function": f"{__name__}.boat_upper"}}
+    problem = boat.Problem(cfg, loss_cfg)
+    problem.build_ll_solver()
+    problem.build_ul_solver()
+    return problem
+
+
+# ----------------------------------------------------------------------- our side
+def our_problem(model, Xtr, ytr, Xva, yva, ll_model):
+    names = [n for n, _ in ll_model.named_parameters()]
+
+    def net(y, X):
+        from torch.func import functional_call
+        return functional_call(ll_model, {n: y[n] for n in names}, (X,))
+
+    def lower(x, y, batch):
+        return (torch.sigmoid(x["logit"]) * F.cross_entropy(net(y, Xtr), ytr, reduction="none")).mean()
+
+    def upper(x, y, batch):
+        return F.cross_entropy(net(y, Xva), yva)
+
+    y0 = {n: p.detach().clone() for n, p in ll_model.named_parameters()}
+    x0 = {"logit": torch.zeros(Xtr.shape[0], dtype=Xtr.dtype)}
+    return bl.Problem(upper=upper, lower=lower, x_init=x0, y_init=y0)
+
+
+def pairs(args):
+    T, K, lr, ulr = args.lower_steps, args.solver_steps, args.lr_lower, args.lr_upper
+    dm = {"auxiliary_v_lr": 1.0, "tau": args.tau, "p": 1.0, "mu0": 0.0, "eta0": args.eta0, "strategy": "s1"}
+    # BOAT DM+RAD (s1): x_lr = ul_lr (k+1)^-τ β ; η = η0 (k+1)^-τ/2 β
+    return {
+        "RAD/ITD": (["NGD"], ["RAD"], T, None,
+                    bl.ITD(lr_upper=ulr, lr_lower=lr, lower_steps=T, warm_start=True)),
+        "CG/AID-CG": (["NGD"], ["CG"], T, None,
+                      bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=CG(steps=K))),
+        "NS/AID-Neumann": (["NGD"], ["NS"], T, None,
+                           bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=Neumann(steps=K, lr=lr))),
+        "DM/sl-BAMM": (["DM"], ["RAD"], 1, dm,
+                       bl.SlBAMM(mu=0.0, lr_lower=lr, order="jacobi", dual_step="fixed",
+                                 lr_dual=Polynomial(args.eta0 * lr, args.tau / 2),
+                                 lr_upper=Polynomial(ulr * lr, args.tau), stability_check="off")),
+    }
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="linear", choices=["linear", "mlp"])
+    p.add_argument("--n-train", type=int, default=5000)
+    p.add_argument("--features", type=int, default=784)
+    p.add_argument("--hidden", type=int, default=300)
+    p.add_argument("--lower-steps", type=int, default=10)
+    p.add_argument("--solver-steps", type=int, default=10)
+    p.add_argument("--lr-lower", type=float, default=0.1)
+    p.add_argument("--lr-upper", type=float, default=100.0)
+    p.add_argument("--eta0", type=float, default=1.0)
+    p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--check-iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=12)
+    p.add_argument("--pairs", nargs="+", default=None)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    print(environment("cpu"), "| boat-torch", getattr(boat, "__version__", "1.1.1"))
+    gen = torch.Generator().manual_seed(0)
+    n, d, c = args.n_train, args.features, 10
+    Xtr = torch.randn(n, d, generator=gen) / d ** 0.5
+    Xva = torch.randn(n, d, generator=gen) / d ** 0.5
+    ytr = torch.randint(0, c, (n,), generator=gen)
+    yva = torch.randint(0, c, (n,), generator=gen)
+    ll_feed, ul_feed = {"data": Xtr, "target": ytr}, {"data": Xva, "target": yva}
+    log_path = os.path.join(tempfile.mkdtemp(), "boat_losses.json")
+    print(f"hyper-cleaning {args.model}, n={n}, d={d}, T={args.lower_steps}, K={args.solver_steps}, "
+          f"β={args.lr_lower}, α={args.lr_upper}, {args.dtype}")
+    print(f"{'pair':<16} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'BOAT ms':>9} {'ours ms':>9} {'BOAT/ours':>9}")
+    for name, (gm, na, T, dm, method) in pairs(args).items():
+        if args.pairs and name not in args.pairs:
+            continue
+        ll_model = make_ll_model(args.model, d, c, args.hidden, seed=1)
+        ul_model = Weights(n)
+        problem = our_problem(args.model, Xtr, ytr, Xva, yva, ll_model)
+        state = method.init(problem)
+        cfg = boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, T, args.solver_steps, dm, log_path)
+        bp = boat_problem(cfg)
+        boat_times, our_times = [], []
+        dx = dy = 0.0
+        for k in range(args.iters):
+            start = time.perf_counter()
+            bp.run_iter(ll_feed, ul_feed, current_iter=k)
+            sync("cpu")
+            boat_times.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            state, _ = method.step(problem, state)
+            our_times.append(time.perf_counter() - start)
+            if k < args.check_iters:
+                dx = max(dx, float((state.x["logit"] - ul_model.logit.detach()).abs().max()))
+                dy = max(dy, max(float((state.y[nm] - p_.detach()).abs().max()) for nm, p_ in ll_model.named_parameters()))
+        tb, to = min(boat_times[2:]), min(our_times[2:])
+        moved = float(state.x["logit"].abs().max())
+        print(f"{name:<16} {dx:9.2e} {dy:9.2e} {moved:9.2e} {tb * 1e3:9.2f} {to * 1e3:9.2f} {tb / to:9.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
