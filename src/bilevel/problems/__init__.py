@@ -1,5 +1,11 @@
 """Built-in bilevel problems: toys with closed-form answers and the papers' experiments."""
 
+from .fewshot import EpisodeSource, EpisodicLower, FewshotProblem, fewshot_problem
+from .hyperclean import HypercleanProblem, hyperclean_problem
 from .toys import T1, T2, T3, T4, T3_LOCAL_MINIMA, T1g, ToyProblem
 
-__all__ = ["T1", "T1g", "T2", "T3", "T4", "T3_LOCAL_MINIMA", "ToyProblem"]
+__all__ = [
+    "T1", "T1g", "T2", "T3", "T4", "T3_LOCAL_MINIMA", "ToyProblem",
+    "HypercleanProblem", "hyperclean_problem",
+    "FewshotProblem", "fewshot_problem", "EpisodicLower", "EpisodeSource",
+]

@@ -1,0 +1,96 @@
+"""Plots of experiment logs: a metric against iterations and against time (matplotlib, Agg).
+
+Example:
+    >>> from bilevel.plotting import plot_runs
+    >>> runs = {"GALET": [[{"iteration": 0, "time": 0.0, "f1": 0.6}, {"iteration": 10, "time": 1.0, "f1": 0.8}]]}
+    >>> paths = plot_runs(runs, "f1", "/tmp/bilevel_doc_plot.png")
+    >>> [p.suffix for p in paths]
+    ['.png']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["plot_runs", "metric_series", "METRIC_LABELS"]
+
+METRIC_LABELS = {
+    "test_accuracy": "test accuracy (%)",
+    "f1": "cleaner F1",
+    "precision": "cleaner precision",
+    "recall": "cleaner recall",
+    "val_loss": "validation loss",
+    "upper_loss": "upper loss f",
+    "stationarity": "stationarity",
+}
+
+
+def metric_series(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(iterations, times, values)`` of the records that hold ``metric``."""
+    rows = [(r["iteration"], r.get("time", np.nan), r[metric]) for r in records if metric in r]
+    if not rows:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    it, tm, val = (np.asarray(c, dtype=float) for c in zip(*rows))
+    return it, tm, val
+
+
+def plot_runs(runs: Mapping[str, Sequence[Sequence[dict]]], metric: str, out: str | Path, formats: Sequence[str] | None = None, title: str | None = None) -> list[Path]:
+    """One figure, two panels (metric vs iteration, metric vs time), one line per label.
+
+    Args:
+        runs: label -> list of runs (each a list of log records, e.g. one per seed). Runs
+            of one label are averaged on their common iterations (band: ± one std).
+        metric: the record key to plot (e.g. ``test_accuracy``, ``f1``).
+        out: output path; its suffix gives the format unless ``formats`` is given, in
+            which case ``out`` without suffix is the stem and one file per format is written.
+        title: figure title.
+
+    Returns:
+        the written paths. Raises ``ValueError`` when no run holds ``metric``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    paths = [out.with_suffix("." + f.lstrip(".")) for f in formats] if formats else [out if out.suffix else out.with_suffix(".png")]
+    fig, (ax_it, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    plotted = 0
+    for label, label_runs in runs.items():
+        series = [metric_series(r, metric) for r in label_runs]
+        series = [s for s in series if len(s[0])]
+        if not series:
+            continue
+        common = sorted(set.intersection(*(set(s[0].tolist()) for s in series)))
+        if not common:
+            continue
+        values = np.stack([np.interp(common, s[0], s[2]) for s in series])
+        times = np.stack([np.interp(common, s[0], s[1]) for s in series])
+        mean, std, tmean = values.mean(0), values.std(0), times.mean(0)
+        for ax, xs in ((ax_it, np.asarray(common)), (ax_time, tmean)):
+            (line,) = ax.plot(xs, mean, label=label if ax is ax_it else None, lw=1.6)
+            if len(series) > 1:
+                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        plotted += 1
+    if not plotted:
+        plt.close(fig)
+        raise ValueError(f"no run has records with the metric {metric!r}")
+    ylabel = METRIC_LABELS.get(metric, metric)
+    ax_it.set_xlabel("upper iterations")
+    ax_time.set_xlabel("time (s, method steps only)")
+    for ax in (ax_it, ax_time):
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_it.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return paths
