@@ -1,0 +1,307 @@
+import time
+
+import pytest
+import torch
+
+import bilevel as bl
+from bilevel.problems import T1, T1g
+
+F64 = torch.float64
+
+pytestmark = pytest.mark.usefixtures("preserve_rng")
+
+
+class InterruptAt(bl.AID):
+    """AID whose step raises KeyboardInterrupt (as Ctrl-C would) when k reaches ``at``."""
+
+    at = 5
+
+    def step(self, problem, state, batch=None):
+        if state.k == self.at:
+            raise KeyboardInterrupt
+        return super().step(problem, state, batch)
+
+
+class SlowAID(bl.AID):
+    def step(self, problem, state, batch=None):
+        time.sleep(0.02)
+        return super().step(problem, state, batch)
+
+
+def _aid():
+    return bl.AID(lr_upper=0.2, lr_lower=0.5, lower_steps=3, solver=bl.CG(steps=4))
+
+
+def test_status_values():
+    assert [s.value for s in bl.Status] == ["converged", "max_iters", "max_time", "diverged", "interrupted"]
+    assert bl.Status.CONVERGED == "converged"
+
+
+def test_converged_with_tol_stops_at_the_first_record_below_tol():
+    tol = 1e-12
+    result = bl.solve(T1(n=4), bl.AID(lr_upper=0.3, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=2)), max_iters=500, tol=tol)
+    assert result.status is bl.Status.CONVERGED
+    stat = result.series("stationarity")
+    assert stat[-1] <= tol and all(s > tol for s in stat[:-1])
+    assert result.iterations == len(stat) < 500
+    assert "stationarity" in result.message and "tol" in result.message
+
+
+def test_converged_on_another_diagnostic():
+    result = bl.solve(T1(n=4), _aid(), max_iters=500, tol=1e-10, stop_on="lower_grad_sq")
+    assert result.status is bl.Status.CONVERGED
+    assert result.final["lower_grad_sq"] <= 1e-10 and all(v > 1e-10 for v in result.series("lower_grad_sq")[:-1])
+
+
+def test_max_iters():
+    result = bl.solve(T1g(n=4), _aid(), max_iters=7)
+    assert result.status is bl.Status.MAX_ITERS
+    assert result.iterations == 7 == result.state.k
+    assert [r["iteration"] for r in result.history] == list(range(1, 8))
+    zero = bl.solve(T1g(n=4), _aid(), max_iters=0)
+    assert zero.iterations == 0 and zero.history == [] and zero.final == {}
+    assert torch.equal(zero.x["x"], T1g(n=4).x_init["x"])
+
+
+def test_max_time_stops_once_the_step_time_is_spent():
+    problem = T1(n=3)
+    result = bl.solve(problem, SlowAID(lr_upper=0.1, lr_lower=0.5, lower_steps=1, solver=bl.CG(steps=1)), max_iters=1000, max_time=0.05)
+    assert result.status is bl.Status.MAX_TIME
+    assert 1 <= result.iterations <= 3
+    assert result.wall_time >= 0.05
+    assert result.history[-1]["time"] == pytest.approx(result.wall_time)
+
+
+def test_divergence_raises_naming_the_iteration_and_the_quantity():
+    with pytest.raises(bl.DivergenceError, match=r"AID diverged at iteration \d+: (\w+ = [0-9.e+]+ exceeds the divergence threshold|\w+ is (nan|inf))") as info:
+        bl.solve(T1g(n=6), bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)), max_iters=200)
+    assert "reduce the step sizes" in str(info.value)
+    assert isinstance(info.value, FloatingPointError)
+
+
+def test_divergence_with_status_returns_diverged_and_keeps_the_bad_record():
+    threshold = 1e6
+    result = bl.solve(
+        T1g(n=6), bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)),
+        max_iters=200, on_divergence="status", divergence_threshold=threshold,
+    )
+    assert result.status is bl.Status.DIVERGED
+    assert result.iterations < 200
+    last = result.final
+    assert any(abs(v) > threshold for k, v in last.items() if k not in ("iteration", "time"))
+    assert all(abs(v) <= threshold for rec in result.history[:-1] for k, v in rec.items() if k not in ("iteration", "time"))
+    assert result.final["iteration"] == result.iterations
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="solve.py names the 0-based index k of the step in the divergence message, while the history "
+    "record of that step (and Result.iterations) says iteration k + 1",
+)
+def test_divergence_message_names_the_iteration_of_the_diverged_record():
+    result = bl.solve(
+        T1g(n=6), bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)),
+        max_iters=200, on_divergence="status",
+    )
+    assert f"iteration {result.final['iteration']}:" in result.message
+
+
+def test_nan_in_the_variables_is_divergence():
+    problem = bl.Problem(
+        upper=lambda x, y, b: (y["y"] ** 2).sum() + torch.sqrt(1.0 - x["x"]).sum(),
+        lower=lambda x, y, b: 0.5 * ((y["y"] - x["x"]) ** 2).sum(),
+    )
+    x0, y0 = {"x": torch.zeros(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}
+    result = bl.solve(problem, bl.AID(lr_upper=5.0, lr_lower=1.0, lower_steps=1, solver=bl.CG(steps=1)), x0, y0, max_iters=20, on_divergence="status")
+    assert result.status is bl.Status.DIVERGED
+    assert "nan" in result.message.lower()
+
+
+def test_log_every_records_every_kth_iteration_and_the_last():
+    result = bl.solve(T1g(n=4), _aid(), max_iters=10, log_every=3)
+    assert [r["iteration"] for r in result.history] == [3, 6, 9, 10]
+    full = bl.solve(T1g(n=4), _aid(), max_iters=10)
+    for rec in result.history:
+        ref = full.history[rec["iteration"] - 1]
+        assert {k: v for k, v in rec.items() if k != "time"} == {k: v for k, v in ref.items() if k != "time"}
+
+
+def test_history_series_and_result_properties():
+    result = bl.solve(T1g(n=4), _aid(), max_iters=6)
+    keys = {"iteration", "time", "upper_loss", "lower_grad_sq", "direction_sq", "linsys_residual_sq", "stationarity"}
+    assert all(set(rec) == keys for rec in result.history)
+    assert result.series("upper_loss") == [rec["upper_loss"] for rec in result.history]
+    assert result.series("nope") == []
+    assert all(isinstance(rec["iteration"], int) for rec in result.history)
+    assert all(isinstance(v, float) for rec in result.history for k, v in rec.items() if k != "iteration")
+    times = result.series("time")
+    assert all(b >= a for a, b in zip(times, times[1:])) and times[-1] == pytest.approx(result.wall_time)
+    assert result.final is result.history[-1]
+    assert result.x is result.state.x and result.y is result.state.y and result.v is result.state.v
+    # the logged stationarity of AID is ‖d‖² = direction_sq
+    assert result.series("stationarity") == result.series("direction_sq")
+
+
+class CountingSource:
+    def __init__(self):
+        self.calls = []
+
+    def batch_at(self, k):
+        self.calls.append(k)
+        return 1.0 + 0.1 * k
+
+
+def test_data_source_batch_at_receives_the_iteration():
+    seen = []
+
+    def lower(x, y, b):
+        seen.append(b)
+        return 0.5 * (y["y"] ** 2).sum() - b * (x["x"] * y["y"]).sum()
+
+    problem = bl.Problem(upper=lambda x, y, b: 0.5 * ((y["y"] - 1.0) ** 2).sum(), lower=lower)
+    x0, y0 = {"x": torch.ones(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}
+    source = CountingSource()
+    method = bl.AID(lr_upper=0.1, lr_lower=1.0, lower_steps=1, solver=bl.CG(steps=1))
+    result = bl.solve(problem, method, x0, y0, data=source, max_iters=4)
+    assert source.calls == [0, 0, 1, 2, 3]           # init at k = 0, then one batch per step
+    assert set(seen) == {1.0, 1.1, 1.2, 1.3}
+    # the last step used batch 1.3: y = 1.3 x after one exact lower step (lr 1 on ½‖y‖² − b xᵀy)
+    x_before_last = bl.solve(problem, method, x0, y0, data=CountingSource(), max_iters=3).x["x"]
+    torch.testing.assert_close(result.y["y"], 1.3 * x_before_last, rtol=1e-14, atol=0)
+
+
+def test_fixed_data_is_passed_unchanged():
+    seen = []
+    problem = bl.Problem(
+        upper=lambda x, y, b: ((y["y"] - b["t"]) ** 2).sum(),
+        lower=lambda x, y, b: (seen.append(id(b)) or 0.5 * ((y["y"] - x["x"]) ** 2).sum()),
+    )
+    batch = {"t": torch.ones(2, dtype=F64)}
+    bl.solve(problem, _aid(), {"x": torch.zeros(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}, data=batch, max_iters=2)
+    assert set(seen) == {id(batch)}
+    assert bl.FixedBatch(batch).batch_at(99) is batch
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"problem": "T1"}, TypeError, "expects a bilevel.Problem"),
+        ({"method": "AID"}, TypeError, "expects a bilevel method"),
+        ({"on_divergence": "ignore"}, ValueError, "on_divergence='ignore'"),
+        ({"max_iters": -1}, ValueError, "max_iters=-1"),
+        ({"max_iters": 2.5}, ValueError, "max_iters=2.5"),
+        ({"log_every": 0}, ValueError, "log_every=0"),
+        ({"tol": 1e-3, "stop_on": "nonsense"}, KeyError, "stop_on='nonsense' is not a diagnostic of AID"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match):
+    args = {"problem": T1(n=2), "method": _aid(), "max_iters": 3}
+    args.update(kwargs)
+    problem, method = args.pop("problem"), args.pop("method")
+    with pytest.raises(error, match=match):
+        bl.solve(problem, method, **args)
+
+
+def test_solve_does_not_modify_the_start_point():
+    x0 = {"x": torch.full((3,), 2.0, dtype=F64)}
+    y0 = {"y": torch.full((3,), -1.0, dtype=F64)}
+    result = bl.solve(T1(n=3), _aid(), x0, y0, max_iters=5)
+    assert torch.equal(x0["x"], torch.full((3,), 2.0, dtype=F64)) and torch.equal(y0["y"], torch.full((3,), -1.0, dtype=F64))
+    assert not torch.equal(result.x["x"], x0["x"])
+
+
+def test_invalid_start_is_reported_before_running():
+    problem = T1(n=2)
+    with pytest.raises(ValueError, match=r"x\['x'\] contains 1 NaN/Inf"):
+        bl.solve(problem, _aid(), {"x": torch.tensor([0.0, float("nan")], dtype=F64)}, max_iters=3)
+
+
+def test_keyboard_interrupt_returns_interrupted_and_writes_the_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    method = InterruptAt(lr_upper=0.2, lr_lower=0.5, lower_steps=3, solver=bl.CG(steps=4))
+    result = bl.solve(T1g(n=4), method, max_iters=50, checkpoint=path)
+    assert result.status is bl.Status.INTERRUPTED
+    assert result.iterations == 5 and len(result.history) == 5
+    assert "interrupted at iteration 5" in result.message
+    payload = bl.load_checkpoint(path)
+    assert payload["state"].k == 5
+    assert payload["meta"]["status"] == "interrupted"
+    assert torch.equal(payload["state"].x["x"], result.x["x"])
+    assert payload["history"] == result.history
+
+
+def test_checkpoint_every_writes_during_the_run(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    snapshots = []
+
+    class Spy:
+        def on_log(self, record):
+            if path.exists():
+                snapshots.append((record["iteration"], bl.load_checkpoint(path)["state"].k))
+
+    bl.solve(T1g(n=4), _aid(), max_iters=9, checkpoint=path, checkpoint_every=4, callbacks=[Spy()])
+    # on_log of iteration k runs before the checkpoint of iteration k is written
+    assert snapshots == [(5, 4), (6, 4), (7, 4), (8, 4), (9, 8)]
+    final = bl.load_checkpoint(path)
+    assert final["state"].k == 9 and final["meta"]["status"] == "max_iters" and final["meta"]["method"] == "AID"
+
+
+@pytest.mark.parametrize("upper", ["sgd", "adam"])
+def test_resume_reproduces_the_uninterrupted_history_exactly(tmp_path, upper):
+    problem = T1g(n=6)
+    lr_upper = 0.1 if upper == "sgd" else bl.Adam(lr=0.05)
+    method = bl.AID(lr_upper=lr_upper, lr_lower=0.5, lower_steps=3, solver=bl.CG(steps=6), warm_start_v=True)
+    full = bl.solve(problem, method, max_iters=60)
+    path = tmp_path / "ckpt.pt"
+    first = bl.solve(problem, method, max_iters=30, checkpoint=path)
+    assert first.iterations == 30
+    resumed = bl.solve(problem, method, max_iters=60, resume=path)
+    assert resumed.iterations == 60 and resumed.status is bl.Status.MAX_ITERS
+    strip = lambda h: [{k: v for k, v in rec.items() if k != "time"} for rec in h]
+    assert strip(resumed.history) == strip(full.history)
+    for a, b in ((resumed.x, full.x), (resumed.y, full.y), (resumed.v, full.v), (resumed.state.opt, full.state.opt)):
+        for p, q in zip(bl.tree.leaves(a), bl.tree.leaves(b)):
+            assert torch.equal(p, q)
+    # the step time carries over
+    assert resumed.history[29]["time"] == first.history[29]["time"]
+    assert bl.load_checkpoint(path)["meta"]["wall_time"] == first.wall_time
+    times = resumed.series("time")
+    assert times[30] > times[29] == first.wall_time and all(b >= a for a, b in zip(times, times[1:]))
+
+
+def test_resume_from_a_loaded_payload_after_an_interrupt(tmp_path):
+    problem = T1g(n=4)
+    kwargs = dict(lr_upper=0.2, lr_lower=0.5, lower_steps=3, solver=bl.CG(steps=4))
+    path = tmp_path / "ckpt.pt"
+    bl.solve(problem, InterruptAt(**kwargs), max_iters=20, checkpoint=path)
+    resumed = bl.solve(problem, bl.AID(**kwargs), max_iters=20, resume=bl.load_checkpoint(path))
+    full = bl.solve(problem, bl.AID(**kwargs), max_iters=20)
+    assert torch.equal(resumed.x["x"], full.x["x"])
+    assert [r["iteration"] for r in resumed.history] == list(range(1, 21))
+
+
+class GlobalRandomSource:
+    """A stochastic data source drawing from the global torch RNG (not a pure function of k)."""
+
+    def batch_at(self, k):
+        return 1.0 + 0.1 * torch.rand((), dtype=F64)
+
+
+def test_resume_restores_the_global_rng_for_stochastic_data(tmp_path):
+    def lower(x, y, b):
+        return 0.5 * (y["y"] ** 2).sum() - b * (x["x"] * y["y"]).sum()
+
+    problem = bl.Problem(upper=lambda x, y, b: 0.5 * ((y["y"] - 1.0) ** 2).sum() + 0.5 * (x["x"] ** 2).sum(), lower=lower)
+    x0, y0 = {"x": torch.ones(3, dtype=F64)}, {"y": torch.zeros(3, dtype=F64)}
+    method = bl.AID(lr_upper=0.2, lr_lower=1.0, lower_steps=1, solver=bl.CG(steps=1))
+    path = tmp_path / "ckpt.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        full = bl.solve(problem, method, x0, y0, data=GlobalRandomSource(), max_iters=12)
+        torch.manual_seed(0)
+        bl.solve(problem, method, x0, y0, data=GlobalRandomSource(), max_iters=6, checkpoint=path)
+        torch.rand(100)                      # a new process would have another RNG state
+        resumed = bl.solve(problem, method, data=GlobalRandomSource(), max_iters=12, resume=path)
+    strip = lambda h: [{k: v for k, v in rec.items() if k != "time"} for rec in h]
+    assert strip(resumed.history) == strip(full.history)
+    assert torch.equal(resumed.x["x"], full.x["x"])
