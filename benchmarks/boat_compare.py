@@ -9,6 +9,8 @@ Pairs (BOAT name -> ours), all on data hyper-cleaning, lower lr β, T lower step
 
     NGD + RAD  (unrolled, warm start)        -> ITD(lower_steps=T, warm_start=True)
     NGD + CG   (K CG steps on I - ∂Φ)        -> AID(solver=CG(K))
+    NGD + CG                                 -> AID(solver=PlainCG(K)): CG without our pᵀHp ≤ 0
+                                                guard, as BOAT (differs on indefinite H, MLP)
     NGD + NS   (Neumann, K terms, step β)    -> AID(solver=Neumann(K, lr=β))
     DM  + RAD  (s1, no GDA: Jacobi, fixed η) -> SlBAMM(mu=0, order="jacobi", dual_step="fixed")
                                                 with BOAT's α_k, η_k schedules
@@ -33,7 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import bilevel as bl
-from bilevel.linsolve import CG, Neumann
+from bilevel import tree as T
+from bilevel.linsolve import CG, LinearSolver, LinearSolveResult, Neumann
 from bilevel.schedules import Polynomial
 from common import environment, sync
 
@@ -91,6 +94,26 @@ def boat_problem(cfg):
 
 
 # ----------------------------------------------------------------------- our side
+class PlainCG(LinearSolver):
+    """CG without our guard on ``pᵀHp ≤ 0`` (BOAT's ``cg_step``: it divides by ``pᵀHp`` whatever
+    its sign). Only for the side-by-side check: on the MLP the lower Hessian is indefinite and
+    the guarded :class:`~bilevel.CG` zeroes the step where BOAT takes a negative one."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, matvec, b, v0=None):
+        v, r = T.zeros_like(b), b
+        p, rr = r, T.sq_norm(r)
+        for _ in range(self.steps):
+            hp = matvec(p)
+            alpha = rr / T.vdot(p, hp)
+            v, r = T.axpy(alpha, p, v), T.axpy(-alpha, hp, r)
+            rr_new = T.sq_norm(r)
+            p, rr = T.axpy(rr_new / rr, p, r), rr_new
+        return LinearSolveResult(v=v, residual_sq=rr)
+
+
 def our_problem(model, Xtr, ytr, Xva, yva, ll_model):
     names = [n for n, _ in ll_model.named_parameters()]
 
@@ -118,6 +141,8 @@ def pairs(args):
                     bl.ITD(lr_upper=ulr, lr_lower=lr, lower_steps=T, warm_start=True)),
         "CG/AID-CG": (["NGD"], ["CG"], T, None,
                       bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=CG(steps=K))),
+        "CG/AID-plainCG": (["NGD"], ["CG"], T, None,
+                           bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=PlainCG(K))),
         "NS/AID-Neumann": (["NGD"], ["NS"], T, None,
                            bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=Neumann(steps=K, lr=lr))),
         "DM/sl-BAMM": (["DM"], ["RAD"], 1, dm,

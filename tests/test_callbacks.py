@@ -110,11 +110,6 @@ def test_tensorboard_logger_reports_a_missing_package_clearly(tmp_path, monkeypa
         bl.TensorBoardLogger(tmp_path).on_start({})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="solve() raises DivergenceError without calling the callbacks' on_end, so JSONLinesLogger never "
-    "flushes/closes its file: the records logged before the divergence are missing while the logger lives",
-)
 def test_jsonl_logger_keeps_the_records_logged_before_a_divergence_error(tmp_path):
     path = tmp_path / "run.jsonl"
     logger = bl.JSONLinesLogger(path)

@@ -106,7 +106,8 @@ def test_trhg_converges_to_the_solution_of_t1():
 
 def test_trhg_truncation_bias_on_t1_is_the_predicted_one():
     # Differentiating K of the steps y ← y − ½(y − x) gives ∂y_T/∂x = 1 − 2^{−K}: x = 1/(2 − 2^{−K}).
-    assert bl.TRHG(lower_steps=40).truncate == 20
+    assert bl.TRHG(lower_steps=40).differentiated_steps() == 20
+    assert bl.TRHG(lower_steps=40).replace(lower_steps=10).differentiated_steps() == 5
     result = bl.solve(T1(n=3), bl.TRHG(lr_upper=0.5, lr_lower=0.5, lower_steps=40, truncate=3), max_iters=30)
     assert float((result.x["x"] - 1 / (2 - 2**-3)).abs().max()) <= 1e-9
 

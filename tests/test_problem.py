@@ -108,11 +108,6 @@ def test_lower_objective_using_a_captured_parameter_instead_of_y_is_a_value_erro
         problem.validate(*_xy())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Problem.validate calls torch.autograd.grad on a g that has no graph and gets a RuntimeError "
-    "instead of the ValueError 'does not depend on y'",
-)
 def test_lower_objective_of_x_only_is_a_value_error():
     problem = bl.Problem(upper=_f, lower=lambda x, y, b: (x["x"] ** 2).sum())
     with pytest.raises(ValueError, match="does not depend on y"):

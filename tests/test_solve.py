@@ -93,11 +93,6 @@ def test_divergence_with_status_returns_diverged_and_keeps_the_bad_record():
     assert result.final["iteration"] == result.iterations
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="solve.py names the 0-based index k of the step in the divergence message, while the history "
-    "record of that step (and Result.iterations) says iteration k + 1",
-)
 def test_divergence_message_names_the_iteration_of_the_diverged_record():
     result = bl.solve(
         T1g(n=6), bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)),

@@ -129,11 +129,6 @@ def test_structure_summary_names_keys_shapes_and_dtypes():
     assert "<tensor>: (5,) float32" in T.structure_summary(torch.zeros(5))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tree.add/sub/axpy/vdot pair leaves by position (dict insertion order) while tree_map pairs them "
-    "by key: two dicts with the same keys in another order give silently wrong results",
-)
 def test_binary_operations_pair_dict_leaves_by_key_not_by_insertion_order():
     a = {"x": torch.tensor([1.0], dtype=torch.float64), "y": torch.tensor([2.0], dtype=torch.float64)}
     b = {"y": torch.tensor([10.0], dtype=torch.float64), "x": torch.tensor([20.0], dtype=torch.float64)}

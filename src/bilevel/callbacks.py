@@ -84,7 +84,10 @@ class JSONLinesLogger:
 
 
 class CSVLogger:
-    """Write the records to a CSV file (columns from the first record)."""
+    """Write the records to a CSV file (columns from the first record).
+
+    On a resumed run, rows up to the resume point are kept and the run appends after them.
+    """
 
     def __init__(self, path):
         self.path = Path(path)
@@ -93,6 +96,17 @@ class CSVLogger:
 
     def on_start(self, run):
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if run.get("start", 0) > 0 and self.path.exists():
+            # a resumed run keeps the rows up to the resume point and appends after them
+            with self.path.open(newline="") as handle:
+                reader = csv.DictReader(handle)
+                fields, kept = reader.fieldnames, [row for row in reader if float(row["iteration"]) <= run["start"]]
+            self._handle = self.path.open("w", newline="")
+            if fields:
+                self._writer = csv.DictWriter(self._handle, fieldnames=fields, extrasaction="ignore")
+                self._writer.writeheader()
+                self._writer.writerows(kept)
+            return
         self._handle = self.path.open("w", newline="")
 
     def on_log(self, record):

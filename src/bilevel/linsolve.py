@@ -93,14 +93,25 @@ def _check_steps(name, steps, minimum=1):
 
 
 def _check_positive(name, what, value):
-    if not (isinstance(value, (int, float)) and value > 0):
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
         raise ValueError(f"{name}({what}={value!r}) must be a positive number")
+
+
+_TINY: dict = {}
+
+
+def _tiny(dtype: torch.dtype) -> float:
+    """``torch.finfo(dtype).tiny``, cached (it is looked up several times per solver step)."""
+    tiny = _TINY.get(dtype)
+    if tiny is None:
+        tiny = _TINY[dtype] = torch.finfo(dtype).tiny
+    return tiny
 
 
 def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den > 0``, else 0 (no host sync)."""
-    tiny = torch.finfo(den.dtype).tiny
-    return torch.where(den > tiny, num / torch.clamp(den, min=tiny), torch.zeros_like(num))
+    tiny = _tiny(den.dtype)
+    return torch.where(den > tiny, num / torch.clamp(den, min=tiny), 0.0)
 
 
 @dataclass(frozen=True)
@@ -129,9 +140,12 @@ class CG(LinearSolver):
         r = b if v0 is None else T.sub(b, matvec(v0))
         p = r
         rr = T.sq_norm(r)
+        # once ‖r‖ ≤ ε‖b‖ the system is solved to rounding; further steps on a singular H
+        # would divide rounding noise by a vanishing curvature and make v drift
+        solved_below = (torch.finfo(rr.dtype).eps ** 2) * T.sq_norm(b)
         for _ in range(self.steps):
             hp = matvec(p)
-            alpha = _safe_divide(rr, T.vdot(p, hp))
+            alpha = torch.where(rr > solved_below, _safe_divide(rr, T.vdot(p, hp)), torch.zeros_like(rr))
             v = T.axpy(alpha, p, v)
             r = T.axpy(-alpha, hp, r)
             rr_new = T.sq_norm(r)
@@ -259,7 +273,7 @@ def line_search_step_size(
     If ``rᵀHr ≤ 0`` (negative curvature, or ``r = 0``) the step is ``fallback``;
     the step is clipped to ``[0, max_step]`` when ``max_step`` is given. No host sync.
     """
-    tiny = torch.finfo(r_h_r.dtype).tiny
+    tiny = _tiny(r_h_r.dtype)
     exact = r_sq / torch.clamp(r_h_r, min=tiny)
     eta = torch.where(r_h_r > tiny, exact, torch.full_like(exact, fallback))
     if max_step is not None:

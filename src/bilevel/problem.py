@@ -168,7 +168,7 @@ class Problem:
             if which == "lower":
                 # A lower variable absent from g is legitimate (T2's y2: S(x) is then not a
                 # singleton); g independent of every lower variable is almost surely a bug.
-                grads = torch.autograd.grad(value, T.leaves(y_req), allow_unused=True)
+                grads = torch.autograd.grad(value, T.leaves(y_req), allow_unused=True) if value.requires_grad else ()
                 if all(g is None for g in grads):
                     raise ValueError(
                         "the lower objective g(x, y) does not depend on y at all: compute it from the y it "

@@ -155,7 +155,9 @@ def solve(
         stop_on: the diagnostic compared with ``tol`` (default: the method's stationarity measure).
         max_time: stop with ``Status.MAX_TIME`` after this many seconds of step time.
         callbacks: objects with optional ``on_start(run)``, ``on_log(record)``,
-            ``on_end(result)`` (see :mod:`bilevel.callbacks`).
+            ``on_end(result)`` (see :mod:`bilevel.callbacks`); ``run["state"]`` holds the
+            current state when ``on_log`` is called, and ``on_end`` is called on divergence
+            too (before the error is raised), so loggers close their files.
         log_every: record diagnostics every this many iterations (and at the last one);
             each record costs one device-to-host transfer.
         on_divergence: ``"raise"`` (default: :class:`DivergenceError` naming the iteration
@@ -163,7 +165,8 @@ def solve(
         divergence_threshold: a logged diagnostic above this in absolute value counts as
             divergence.
         checkpoint: path of a checkpoint file written atomically every
-            ``checkpoint_every`` iterations (if > 0), at the end, and on Ctrl-C.
+            ``checkpoint_every`` iterations (if > 0), at the end, and on Ctrl-C; a diverged
+            state is never written over it.
         resume: a checkpoint path (or loaded payload) to continue from; the state,
             history, RNG and iteration counter are restored.
         validate: check the problem at the starting point (shapes, dtypes, finite, scalar).
@@ -226,15 +229,14 @@ def solve(
             elapsed += time.perf_counter() - start
             if state.k % log_every == 0 or state.k == max_iters:
                 record = {"iteration": state.k, "time": elapsed, **_to_floats(info)}
-                problem_msg = _check_divergence(k, record, state, divergence_threshold)
+                problem_msg = _check_divergence(state.k, record, state, divergence_threshold)
                 if problem_msg is not None:
                     message = f"{method.name} diverged at {problem_msg}; reduce the step sizes (e.g. lr_upper/lr_lower) or check the problem"
                     history.append(record)
-                    if on_divergence == "raise":
-                        raise DivergenceError(message)
                     status = Status.DIVERGED
                     break
                 history.append(record)
+                run["state"] = state
                 for cb in callbacks:
                     if hasattr(cb, "on_log"):
                         cb.on_log(record)
@@ -253,11 +255,15 @@ def solve(
         status, message = Status.INTERRUPTED, f"interrupted at iteration {state.k}"
     if not message:
         message = f"{state.k} iterations done"
-    save(state, status.value)
+    if status is not Status.DIVERGED:
+        # a diverged state must not overwrite the last good checkpoint
+        save(state, status.value)
     result = Result(status=status, state=state, history=history, iterations=state.k, wall_time=elapsed, message=message)
     for cb in callbacks:
         if hasattr(cb, "on_end"):
             cb.on_end(result)
+    if status is Status.DIVERGED and on_divergence == "raise":
+        raise DivergenceError(message)
     return result
 
 

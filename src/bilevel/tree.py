@@ -21,6 +21,7 @@ Tree = Any
 __all__ = [
     "Tree",
     "leaves",
+    "leaves_like",
     "unflatten_like",
     "tree_map",
     "add",
@@ -69,6 +70,25 @@ def unflatten_like(tensors: list[torch.Tensor] | tuple, like: Tree) -> Tree:
     return pytree.tree_unflatten(list(tensors), spec)
 
 
+def leaves_like(tree: Tree, like: Tree) -> list[torch.Tensor]:
+    """The tensors of ``tree`` in the leaf order of ``like`` (dicts are matched by key).
+
+    Two dicts with the same keys in another insertion order flatten in different orders;
+    binary operations must pair leaves by key, as ``tree_map`` does.
+    """
+    return leaves(_align_keys(tree, like))
+
+
+def _align_keys(tree: Tree, like: Tree) -> Tree:
+    if isinstance(tree, dict) and isinstance(like, dict):
+        if tree.keys() != like.keys():
+            raise ValueError(f"trees with different keys: {sorted(map(str, tree))} vs {sorted(map(str, like))}")
+        if list(tree) == list(like) and _flat_kind(tree) == 2:
+            return tree
+        return {k: _align_keys(tree[k], like[k]) for k in like}
+    return tree
+
+
 def tree_map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:
     """Apply ``fn`` leaf-wise over trees of identical structure."""
     return pytree.tree_map(fn, tree, *rest)
@@ -76,12 +96,12 @@ def tree_map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:
 
 def add(a: Tree, b: Tree) -> Tree:
     """``a + b``."""
-    return unflatten_like(torch._foreach_add(leaves(a), leaves(b)), a)
+    return unflatten_like(torch._foreach_add(leaves(a), leaves_like(b, a)), a)
 
 
 def sub(a: Tree, b: Tree) -> Tree:
     """``a - b``."""
-    return unflatten_like(torch._foreach_sub(leaves(a), leaves(b)), a)
+    return unflatten_like(torch._foreach_sub(leaves(a), leaves_like(b, a)), a)
 
 
 def scale(c: float | torch.Tensor, a: Tree) -> Tree:
@@ -92,13 +112,13 @@ def scale(c: float | torch.Tensor, a: Tree) -> Tree:
 def axpy(c: float | torch.Tensor, x: Tree, y: Tree) -> Tree:
     """``y + c * x`` (BLAS naming)."""
     if isinstance(c, torch.Tensor):
-        return unflatten_like(torch._foreach_add(leaves(y), torch._foreach_mul(leaves(x), c)), y)
-    return unflatten_like(torch._foreach_add(leaves(y), leaves(x), alpha=c), y)
+        return unflatten_like(torch._foreach_add(leaves(y), torch._foreach_mul(leaves_like(x, y), c)), y)
+    return unflatten_like(torch._foreach_add(leaves(y), leaves_like(x, y), alpha=c), y)
 
 
 def vdot(a: Tree, b: Tree) -> torch.Tensor:
     """Euclidean inner product ``<a, b>`` summed over all leaves (0-d tensor)."""
-    la, lb = leaves(a), leaves(b)
+    la, lb = leaves(a), leaves_like(b, a)
     if not la:
         raise ValueError("vdot of an empty tree: the variables hold no tensor")
     products = [torch.sum(p * q) for p, q in zip(la, lb)]

@@ -80,11 +80,12 @@ class AID(Method):
         solve = self.solver(lin.hvp, grad_y_f, state.v if self.warm_start_v else None)
         direction = T.sub(grad_x_f, lin.mixed(solve.v))
         new_x, opt = self.update_x(state, direction)
+        direction_sq = T.sq_norm(direction)
         info = {
             "upper_loss": upper_loss,
             "lower_grad_sq": T.sq_norm(lin.grad_y),
-            "direction_sq": T.sq_norm(direction),
+            "direction_sq": direction_sq,
             "linsys_residual_sq": solve.residual_sq,
-            "stationarity": self.projected_direction_sq(x, direction),
+            "stationarity": self.projected_direction_sq(x, direction, direction_sq),
         }
         return state.replace(x=new_x, y=y, v=solve.v, opt=opt, k=state.k + 1), info

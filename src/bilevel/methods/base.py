@@ -231,11 +231,13 @@ class Method:
             x = projection(x)
         return x, opt
 
-    def projected_direction_sq(self, x: Tree, direction: Tree) -> torch.Tensor:
-        """``‖x − Proj_X(x − d)‖²``: the stationarity of the upper step (``‖d‖²`` if unconstrained)."""
+    def projected_direction_sq(self, x: Tree, direction: Tree, direction_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``‖x − Proj_X(x − d)‖²``: the stationarity of the upper step (``‖d‖²`` if unconstrained).
+
+        ``direction_sq``: ``‖d‖²`` when the caller has it already (returned as is, unconstrained)."""
         projection = self._projection()
         if projection is None:
-            return T.sq_norm(direction)
+            return T.sq_norm(direction) if direction_sq is None else direction_sq
         return T.sq_norm(T.sub(x, projection(T.sub(x, direction))))
 
     def replace(self, **changes):

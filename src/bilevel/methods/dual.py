@@ -141,10 +141,11 @@ def multiplier_iteration(method, problem, state: State, batch, *, mu: float, low
     kkt_upper = method.projected_direction_sq(x, T.sub(grad_x_f, j_g))
     kkt_multiplier = T.sq_norm(T.sub(grad_y_f, h_g))
     kkt_lower = T.sq_norm(lin_g.grad_y)
+    direction_sq = T.sq_norm(direction)
     info = {
         "upper_loss": upper_loss,
         "lower_grad_sq": kkt_lower,
-        "direction_sq": T.sq_norm(direction),
+        "direction_sq": direction_sq,
         "dual_residual_sq": T.sq_norm(T.sub(h_phi, grad_y_f)),
         "dual_step": eta,
         "kkt_upper": kkt_upper,
@@ -154,7 +155,7 @@ def multiplier_iteration(method, problem, state: State, batch, *, mu: float, low
     }
     if lin_f is not None:
         info["kkt_phi"] = (
-            method.projected_direction_sq(x, direction)
+            method.projected_direction_sq(x, direction, direction_sq)
             + T.sq_norm(T.sub(grad_y_f, h_phi))
             + T.sq_norm(lin_phi.grad_y)
         )

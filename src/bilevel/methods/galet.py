@@ -142,12 +142,13 @@ class GALET(Method):
             shadow_term = shadow.normal_residual_sq
         direction = T.sub(grad_x_f, jv)
         new_x, opt = self.update_x(state, direction)
-        upper_term = self.projected_direction_sq(x, direction)
+        direction_sq = T.sq_norm(direction)
+        upper_term = self.projected_direction_sq(x, direction, direction_sq)
         lower_term = T.sq_norm(lin.grad_y)
         info = {
             "upper_loss": upper_loss,
             "lower_grad_sq": lower_term,
-            "direction_sq": T.sq_norm(direction),
+            "direction_sq": direction_sq,
             "linsys_residual_sq": shadow.residual_sq,
             "R_upper": upper_term,
             "R_lower": lower_term,

@@ -79,13 +79,17 @@ class ITD(Method):
     def _dynamics(self) -> LowerGD:
         return LowerGD(lr=self.lr_lower, steps=self.lower_steps)
 
+    def differentiated_steps(self) -> int:
+        """K, the number of lower steps back-propagated through."""
+        return self.lower_steps if self.truncate is None else self.truncate
+
     def init_extra(self, x, y):
         return {} if self.warm_start else {"y_init": T.clone(y)}
 
     def step(self, problem, state: State, batch=None):
         dynamics, oracles = self._dynamics(), self._oracles()
         steps = self.lower_steps
-        differentiated = steps if self.truncate is None else self.truncate
+        differentiated = self.differentiated_steps()
         y = state.y if self.warm_start else state.extra["y_init"]
         for t in range(steps - differentiated):
             y, _ = dynamics.step(problem, state.x, y, batch, t, oracles)
@@ -100,11 +104,12 @@ class ITD(Method):
             direction = T.unflatten_like(_grads_or_zeros(upper_loss, x_leaves), state.x)
         y_final = T.detach(y)
         x, opt = self.update_x(state, direction)
-        stationarity = self.projected_direction_sq(state.x, direction)
+        direction_sq = T.sq_norm(direction)
+        stationarity = self.projected_direction_sq(state.x, direction, direction_sq)
         info = {
             "upper_loss": upper_loss.detach(),
             "lower_grad_sq": T.sq_norm(grad_g),
-            "direction_sq": T.sq_norm(direction),
+            "direction_sq": direction_sq,
             "stationarity": stationarity,
         }
         return state.replace(x=x, y=y_final, opt=opt, k=state.k + 1), info
@@ -122,10 +127,8 @@ class TRHG(ITD):
 
     name: ClassVar[str] = "T-RHG"
 
-    def __post_init__(self):
-        if self.truncate is None:
-            object.__setattr__(self, "truncate", max(1, self.lower_steps // 2))
-        super().__post_init__()
+    def differentiated_steps(self) -> int:
+        return max(1, self.lower_steps // 2) if self.truncate is None else self.truncate
 
 
 @dataclass(frozen=True)
