@@ -1,9 +1,11 @@
 """Peak memory: does it grow with iterations (GALET, sl-BAMM, BAGDC) / with the unroll length (ITD)?
 
-Each measurement runs in a fresh subprocess: on CPU the figure is the growth of the
-process's maximum resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) during
-the run, after the problem is built and one warm-up step is done; on CUDA it is
-``torch.cuda.max_memory_allocated`` over the run.
+Each measurement runs in a fresh subprocess: on CPU the figures are growths of the
+process's maximum resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``); on CUDA
+of ``torch.cuda.max_memory_allocated``. Two figures per run: ``first`` = the peak of the
+first step over the state after the problem is built (ITD: the memory of its unrolled
+graph, which grows with T), ``growth`` = the peak of the next ``iters`` steps over the peak
+after the first step (must be ~0 for the single-loop methods, whatever ``iters``).
 
     PYTHONPATH=src python benchmarks/memory.py                  # iterations 10 vs 200, ITD T=10/50/200
     PYTHONPATH=src python benchmarks/memory.py --model mlp --device cuda
@@ -35,13 +37,21 @@ def child(spec):
     problem = common.hyperclean_problem(spec["model"], n_train=spec["n"], n_val=spec["n"], device=device)
     method = common.methods(itd_steps=spec["T"])[spec["method"]]
     state = method.init(problem)
-    state, _ = method.step(problem, state)  # warm-up: allocator pools, lazy init
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+    else:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    state, _ = method.step(problem, state)  # first step: allocator pools, lazy init, ITD's unrolled graph
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        first = torch.cuda.max_memory_allocated() - start
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        first = (base - start) * 1024
     for _ in range(spec["iters"]):
         state, info = method.step(problem, state)
     if device.startswith("cuda"):
@@ -49,7 +59,7 @@ def child(spec):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
-    print(json.dumps({"peak_growth_mb": peak / 2**20}))
+    print(json.dumps({"peak_growth_mb": peak / 2**20, "first_step_mb": first / 2**20}))
 
 
 def run(spec):
@@ -57,7 +67,7 @@ def run(spec):
                          env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(HERE), "src")})
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mb"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -69,21 +79,29 @@ def main():
     p.add_argument("--unroll", nargs="+", type=int, default=[10, 50, 200])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--methods", nargs="+", default=["GALET", "SlBAMM", "BAGDC", "ITD"])
     args = p.parse_args()
     if args.child:
         return child(json.loads(args.child))
     sys.path.insert(0, HERE)
     import common
+    import torch
 
+    torch.set_num_threads(args.threads)  # as in the children (the environment line says so)
     print(common.environment(args.device))
     what = "max RSS growth" if args.device == "cpu" else "max allocated - allocated at start"
     print(f"peak memory growth after the first step ({what}), hyperclean-{args.model}, n={args.n_train}")
     base = {"model": args.model, "n": args.n_train, "device": args.device, "threads": args.threads, "T": 10}
-    for name in ["GALET", "SlBAMM", "BAGDC"]:
+    print("growth = peak after the first step − peak after it (must not grow with iterations);"
+          " first = peak of the first step − before it (ITD: its unrolled graph)")
+    for name in [m for m in ["GALET", "SlBAMM", "BAGDC"] if m in args.methods]:
         figures = [run({**base, "method": name, "iters": k}) for k in args.iters]
-        print(f"{name:<8} " + "  ".join(f"{k} iters: {mb:7.1f} MB" for k, mb in zip(args.iters, figures)), flush=True)
-    figures = [run({**base, "method": "ITD", "iters": 3, "T": T}) for T in args.unroll]
-    print("ITD      " + "  ".join(f"T={T}: {mb:7.1f} MB" for T, mb in zip(args.unroll, figures)), flush=True)
+        print(f"{name:<8} " + "  ".join(f"{k} iters: growth {f['peak_growth_mb']:7.1f} MB" for k, f in zip(args.iters, figures))
+              + f"   (first {figures[0]['first_step_mb']:.1f} MB)", flush=True)
+    if "ITD" in args.methods:
+        figures = [run({**base, "method": "ITD", "iters": 2, "T": T}) for T in args.unroll]
+        print("ITD      " + "  ".join(f"T={T}: first {f['first_step_mb']:7.1f} MB, growth {f['peak_growth_mb']:5.1f} MB"
+                                      for T, f in zip(args.unroll, figures)), flush=True)
 
 
 if __name__ == "__main__":

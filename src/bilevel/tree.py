@@ -44,7 +44,10 @@ def _flat_kind(tree: Tree) -> int:
     ``torch.utils._pytree``, whose generic flatten costs ~10 µs a call); 0: anything else."""
     if isinstance(tree, torch.Tensor):
         return 1
-    if type(tree) is dict and all(isinstance(t, torch.Tensor) for t in tree.values()):
+    if type(tree) is dict:  # a plain loop: ~0.5 µs vs ~0.9 µs for all(<generator>), 200+ calls a step
+        for t in tree.values():
+            if not isinstance(t, torch.Tensor):
+                return 0
         return 2
     return 0
 
@@ -76,6 +79,13 @@ def leaves_like(tree: Tree, like: Tree) -> list[torch.Tensor]:
     Two dicts with the same keys in another insertion order flatten in different orders;
     binary operations must pair leaves by key, as ``tree_map`` does.
     """
+    if type(tree) is dict and type(like) is dict and list(tree) == list(like):
+        values = list(tree.values())  # same keys in the same order: no re-pairing needed
+        for t in values:
+            if not isinstance(t, torch.Tensor):
+                break
+        else:
+            return values
     return leaves(_align_keys(tree, like))
 
 
@@ -91,6 +101,12 @@ def _align_keys(tree: Tree, like: Tree) -> Tree:
 
 def tree_map(fn: Callable, tree: Tree, *rest: Tree) -> Tree:
     """Apply ``fn`` leaf-wise over trees of identical structure."""
+    if not rest:  # unary maps (zeros_like, detach, clone) of the usual variables skip pytree
+        kind = _flat_kind(tree)
+        if kind == 1:
+            return fn(tree)
+        if kind == 2:
+            return {k: fn(t) for k, t in tree.items()}
     return pytree.tree_map(fn, tree, *rest)
 
 
