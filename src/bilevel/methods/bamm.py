@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
 import torch
 
 from .. import tree as T
 from ..oracles import Oracles
-from ..schedules import Polynomial, ScheduleLike, as_schedule, bamm_schedules
+from ..schedules import ScheduleLike, as_schedule, bamm_schedules
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
 from .base import Method, State, _check_rate
 from .dual import check_dual_options, check_stability, multiplier_iteration

@@ -33,7 +33,7 @@ from ..schedules import ScheduleLike, as_schedule
 from ..tree import Tree
 from ..updates import Box, UpperOptimizer
 
-__all__ = ["State", "Method", "LowerGD", "LowerAggregated", "LowerDynamics"]
+__all__ = ["State", "Method", "LowerGD", "LowerAggregated"]
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,6 @@ class LowerAggregated(LowerGD):
         return T.unflatten_like(y_next, y), T.unflatten_like([gg.detach() for gg in grads_g], y)
 
 
-LowerDynamics = LowerGD
 
 
 def _check_count(owner, name, value, minimum=1):
