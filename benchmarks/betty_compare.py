@@ -1,0 +1,207 @@
+"""Side by side with Betty (``betty-ml`` 0.2.1): implicit hypergradients (Neumann, CG).
+
+Run with the Betty virtual environment's python (install in benchmarks/README.md):
+
+    PYTHONPATH=src /tmp/bettyenv/bin/python benchmarks/betty_compare.py --threads 1
+
+Same problem as ``torchopt_compare.py`` (``common.hyperclean_problem("linear")``: data
+hyper-cleaning, random MNIST-sized data, n train = n val, 784 features, 10 classes), same init,
+same hyper-parameters. Per upper iteration both sides do
+
+    y ← T steps of  y − β ∇_y g(x, y)   (warm start from the previous y)
+    v ← K-step linear solve of  ∇²_yy g v = ∇_y f      (Neumann with step β, or CG from 0)
+    d = ∇_x f − ∇²_xy g v ;   x ← x − α d
+
+Betty: two ``ImplicitProblem`` s (inner = classifier, ``Config(type=..., unroll_steps=T,
+neumann_iterations=K, neumann_alpha=β | cg_iterations=K)``; outer = weight logits), plain
+``torch.optim.SGD`` on both, driven by ``Engine.train_step()`` (T calls = one upper iteration).
+Ours: ``bl.AID(lr_lower=β, lower_steps=T, solver=Neumann(K, lr=β) | CG(K))``.
+
+Betty 0.2.1's ``cg`` (``betty/hypergradient/cg.py``) builds the new search direction from the
+*old* residual (``p_new = r + β p`` with ``r`` before the update: the bug of Betty issue #15, still
+in the 0.2.1 wheel on PyPI). So the CG rows are also run against ``BettyCG`` below, which is
+that same recurrence written with our tree helpers: it shows the difference is the recurrence,
+not rounding. The "hypergradient alone" rows time one hypergradient at a fixed (x, y) (no lower
+steps; Betty: its ``neumann`` / ``cg`` function called directly on the engine's problems) and
+give its relative error against a converged reference (CG with 500 steps, float64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+
+import common  # noqa: F401
+import torch
+import torch.nn as nn
+
+import bilevel as bl
+from bilevel import tree as T
+from bilevel.linsolve import CG, LinearSolver, LinearSolveResult, Neumann
+from common import environment, hyperclean_problem, timeit
+
+import betty  # noqa: E402  (only in the Betty venv)
+from betty.configs import Config, EngineConfig
+from betty.engine import Engine
+from betty.logging.logger_base import get_logger
+from betty.hypergradient import cg as betty_cg
+from betty.hypergradient import neumann as betty_neumann
+from betty.problems import ImplicitProblem
+
+
+class BettyCG(LinearSolver):
+    """Betty 0.2.1's CG recurrence (new direction from the old residual), on our trees."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, matvec, b, v0=None):
+        v, r, p = T.zeros_like(b), b, b
+        for _ in range(self.steps):
+            hp = matvec(p)
+            rr = T.sq_norm(r)
+            alpha = rr / T.vdot(hp, p)
+            v, r_new = T.axpy(alpha, p, v), T.axpy(-alpha, hp, r)
+            beta = T.sq_norm(r_new) / rr
+            p, r = T.axpy(beta, p, r), r_new  # Betty: p_new = r (old) + beta p
+        return LinearSolveResult(v=v, residual_sq=T.sq_norm(r))
+
+
+class Linear(nn.Module):
+    def __init__(self, W, b):
+        super().__init__()
+        self.W, self.b = nn.Parameter(W.clone()), nn.Parameter(b.clone())
+
+
+class Logits(nn.Module):
+    def __init__(self, x):
+        super().__init__()
+        self.logit = nn.Parameter(x.clone())
+
+
+def betty_side(problem, kind, T_, K, beta, alpha):
+    y0, x0 = problem.y_init, problem.x_init
+    inner_mod, outer_mod = Linear(y0["W"], y0["b"]), Logits(x0["logit"])
+
+    def y_of():
+        return {"W": inner_mod.W, "b": inner_mod.b}
+
+    class Inner(ImplicitProblem):
+        def training_step(self, batch):
+            return problem.lower({"logit": outer_mod.logit}, y_of(), None)
+
+    class Outer(ImplicitProblem):
+        def training_step(self, batch):
+            return problem.upper({"logit": outer_mod.logit}, y_of(), None)
+
+    loader = [(torch.zeros(1),)]
+    cfg = dict(type=kind, unroll_steps=T_, log_step=-1)
+    if kind == "neumann":
+        cfg.update(neumann_iterations=K, neumann_alpha=beta)
+    else:
+        cfg.update(cg_iterations=K, cg_alpha=1.0)
+    inner = Inner(name="inner", module=inner_mod, optimizer=torch.optim.SGD(inner_mod.parameters(), lr=beta),
+                  train_data_loader=loader, config=Config(**cfg))
+    outer = Outer(name="outer", module=outer_mod, optimizer=torch.optim.SGD(outer_mod.parameters(), lr=alpha),
+                  train_data_loader=loader, config=Config(type="darts", log_step=-1))
+    engine = Engine(problems=[outer, inner], dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
+                    config=EngineConfig(train_iters=10 ** 9, valid_step=10 ** 9, logger_type="none"))
+    engine.train()
+
+    def upper_iteration():
+        for _ in range(T_):
+            engine.global_step += 1
+            engine.train_step()
+
+    def hypergradient_alone():  # d at the current (x, y), no lower steps
+        inner.cur_batch = loader[0]
+        loss = outer.training_step(loader[0])
+        vec = torch.autograd.grad(loss, list(inner_mod.parameters()))
+        fn = betty_neumann if kind == "neumann" else betty_cg
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (d,) = fn(list(vec), inner, outer, sync=False)
+        return d  # ∇_x f = 0 here (f does not depend on x)
+
+    return inner_mod, outer_mod, upper_iteration, hypergradient_alone
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=5000)
+    p.add_argument("--lower-steps", type=int, default=10)
+    p.add_argument("--solver-steps", type=int, default=10)
+    p.add_argument("--lr-lower", type=float, default=0.1)
+    p.add_argument("--lr-upper", type=float, default=100.0)
+    p.add_argument("--check-iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    get_logger().setLevel(logging.WARNING)  # Betty's per-engine banner
+    with open(betty.__file__.replace("__init__.py", "version.txt")) as f:
+        version = f.read().strip()
+    print(environment("cpu"), "| betty-ml", version)
+    T_, K, beta, alpha = args.lower_steps, args.solver_steps, args.lr_lower, args.lr_upper
+    print(f"hyper-cleaning linear, n={args.n_train}, d=784, T={T_}, K={K}, β={beta}, α={alpha}, {args.dtype}")
+    problem = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=dtype)
+    ref64 = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=torch.float64)
+    print(f"{'Betty → ours':<26} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'Betty ms':>9} {'ours ms':>9} "
+          f"{'Betty/ours':>10} | {'alone: |Δd|/|d|':>16} {'err Betty':>9} {'err ours':>9} {'Betty ms':>9} {'ours ms':>9} {'ratio':>6}")
+    rows = [("neumann", "Neumann → AID-Neumann", Neumann(steps=K, lr=beta)),
+            ("cg", "CG → AID-CG", CG(steps=K)),
+            ("cg", "CG → AID-BettyCG", BettyCG(K))]
+    for kind, label, solver in rows:
+        method = bl.AID(lr_upper=alpha, lr_lower=beta, lower_steps=T_, solver=solver)
+        state = method.init(problem)
+        inner_mod, outer_mod, upper_iteration, betty_alone = betty_side(problem, kind, T_, K, beta, alpha)
+        dx = dy = 0.0
+        tb, to = [], []
+        for k in range(args.iters):
+            start = time.perf_counter()
+            upper_iteration()
+            tb.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            state, _ = method.step(problem, state)
+            to.append(time.perf_counter() - start)
+            if k < args.check_iters:
+                dx = max(dx, float((state.x["logit"] - outer_mod.logit.detach()).abs().max()))
+                dy = max(dy, float((state.y["W"] - inner_mod.W.detach()).abs().max()),
+                         float((state.y["b"] - inner_mod.b.detach()).abs().max()))
+        moved = float(state.x["logit"].abs().max())
+        t_b, t_o = min(tb[2:]), min(to[2:])
+
+        # hypergradient alone at Betty's current (x, y): both sides at the same point
+        xs = {"logit": outer_mod.logit.detach().clone()}
+        ys = {"W": inner_mod.W.detach().clone(), "b": inner_mod.b.detach().clone()}
+        oracles = method._oracles()
+
+        def ours_alone(prob=problem, solver=solver, xs=xs, ys=ys, oracles=oracles):
+            gx, gy, _ = oracles.gradients(prob.upper, xs, ys, None)
+            lin = oracles.linearize(prob.lower, xs, ys, None)
+            return T.sub(gx, lin.mixed(solver(lin.hvp, gy, None).v))["logit"]
+
+        x64 = {k_: v.double() for k_, v in xs.items()}
+        y64 = {k_: v.double() for k_, v in ys.items()}
+        d_ref = ours_alone(ref64, CG(steps=500), x64, y64)
+        d_b, d_o = betty_alone().detach(), ours_alone()
+        rel = lambda a, b_: float((a.double() - b_.double()).norm() / b_.double().norm())  # noqa: E731
+        ti_b = timeit(betty_alone, args.repeats)
+        ti_o = timeit(ours_alone, args.repeats)
+        print(f"{label:<26} {dx:9.2e} {dy:9.2e} {moved:9.2e} {t_b * 1e3:9.2f} {t_o * 1e3:9.2f} {t_b / t_o:10.2f} | "
+              f"{rel(d_b, d_o):16.2e} {rel(d_b, d_ref):9.2e} {rel(d_o, d_ref):9.2e} {ti_b * 1e3:9.2f} {ti_o * 1e3:9.2f} "
+              f"{ti_b / ti_o:6.2f}", flush=True)
+    print("(left: iterates over the first --check-iters upper iterations and min time per upper iteration, T lower "
+          "steps included; right: one hypergradient at Betty's final (x, y): relative difference Betty vs ours, "
+          "relative error of each against a 500-step float64 CG reference, min time)")
+
+
+if __name__ == "__main__":
+    main()
