@@ -20,8 +20,11 @@ Backbones (``backbone``):
 * ``"conv"``: 4 blocks ``conv 3×3 (channels) → [GroupNorm] → ReLU → max-pool 2`` on
   ``[C, 28, 28]`` inputs (28 → 14 → 7 → 3 → 1), F = ``channels``; ``norm="group"`` adds
   GroupNorm (no batch statistics, so the objectives stay pure functions of (x, y, batch));
-* ``"mlp"``: ``relu(relu(a W₁ + b₁) W₂ + b₂)`` on flattened images, F = ``features``
-  (much faster on a CPU).
+* ``"mlp"``: ``relu(a W₁ + b₁) W₂ + b₂`` on flattened images, F = ``features``
+  (much faster on a CPU). The feature layer is linear (no ReLU): with a final ReLU,
+  meta-training on few classes killed about 95 % of the features and sent some
+  held-out-class images to the zero vector, and the learned features ended below the
+  untrained ones on held-out classes (docs/results.md).
 
 With ``feature_scale = s > 0`` the features are rescaled to the sphere of radius s,
 ``φ ← s φ/√(‖φ‖² + 10⁻⁶)``: the head problem's curvature then stays below ``s²/2 + 1/2 + reg``
@@ -127,7 +130,7 @@ def backbone_features(backbone: str, x: dict, images: torch.Tensor, groups: int 
     """``φ_x(images)``: ``[n, C, H, W] -> [n, F]`` (see the module docstring)."""
     if backbone == "mlp":
         hidden = torch.relu(torch.addmm(x["fc1_b"], images.flatten(1), x["fc1_w"]))
-        return torch.relu(torch.addmm(x["fc2_b"], hidden, x["fc2_w"]))
+        return torch.addmm(x["fc2_b"], hidden, x["fc2_w"])  # linear feature layer: see the module docstring
     h = images
     i = 0
     while f"conv{i}_w" in x:
