@@ -21,6 +21,7 @@ Diagnostics every method reports (keys of ``info``):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
@@ -33,7 +34,7 @@ from ..schedules import ScheduleLike, as_schedule
 from ..tree import Tree
 from ..updates import Box, UpperOptimizer
 
-__all__ = ["State", "Method", "LowerGD", "LowerAggregated"]
+__all__ = ["State", "Method", "LowerGD", "LowerAggregated", "StabilityWarning", "check_step_bound", "check_stability_option"]
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,29 @@ class LowerAggregated(LowerGD):
         return T.unflatten_like(y_next, y), T.unflatten_like([gg.detach() for gg in grads_g], y)
 
 
+
+
+class StabilityWarning(UserWarning):
+    """A step size violates a stability bound estimated at the initial point."""
+
+
+def check_step_bound(owner: str, what: str, step: float, bound: float, detail: str, action: str) -> None:
+    """Warn (``action="warn"``) or raise (``"error"``) when ``step ≥ bound``."""
+    if action == "off" or not step >= bound:
+        return
+    message = (
+        f"{owner}({what}={step:g}) is at or above the stability bound {bound:.4g} = {detail} estimated at the "
+        f"initial point: the iteration diverges; use {what} <= {bound / 2:.4g}"
+    )
+    if action == "error":
+        raise ValueError(message)
+    warnings.warn(message, StabilityWarning, stacklevel=3)
+
+
+def check_stability_option(owner: str, value: str) -> None:
+    """Validate a ``stability_check`` option at construction."""
+    if value not in ("warn", "error", "off"):
+        raise ValueError(f"{owner}(stability_check={value!r}) must be 'warn', 'error' or 'off'")
 
 
 def _check_count(owner, name, value, minimum=1):

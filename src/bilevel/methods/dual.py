@@ -31,15 +31,20 @@ from .. import tree as T
 from ..linsolve import estimate_spectral_norm, line_search_step_size
 from ..oracles import Linearization, Oracles, WeightedLinearization
 from ..schedules import as_schedule
-from .base import LowerAggregated, LowerGD, State
+from .base import (
+    LowerAggregated,
+    LowerGD,
+    State,
+    check_stability_option,
+    check_step_bound,
+)
 
 DUAL_RULES = ("fixed", "linesearch", "periodic")
 ORDERS = ("sequential", "jacobi")
 
 
 def check_dual_options(owner: str, order: str, dual_step: str, lower_steps: int, period: int, stability_check: str = "warn") -> None:
-    if stability_check not in ("warn", "error", "off"):
-        raise ValueError(f"{owner}(stability_check={stability_check!r}) must be 'warn', 'error' or 'off'")
+    check_stability_option(owner, stability_check)
     if order not in ORDERS:
         raise ValueError(f"{owner}(order={order!r}) must be one of {ORDERS}")
     if dual_step not in DUAL_RULES:
@@ -60,8 +65,6 @@ def check_stability(method, problem, state: State, batch, mu: float) -> None:
     quadratics with Hessian ``H_φ`` near the solution, so each diverges when its step
     exceeds ``2/λ_max(H_φ)``. λ_max is estimated by power iteration (30 products).
     """
-    from .galet import check_step_bound
-
     if method.stability_check == "off":
         return
     lin_phi = linearize_parts(method._oracles(), problem, mu, state.x, state.y, batch)[0]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
@@ -11,26 +10,17 @@ from ..linsolve import NormalGD, estimate_spectral_norm
 from ..oracles import Oracles
 from ..schedules import ScheduleLike
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
-from .base import LowerGD, Method, State, _check_count, _check_rate
+from .base import (
+    LowerGD,
+    Method,
+    State,
+    _check_count,
+    _check_rate,
+    check_stability_option,
+    check_step_bound,
+)
 
-__all__ = ["GALET", "StabilityWarning", "check_step_bound"]
-
-
-class StabilityWarning(UserWarning):
-    """A step size violates a stability bound estimated at the initial point."""
-
-
-def check_step_bound(owner: str, what: str, step: float, bound: float, detail: str, action: str) -> None:
-    """Warn (``action="warn"``) or raise (``"error"``) when ``step ≥ bound``."""
-    if action == "off" or not step >= bound:
-        return
-    message = (
-        f"{owner}({what}={step:g}) is at or above the stability bound {bound:.4g} = {detail} estimated at the "
-        f"initial point: the iteration diverges; use {what} <= {bound / 2:.4g}"
-    )
-    if action == "error":
-        raise ValueError(message)
-    warnings.warn(message, StabilityWarning, stacklevel=3)
+__all__ = ["GALET"]
 
 
 @dataclass(frozen=True)
@@ -109,8 +99,7 @@ class GALET(Method):
         _check_count("GALET", "shadow_steps", self.shadow_steps)
         if self.shadow_start not in ("zero", "warm"):
             raise ValueError(f"GALET(shadow_start={self.shadow_start!r}) must be 'zero' or 'warm'")
-        if self.stability_check not in ("warn", "error", "off"):
-            raise ValueError(f"GALET(stability_check={self.stability_check!r}) must be 'warn', 'error' or 'off'")
+        check_stability_option("GALET", self.stability_check)
 
     def _upper(self):
         return as_upper_optimizer(self.lr_upper, "GALET(lr_upper)")
