@@ -1,16 +1,9 @@
 import pytest
 import torch
+from helpers import random_state as _random_state
 
 import bilevel as bl
 from bilevel.problems import T1, T1g
-
-
-def _random_state(method, problem, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    n = problem.x_init["x"].numel()
-    rnd = lambda: torch.randn(n, generator=gen, dtype=torch.float64)
-    x0, y0, v0 = rnd(), rnd(), rnd()
-    return method.init(problem, {"x": x0}, {"y": y0}).replace(v={"y": v0}), x0, y0, v0
 
 
 @pytest.mark.parametrize("order", ["sequential", "jacobi"])

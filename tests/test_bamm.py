@@ -1,17 +1,9 @@
 import pytest
 import torch
+from helpers import random_state as _random_state
 
 import bilevel as bl
-from bilevel.problems import T1, T1g, T2
-
-
-def _random_state(method, problem, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    n = problem.x_init["x"].numel()
-    rnd = lambda: torch.randn(n, generator=gen, dtype=torch.float64)
-    x0, y0, z0 = rnd(), rnd(), rnd()
-    state = method.init(problem, {"x": x0}, {"y": y0}).replace(v={"y": z0})
-    return state, x0, y0, z0
+from bilevel.problems import T1, T2, T1g
 
 
 def _phi_parts(problem, mu):

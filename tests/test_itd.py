@@ -1,30 +1,12 @@
-from dataclasses import dataclass
-
 import pytest
 import torch
+from helpers import RecordDirection
+from helpers import relative_error as _rel
 
 import bilevel as bl
 from bilevel.problems import T1, T2, T1g
-from bilevel.updates import UpperOptimizer
 
 F64 = torch.float64
-
-
-@dataclass(frozen=True)
-class RecordDirection(UpperOptimizer):
-    """Leaves x unchanged and stores the direction d in the optimizer state."""
-
-    lr: float = 0.0
-
-    def init(self, x):
-        return {}
-
-    def update(self, x, d, state, k):
-        return x, {"d": d}
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def _t1g(n=6, seed=0):

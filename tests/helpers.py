@@ -1,0 +1,33 @@
+"""Helpers shared by the method tests (imported as ``helpers``; pytest puts tests/ on sys.path)."""
+
+from dataclasses import dataclass
+
+import torch
+
+from bilevel.updates import UpperOptimizer
+
+
+@dataclass(frozen=True)
+class RecordDirection(UpperOptimizer):
+    """An upper 'optimizer' that leaves x unchanged and stores the direction d in its state."""
+
+    lr: float = 0.0
+
+    def init(self, x):
+        return {}
+
+    def update(self, x, d, state, k):
+        return x, {"d": d}
+
+
+def relative_error(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def random_state(method, problem, seed=0):
+    """A state at random ``(x0, y0)`` with a random multiplier ``v0``; returns ``(state, x0, y0, v0)``."""
+    gen = torch.Generator().manual_seed(seed)
+    n = problem.x_init["x"].numel()
+    rnd = lambda: torch.randn(n, generator=gen, dtype=torch.float64)
+    x0, y0, v0 = rnd(), rnd(), rnd()
+    return method.init(problem, {"x": x0}, {"y": y0}).replace(v={"y": v0}), x0, y0, v0
