@@ -15,7 +15,10 @@ Steps (all randomness from one seeded ``numpy.random.Generator``):
 3. scale pixels to [0, 1] (divide by 255, or 16 for ``digits``) and flatten;
 4. corrupt labels (:func:`corrupt_labels`): exactly
    ``round(noise_rate * n_train)`` training examples get a label drawn
-   uniformly from all classes, the true one included.
+   uniformly from all classes, the true one included (about 45 % wrong labels at
+   ``noise_rate=0.5`` with 10 classes); ``exclude_true_class=True`` draws among the
+   other classes only, so exactly ``noise_rate`` of the labels are wrong
+   (:func:`wrong_label_fraction`, :func:`f1_ceiling`).
 
 Example:
     >>> data = make_hyperclean_data("digits", noise_rate=0.5, seed=0)  # doctest: +SKIP
@@ -42,6 +45,10 @@ __all__ = [
     "make_hyperclean_data",
     "cleaner_metrics",
     "accuracy",
+    "wrong_label_fraction",
+    "expected_wrong_label_fraction",
+    "f1_ceiling",
+    "data_f1_ceiling",
 ]
 
 #: (n_train, n_val, n_test) per dataset; the MNIST-sized sets use the papers' split.
@@ -110,20 +117,33 @@ class HypercleanData:
 
 
 def corrupt_labels(
-    labels: np.ndarray, noise_rate: float, num_classes: int, rng: np.random.Generator
+    labels: np.ndarray,
+    noise_rate: float,
+    num_classes: int,
+    rng: np.random.Generator,
+    exclude_true: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Corrupt labels the way the papers' code does.
 
     Exactly ``round(noise_rate * n)`` examples are chosen without replacement
     (Python's ``round``: halves go to the even integer), and each chosen label
     is replaced by ``rng.integers(0, num_classes)``. The draw includes the
-    true class, so about ``1/num_classes`` of the chosen labels stay correct.
+    true class, so about ``1/num_classes`` of the chosen labels stay correct
+    (50 % chosen, 10 classes: 45 % wrong labels on average).
+
+    With ``exclude_true=True`` (the intent of the papers' text: "the label is
+    replaced by a wrong one") a chosen label becomes
+    ``(true + rng.integers(1, num_classes)) % num_classes``, uniform over the
+    ``num_classes - 1`` other classes, so every chosen label is wrong and the
+    fraction of wrong labels is exactly ``round(noise_rate * n) / n``. The default
+    (``False``) consumes the generator exactly as before, so published runs reproduce.
 
     Args:
         labels: ``[n]`` integer labels in ``0..num_classes-1``.
         noise_rate: fraction in [0, 1] of examples to choose.
         num_classes: number of classes.
         rng: generator providing the randomness.
+        exclude_true: draw the new label among the other classes only.
 
     Returns:
         ``(noisy_labels, chosen)``: int64 ``[n]`` labels and bool ``[n]`` marking
@@ -134,9 +154,15 @@ def corrupt_labels(
     labels = np.asarray(labels, dtype=np.int64)
     n = len(labels)
     num_chosen = round(noise_rate * n)
+    if exclude_true and num_classes < 2 and num_chosen > 0:
+        raise ValueError(f"exclude_true needs at least 2 classes, got num_classes={num_classes}")
     chosen_index = rng.choice(n, size=num_chosen, replace=False)
     noisy = labels.copy()
-    noisy[chosen_index] = rng.integers(0, num_classes, size=num_chosen)
+    if exclude_true:
+        shift = rng.integers(1, num_classes, size=num_chosen) if num_chosen else np.zeros(0, dtype=np.int64)
+        noisy[chosen_index] = (labels[chosen_index] + shift) % num_classes
+    else:
+        noisy[chosen_index] = rng.integers(0, num_classes, size=num_chosen)
     chosen = np.zeros(n, dtype=bool)
     chosen[chosen_index] = True
     return noisy, chosen
@@ -161,6 +187,7 @@ def hyperclean_from_arrays(
     n_val: int,
     n_test: int,
     dtype: torch.dtype = torch.float32,
+    exclude_true_class: bool = False,
 ) -> HypercleanData:
     """Build :class:`HypercleanData` from in-memory images and labels.
 
@@ -171,6 +198,7 @@ def hyperclean_from_arrays(
         images: ``[N, ...]`` pixels (flattened per example).
         labels: ``[N]`` labels in ``0..num_classes-1``.
         max_pixel: pixels are divided by this.
+        exclude_true_class: corruption rule (:func:`corrupt_labels`'s ``exclude_true``).
 
     Raises:
         DatasetError: fewer than ``n_train + n_val + n_test`` examples.
@@ -203,7 +231,7 @@ def hyperclean_from_arrays(
     val_index = order[n_train : n_train + n_val]
     test_index = order[n_train + n_val : needed]
     y_train_true = labels[train_index].astype(np.int64)
-    y_train_noisy, chosen = corrupt_labels(y_train_true, noise_rate, num_classes, rng)
+    y_train_noisy, chosen = corrupt_labels(y_train_true, noise_rate, num_classes, rng, exclude_true=bool(exclude_true_class))
 
     def features(index: np.ndarray) -> torch.Tensor:
         flat = images[index].reshape(len(index), -1).astype(np.float64) / float(max_pixel)
@@ -236,6 +264,7 @@ def make_hyperclean_data(
     n_test: int | None = None,
     root: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
+    exclude_true_class: bool = False,
 ) -> HypercleanData:
     """Load a dataset and build a hyper-cleaning instance from its train split.
 
@@ -246,6 +275,8 @@ def make_hyperclean_data(
         n_train, n_val, n_test: split sizes; ``None`` takes :func:`default_split`.
         root: directory searched first for IDX datasets.
         dtype: dtype of the feature tensors.
+        exclude_true_class: draw corrupted labels among the other classes only
+            (:func:`corrupt_labels`); ``False`` (default) is the papers' code.
 
     Returns:
         :class:`HypercleanData` on the CPU.
@@ -270,6 +301,7 @@ def make_hyperclean_data(
         n_val=default_val if n_val is None else n_val,
         n_test=default_test if n_test is None else n_test,
         dtype=dtype,
+        exclude_true_class=exclude_true_class,
     )
 
 
@@ -345,3 +377,95 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     if labels.numel() == 0:
         raise ValueError("accuracy of an empty set is undefined")
     return float((logits.argmax(dim=1) == labels.to(logits.device)).double().mean())
+
+
+def wrong_label_fraction(data: HypercleanData) -> float:
+    """The exact fraction of training labels that are wrong, ``mean(y_train_noisy != y_train_true)``.
+
+    Differs from ``data.noise_rate`` (the fraction *chosen* for corruption) under the
+    papers' rule, where a chosen label may be redrawn as its true class.
+    """
+    if len(data.y_train_true) == 0:
+        raise ValueError("wrong_label_fraction of an empty training set is undefined")
+    return float((data.y_train_noisy != data.y_train_true).double().mean())
+
+
+def expected_wrong_label_fraction(
+    noise_rate: float, num_classes: int, exclude_true_class: bool = False, n: int | None = None
+) -> float:
+    """Expected fraction of wrong labels after :func:`corrupt_labels`.
+
+    With ``n`` given, the chosen fraction is ``q = round(noise_rate * n) / n`` (the exact
+    count); otherwise ``q = noise_rate``. Excluding the true class every chosen label is
+    wrong: ``q`` (exact, not only in expectation). Drawing among all classes a chosen label
+    stays correct with probability ``1/C``: ``q (1 - 1/C)``.
+
+    >>> expected_wrong_label_fraction(0.5, 10)
+    0.45
+    >>> expected_wrong_label_fraction(0.5, 10, exclude_true_class=True)
+    0.5
+    """
+    if not 0.0 <= noise_rate <= 1.0:
+        raise ValueError(f"noise_rate must lie in [0, 1], got {noise_rate}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} must be >= 1")
+    q = round(noise_rate * n) / n if n else float(noise_rate)
+    return q if exclude_true_class else q * (1.0 - 1.0 / num_classes)
+
+
+def f1_ceiling(
+    noise_rate: float, num_classes: int, exclude_true_class: bool = False, positive: str = "clean"
+) -> float:
+    """The best F1 any cleaner can reach, in expectation, for a corruption rule and convention.
+
+    :func:`cleaner_metrics` scores a cleaner against ``clean_mask``: an example is
+    *clean* when it was not chosen for corruption. Under the papers' rule (new label drawn
+    among all ``C`` classes) a fraction ``r/C`` of the examples was chosen but kept its true
+    label; no cleaner can tell those from clean examples, since their labels are right.
+    Write ``r`` for ``noise_rate``.
+
+    * ``positive="clean"`` (this library and the PBGD code): the best cleaner keeps every
+      example with a correct label: recall 1, precision ``(1-r)/((1-r) + r/C)``, so
+      ``F1* = 2(1-r) / (2(1-r) + r/C)`` (0.952 for r = 0.5, C = 10).
+    * ``positive="noisy"`` (Franceschi et al.: the chosen examples are the positives): the
+      best cleaner flags every wrong label: precision 1, recall ``1 - 1/C``, so
+      ``F1* = 2(1 - 1/C) / (2 - 1/C)`` (0.947 for C = 10).
+
+    With ``exclude_true_class=True`` every chosen label is wrong and ``F1* = 1`` in both
+    conventions. The values are those at the expected counts; the ceiling of one data set
+    (:func:`data_f1_ceiling`) differs by ``O(1/√n)``.
+
+    >>> round(f1_ceiling(0.5, 10), 4), f1_ceiling(0.5, 10, exclude_true_class=True)
+    (0.9524, 1.0)
+    """
+    if positive not in ("clean", "noisy"):
+        raise ValueError(f"positive={positive!r} must be 'clean' or 'noisy'")
+    if not 0.0 <= noise_rate <= 1.0:
+        raise ValueError(f"noise_rate must lie in [0, 1], got {noise_rate}")
+    r = float(noise_rate)
+    if exclude_true_class or num_classes <= 0:
+        return 1.0 if (positive == "clean" and r < 1) or (positive == "noisy" and r > 0) else 0.0
+    kept = r / num_classes  # chosen, label unchanged
+    if positive == "clean":
+        return 2 * (1 - r) / (2 * (1 - r) + kept) if r < 1 else 0.0
+    if r == 0:
+        return 0.0
+    recall = 1.0 - 1.0 / num_classes
+    return 2 * recall / (1 + recall) if recall > 0 else 0.0
+
+
+def data_f1_ceiling(data: HypercleanData, positive: str = "clean") -> float:
+    """The best F1 reachable on ``data`` (the realised counts of :func:`f1_ceiling`).
+
+    The best cleaner predicts "clean" exactly for the examples whose noisy label equals
+    the true one. ``positive="clean"``: ``2c / (2c + u)`` with ``c`` clean examples and
+    ``u`` chosen-but-unchanged ones; ``positive="noisy"``: ``2w / (2w + u)`` with ``w``
+    wrong labels (``w + u`` chosen examples).
+    """
+    if positive not in ("clean", "noisy"):
+        raise ValueError(f"positive={positive!r} must be 'clean' or 'noisy'")
+    clean = data.clean_mask.bool()
+    correct = data.y_train_noisy == data.y_train_true
+    unchanged = int((~clean & correct).sum())
+    hits = int(clean.sum()) if positive == "clean" else int((~correct).sum())
+    return 2 * hits / (2 * hits + unchanged) if hits else 0.0
