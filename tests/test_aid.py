@@ -180,3 +180,27 @@ def test_configuration_errors():
         bl.AID(lower_steps=0)
     with pytest.raises(ValueError, match="lr_upper"):
         bl.AID(lr_upper=-0.1)
+
+
+BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+
+
+@pytest.mark.parametrize("field", ["lr_upper", "lr_lower"])
+@pytest.mark.parametrize("value, shown", BAD_STEP_SIZES)
+def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value, shown):
+    """Every step size fails at construction with one line naming the class, the argument and the value."""
+    with pytest.raises(ValueError, match=rf"^AID\({field}={shown}\) must be a positive number"):
+        bl.AID(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lower_steps": 0}, r"^AID\(lower_steps=0\) must be an integer >= 1$"),
+        ({"warm_start_v": 1}, r"^AID\(warm_start_v=1\) must be true or false, not a int$"),
+        ({"solver": "CG"}, r"^AID\(solver='CG'\) must be a linear solver such as bilevel.CG\(steps=10\), not a str$"),
+    ],
+)
+def test_other_options_are_validated_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bl.AID(**kwargs)

@@ -151,3 +151,29 @@ def test_stability_bounds_on_lower_and_dual_steps_warn_and_error():
         bl.BAGDC(lr_lower=2.2, stability_check="error").init(problem)
     with pytest.raises(bl.DivergenceError):
         bl.solve(problem, bl.BAGDC(lr_dual=2.5, stability_check="off"), max_iters=3000)
+
+
+BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+
+
+@pytest.mark.parametrize("field", ["lr_upper", "lr_lower", "lr_dual", "dual_fallback", "max_dual_step"])
+@pytest.mark.parametrize("value, shown", BAD_STEP_SIZES)
+def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value, shown):
+    """Every step size fails at construction with one line naming the class, the argument and the value."""
+    with pytest.raises(ValueError, match=rf"^BAGDC\({field}={shown}\) must be a positive number"):
+        bl.BAGDC(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lower_mu": 0.0}, r"^BAGDC\(lower_mu=0.0\) must be a finite number in \(0, 1\)$"),
+        ({"lower_steps": "3"}, r"^BAGDC\(lower_steps='3'\) must be an integer >= 1, not a str$"),
+        ({"lower": "adam"}, r"^BAGDC\(lower='adam'\) must be one of 'gd', 'bda'$"),
+        ({"dual_step": "exact"}, r"^BAGDC\(dual_step='exact'\) must be one of 'fixed', 'linesearch', 'periodic'$"),
+        ({"period": 1.5}, r"^BAGDC\(period=1.5\) must be an integer >= 1, not a float$"),
+    ],
+)
+def test_other_options_are_validated_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bl.BAGDC(**kwargs)

@@ -158,3 +158,29 @@ def test_stability_bound_of_the_averaged_hessian_is_checked():
         bl.SlBAMM(lr_lower=2.5, stability_check="error").init(problem)
     with pytest.warns(bl.StabilityWarning, match=r"lr_dual=3"):
         bl.SlBAMM(dual_step="fixed", lr_dual=3.0).init(problem)
+
+
+BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+
+
+@pytest.mark.parametrize("field", ["lr_upper", "lr_lower", "lr_dual", "dual_fallback", "max_dual_step"])
+@pytest.mark.parametrize("value, shown", BAD_STEP_SIZES)
+def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value, shown):
+    """Every step size fails at construction with one line naming the class, the argument and the value."""
+    with pytest.raises(ValueError, match=rf"^SlBAMM\({field}={shown}\) must be a positive number"):
+        bl.SlBAMM(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mu": 1.0}, r"^SlBAMM\(mu=1.0\) must be a finite number in \[0, 1\)$"),
+        ({"mu": "0.5"}, r"^SlBAMM\(mu='0.5'\) must be a finite number in \[0, 1\), not a str$"),
+        ({"freeze_phi_mu": float("nan")}, r"^SlBAMM\(freeze_phi_mu=nan\) must be a finite number in \[0, 1\)$"),
+        ({"period": 0}, r"^SlBAMM\(period=0\) must be an integer >= 1$"),
+        ({"order": "gauss"}, r"^SlBAMM\(order='gauss'\) must be one of 'sequential', 'jacobi'$"),
+    ],
+)
+def test_other_options_are_validated_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bl.SlBAMM(**kwargs)

@@ -154,3 +154,31 @@ def test_divergent_upper_step_raises_naming_iteration_and_quantity():
     method = bl.GALET(lr_upper=50.0, lr_lower=0.5, lower_steps=5, lr_shadow=0.5, shadow_steps=5)
     with pytest.raises(bl.DivergenceError, match=r"GALET diverged at iteration \d+: \w+"):
         bl.solve(T1(n=3), method, max_iters=200)
+
+
+BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+
+
+@pytest.mark.parametrize("field", ["lr_upper", "lr_lower", "lr_shadow"])
+@pytest.mark.parametrize("value, shown", BAD_STEP_SIZES)
+def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value, shown):
+    """Every step size fails at construction with one line naming the class, the argument and the value."""
+    with pytest.raises(ValueError, match=rf"^GALET\({field}={shown}\) must be a positive number"):
+        bl.GALET(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lower_steps": 2.0}, r"^GALET\(lower_steps=2.0\) must be an integer >= 1, not a float$"),
+        ({"shadow_steps": True}, r"^GALET\(shadow_steps=True\) must be an integer >= 1, not a bool$"),
+        ({"shadow_start": "cold"}, r"^GALET\(shadow_start='cold'\) must be one of 'zero', 'warm'$"),
+        ({"exact_metric": "yes"}, r"^GALET\(exact_metric='yes'\) must be true or false, not a str$"),
+        ({"stability_check": "on"}, r"^GALET\(stability_check='on'\) must be one of 'warn', 'error', 'off'$"),
+        ({"project_x": 3.0}, r"^GALET\(project_x=3.0\) must be a projection such as bilevel.Box"),
+        ({"oracles": "fd"}, r"^GALET\(oracles='fd'\) must be a bilevel.Oracles"),
+    ],
+)
+def test_other_options_are_validated_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bl.GALET(**kwargs)

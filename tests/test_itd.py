@@ -143,3 +143,42 @@ def test_configuration_errors():
         bl.BDA(lr_lower=-1.0)
     with pytest.raises(ValueError, match="mu"):
         bl.BDA(mu=-0.5)
+
+
+BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+
+
+@pytest.mark.parametrize("field", ["lr_upper", "lr_lower"])
+@pytest.mark.parametrize("value, shown", BAD_STEP_SIZES)
+def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value, shown):
+    """Every step size fails at construction with one line naming the class, the argument and the value."""
+    with pytest.raises(ValueError, match=rf"^ITD\({field}={shown}\) must be a positive number"):
+        bl.ITD(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lower_steps": -1}, r"^ITD\(lower_steps=-1\) must be an integer >= 1$"),
+        ({"truncate": 0}, r"^ITD\(truncate=0\) must be an integer >= 1$"),
+        ({"warm_start": "no"}, r"^ITD\(warm_start='no'\) must be true or false, not a str$"),
+    ],
+)
+def test_other_options_are_validated_naming_the_argument(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bl.ITD(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"mu": 1.0}, r"^BDA\(mu=1.0\) must be a finite number in \[0, 1\)$"),
+        ({"mu": "0.1"}, r"^BDA\(mu='0.1'\) must be a finite number in \[0, 1\), not a str$"),
+        ({"lr_lower_upper": 0.0}, r"^BDA\(lr_lower_upper=0.0\) must be a positive number"),
+        ({"lr_lower": float("inf")}, r"^BDA\(lr_lower=inf\) must be a positive number"),
+        ({"lower_steps": 0}, r"^BDA\(lower_steps=0\) must be an integer >= 1$"),
+    ],
+)
+def test_bda_options_are_validated_naming_bda(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        bl.BDA(**kwargs)

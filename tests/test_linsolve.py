@@ -293,3 +293,10 @@ def test_cg_extra_steps_on_a_solved_singular_system_leave_v_unchanged():
     v_min_norm = torch.linalg.pinv(SINGULAR, hermitian=True) @ B_IN_RANGE
     res = bl.CG(steps=20)(_mv(SINGULAR), B_IN_RANGE)
     assert _rel(res.v, v_min_norm) <= 1e-8
+
+
+@pytest.mark.parametrize("cls", [bl.Neumann, bl.FixedPoint, bl.NormalGD])
+@pytest.mark.parametrize("lr, shown", [(float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), (-2e-4, "-0.0002")])
+def test_solver_step_sizes_reject_nonfinite_and_bools(cls, lr, shown):
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}\(lr={shown}\) must be a positive number"):
+        cls(lr=lr)

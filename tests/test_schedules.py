@@ -19,7 +19,7 @@ def test_polynomial_values():
     shifted = bl.Polynomial(1.0, 2.0, shift=10.0)
     assert shifted(0) == pytest.approx(0.01, rel=1e-15) and shifted(10) == pytest.approx(1 / 400, rel=1e-15)
     assert bl.Polynomial(0.7, 0.0)(123) == 0.7
-    with pytest.raises(ValueError, match="shift"):
+    with pytest.raises(ValueError, match=r"Polynomial\(shift=0.0\) must be a positive number"):
         bl.Polynomial(1.0, 1.0, shift=0.0)
 
 
@@ -28,7 +28,7 @@ def test_linear_values():
     assert [s(k) for k in range(7)] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0, 0.0, 0.0], abs=1e-15)
     up = bl.Linear(0.1, 0.5, steps=2)
     assert up(1) == pytest.approx(0.3, rel=1e-15) and up(50) == pytest.approx(0.5, rel=1e-15)
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match=r"Linear\(steps=0\) must be an integer >= 1"):
         bl.Linear(1.0, 0.0, steps=0)
 
 
@@ -66,18 +66,37 @@ def test_bamm_schedules_with_other_parameters():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"strategy": "s4"}, "strategy='s4'"),
-        ({"mu0": 1.0}, r"mu0=1.0 must lie in \(0, 1\)"),
-        ({"mu0": 0.0}, "mu0"),
-        ({"p": 0.0}, "p > 0"),
-        ({"tau": -0.1}, "tau >= 0"),
+        ({"strategy": "s4"}, r"bamm_schedules\(strategy='s4'\) must be one of 's1', 's2', 's3'"),
+        ({"mu0": 1.0}, r"bamm_schedules\(mu0=1.0\) must be a finite number in \(0, 1\)"),
+        ({"mu0": 0.0}, r"bamm_schedules\(mu0=0.0\)"),
+        ({"p": 0.0}, r"bamm_schedules\(p=0.0\) must be a positive number"),
+        ({"tau": -0.1}, r"bamm_schedules\(tau=-0.1\) must be a number >= 0"),
+        ({"tau": "0.1"}, r"bamm_schedules\(tau='0.1'\) must be a number >= 0 \(finite\), not a str"),
     ],
 )
 def test_bamm_schedules_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bl.bamm_schedules(0.1, **kwargs)
-    with pytest.raises(ValueError, match="s > 0"):
+    with pytest.raises(ValueError, match=r"bamm_schedules\(s=0.0\) must be a positive number"):
         bl.bamm_schedules(0.0)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: bl.Constant(float("nan")), r"Constant\(value=nan\) must be a finite number"),
+        (lambda: bl.Constant("0.1"), r"Constant\(value='0.1'\) must be a finite number, not a str"),
+        (lambda: bl.Polynomial(float("inf"), 1.0), r"Polynomial\(value=inf\)"),
+        (lambda: bl.Polynomial(1.0, None), r"Polynomial\(power=None\)"),
+        (lambda: bl.Linear(1.0, float("nan"), steps=10), r"Linear\(end=nan\)"),
+        (lambda: bl.Linear(1.0, 0.0, steps=2.5), r"Linear\(steps=2.5\) must be an integer >= 1"),
+        (lambda: bl.Exponential(1.0, 0.0), r"Exponential\(rate=0.0\) must be a positive number"),
+        (lambda: bl.Exponential(1.0, True), r"Exponential\(rate=True\).*not a bool"),
+    ],
+)
+def test_schedule_construction_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
 
 
 def test_as_schedule_accepts_numbers_and_callables():

@@ -95,14 +95,19 @@ def test_box_projection_clamps_every_leaf():
 @pytest.mark.parametrize(
     "make, error, match",
     [
-        (lambda: bl.Adam(betas=(1.0, 0.999)), ValueError, r"betas=\(1.0, 0.999\)"),
-        (lambda: bl.Adam(betas=(0.9, -0.1)), ValueError, "betas"),
-        (lambda: bl.SGD(momentum=1.0), ValueError, r"momentum=1.0\) must lie in \[0, 1\)"),
-        (lambda: bl.SGD(momentum=-0.5), ValueError, "momentum"),
-        (lambda: bl.SGD(lr=-1.0), ValueError, r"SGD\(lr\)=-1.0"),
-        (lambda: bl.Adam(lr="fast"), TypeError, "Adam"),
+        (lambda: bl.Adam(betas=(1.0, 0.999)), ValueError, r"Adam\(betas=\(1.0, 0.999\)\) must be a pair \(beta1, beta2\) of numbers in \[0, 1\)"),
+        (lambda: bl.Adam(betas=(0.9, -0.1)), ValueError, r"Adam\(betas=\(0.9, -0.1\)\)"),
+        (lambda: bl.Adam(betas=0.9), ValueError, r"Adam\(betas=0.9\) must be a pair"),
+        (lambda: bl.Adam(eps=-1e-8), ValueError, r"Adam\(eps=-1e-08\) must be a number >= 0"),
+        (lambda: bl.SGD(momentum=1.0), ValueError, r"SGD\(momentum=1.0\) must be a finite number in \[0, 1\)"),
+        (lambda: bl.SGD(momentum=-0.5), ValueError, r"SGD\(momentum=-0.5\)"),
+        (lambda: bl.SGD(momentum="0.9"), TypeError, r"SGD\(momentum='0.9'\).*not a str"),
+        (lambda: bl.SGD(lr=-1.0), ValueError, r"SGD\(lr=-1.0\) must be a positive number \(finite and > 0\)"),
+        (lambda: bl.Adam(lr="fast"), TypeError, r"Adam\(lr='fast'\) must be a positive number.*or a schedule.*not a str"),
         (lambda: bl.Box(), ValueError, "at least one"),
         (lambda: bl.Box(2.0, 1.0), ValueError, "empty"),
+        (lambda: bl.Box(lower=float("nan")), ValueError, r"Box\(lower=nan\) must be a number"),
+        (lambda: bl.Box(upper="3"), TypeError, r"Box\(upper='3'\).*not a str"),
     ],
 )
 def test_construction_errors(make, error, match):
@@ -110,10 +115,36 @@ def test_construction_errors(make, error, match):
         make()
 
 
+@pytest.mark.parametrize("cls", [bl.SGD, bl.Adam])
+@pytest.mark.parametrize(
+    "lr, error, shown",
+    [
+        (0.0, ValueError, "0.0"),
+        (0, ValueError, "0"),
+        (float("inf"), ValueError, "inf"),
+        (float("nan"), ValueError, "nan"),
+        (-2e-4, ValueError, "-0.0002"),
+        (True, TypeError, "True"),
+        ([1, 2], TypeError, r"\[1, 2\]"),
+    ],
+)
+def test_learning_rates_reject_zero_nonfinite_and_non_numbers(cls, lr, error, shown):
+    with pytest.raises(error, match=rf"^{cls.__name__}\(lr={shown}\) must be a positive number"):
+        cls(lr=lr)
+
+
+def test_learning_rate_schedules_are_checked_at_k0():
+    assert bl.SGD(lr=bl.Polynomial(0.1, 0.5)).lr(0) == 0.1
+    with pytest.raises(ValueError, match=r"SGD\(lr=Polynomial\(value=-0.1.*gives step -0.1 at k = 0"):
+        bl.SGD(lr=bl.Polynomial(-0.1, 0.5))
+
+
 def test_as_upper_optimizer():
     adam = bl.Adam()
     assert as_upper_optimizer(adam, "lr") is adam
     sgd = as_upper_optimizer(0.25, "lr")
     assert isinstance(sgd, bl.SGD) and sgd.lr == 0.25
-    with pytest.raises(ValueError, match="lr_upper"):
+    with pytest.raises(ValueError, match=r"^lr_upper=-1 must be a positive number"):
         as_upper_optimizer(-1, "lr_upper")
+    with pytest.raises(ValueError, match=r"^GALET\(lr_upper=0\) must be a positive number"):
+        as_upper_optimizer(0, "lr_upper", "GALET")

@@ -33,6 +33,7 @@ import torch
 
 from . import tree as T
 from .tree import Tree
+from .validation import check_count, check_positive
 
 MatVec = Callable[[Tree], Tree]
 
@@ -88,13 +89,11 @@ class LinearSolver:
 
 
 def _check_steps(name, steps, minimum=1):
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < minimum:
-        raise ValueError(f"{name}(steps={steps!r}) must be an integer >= {minimum}")
+    check_count(name, "steps", steps, minimum)
 
 
 def _check_positive(name, what, value):
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
-        raise ValueError(f"{name}({what}={value!r}) must be a positive number")
+    check_positive(name, what, value)
 
 
 _TINY: dict = {}

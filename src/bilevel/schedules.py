@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Union
 
+from .validation import check_choice, check_count, check_fraction, check_nonnegative, check_number, check_positive
+
 __all__ = [
     "Schedule",
     "ScheduleLike",
@@ -38,6 +40,9 @@ class Constant:
 
     value: float
 
+    def __post_init__(self):
+        check_number("Constant", "value", self.value)
+
     def __call__(self, k: int) -> float:
         return self.value
 
@@ -51,8 +56,9 @@ class Polynomial:
     shift: float = 1.0
 
     def __post_init__(self):
-        if self.shift <= 0:
-            raise ValueError(f"Polynomial(shift={self.shift}) must be positive so that (k + shift) > 0 at k = 0")
+        check_number("Polynomial", "value", self.value)
+        check_number("Polynomial", "power", self.power)
+        check_number("Polynomial", "shift", self.shift, low=0.0, low_open=True, expected="a positive number (so that k + shift > 0 at k = 0)")
 
     def __call__(self, k: int) -> float:
         return self.value * (k + self.shift) ** (-self.power)
@@ -67,8 +73,9 @@ class Linear:
     steps: int
 
     def __post_init__(self):
-        if self.steps < 1:
-            raise ValueError(f"Linear(steps={self.steps}) must be >= 1")
+        check_number("Linear", "start", self.start)
+        check_number("Linear", "end", self.end)
+        check_count("Linear", "steps", self.steps)
 
     def __call__(self, k: int) -> float:
         t = min(k, self.steps) / self.steps
@@ -81,6 +88,10 @@ class Exponential:
 
     value: float
     rate: float
+
+    def __post_init__(self):
+        check_number("Exponential", "value", self.value)
+        check_positive("Exponential", "rate", self.rate)
 
     def __call__(self, k: int) -> float:
         return self.value * self.rate**k
@@ -120,12 +131,11 @@ def bamm_schedules(
     Returns:
         ``(mu, alpha, eta)`` as :class:`Polynomial` schedules.
     """
-    if strategy not in BAMM_STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is not one of {sorted(BAMM_STRATEGIES)}")
-    if not 0 < mu0 < 1:
-        raise ValueError(f"mu0={mu0} must lie in (0, 1)")
-    if p <= 0 or tau < 0 or s <= 0:
-        raise ValueError(f"need p > 0, tau >= 0 and s > 0 (got p={p}, tau={tau}, s={s})")
+    check_choice("bamm_schedules", "strategy", strategy, sorted(BAMM_STRATEGIES))
+    check_positive("bamm_schedules", "s", s)
+    check_fraction("bamm_schedules", "mu0", mu0, low_open=True)
+    check_positive("bamm_schedules", "p", p)
+    check_nonnegative("bamm_schedules", "tau", tau)
     q, r = BAMM_STRATEGIES[strategy]
     mu = Polynomial(mu0, 1.0 / p)
     alpha = Polynomial(s * mu0**q, 1.5 * tau + q / p)

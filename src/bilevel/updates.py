@@ -20,6 +20,7 @@ import torch
 from . import tree as T
 from .schedules import ScheduleLike, as_schedule
 from .tree import Tree
+from .validation import check_fraction, check_nonnegative, check_number, check_step_size, describe
 
 __all__ = ["SGD", "Adam", "Box", "UpperOptimizer", "as_upper_optimizer"]
 
@@ -49,9 +50,8 @@ class SGD(UpperOptimizer):
     momentum: float = 0.0
 
     def __post_init__(self):
-        as_schedule(self.lr, "SGD(lr)")
-        if not 0 <= self.momentum < 1:
-            raise ValueError(f"SGD(momentum={self.momentum}) must lie in [0, 1)")
+        check_step_size("SGD", "lr", self.lr)
+        check_fraction("SGD", "momentum", self.momentum)
 
     def init(self, x):
         return {"momentum": T.zeros_like(x)} if self.momentum else {}
@@ -82,10 +82,16 @@ class Adam(UpperOptimizer):
     eps: float = 1e-8
 
     def __post_init__(self):
-        as_schedule(self.lr, "Adam(lr)")
-        b1, b2 = self.betas
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            raise ValueError(f"Adam(betas={self.betas}) must lie in [0, 1)")
+        check_step_size("Adam", "lr", self.lr)
+        betas = self.betas
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise ValueError(f"{describe('Adam', 'betas', betas)} must be a pair (beta1, beta2) of numbers in [0, 1)")
+        for beta in betas:
+            try:
+                check_fraction("Adam", "betas", beta)
+            except ValueError:
+                raise ValueError(f"{describe('Adam', 'betas', betas)} must be a pair (beta1, beta2) of numbers in [0, 1)") from None
+        check_nonnegative("Adam", "eps", self.eps)
 
     def init(self, x):
         return {"m": T.zeros_like(x), "s": T.zeros_like(x)}
@@ -117,6 +123,10 @@ class Box:
     upper: Optional[float] = None
 
     def __post_init__(self):
+        for name in ("lower", "upper"):
+            value = getattr(self, name)
+            if value is not None:
+                check_number("Box", name, value, finite=False, expected="a number (inf allowed) or None")
         if self.lower is None and self.upper is None:
             raise ValueError("Box() needs at least one of lower/upper")
         if self.lower is not None and self.upper is not None and self.lower > self.upper:
@@ -126,9 +136,13 @@ class Box:
         return T.tree_map(lambda t: torch.clamp(t, min=self.lower, max=self.upper), x)
 
 
-def as_upper_optimizer(value: Any, name: str) -> UpperOptimizer:
-    """An upper optimizer from an instance or a step size (→ :class:`SGD`)."""
+def as_upper_optimizer(value: Any, name: str, owner: str = "") -> UpperOptimizer:
+    """An upper optimizer from an instance or a step size (→ :class:`SGD`).
+
+    A step size must be a positive finite number or a schedule; errors name
+    ``owner(name=value)`` (e.g. ``GALET(lr_upper=0)``).
+    """
     if isinstance(value, UpperOptimizer):
         return value
-    as_schedule(value, f"{name}")
+    check_step_size(owner, name, value)
     return SGD(lr=value)

@@ -10,7 +10,8 @@ from ..linsolve import CG, LinearSolver
 from ..oracles import Oracles
 from ..schedules import ScheduleLike
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
-from .base import LowerGD, Method, State
+from ..validation import ArgumentTypeError, check_bool, check_count, check_positive, describe
+from .base import LowerGD, Method, State, check_common
 
 __all__ = ["AID"]
 
@@ -63,13 +64,19 @@ class AID(Method):
     oracles: Optional[Oracles] = None
 
     def __post_init__(self):
-        as_upper_optimizer(self.lr_upper, "AID(lr_upper)")
-        LowerGD(lr=self.lr_lower, steps=self.lower_steps)
+        as_upper_optimizer(self.lr_upper, "lr_upper", "AID")
+        check_positive("AID", "lr_lower", self.lr_lower)
+        check_count("AID", "lower_steps", self.lower_steps)
         if not isinstance(self.solver, LinearSolver):
-            raise TypeError(f"AID(solver=...) must be a linear solver such as bilevel.CG(steps=10), got {type(self.solver).__name__}")
+            raise ArgumentTypeError(
+                f"{describe('AID', 'solver', self.solver)} must be a linear solver such as bilevel.CG(steps=10), "
+                f"not a {type(self.solver).__name__}"
+            )
+        check_bool("AID", "warm_start_v", self.warm_start_v)
+        check_common(self)
 
     def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "AID(lr_upper)")
+        return as_upper_optimizer(self.lr_upper, "lr_upper", "AID")
 
     def step(self, problem, state: State, batch=None):
         oracles = self._oracles()

@@ -11,7 +11,8 @@ from .. import tree as T
 from ..oracles import Oracles
 from ..schedules import ScheduleLike, as_schedule
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
-from .base import Method, State, _check_count, _check_rate
+from ..validation import check_choice, check_count, check_fraction, check_positive, check_step_size
+from .base import Method, State, check_common
 from .dual import check_dual_options, check_stability, multiplier_iteration
 
 __all__ = ["BAGDC"]
@@ -94,15 +95,16 @@ class BAGDC(Method):
     oracles: Optional[Oracles] = None
 
     def __post_init__(self):
-        as_upper_optimizer(self.lr_upper, "BAGDC(lr_upper)")
-        _check_rate("BAGDC", "lr_lower", self.lr_lower)
-        _check_count("BAGDC", "lower_steps", self.lower_steps)
-        as_schedule(self.lr_dual, "BAGDC(lr_dual)")
-        if self.lower not in ("gd", "bda"):
-            raise ValueError(f"BAGDC(lower={self.lower!r}) must be 'gd' or 'bda'")
-        if not 0 < self.lower_mu < 1:
-            raise ValueError(f"BAGDC(lower_mu={self.lower_mu}) must lie in (0, 1)")
+        as_upper_optimizer(self.lr_upper, "lr_upper", "BAGDC")
+        check_positive("BAGDC", "lr_lower", self.lr_lower)
+        check_count("BAGDC", "lower_steps", self.lower_steps)
+        check_choice("BAGDC", "lower", self.lower, ("gd", "bda"))
+        check_fraction("BAGDC", "lower_mu", self.lower_mu, low_open=True)
+        check_step_size("BAGDC", "lr_dual", self.lr_dual)
         check_dual_options("BAGDC", self.order, self.dual_step, self.lower_steps, self.period, self.stability_check)
+        check_positive("BAGDC", "max_dual_step", self.max_dual_step, allow_none=True)
+        check_positive("BAGDC", "dual_fallback", self.dual_fallback)
+        check_common(self)
 
     def init(self, problem, x0=None, y0=None, batch=None, validate=True):
         state = super().init(problem, x0, y0, batch, validate)
@@ -110,7 +112,7 @@ class BAGDC(Method):
         return state
 
     def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "BAGDC(lr_upper)")
+        return as_upper_optimizer(self.lr_upper, "lr_upper", "BAGDC")
 
     def init_extra(self, x, y):
         if self.dual_step != "periodic":

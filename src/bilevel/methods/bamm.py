@@ -11,7 +11,8 @@ from .. import tree as T
 from ..oracles import Oracles
 from ..schedules import ScheduleLike, as_schedule, bamm_schedules
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
-from .base import Method, State, _check_rate
+from ..validation import check_fraction, check_positive, check_step_size
+from .base import Method, State, check_common, check_weight
 from .dual import check_dual_options, check_stability, multiplier_iteration
 
 __all__ = ["SlBAMM"]
@@ -99,13 +100,15 @@ class SlBAMM(Method):
     lower_steps: ClassVar[int] = 1
 
     def __post_init__(self):
-        _check_rate("SlBAMM", "lr_lower", self.lr_lower)
-        as_schedule(self.mu, "SlBAMM(mu)")
-        as_schedule(self.lr_dual, "SlBAMM(lr_dual)")
-        as_upper_optimizer(self.lr_upper, "SlBAMM(lr_upper)")
+        check_positive("SlBAMM", "lr_lower", self.lr_lower)
+        check_weight("SlBAMM", "mu", self.mu)
+        check_step_size("SlBAMM", "lr_dual", self.lr_dual)
+        as_upper_optimizer(self.lr_upper, "lr_upper", "SlBAMM")
         check_dual_options("SlBAMM", self.order, self.dual_step, 1, self.period, self.stability_check)
-        if self.freeze_phi_mu is not None and not 0 <= self.freeze_phi_mu < 1:
-            raise ValueError(f"SlBAMM(freeze_phi_mu={self.freeze_phi_mu}) must lie in [0, 1)")
+        check_fraction("SlBAMM", "freeze_phi_mu", self.freeze_phi_mu, allow_none=True)
+        check_positive("SlBAMM", "max_dual_step", self.max_dual_step, allow_none=True)
+        check_positive("SlBAMM", "dual_fallback", self.dual_fallback)
+        check_common(self)
 
     @classmethod
     def from_strategy(
@@ -133,7 +136,7 @@ class SlBAMM(Method):
         return state
 
     def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "SlBAMM(lr_upper)")
+        return as_upper_optimizer(self.lr_upper, "lr_upper", "SlBAMM")
 
     def init_extra(self, x, y):
         if self.dual_step != "periodic":

@@ -33,8 +33,12 @@ from ..problem import Problem
 from ..schedules import ScheduleLike, as_schedule
 from ..tree import Tree
 from ..updates import Box, UpperOptimizer
+from ..validation import ArgumentTypeError, check_choice, check_count, check_fraction, check_positive
 
-__all__ = ["State", "Method", "LowerGD", "LowerAggregated", "StabilityWarning", "check_step_bound", "check_stability_option"]
+__all__ = [
+    "State", "Method", "LowerGD", "LowerAggregated", "StabilityWarning",
+    "check_step_bound", "check_stability_option", "check_weight", "check_common",
+]
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,8 @@ class LowerGD:
     steps: int = 1
 
     def __post_init__(self):
-        _check_count(type(self).__name__, "steps", self.steps, minimum=1)
-        _check_rate(type(self).__name__, "lr", self.lr)
+        check_count(type(self).__name__, "steps", self.steps, minimum=1)
+        check_positive(type(self).__name__, "lr", self.lr)
 
     def step(self, problem: Problem, x, y, batch, t: int, oracles: Oracles):
         """One step without a graph: ``(y_next, step direction)`` (``∇_y g(x, y)`` here)."""
@@ -137,9 +141,8 @@ class LowerAggregated(LowerGD):
 
     def __post_init__(self):
         super().__post_init__()
-        as_schedule(self.mu, "LowerAggregated(mu)")
-        if self.lr_upper is not None:
-            _check_rate("LowerAggregated", "lr_upper", self.lr_upper)
+        check_weight("LowerAggregated", "mu", self.mu)
+        check_positive("LowerAggregated", "lr_upper", self.lr_upper, allow_none=True)
 
     def coefficients(self, t: int) -> tuple[float, float]:
         """``((1 − μ_t) β, μ_t β_u)``: the weights on ``∇_y g`` and ``∇_y f`` of step ``t``."""
@@ -188,18 +191,26 @@ def check_step_bound(owner: str, what: str, step: float, bound: float, detail: s
 
 def check_stability_option(owner: str, value: str) -> None:
     """Validate a ``stability_check`` option at construction."""
-    if value not in ("warn", "error", "off"):
-        raise ValueError(f"{owner}(stability_check={value!r}) must be 'warn', 'error' or 'off'")
+    check_choice(owner, "stability_check", value, ("warn", "error", "off"))
 
 
-def _check_count(owner, name, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{owner}({name}={value!r}) must be an integer >= {minimum}")
+def check_weight(owner: str, name: str, value) -> None:
+    """An averaging weight μ: a number in [0, 1) or a schedule (callable k -> float)."""
+    if callable(value):
+        as_schedule(value, f"{owner}({name})")
+    else:
+        check_fraction(owner, name, value)
 
 
-def _check_rate(owner, name, value):
-    if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"{owner}({name}={value!r}) must be a positive number")
+def check_common(method) -> None:
+    """The options every method shares: ``project_x`` (a projection or None) and ``oracles``."""
+    owner = type(method).__name__
+    projection = getattr(method, "project_x", None)
+    if projection is not None and not callable(projection):
+        raise ArgumentTypeError(f"{owner}(project_x={projection!r}) must be a projection such as bilevel.Box(0.0, 3.0), or None")
+    oracles = getattr(method, "oracles", None)
+    if oracles is not None and not isinstance(oracles, Oracles):
+        raise ArgumentTypeError(f"{owner}(oracles={oracles!r}) must be a bilevel.Oracles, or None")
 
 
 @dataclass(frozen=True)

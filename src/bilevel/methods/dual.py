@@ -31,6 +31,7 @@ from .. import tree as T
 from ..linsolve import estimate_spectral_norm, line_search_step_size
 from ..oracles import Linearization, Oracles, WeightedLinearization
 from ..schedules import as_schedule
+from ..validation import check_choice, check_count
 from .base import (
     LowerAggregated,
     LowerGD,
@@ -45,17 +46,14 @@ ORDERS = ("sequential", "jacobi")
 
 def check_dual_options(owner: str, order: str, dual_step: str, lower_steps: int, period: int, stability_check: str = "warn") -> None:
     check_stability_option(owner, stability_check)
-    if order not in ORDERS:
-        raise ValueError(f"{owner}(order={order!r}) must be one of {ORDERS}")
-    if dual_step not in DUAL_RULES:
-        raise ValueError(f"{owner}(dual_step={dual_step!r}) must be one of {DUAL_RULES}")
+    check_choice(owner, "order", order, ORDERS)
+    check_choice(owner, "dual_step", dual_step, DUAL_RULES)
     if order == "jacobi" and lower_steps != 1:
         raise ValueError(
             f"{owner}(order='jacobi') takes exactly one lower step per iteration (it reuses the gradient at "
             f"(x_k, y_k)); got lower_steps={lower_steps}: use order='sequential' for several lower steps"
         )
-    if not isinstance(period, int) or period < 1:
-        raise ValueError(f"{owner}(period={period!r}) must be an integer >= 1")
+    check_count(owner, "period", period)
 
 
 def check_stability(method, problem, state: State, batch, mu: float) -> None:

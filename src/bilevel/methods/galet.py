@@ -10,12 +10,12 @@ from ..linsolve import NormalGD, estimate_spectral_norm
 from ..oracles import Oracles
 from ..schedules import ScheduleLike
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
+from ..validation import check_bool, check_choice, check_count, check_positive
 from .base import (
     LowerGD,
     Method,
     State,
-    _check_count,
-    _check_rate,
+    check_common,
     check_stability_option,
     check_step_bound,
 )
@@ -93,16 +93,18 @@ class GALET(Method):
     oracles: Optional[Oracles] = None
 
     def __post_init__(self):
-        as_upper_optimizer(self.lr_upper, "GALET(lr_upper)")
-        LowerGD(lr=self.lr_lower, steps=self.lower_steps)
-        _check_rate("GALET", "lr_shadow", self.lr_shadow)
-        _check_count("GALET", "shadow_steps", self.shadow_steps)
-        if self.shadow_start not in ("zero", "warm"):
-            raise ValueError(f"GALET(shadow_start={self.shadow_start!r}) must be 'zero' or 'warm'")
+        as_upper_optimizer(self.lr_upper, "lr_upper", "GALET")
+        check_positive("GALET", "lr_lower", self.lr_lower)
+        check_count("GALET", "lower_steps", self.lower_steps)
+        check_positive("GALET", "lr_shadow", self.lr_shadow)
+        check_count("GALET", "shadow_steps", self.shadow_steps)
+        check_choice("GALET", "shadow_start", self.shadow_start, ("zero", "warm"))
+        check_bool("GALET", "exact_metric", self.exact_metric)
         check_stability_option("GALET", self.stability_check)
+        check_common(self)
 
     def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "GALET(lr_upper)")
+        return as_upper_optimizer(self.lr_upper, "lr_upper", "GALET")
 
     def init(self, problem, x0=None, y0=None, batch=None, validate=True):
         state = super().init(problem, x0, y0, batch, validate)

@@ -15,7 +15,8 @@ from .. import tree as T
 from ..oracles import Oracles, _grads_or_zeros, _requires_grad_copy
 from ..schedules import ScheduleLike
 from ..updates import Box, UpperOptimizer, as_upper_optimizer
-from .base import LowerAggregated, LowerGD, Method, State, _check_count
+from ..validation import check_bool, check_count, check_positive
+from .base import LowerAggregated, LowerGD, Method, State, check_common, check_weight
 
 __all__ = ["ITD", "TRHG", "BDA"]
 
@@ -66,15 +67,22 @@ class ITD(Method):
     oracles: Optional[Oracles] = None
 
     def __post_init__(self):
-        as_upper_optimizer(self.lr_upper, f"{self.name}(lr_upper)")
+        as_upper_optimizer(self.lr_upper, "lr_upper", self.name)
+        check_positive(self.name, "lr_lower", self.lr_lower)
+        check_count(self.name, "lower_steps", self.lower_steps)
+        if isinstance(self, BDA):
+            check_weight(self.name, "mu", self.mu)
+            check_positive(self.name, "lr_lower_upper", self.lr_lower_upper, allow_none=True)
         self._dynamics()
+        check_bool(self.name, "warm_start", self.warm_start)
+        check_common(self)
         if self.truncate is not None:
-            _check_count(self.name, "truncate", self.truncate, minimum=1)
+            check_count(self.name, "truncate", self.truncate, minimum=1)
             if self.truncate > self.lower_steps:
                 raise ValueError(f"{self.name}(truncate={self.truncate}) cannot exceed lower_steps={self.lower_steps}")
 
     def _upper(self):
-        return as_upper_optimizer(self.lr_upper, f"{self.name}(lr_upper)")
+        return as_upper_optimizer(self.lr_upper, "lr_upper", self.name)
 
     def _dynamics(self) -> LowerGD:
         return LowerGD(lr=self.lr_lower, steps=self.lower_steps)
