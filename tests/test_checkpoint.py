@@ -118,14 +118,14 @@ def test_loading_garbage_is_a_checkpoint_error(tmp_path):
     path.write_bytes(b"\x00\x01 this is not a pickle \xff" * 10)
     with pytest.raises(bl.CheckpointError, match=r"garbage\.pt is not a readable bilevel checkpoint") as info:
         bl.load_checkpoint(path)
-    assert info.value.__cause__ is not None
+    assert "safe" not in str(info.value)      # garbage is unreadable, not unsafe
     assert isinstance(info.value, RuntimeError)
 
 
 def test_loading_a_foreign_torch_file_is_a_checkpoint_error(tmp_path):
     path = tmp_path / "weights.pt"
     torch.save({"weight": torch.zeros(2)}, path)
-    with pytest.raises(bl.CheckpointError, match=r"weights\.pt is not a bilevel checkpoint of format 1"):
+    with pytest.raises(bl.CheckpointError, match=r"weights\.pt is not a bilevel checkpoint \(no format version and state in it\)"):
         bl.load_checkpoint(path)
     torch.save([1, 2, 3], path)
     with pytest.raises(bl.CheckpointError, match="not a bilevel checkpoint"):

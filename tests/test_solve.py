@@ -11,15 +11,16 @@ F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("preserve_rng")
 
 
-class InterruptAt(bl.AID):
-    """AID whose step raises KeyboardInterrupt (as Ctrl-C would) when k reaches ``at``."""
+class InterruptAt:
+    """A data source that raises KeyboardInterrupt (as Ctrl-C would) when iteration ``at`` asks for its batch."""
 
-    at = 5
+    def __init__(self, at=5):
+        self.at = at
 
-    def step(self, problem, state, batch=None):
-        if state.k == self.at:
+    def batch_at(self, k):
+        if k == self.at:
             raise KeyboardInterrupt
-        return super().step(problem, state, batch)
+        return None
 
 
 class SlowAID(bl.AID):
@@ -73,7 +74,7 @@ def test_max_time_stops_once_the_step_time_is_spent():
 
 
 def test_divergence_raises_naming_the_iteration_and_the_quantity():
-    with pytest.raises(bl.DivergenceError, match=r"AID diverged at iteration \d+: (\w+ = [0-9.e+]+ exceeds the divergence threshold|\w+ is (nan|inf))") as info:
+    with pytest.raises(bl.DivergenceError, match=r"AID diverged at iteration \d+: (\w+ = [0-9.e+]+ (exceeds the divergence threshold|ran away from its start value)|\w+ is (nan|inf))") as info:
         bl.solve(T1g(n=6), bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)), max_iters=200)
     assert "reduce the step sizes" in str(info.value)
     assert isinstance(info.value, FloatingPointError)
@@ -186,7 +187,15 @@ def test_fixed_data_is_passed_unchanged():
         ({"max_iters": -1}, ValueError, "max_iters=-1"),
         ({"max_iters": 2.5}, ValueError, "max_iters=2.5"),
         ({"log_every": 0}, ValueError, "log_every=0"),
-        ({"tol": 1e-3, "stop_on": "nonsense"}, KeyError, "stop_on='nonsense' is not a diagnostic of AID"),
+        ({"tol": 1e-3, "stop_on": "nonsense"}, ValueError, r"stop_on='nonsense'\) is not a diagnostic of AID; available: direction_sq"),
+        ({"tol": -1e-3}, ValueError, r"solve\(tol=-0.001\)"),
+        ({"tol": float("nan")}, ValueError, r"solve\(tol=nan\)"),
+        ({"max_time": -1.0}, ValueError, r"solve\(max_time=-1.0\)"),
+        ({"max_time": 0}, ValueError, r"solve\(max_time=0\)"),
+        ({"checkpoint_every": -5}, ValueError, r"solve\(checkpoint_every=-5\)"),
+        ({"checkpoint_every": 2.5}, TypeError, r"solve\(checkpoint_every=2.5\)"),
+        ({"divergence_factor": 0.5}, ValueError, r"solve\(divergence_factor=0.5\)"),
+        ({"stop_on": 3}, ValueError, r"stop_on=3"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
@@ -213,8 +222,8 @@ def test_invalid_start_is_reported_before_running():
 
 def test_keyboard_interrupt_returns_interrupted_and_writes_the_checkpoint(tmp_path):
     path = tmp_path / "ckpt.pt"
-    method = InterruptAt(lr_upper=0.2, lr_lower=0.5, lower_steps=3, solver=bl.CG(steps=4))
-    result = bl.solve(T1g(n=4), method, max_iters=50, checkpoint=path)
+    method = bl.AID(lr_upper=0.2, lr_lower=0.5, lower_steps=3, solver=bl.CG(steps=4))
+    result = bl.solve(T1g(n=4), method, data=InterruptAt(5), max_iters=50, checkpoint=path)
     assert result.status is bl.Status.INTERRUPTED
     assert result.iterations == 5 and len(result.history) == 5
     assert "interrupted at iteration 5" in result.message
@@ -268,7 +277,7 @@ def test_resume_from_a_loaded_payload_after_an_interrupt(tmp_path):
     problem = T1g(n=4)
     kwargs = dict(lr_upper=0.2, lr_lower=0.5, lower_steps=3, solver=bl.CG(steps=4))
     path = tmp_path / "ckpt.pt"
-    bl.solve(problem, InterruptAt(**kwargs), max_iters=20, checkpoint=path)
+    bl.solve(problem, bl.AID(**kwargs), data=InterruptAt(5), max_iters=20, checkpoint=path)
     resumed = bl.solve(problem, bl.AID(**kwargs), max_iters=20, resume=bl.load_checkpoint(path))
     full = bl.solve(problem, bl.AID(**kwargs), max_iters=20)
     assert torch.equal(resumed.x["x"], full.x["x"])

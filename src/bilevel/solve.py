@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
+import os
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from torch.utils import _pytree as pytree
 
 from . import tree as T
-from .checkpoint import load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from .methods.base import Method, State
 from .problem import Problem
+from .validation import check_choice, check_count, check_nonnegative, check_number, check_positive
 
-__all__ = ["solve", "Result", "Status", "DivergenceError", "FixedBatch", "as_data_source"]
+__all__ = [
+    "solve",
+    "Result",
+    "Status",
+    "DivergenceError",
+    "CheckpointWriteWarning",
+    "FixedBatch",
+    "as_data_source",
+    "method_spec",
+    "variables_spec",
+    "spec_differences",
+]
 
 
 class Status(str, enum.Enum):
@@ -30,7 +47,21 @@ class Status(str, enum.Enum):
 
 
 class DivergenceError(FloatingPointError):
-    """A run produced NaN/Inf or exceeded the divergence threshold."""
+    """A run produced NaN/Inf, exceeded the divergence threshold or ran away.
+
+    Attributes:
+        iteration: the first iteration whose record was bad (exact, also between records).
+        quantity: the diagnostic or variable that was bad (e.g. ``"upper_loss"``, ``"x"``).
+        result: the :class:`Result` of the run up to that iteration (``Status.DIVERGED``).
+    """
+
+    def __init__(self, message: str, iteration: Optional[int] = None, quantity: Optional[str] = None, result: Optional["Result"] = None):
+        super().__init__(message)
+        self.iteration, self.quantity, self.result = iteration, quantity, result
+
+
+class CheckpointWriteWarning(UserWarning):
+    """A checkpoint could not be written (disk full, folder removed); the run went on."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +76,8 @@ class Result:
         iterations: total completed iterations.
         wall_time: seconds spent in ``method.step`` (excludes logging and checkpoints).
         message: a human-readable summary.
+        checkpoint_error: why the last checkpoint write failed, or ``None`` when every
+            write succeeded (or none was asked for).
     """
 
     status: Status
@@ -53,6 +86,7 @@ class Result:
     iterations: int
     wall_time: float
     message: str = ""
+    checkpoint_error: Optional[str] = None
 
     @property
     def x(self):
@@ -94,28 +128,158 @@ def as_data_source(data: Any):
 
 
 def _to_floats(info: dict) -> dict:
-    if not info:
-        return {}
+    """The diagnostics as Python floats, with one device-to-host transfer for all of them."""
+    values, _ = _transfer(info, ())
+    return values
+
+
+def _transfer(info: dict, flags: Sequence[torch.Tensor]) -> tuple[dict, list[bool]]:
+    """``info`` as floats and the 0-d boolean ``flags`` as bools, in one host transfer.
+
+    The values are stacked on their device first, so a logged record costs one
+    synchronisation with the device however many diagnostics and checks it carries.
+    """
     keys = list(info)
     tensors = [torch.as_tensor(info[k]).detach().reshape(()) for k in keys]
+    tensors += [f.reshape(()) for f in flags]
+    if not tensors:
+        return {}, []
     device = tensors[0].device
-    # stack on the device, then one host transfer for all diagnostics instead of one .item() each
     values = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).tolist()
-    return dict(zip(keys, values))
+    return dict(zip(keys, values[: len(keys)])), [bool(v) for v in values[len(keys):]]
 
 
-def _check_divergence(k: int, record: dict, state: State, threshold: float) -> Optional[str]:
-    for key, value in record.items():
-        if key in ("iteration", "time"):
+_NOT_CHECKED = ("iteration", "time")
+
+
+class _DivergenceCheck:
+    """Judges a logged record: non-finite values, an absolute threshold, and runaway
+    growth of the losses relative to their value at the start of the run."""
+
+    def __init__(self, threshold: float, factor: Optional[float], keys: Sequence[str], reference: Optional[dict]):
+        self.threshold, self.factor, self.keys = threshold, factor, tuple(keys)
+        self.reference = dict(reference or {})
+
+    def set_reference(self, values: dict) -> None:
+        for key in self.keys:
+            if key in values and key not in self.reference and math.isfinite(values[key]):
+                self.reference[key] = values[key]
+
+    def __call__(self, values: dict, finite_variables: dict) -> Optional[tuple[str, str]]:
+        """``(quantity, description)`` of the first problem found, or ``None``."""
+        for key, value in values.items():
+            if key in _NOT_CHECKED:
+                continue
+            if not math.isfinite(value):
+                return key, f"{key} is {value}"
+        for name, finite in finite_variables.items():
+            if not finite:
+                return name, f"the variable {name} contains NaN/Inf"
+        for key, value in values.items():
+            if key not in _NOT_CHECKED and abs(value) > self.threshold:
+                return key, f"{key} = {value:.3e} exceeds the divergence threshold {self.threshold:.1e}"
+        if self.factor is not None:
+            for key in self.keys:
+                if key in values and key in self.reference:
+                    start = self.reference[key]
+                    limit = self.factor * max(abs(start), 1.0)
+                    if abs(values[key]) > limit:
+                        return key, (
+                            f"{key} = {values[key]:.3e} ran away from its start value {start:.3e} "
+                            f"(more than divergence_factor = {self.factor:.0e} times max(|start|, 1))"
+                        )
+        return None
+
+
+def _record(info: dict, state: State) -> tuple[dict, dict]:
+    """The floats of ``info`` and the finiteness of x, y, v, with one host transfer."""
+    names = [name for name in ("x", "y", "v") if getattr(state, name) is not None]
+    values, flags = _transfer(info, [T.all_finite(getattr(state, name)) for name in names])
+    return values, dict(zip(names, flags))
+
+
+def method_spec(method: Any) -> Any:
+    """A plain description of a method configuration (class and every field, recursively).
+
+    Stored in checkpoints so that :func:`solve` can refuse to resume a checkpoint with a
+    different method; functions are described by their qualified name, tensors by their
+    values (small ones) or shape.
+    """
+    if dataclasses.is_dataclass(method) and not isinstance(method, type):
+        spec = {"class": type(method).__name__}
+        for f in dataclasses.fields(method):
+            spec[f.name] = method_spec(getattr(method, f.name))
+        return spec
+    if isinstance(method, (bool, int, float, str, type(None))):
+        return method
+    if isinstance(method, enum.Enum):
+        return str(method.value)
+    if isinstance(method, (list, tuple)):
+        return [method_spec(v) for v in method]
+    if isinstance(method, dict):
+        return {str(k): method_spec(v) for k, v in method.items()}
+    if isinstance(method, torch.Tensor):
+        return method.detach().cpu().tolist() if method.numel() <= 16 else f"tensor{tuple(method.shape)}:{method.dtype}"
+    if callable(method):
+        return getattr(method, "__qualname__", type(method).__name__)
+    return type(method).__name__
+
+
+def variables_spec(state_or_tree: Any) -> list:
+    """``[[path, shape, dtype], ...]`` of a tree (or of a state's x and y)."""
+    if isinstance(state_or_tree, State):
+        return [["x", variables_spec(state_or_tree.x)], ["y", variables_spec(state_or_tree.y)]]
+    flat, _ = pytree.tree_flatten_with_path(state_or_tree)
+    return [["".join(str(k) for k in path) or "<tensor>", list(leaf.shape), str(leaf.dtype)] for path, leaf in flat if isinstance(leaf, torch.Tensor)]
+
+
+def _flatten_spec(spec: Any, prefix: str = "") -> dict:
+    if isinstance(spec, dict):
+        out = {}
+        for key, value in spec.items():
+            out.update(_flatten_spec(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: spec}
+
+
+def spec_differences(saved: Any, current: Any) -> list[str]:
+    """``key: saved → current`` for every key whose value differs between two specs."""
+    a, b = _flatten_spec(saved), _flatten_spec(current)
+    return [f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}" for key in sorted(set(a) | set(b)) if a.get(key, "<absent>") != b.get(key, "<absent>")]
+
+
+def _check_resumable(payload: dict, method: Method, problem: Problem, x0, y0, where: str) -> None:
+    meta = payload.get("meta") or {}
+    saved = meta.get("method_spec")
+    if saved is not None:
+        diff = spec_differences(saved, method_spec(method))
+        if diff:
+            raise CheckpointError(
+                f"{where} was written by a different method configuration ({'; '.join(diff[:6])}"
+                f"{'; ...' if len(diff) > 6 else ''}): resume with the method that wrote it, or start a new run"
+            )
+    state = payload["state"]
+    for name, given, default in (("x", x0, problem.x_init), ("y", y0, problem.y_init)):
+        reference = given if given is not None else default
+        if reference is None:
             continue
-        if not math.isfinite(value):
-            return f"iteration {k}: {key} is {value}"
-        if abs(value) > threshold:
-            return f"iteration {k}: {key} = {value:.3e} exceeds the divergence threshold {threshold:.1e}"
-    for name, tree in (("x", state.x), ("y", state.y), ("v", state.v)):
-        if tree is not None and not bool(T.all_finite(tree)):
-            return f"iteration {k}: the variable {name} contains NaN/Inf"
-    return None
+        mine, theirs = variables_spec(reference), variables_spec(getattr(state, name))
+        if mine != theirs:
+            raise CheckpointError(
+                f"{where} holds {name} with leaves {theirs} but this problem's {name} has {mine}: "
+                f"the checkpoint belongs to another problem (or data/model/dtype); start a new run"
+            )
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the first iteration if the checkpoint's folder cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".bilevel-write-test-", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write the checkpoint {path}: {err.strerror or err}; choose a writable folder") from None
 
 
 def solve(
@@ -133,6 +297,8 @@ def solve(
     log_every: int = 1,
     on_divergence: str = "raise",
     divergence_threshold: float = 1e12,
+    divergence_factor: Optional[float] = 1e4,
+    divergence_keys: Sequence[str] = ("upper_loss", "lower_loss"),
     checkpoint: Optional[str | Path] = None,
     checkpoint_every: int = 0,
     resume: Optional[str | Path | dict] = None,
@@ -151,29 +317,49 @@ def solve(
             source with ``batch_at(k)`` giving the batch of iteration k (a pure function
             of k makes resumed runs exact).
         max_iters: total iterations (a resumed run continues up to this count).
-        tol: stop with ``Status.CONVERGED`` when the diagnostic ``stop_on`` falls below it.
-        stop_on: the diagnostic compared with ``tol`` (default: the method's stationarity measure).
-        max_time: stop with ``Status.MAX_TIME`` after this many seconds of step time.
+        tol: stop with ``Status.CONVERGED`` when the diagnostic ``stop_on`` falls below it
+            (a number >= 0).
+        stop_on: the diagnostic compared with ``tol`` (default: the method's stationarity
+            measure); a name the method does not report is rejected after its first step.
+        max_time: stop with ``Status.MAX_TIME`` after this many seconds of step time (> 0).
         callbacks: objects with optional ``on_start(run)``, ``on_log(record)``,
             ``on_end(result)`` (see :mod:`bilevel.callbacks`); ``run["state"]`` holds the
             current state when ``on_log`` is called, and ``on_end`` is called on divergence
             too (before the error is raised), so loggers close their files.
-        log_every: record diagnostics every this many iterations (and at the last one);
-            each record costs one device-to-host transfer.
+        log_every: record diagnostics every this many iterations (and at the last one).
+            Each record costs one device-to-host transfer, which carries the diagnostics
+            and the finiteness checks together; between records the loop never waits
+            for the device.
         on_divergence: ``"raise"`` (default: :class:`DivergenceError` naming the iteration
             and the quantity) or ``"status"`` (return with ``Status.DIVERGED``).
         divergence_threshold: a logged diagnostic above this in absolute value counts as
             divergence.
+        divergence_factor: a loss in ``divergence_keys`` that exceeds this factor times
+            ``max(|its value at the start of the run|, 1)`` counts as divergence (runaway);
+            ``None`` turns the relative check off.
+        divergence_keys: the diagnostics the relative check watches.
         checkpoint: path of a checkpoint file written atomically every
             ``checkpoint_every`` iterations (if > 0), at the end, and on Ctrl-C; a diverged
-            state is never written over it.
+            state is never written over it. Its folder is checked for writability before
+            the first iteration (``OSError`` naming it); a write that fails later does not
+            lose the run: a :class:`CheckpointWriteWarning` is issued and the result is
+            returned with ``Result.checkpoint_error`` set.
+        checkpoint_every: iterations between checkpoints (0: only at the end and on Ctrl-C).
         resume: a checkpoint path (or loaded payload) to continue from; the state,
-            history, RNG and iteration counter are restored.
+            history, RNG and iteration counter are restored. A checkpoint written by
+            another method configuration, or whose variables do not match the problem's,
+            is refused (:class:`~bilevel.checkpoint.CheckpointError` listing the differences).
         validate: check the problem at the starting point (shapes, dtypes, finite, scalar).
-        meta: extra JSON-serialisable information stored in checkpoints.
+        meta: extra plain data (numbers, strings, lists, dicts) stored in checkpoints.
         compile: opt-in: run the method with :class:`bilevel.compile.CompiledOracles`
             (``torch.compile`` of the forward-mode oracles of ``problem``); same iterates
             within float tolerance, pays the compile time on the first steps.
+
+    Divergence is reported at the exact iteration where it first happened: when a record
+    shows NaN/Inf or a runaway value, the iterations since the previous record are
+    replayed from its state (deterministically, one check each) to find the first bad
+    one, and the message says whether the step or the objective produced it (a NaN that
+    ``f`` or ``g`` returns at finite variables names the objective).
 
     Example:
         >>> import bilevel as bl
@@ -185,67 +371,102 @@ def solve(
         raise TypeError(f"solve() expects a bilevel.Problem as first argument, got {type(problem).__name__}")
     if not isinstance(method, Method):
         raise TypeError(f"solve() expects a bilevel method (e.g. bilevel.GALET()), got {type(method).__name__}")
-    if on_divergence not in ("raise", "status"):
-        raise ValueError(f"on_divergence={on_divergence!r} must be 'raise' or 'status'")
-    if not isinstance(max_iters, int) or max_iters < 0:
+    check_choice("solve", "on_divergence", on_divergence, ("raise", "status"))
+    if not isinstance(max_iters, int) or isinstance(max_iters, bool) or max_iters < 0:
         raise ValueError(f"max_iters={max_iters!r} must be a non-negative integer")
-    if not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"log_every={log_every!r} must be a positive integer")
+    check_count("solve", "log_every", log_every, minimum=1)
+    check_nonnegative("solve", "tol", tol, allow_none=True)
+    check_positive("solve", "max_time", max_time, allow_none=True)
+    check_count("solve", "checkpoint_every", checkpoint_every, minimum=0)
+    check_positive("solve", "divergence_threshold", divergence_threshold)
+    check_number("solve", "divergence_factor", divergence_factor, low=1.0, low_open=True, allow_none=True)
+    if not isinstance(stop_on, str) or not stop_on:
+        raise ValueError(f"solve(stop_on={stop_on!r}) must be the name of a diagnostic, e.g. 'stationarity'")
     source = as_data_source(data)
+    spec = method_spec(method)
     if compile:
         from .compile import compiled
 
         method = compiled(method, problem)
+    checkpoint = Path(checkpoint) if checkpoint is not None else None
+    if checkpoint is not None:
+        _check_writable(checkpoint)
 
     history: list = []
     elapsed = 0.0
+    reference = None
     if resume is not None:
+        where = str(resume) if not isinstance(resume, dict) else "the resume payload"
         payload = resume if isinstance(resume, dict) else load_checkpoint(resume)
+        _check_resumable(payload, method, problem, x0, y0, where)
         state = payload["state"]
         history = list(payload["history"])
-        elapsed = float(payload.get("meta", {}).get("wall_time", history[-1]["time"] if history else 0.0))
+        saved_meta = payload.get("meta") or {}
+        elapsed = float(saved_meta.get("wall_time", history[-1]["time"] if history else 0.0))
+        reference = saved_meta.get("divergence_reference")
+        if reference is None and history:
+            reference = {k: v for k, v in history[0].items() if k in divergence_keys}
         restore_rng(payload["rng"])
     else:
         state = method.init(problem, x0, y0, source.batch_at(0), validate=validate)
+    check = _DivergenceCheck(divergence_threshold, divergence_factor, divergence_keys, reference)
 
     run = {"problem": problem, "method": method, "state": state, "max_iters": max_iters, "start": state.k}
     for cb in callbacks:
         if hasattr(cb, "on_start"):
             cb.on_start(run)
 
-    def save(st: State, status: str):
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, st, history, {**(meta or {}), "wall_time": elapsed, "status": status, "method": method.name})
+    checkpoint_error: Optional[str] = None
 
-    status, message = Status.MAX_ITERS, ""
+    def save(st: State, status: str) -> None:
+        nonlocal checkpoint_error
+        if checkpoint is None:
+            return
+        info = {**(meta or {}), "wall_time": elapsed, "status": status, "method": method.name, "method_spec": spec,
+                "variables": variables_spec(st), "divergence_reference": dict(check.reference)}
+        try:
+            save_checkpoint(checkpoint, st, history, info)
+        except OSError as err:
+            checkpoint_error = f"could not write the checkpoint {checkpoint} at iteration {st.k}: {err.strerror or err}"
+            warnings.warn(f"{checkpoint_error}; the run goes on and its result is returned, but it cannot be resumed from this point",
+                          CheckpointWriteWarning, stacklevel=3)
+
+    status, message, failure = Status.MAX_ITERS, "", None
+    last_good, first_info = state, None
     try:
         while state.k < max_iters:
             k = state.k
-            batch = source.batch_at(k)
             start = time.perf_counter()
-            state, info = method.step(problem, state, batch)
-            if _on_cuda(state):
-                torch.cuda.synchronize()
-            elapsed += time.perf_counter() - start
+            state, info = method.step(problem, state, source.batch_at(k))
+            if first_info is None:
+                first_info = {key: info[key] for key in divergence_keys if key in info}
+                if tol is not None and stop_on not in info:
+                    raise ValueError(f"solve(stop_on={stop_on!r}) is not a diagnostic of {method.name}; available: {', '.join(sorted(info))}")
             if state.k % log_every == 0 or state.k == max_iters:
-                record = {"iteration": state.k, "time": elapsed, **_to_floats(info)}
-                problem_msg = _check_divergence(state.k, record, state, divergence_threshold)
-                if problem_msg is not None:
-                    message = f"{method.name} diverged at {problem_msg}; reduce the step sizes (e.g. lr_upper/lr_lower) or check the problem"
-                    history.append(record)
-                    status = Status.DIVERGED
+                values, finite = _record({**info, **{f"__start_{key}": v for key, v in first_info.items()}}, state)
+                elapsed += time.perf_counter() - start
+                if first_info:
+                    check.set_reference({key: values.pop(f"__start_{key}") for key in first_info})
+                    first_info = {}
+                record = {"iteration": state.k, "time": elapsed, **values}
+                problem_found = check(values, finite)
+                if problem_found is not None:
+                    failure = _locate(problem, method, source, last_good, state, record, problem_found, check)
+                    history.append(failure["record"])
+                    state = failure["state"]
+                    status, message = Status.DIVERGED, failure["message"]
                     break
                 history.append(record)
+                last_good = state
                 run["state"] = state
                 for cb in callbacks:
                     if hasattr(cb, "on_log"):
                         cb.on_log(record)
-                if tol is not None:
-                    if stop_on not in record:
-                        raise KeyError(f"stop_on={stop_on!r} is not a diagnostic of {method.name}; available: {sorted(record)}")
-                    if record[stop_on] <= tol:
-                        status, message = Status.CONVERGED, f"{stop_on} = {record[stop_on]:.3e} <= tol = {tol:.1e}"
-                        break
+                if tol is not None and record[stop_on] <= tol:
+                    status, message = Status.CONVERGED, f"{stop_on} = {record[stop_on]:.3e} <= tol = {tol:.1e}"
+                    break
+            else:
+                elapsed += time.perf_counter() - start
             if max_time is not None and elapsed >= max_time:
                 status, message = Status.MAX_TIME, f"time budget of {max_time} s spent"
                 break
@@ -258,15 +479,57 @@ def solve(
     if status is not Status.DIVERGED:
         # a diverged state must not overwrite the last good checkpoint
         save(state, status.value)
-    result = Result(status=status, state=state, history=history, iterations=state.k, wall_time=elapsed, message=message)
+    result = Result(status=status, state=state, history=history, iterations=state.k, wall_time=elapsed, message=message,
+                    checkpoint_error=checkpoint_error)
     for cb in callbacks:
         if hasattr(cb, "on_end"):
             cb.on_end(result)
     if status is Status.DIVERGED and on_divergence == "raise":
-        raise DivergenceError(message)
+        raise DivergenceError(message, iteration=state.k, quantity=failure["quantity"], result=result)
     return result
 
 
-def _on_cuda(state: State) -> bool:
-    leaves = T.leaves(state.x)
-    return bool(leaves) and leaves[0].is_cuda
+def _locate(problem: Problem, method: Method, source, last_good: State, state: State, record: dict, found: tuple, check: _DivergenceCheck) -> dict:
+    """The first bad iteration between the last good record and ``state``, and why.
+
+    Replays the iterations after ``last_good`` one by one (the data source is a pure
+    function of the iteration, the methods are deterministic), checking each, then looks
+    at the objectives at the last finite point to tell a step that blew up from an
+    objective that returned NaN/Inf by itself.
+    """
+    before, bad_state, bad_record, (quantity, description) = last_good, state, record, found
+    if state.k - last_good.k > 1:
+        current = last_good
+        elapsed = record["time"]
+        for k in range(last_good.k, state.k):
+            nxt, info = method.step(problem, current, source.batch_at(k))
+            values, finite = _record(info, nxt)
+            problem_found = check(values, finite)
+            if problem_found is not None:
+                before, bad_state, (quantity, description) = current, nxt, problem_found
+                bad_record = {"iteration": nxt.k, "time": elapsed, **values}
+                break
+            current = nxt
+    k = bad_state.k
+    message = f"{method.name} diverged at iteration {k}: {description}"
+    blame = _blame_objective(problem, before, source.batch_at(k - 1))
+    if blame is not None:
+        message += f"; {blame} at the finite x, y of iteration {k - 1}: the objective is undefined or overflows there (log/sqrt/division out of its domain); check the objective, or reduce the step sizes if the last step moved x or y far"
+    else:
+        message += "; the step from finite values produced it: reduce the step sizes (e.g. lr_upper/lr_lower) or check the problem"
+    return {"state": bad_state, "record": bad_record, "message": message, "quantity": quantity}
+
+
+def _blame_objective(problem: Problem, state: State, batch) -> Optional[str]:
+    """Which objective, if any, returns a non-finite value at the (finite) ``state``."""
+    if not (bool(T.all_finite(state.x)) and bool(T.all_finite(state.y))):
+        return None
+    with torch.no_grad():
+        for name, objective in (("the upper objective f", problem.upper), ("the lower objective g", problem.lower)):
+            try:
+                value = objective(state.x, state.y, batch)
+            except Exception:  # noqa: BLE001 - diagnosis only: the run already failed
+                continue
+            if isinstance(value, torch.Tensor) and value.numel() == 1 and not bool(torch.isfinite(value)):
+                return f"{name} returns {float(value)}"
+    return None

@@ -70,11 +70,50 @@ def read_idx(path: str | os.PathLike, *, hint: str | None = None) -> np.ndarray:
     except OSError as error:
         raise _fail(source, f"cannot be read ({error})", hint) from error
     if raw[:2] == _GZIP_MAGIC:
-        try:
-            raw = _gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as error:
-            raise _fail(source, f"gzip data is corrupt or truncated ({error})", hint) from error
+        raw = _gunzip_checked(raw, source, hint)
     return parse_idx_bytes(raw, source=source, hint=hint)
+
+
+def _declared_bytes(header: bytes) -> int | None:
+    """Total file size (header + data) an IDX header declares, or ``None`` if the header
+    is incomplete or invalid (then :func:`parse_idx_bytes` reports the exact problem)."""
+    if len(header) < _HEADER_BYTES or header[0] or header[1] or header[2] not in IDX_DTYPES or header[3] == 0:
+        return None
+    ndim = header[3]
+    if len(header) < _HEADER_BYTES + 4 * ndim:
+        return None
+    shape = np.frombuffer(header, dtype=">u4", count=ndim, offset=4)
+    return _HEADER_BYTES + 4 * ndim + math.prod(int(d) for d in shape) * IDX_DTYPES[header[2]].itemsize
+
+
+def _gunzip_checked(raw: bytes, source: str, hint: str | None) -> bytes:
+    """Decompress a gzip stream no further than the size its IDX header declares.
+
+    A small compressed file can expand to gigabytes (a "gzip bomb"), and a header can
+    claim 10^12 images: the header is decompressed first, the declared size is compared
+    with the compression ratio gzip can reach, and the rest is decompressed with that
+    size as a hard limit, so memory is never allocated for data that is not there.
+    """
+    decoder = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+    try:
+        head = decoder.decompress(raw, _HEADER_BYTES + 4 * 255)
+        declared = _declared_bytes(head)
+        if declared is None:
+            return head + decoder.decompress(decoder.unconsumed_tail, 1 << 20)
+        # deflate expands at most ~1032:1; a header declaring more than that is a lie
+        if declared > 1032 * len(raw) + 1024:
+            raise _fail(
+                source,
+                f"header declares {declared} bytes of data, more than a {len(raw)}-byte gzip file can hold; "
+                "the file is corrupt",
+                hint,
+            )
+        body = decoder.decompress(decoder.unconsumed_tail, declared - len(head) + 1)
+    except zlib.error as error:
+        raise _fail(source, f"gzip data is corrupt or truncated ({error})", hint) from error
+    if len(head) + len(body) < declared and not decoder.eof:
+        raise _fail(source, "gzip data is corrupt or truncated (the stream ends before its end marker)", hint)
+    return head + body
 
 
 def parse_idx_bytes(data: bytes, *, source: str = "<bytes>", hint: str | None = None) -> np.ndarray:
