@@ -197,7 +197,7 @@ def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value,
     "kwargs, match",
     [
         ({"lower_steps": 0}, r"^AID\(lower_steps=0\) must be an integer >= 1$"),
-        ({"warm_start_v": 1}, r"^AID\(warm_start_v=1\) must be true or false, not a int$"),
+        ({"warm_start_v": 1}, r"^AID\(warm_start_v=1\) must be true or false, not an int$"),
         ({"solver": "CG"}, r"^AID\(solver='CG'\) must be a linear solver such as bilevel.CG\(steps=10\), not a str$"),
     ],
 )

@@ -60,7 +60,10 @@ def is_number(value: Any) -> bool:
 
 
 def _type_name(value: Any) -> str:
-    return "a bool" if isinstance(value, bool) else f"a {type(value).__name__}"
+    if isinstance(value, bool):
+        return "a bool"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
 
 
 def check_number(

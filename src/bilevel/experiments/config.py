@@ -7,23 +7,32 @@ A configuration has four sections::
     methods:  named method presets (the tuned settings used by ``bilevel bench``)
     run:      max_iters, eval_every, log_every, checkpoint_every, seed, tensorboard, progress
 
-Overrides ``section.key=value`` parse ``value`` with ``yaml.safe_load`` (so ``0.1`` is a
-float, ``true`` a bool, ``[1, 2]`` a list). Unknown keys raise :class:`ConfigError`,
-whose message lists the valid ones.
+Overrides ``section.key=value`` parse ``value`` as YAML (so ``0.1`` is a float, ``true``
+a bool, ``[1, 2]`` a list), with every number a person types read as a number:
+``1e-3``, ``1E6``, ``.5``, ``-2e-4`` (plain YAML 1.1 reads the exponent forms as
+strings); configuration files are read the same way (:func:`load_yaml`). Unknown keys
+raise :class:`ConfigError`, whose message lists the valid ones; a bad value raises one
+line naming the key, the value and what is expected, e.g.
+``run.seed=1e+20 must be an integer in [0, 2**32)``. Integer keys accept integral
+numbers written as floats (``run.max_iters=1e4``).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
+import numbers
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import yaml
 
 __all__ = [
     "ConfigError",
+    "load_yaml",
     "builtin_configs",
     "load_config",
     "apply_overrides",
@@ -94,6 +103,146 @@ RUN_KEYS: dict[str, Any] = {
     "threads": None,
 }
 
+_SEED_HIGH = 2**32
+
+
+class _Rule:
+    """The expected type and range of one configuration key; ``check`` returns the value to keep."""
+
+    def __init__(self, expected: str, accept):
+        self.expected = expected
+        self.accept = accept  # value -> (ok, value to keep)
+
+    def check(self, label: str, value: Any) -> Any:
+        ok, kept = self.accept(value)
+        if not ok:
+            raise ConfigError(f"{label}={value!r} must be {self.expected}")
+        return kept
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _integer(low: int, high: Optional[int] = None, optional: bool = False) -> _Rule:
+    """An integer in ``[low, high)``; an integral float (``1e4``) is kept as an int."""
+    expected = f"an integer in [{low}, 2**32)" if high == _SEED_HIGH else (
+        f"an integer in [{low}, {high})" if high is not None else f"an integer >= {low}"
+    )
+
+    def accept(value):
+        if value is None:
+            return optional, value
+        if _is_number(value) and not isinstance(value, numbers.Integral):
+            if not (math.isfinite(value) and float(value).is_integer()):
+                return False, value
+            value = int(value)
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            return False, value
+        return low <= value and (high is None or value < high), int(value)
+
+    return _Rule(expected + (" or null" if optional else ""), accept)
+
+
+def _number(expected: str, test, optional: bool = False) -> _Rule:
+    """A finite real number for which ``test(value)`` holds."""
+
+    def accept(value):
+        if value is None:
+            return optional, value
+        return _is_number(value) and math.isfinite(value) and bool(test(value)), value
+
+    return _Rule(expected + (" or null" if optional else ""), accept)
+
+
+def _choice(*choices: str) -> _Rule:
+    return _Rule(f"one of {', '.join(choices)}", lambda value: (isinstance(value, str) and value in choices, value))
+
+
+def _text(optional: bool = False) -> _Rule:
+    return _Rule("a string" + (" or null" if optional else ""), lambda value: ((optional and value is None) or isinstance(value, str), value))
+
+
+_BOOL = _Rule("true or false", lambda value: (isinstance(value, bool), value))
+_POSITIVE = _number("a positive number", lambda v: v > 0)
+_NONNEGATIVE = _number("a number >= 0", lambda v: v >= 0)
+_SEED = _integer(0, _SEED_HIGH)
+_COUNT = _integer(1)
+_DTYPE = _choice("float32", "float64")
+
+#: the expected type and range of every key of the problem and run sections.
+PROBLEM_RULES: dict[str, dict[str, _Rule]] = {
+    "hyperclean": {
+        "kind": _choice(*PROBLEM_KEYS),
+        "dataset": _text(),
+        "model": _choice("linear", "mlp", "two_layer"),
+        "hidden": _COUNT,
+        "noise_rate": _number("a number in [0, 1]", lambda v: 0 <= v <= 1),
+        "seed": _SEED,
+        "n_train": _integer(1, optional=True),
+        "n_val": _integer(1, optional=True),
+        "n_test": _integer(1, optional=True),
+        "reg": _NONNEGATIVE,
+        "data_dir": _text(optional=True),
+        "dtype": _DTYPE,
+        "baseline_steps": _integer(0),
+        "baseline_lr": _POSITIVE,
+    },
+    "fewshot": {
+        "kind": _choice(*PROBLEM_KEYS),
+        "dataset": _choice("mnist5k", "mnist_fashion", "omniglot"),
+        "backbone": _choice("conv", "mlp"),
+        "n_way": _integer(2),
+        "k_shot": _COUNT,
+        "q_query": _COUNT,
+        "meta_batch": _COUNT,
+        "num_train_classes": _COUNT,
+        "per_class": _integer(1, optional=True),
+        "channels": _COUNT,
+        "blocks": _COUNT,
+        "norm": _choice("none", "group"),
+        "groups": _COUNT,
+        "hidden": _COUNT,
+        "features": _COUNT,
+        "feature_scale": _POSITIVE,
+        "reg": _POSITIVE,
+        "seed": _SEED,
+        "eval_tasks": _COUNT,
+        "eval_steps": _COUNT,
+        "data_dir": _text(optional=True),
+        "dtype": _DTYPE,
+    },
+}
+
+RUN_RULES: dict[str, _Rule] = {
+    "max_iters": _integer(0),
+    "eval_every": _COUNT,
+    "log_every": _COUNT,
+    "checkpoint_every": _Rule("an integer >= 0 (0: only at the end)", _integer(0).accept),
+    "seed": _SEED,
+    "tensorboard": _BOOL,
+    "progress": _BOOL,
+    "threads": _Rule("a positive integer or null (PyTorch's default)", _integer(1, optional=True).accept),
+}
+
+#: method keys read by the runner (the others go to the method's constructor).
+METHOD_RULES: dict[str, _Rule] = {
+    "upper": _choice("adam", "sgd"),
+    "lr_upper": _number("a positive number", lambda v: v > 0, optional=True),
+    "solver": _choice("CG", "Neumann", "FixedPoint"),
+    "solver_steps": _COUNT,
+    "solver_lr": _number("a positive number", lambda v: v > 0, optional=True),
+    "episodic": _BOOL,
+}
+
+
+def _check_values(section: str, values: dict, rules: dict[str, _Rule]) -> None:
+    """Check (and normalise in place) every value of ``values`` that has a rule."""
+    for key, rule in rules.items():
+        if key in values:
+            values[key] = rule.check(f"{section}.{key}", values[key])
+
+
 #: method keys handled by the runner rather than passed to the method's constructor.
 METHOD_COMMON_KEYS = ("name", "upper", "lr_upper", "solver", "solver_steps", "solver_lr", "episodic")
 
@@ -116,6 +265,52 @@ METHOD_ALIASES: dict[str, tuple[str, dict]] = {
 }
 
 
+# Numbers and booleans as YAML 1.2 and a person read them. PyYAML follows YAML 1.1, whose
+# float pattern needs a dot and a signed exponent (so "1e-3" and "1E6" stay strings), whose
+# integers include octal "010" (= 8) and base-60 "1:30" (= 90), and whose booleans include
+# yes/no/on/off (so stability_check=off would be False).
+_BOOL_TAG, _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_BOOL_WORDS = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_INT = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0[xX][0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+)$")
+_FLOAT = re.compile(
+    r"^(?:[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+)
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` reading numbers and booleans the YAML 1.2 way: ``1e-3``, ``1E6``, ``.5``,
+    ``010`` = 10; only true/false are booleans (``off`` is a string)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_BOOL_TAG, _INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(_BOOL_TAG, _BOOL_WORDS, list("tTfF"))
+# integers first: "12" is an int, "12.0" and "1e3" floats
+_Loader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
+_Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
+
+
+def _construct_int(loader: yaml.SafeLoader, node) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign = -1 if text[0] == "-" else 1
+    text = text.lstrip("+-")
+    for prefix, base in (("0x", 16), ("0X", 16), ("0o", 8), ("0b", 2)):
+        if text.startswith(prefix):
+            return sign * int(text[2:], base)
+    return sign * int(text, 10)
+
+
+_Loader.add_constructor(_INT_TAG, _construct_int)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text as ``yaml.safe_load`` does, reading ``1e-3``, ``1E6``, ``.5`` as numbers."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def builtin_configs() -> dict[str, Path]:
     """Name -> path of the YAML configurations shipped in ``bilevel/experiments``."""
     folder = resources.files("bilevel.experiments")
@@ -136,7 +331,7 @@ def load_config(name_or_path: str | Path) -> dict:
                 f"built-in: {', '.join(sorted(builtins))}"
             )
     try:
-        config = yaml.safe_load(path.read_text())
+        config = load_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from err
     if not isinstance(config, dict):
@@ -156,7 +351,7 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         if any(not p for p in parts):
             raise ConfigError(f"override {item!r} has an empty key part")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = load_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"cannot parse the value of override {item!r}: {str(err).splitlines()[0]}") from err
         if len(parts) == 1:
@@ -212,9 +407,27 @@ def resolve_method(config: dict) -> dict:
     fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("lr_upper", "oracles", "project_x", "solver")]
     valid = list(METHOD_COMMON_KEYS) + ["method"] + fields
     _check_keys("method", resolved, valid)
-    if resolved.get("upper", "adam") not in ("adam", "sgd"):
-        raise ConfigError(f"method.upper={resolved['upper']!r} must be 'adam' or 'sgd'")
+    _check_values("method", resolved, METHOD_RULES)
+    _check_method_arguments(cls, name, {k: v for k, v in resolved.items() if k not in METHOD_COMMON_KEYS and k != "method"})
     return resolved
+
+
+_ARGUMENT = re.compile(r"^[\w-]+\((\w+)=")
+
+
+def _check_method_arguments(cls, name: str, kwargs: dict) -> None:
+    """Construct the method once so that its own validation names a bad ``method.key``."""
+    try:
+        cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        match = _ARGUMENT.match(message)
+        if match and match.group(1) in kwargs:
+            key = match.group(1)
+            prefix = f"{match.group(0)}{kwargs[key]!r})"
+            if message.startswith(prefix):
+                raise ConfigError(f"method.{key}={kwargs[key]!r}{message[len(prefix):]}") from None
+        raise ConfigError(f"method {name}: {message}") from None
 
 
 def resolve_config(config: dict) -> dict:
@@ -222,23 +435,26 @@ def resolve_config(config: dict) -> dict:
     config = copy.deepcopy(config)
     _check_keys("top-level", config, ["name", "description", "problem", "method", "methods", "run"])
     problem = config.get("problem") or {}
+    if not isinstance(problem, dict):
+        raise ConfigError(f"the problem section must be a mapping of keys to values, got {problem!r}")
     kind = problem.get("kind", "hyperclean")
-    if kind not in PROBLEM_KEYS:
+    if not isinstance(kind, str) or kind not in PROBLEM_KEYS:
         raise ConfigError(f"problem.kind={kind!r} must be one of {', '.join(PROBLEM_KEYS)}")
     _check_keys("problem", problem, list(PROBLEM_KEYS[kind]))
     config["problem"] = {**PROBLEM_KEYS[kind], **problem}
+    _check_values("problem", config["problem"], PROBLEM_RULES[kind])
+    if kind == "fewshot" and config["problem"]["num_train_classes"] < config["problem"]["n_way"]:
+        p = config["problem"]
+        raise ConfigError(
+            f"problem.num_train_classes={p['num_train_classes']!r} must be >= problem.n_way={p['n_way']!r} "
+            f"(each training episode draws n_way classes)"
+        )
     run = config.get("run") or {}
+    if not isinstance(run, dict):
+        raise ConfigError(f"the run section must be a mapping of keys to values, got {run!r}")
     _check_keys("run", run, list(RUN_KEYS))
     config["run"] = {**RUN_KEYS, **run}
-    for key in ("max_iters", "eval_every", "log_every"):
-        value = config["run"][key]
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "max_iters" else 1):
-            raise ConfigError(f"run.{key}={value!r} must be an integer >= {0 if key == 'max_iters' else 1}")
-    threads = config["run"]["threads"]
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ConfigError(f"run.threads={threads!r} must be a positive integer or null (PyTorch's default)")
-    if not isinstance(config["run"]["checkpoint_every"], int) or config["run"]["checkpoint_every"] < 0:
-        raise ConfigError(f"run.checkpoint_every={config['run']['checkpoint_every']!r} must be an integer >= 0 (0: only at the end)")
+    _check_values("run", config["run"], RUN_RULES)
     config["method"] = resolve_method(config)
     config.setdefault("name", "experiment")
     return config
