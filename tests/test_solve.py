@@ -309,3 +309,178 @@ def test_resume_restores_the_global_rng_for_stochastic_data(tmp_path):
     strip = lambda h: [{k: v for k, v in rec.items() if k != "time"} for rec in h]
     assert strip(resumed.history) == strip(full.history)
     assert torch.equal(resumed.x["x"], full.x["x"])
+
+
+# --- divergence: exact iteration, runaway, blame ---------------------------------------
+
+
+def _quadratic_upper_problem(curvature=1.0):
+    """f = ½ c‖x‖² + ½‖y − 1‖², g = ½‖y − x‖²: an upper step α > 2/(c + 1) makes x oscillate and grow."""
+    return bl.Problem(
+        upper=lambda x, y, b: 0.5 * curvature * (x["x"] ** 2).sum() + 0.5 * ((y["y"] - 1.0) ** 2).sum(),
+        lower=lambda x, y, b: 0.5 * ((y["y"] - x["x"]) ** 2).sum(),
+        x_init={"x": torch.full((3,), 1.0, dtype=F64)},
+        y_init={"y": torch.zeros(3, dtype=F64)},
+    )
+
+
+def _growing_aid():
+    return bl.AID(lr_upper=2.5, lr_lower=1.0, lower_steps=3, solver=bl.CG(steps=2))
+
+
+def test_runaway_loss_is_divergence_relative_to_the_start_not_only_above_1e12():
+    problem = _quadratic_upper_problem()
+    free = bl.solve(problem, _growing_aid(), max_iters=8, divergence_factor=None)
+    losses = free.series("upper_loss")
+    assert free.status is bl.Status.MAX_ITERS and max(losses) < 1e12 and losses[-1] > 1e5  # the old rule saw nothing
+    start = losses[0]
+    first = next(r["iteration"] for r in free.history if abs(r["upper_loss"]) > 1e4 * max(abs(start), 1.0))
+    with pytest.raises(bl.DivergenceError, match=rf"diverged at iteration {first}: upper_loss = .* ran away from its start value") as info:
+        bl.solve(problem, _growing_aid(), max_iters=8)
+    assert info.value.iteration == first and info.value.quantity == "upper_loss"
+    assert info.value.result.status is bl.Status.DIVERGED and info.value.result.iterations == first
+    loose = bl.solve(problem, _growing_aid(), max_iters=8, divergence_factor=1e9)
+    assert loose.status is bl.Status.MAX_ITERS
+
+
+@pytest.mark.parametrize("log_every", [1, 4, 10])
+def test_divergence_is_reported_at_the_exact_iteration_whatever_log_every(log_every):
+    problem = _quadratic_upper_problem()
+    reference = bl.solve(problem, _growing_aid(), max_iters=30, on_divergence="status")
+    first = reference.iterations
+    assert reference.status is bl.Status.DIVERGED and first < 10
+    result = bl.solve(problem, _growing_aid(), max_iters=30, on_divergence="status", log_every=log_every)
+    assert result.iterations == first and result.final["iteration"] == first
+    assert f"diverged at iteration {first}:" in result.message
+    assert result.final["upper_loss"] == pytest.approx(reference.final["upper_loss"], rel=1e-12)
+    # the records before the failure are the grid of log_every, all good
+    assert [r["iteration"] for r in result.history[:-1]] == [k for k in range(log_every, first, log_every)]
+
+
+def test_blow_up_at_the_first_step_with_log_every_10_is_iteration_1():
+    problem = _quadratic_upper_problem()
+    method = bl.AID(lr_upper=1e9, lr_lower=1.0, lower_steps=3, solver=bl.CG(steps=2))
+    with pytest.raises(bl.DivergenceError, match=r"diverged at iteration 2: ") as info:
+        bl.solve(problem, method, max_iters=50, log_every=10)
+    # iteration 1 moves x by 1e9·∇f (finite); iteration 2 evaluates f there: 1e17 > 1e4·f0
+    assert info.value.iteration == 2
+    assert "reduce the step sizes" in str(info.value)
+
+
+def test_nan_returned_by_the_objective_at_finite_variables_names_the_objective():
+    problem = bl.Problem(
+        upper=lambda x, y, b: (y["y"] ** 2).sum() + 4.0 * torch.log(2.0 - x["x"]).sum(),
+        lower=lambda x, y, b: 0.5 * ((y["y"] - x["x"]) ** 2).sum(),
+    )
+    x0, y0 = {"x": torch.zeros(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}
+    # f decreases as x → 2 with no stationary point before: a finite step jumps past 2, where log(2 − x) is NaN
+    method = bl.AID(lr_upper=0.3, lr_lower=1.0, lower_steps=1, solver=bl.CG(steps=1))
+    result = bl.solve(problem, method, x0, y0, max_iters=200, on_divergence="status", log_every=7)
+    assert result.status is bl.Status.DIVERGED
+    k = result.iterations
+    assert f"diverged at iteration {k}: upper_loss is nan" in result.message
+    assert f"the upper objective f returns nan at the finite x, y of iteration {k - 1}" in result.message
+    assert "reduce the step sizes (e.g." not in result.message
+
+
+# --- host synchronisation: one transfer per record, none between records -----------------
+
+
+class _HostTransfers:
+    """Counts the ways a tensor's value reaches the host: item, tolist, bool, float, int."""
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            original = getattr(torch.Tensor, name)
+
+            def counting(tensor, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counting)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        bl.GALET(lr_upper=0.1, lr_lower=0.5, lower_steps=2, lr_shadow=0.2, shadow_steps=3, stability_check="off"),
+        bl.SlBAMM(lr_upper=0.1, lr_lower=0.5, dual_step="fixed", lr_dual=0.5, stability_check="off"),
+        bl.SlBAMM(lr_upper=0.1, lr_lower=0.5, dual_step="linesearch", stability_check="off"),
+        bl.BAGDC(lr_upper=0.1, lr_lower=0.5, lr_dual=0.5, stability_check="off"),
+        bl.AID(lr_upper=0.1, lr_lower=0.5, lower_steps=2, solver=bl.CG(steps=3)),
+        bl.ITD(lr_upper=0.1, lr_lower=0.5, lower_steps=3),
+    ],
+    ids=lambda m: m.name,
+)
+def test_one_host_transfer_per_logged_record_and_none_between(monkeypatch, method):
+    problem = T1g(n=4)
+    bl.solve(problem, method, max_iters=2)  # warm caches outside the count
+    counter = _HostTransfers(monkeypatch)
+    bl.solve(problem, method, max_iters=20, log_every=5, validate=False)
+    short = counter.count
+    counter.count = 0
+    bl.solve(problem, method, max_iters=40, log_every=5, validate=False)
+    assert counter.count - short == 4  # 20 more iterations, 4 more records, 4 more transfers
+
+
+# --- checkpoint writes: checked up front, failures keep the result ------------------------
+
+
+def test_an_unwritable_checkpoint_folder_is_reported_before_the_first_iteration(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the checkpoint folder should be")
+    calls = []
+    problem = bl.Problem(upper=lambda x, y, b: calls.append(1) or (y["y"] ** 2).sum(), lower=lambda x, y, b: ((y["y"] - x["x"]) ** 2).sum())
+    with pytest.raises(OSError, match=r"cannot write the checkpoint .*not-a-folder/ckpt\.pt: .*choose a writable folder"):
+        bl.solve(problem, _aid(), {"x": torch.ones(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}, max_iters=5,
+                 checkpoint=blocker / "ckpt.pt", validate=False)
+    assert calls == []
+
+
+def test_a_failed_checkpoint_write_warns_and_keeps_the_result(tmp_path, monkeypatch):
+    import errno
+
+    import sys
+
+    solve_module = sys.modules["bilevel.solve"]  # the package attribute `bilevel.solve` is the function
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(solve_module, "save_checkpoint", disk_full)
+    with pytest.warns(solve_module.CheckpointWriteWarning, match=r"could not write the checkpoint .* at iteration 30: No space left on device"):
+        result = bl.solve(T1g(n=4), _aid(), max_iters=30, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=0)
+    assert result.status is bl.Status.MAX_ITERS and result.iterations == 30
+    assert "No space left on device" in result.checkpoint_error
+    assert len(result.history) == 30
+
+
+def test_successful_runs_have_no_checkpoint_error(tmp_path):
+    result = bl.solve(T1g(n=4), _aid(), max_iters=3, checkpoint=tmp_path / "ckpt.pt")
+    assert result.checkpoint_error is None and (tmp_path / "ckpt.pt").is_file()
+
+
+# --- resume checks what the state depends on -------------------------------------------
+
+
+def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    problem = T1g(n=4)
+    bl.solve(problem, bl.GALET(lr_upper=0.1, lr_lower=0.5, lower_steps=2, lr_shadow=0.2, shadow_steps=3), max_iters=3, checkpoint=path)
+    with pytest.raises(bl.CheckpointError, match=r"written by a different method configuration \(class: 'GALET' → 'SlBAMM'"):
+        bl.solve(problem, bl.SlBAMM(lr_upper=0.1, lr_lower=0.5), max_iters=6, resume=path)
+    with pytest.raises(bl.CheckpointError, match=r"lr_lower: 0\.5 → 0\.25"):
+        bl.solve(problem, bl.GALET(lr_upper=0.1, lr_lower=0.25, lower_steps=2, lr_shadow=0.2, shadow_steps=3), max_iters=6, resume=path)
+    # the same configuration resumes, to more iterations than first planned
+    resumed = bl.solve(problem, bl.GALET(lr_upper=0.1, lr_lower=0.5, lower_steps=2, lr_shadow=0.2, shadow_steps=3), max_iters=6, resume=path)
+    assert resumed.iterations == 6
+
+
+def test_resume_refuses_a_checkpoint_of_another_problem(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    bl.solve(T1g(n=4), _aid(), max_iters=3, checkpoint=path)
+    with pytest.raises(bl.CheckpointError, match=r"belongs to another problem"):
+        bl.solve(T1g(n=5), _aid(), max_iters=6, resume=path)
+    with pytest.raises(bl.CheckpointError, match=r"belongs to another problem"):
+        bl.solve(T1g(n=4), _aid(), {"x": torch.zeros(4, dtype=torch.float32)}, max_iters=6, resume=path)

@@ -27,11 +27,11 @@ Format versions:
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import tempfile
 import zipfile
 from pathlib import Path
+from pickle import UnpicklingError  # the restricted unpickler's refusal; nothing is unpickled with pickle itself
 from typing import Any
 
 import numpy as np
@@ -199,7 +199,7 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any
     try:
         with torch.serialization.safe_globals(_numpy_array_globals()):
             payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
+    except UnpicklingError as err:
         lines = str(err).strip().splitlines()
         detail = next((line.strip() for line in lines if "global" in line.lower()), None)
         if detail is None:  # a malformed stream, not a forbidden object
