@@ -261,3 +261,38 @@ def test_from_modules_rejects_bad_arguments():
         bl.Problem.from_modules(net, _upper_loss, _lower_loss, hyper=None)
     with pytest.raises(ValueError, match="no parameters"):
         bl.Problem.from_modules(torch.nn.ReLU(), _upper_loss, _lower_loss, hyper={"a": torch.zeros(1)})
+
+
+def test_meta_tensors_are_rejected_naming_the_leaf_and_the_fix():
+    x = {"w": torch.empty(3, device="meta", dtype=F64)}
+    with pytest.raises(ValueError, match=r"^x\['w'\] is on the meta device \(no data\): materialise it, e.g. with torch.empty_like\(\.\.\., device='cpu'\) / module.to_empty\(device=\.\.\.\)"):
+        check_variables("x", x)
+    with pytest.raises(ValueError, match=r"y\['y'\] is on the meta device"):
+        bl.Problem(upper=_f, lower=_g).validate(_xy()[0], {"y": torch.empty(3, device="meta", dtype=F64)})
+
+
+def test_meta_module_parameters_are_rejected_by_from_modules_problems():
+    with torch.device("meta"):
+        net = torch.nn.Linear(4, 1, dtype=F64)
+    problem = bl.Problem.from_modules(net, lambda m, h, b: m(torch.zeros(1, 4, dtype=F64)).sum(), lambda m, h, b: m(torch.zeros(1, 4, dtype=F64)).sum(), hyper={"a": torch.zeros((), dtype=F64)})
+    with pytest.raises(ValueError, match=r"^y\['weight'\] is on the meta device"):
+        bl.GALET().init(problem)
+
+
+@pytest.mark.parametrize("which", ["upper", "lower"])
+def test_objective_indexing_a_missing_batch_says_pass_data(which):
+    def indexed(x, y, b):
+        return ((y["y"] - b["target"]) ** 2).sum()
+
+    problem = bl.Problem(upper=indexed if which == "upper" else _f, lower=indexed if which == "lower" else _g)
+    with pytest.raises(TypeError, match=rf"^the {which} objective indexes its batch but data=None was given \(.*NoneType.*\): pass data=\.\.\. to solve") as info:
+        problem.validate(*_xy())
+    assert "\n" not in str(info.value)
+    with pytest.raises(TypeError, match=rf"the {which} objective indexes its batch but data=None was given"):
+        bl.solve(problem, bl.AID(), x0=_xy()[0], y0=_xy()[1], max_iters=1)
+
+
+def test_objective_reading_a_missing_batch_attribute_says_pass_data():
+    problem = bl.Problem(upper=lambda x, y, b: (y["y"] * b.weights).sum(), lower=_g)
+    with pytest.raises(TypeError, match=r"the upper objective indexes its batch but data=None was given"):
+        problem.validate(*_xy())

@@ -35,7 +35,8 @@ def check_variables(name: str, value: Any) -> None:
     """Check that ``value`` is a non-empty pytree of finite floating-point tensors.
 
     Raises ``TypeError`` for non-tensors or integer tensors, ``ValueError`` for empty
-    trees, mixed devices and NaN/Inf entries; every message names the offending leaf.
+    trees, tensors on the ``meta`` device (shapes without data), mixed devices and
+    NaN/Inf entries; every message names the offending leaf.
     """
     if value is None:
         raise TypeError(f"{name} is None: give a tensor or a dict of tensors, e.g. {name}={{'w': torch.zeros(10)}}")
@@ -54,6 +55,11 @@ def check_variables(name: str, value: Any) -> None:
             raise TypeError(
                 f"{where} has dtype {leaf.dtype}: bilevel variables must be floating point "
                 f"(use .float() or .double(); float64 for verification)"
+            )
+        if leaf.device.type == "meta":
+            raise ValueError(
+                f"{where} is on the meta device (no data): materialise it, e.g. with "
+                f"torch.empty_like(..., device='cpu') / module.to_empty(device=...), then initialise it"
             )
         if not bool(torch.isfinite(leaf).all()):
             bad = int((~torch.isfinite(leaf)).sum())
@@ -143,8 +149,10 @@ class Problem:
     def validate(self, x, y, batch=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate ``f`` and ``g`` once at ``(x, y)`` and check everything a method relies on.
 
-        Checks: x and y are pytrees of finite floating tensors on one device; both
-        objectives return finite 0-d floating tensors; ``g`` depends on ``y``. Returns ``(f(x, y), g(x, y))``.
+        Checks: x and y are pytrees of finite floating tensors on one device (not
+        ``meta``); both objectives run (an objective that indexes ``batch`` while
+        ``batch`` is ``None`` gets a message saying to pass ``data=``) and return
+        finite 0-d floating tensors; ``g`` depends on ``y``. Returns ``(f(x, y), g(x, y))``.
         Raises ``TypeError``/``ValueError`` whose message names the problem and the fix.
         """
         check_variables("x", x)
@@ -160,6 +168,11 @@ class Problem:
                     y_req = T.tree_map(lambda t: t.detach().requires_grad_(True), y)
                     value = fn(x, y_req, batch)
             except (KeyError, IndexError, RuntimeError, TypeError, AttributeError) as err:
+                if batch is None and isinstance(err, (TypeError, AttributeError)) and "NoneType" in str(err):
+                    raise TypeError(
+                        f"the {which} objective indexes its batch but data=None was given ({err}): pass "
+                        f"data=... to solve (a batch, or a source with batch_at(k)) or batch=... to init"
+                    ) from err
                 raise type(err)(
                     f"calling the {which} objective at the initial point failed ({err}); check that x and y "
                     f"have the structure it expects: x = {T.structure_summary(x)}, y = {T.structure_summary(y)}"
