@@ -15,11 +15,14 @@ __all__ = ["ProgressBar", "JSONLinesLogger", "CSVLogger", "TensorBoardLogger"]
 
 
 class ProgressBar:
-    """A tqdm progress bar showing the iteration and a few diagnostics.
+    """A tqdm progress bar showing the iteration and the current values of a few diagnostics.
 
     Args:
-        keys: diagnostics shown next to the bar (default: stationarity and upper loss).
-        desc: the bar's label (default: the method's name).
+        keys: record entries shown next to the bar, with their latest value (default:
+            stationarity and upper loss); an entry missing from a record keeps its last
+            shown value, so an evaluation metric logged every few records stays visible.
+        desc: the bar's label (default: the method's name); a bench labels each run
+            "GALET seed 0 (1/6)" so the reader knows which run of how many is running.
         disable: turn the bar off (e.g. in tests).
     """
 
@@ -27,11 +30,13 @@ class ProgressBar:
         self.keys, self.desc, self.disable, self.leave = tuple(keys), desc, disable, leave
         self._bar = None
         self._last = 0
+        self.shown: dict = {}
 
     def on_start(self, run):
         from tqdm.auto import tqdm
 
         self._last = run["start"]
+        self.shown = {}
         self._bar = tqdm(
             total=run["max_iters"], initial=run["start"], desc=self.desc or run["method"].name, disable=self.disable, leave=self.leave, dynamic_ncols=True
         )
@@ -40,9 +45,10 @@ class ProgressBar:
         it = int(record["iteration"])
         self._bar.update(it - self._last)
         self._last = it
-        shown = {k: f"{record[k]:.3e}" for k in self.keys if k in record}
-        if shown:
-            self._bar.set_postfix(shown, refresh=False)
+        updated = {k: f"{record[k]:.4g}" for k in self.keys if k in record}
+        if updated:
+            self.shown.update(updated)
+            self._bar.set_postfix(self.shown, refresh=False)
 
     def on_end(self, result):
         if self._bar is not None:

@@ -1,15 +1,24 @@
 """The ``bilevel`` command line: run, bench, plot, resume, data, list.
 
-    bilevel run CONFIG_OR_NAME [section.key=value ...] [--out DIR]
-    bilevel bench CONFIG_OR_NAME --methods GALET,SlBAMM,BAGDC,RHG,CG --seeds 0,1,2 [key=value ...] [--out DIR]
+    bilevel run CONFIG_OR_NAME [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
+    bilevel bench CONFIG_OR_NAME [--methods GALET,CG] [--seeds 0,1,2] [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
     bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE
-    bilevel resume RUN_DIR [--max-iters N]
+    bilevel resume RUN_DIR|BENCH_DIR [--max-iters N] [--data-dir DIR]
     bilevel data [--data-dir DIR]
     bilevel list
 
 CONFIG_OR_NAME is a YAML file or the name of a built-in configuration (``bilevel list``).
-Errors (missing dataset, bad override, missing checkpoint) print one line on stderr and
-exit with status 2.
+Every error prints one line ``bilevel: ...`` on stderr. Exit status (docs/experiments.md):
+
+    0    done
+    1    a run diverged (a bench: after finishing the others and printing the table)
+    2    bad input or configuration: unknown config, bad override, missing dataset,
+         a checkpoint that does not match, an output folder that is not empty
+    3    environment: an output folder that cannot be written, disk full, out of memory,
+         a missing optional package; a run that finished but whose files could not all be
+         written prints its summary first
+    4    an unexpected error (a bug in bilevel): the traceback is printed
+    130  interrupted (Ctrl-C): the running method was checkpointed; ``bilevel resume`` continues
 
 Example:
     >>> from bilevel.cli import main
@@ -19,39 +28,57 @@ Example:
 from __future__ import annotations
 
 import argparse
+import errno
 import json
-import math
-import statistics
 import sys
-import time
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["main", "build_parser", "bench", "format_bench_table"]
+from .experiments.runner import format_bench_table
 
+__all__ = ["main", "build_parser", "bench", "format_bench_table", "EXIT_OK", "EXIT_DIVERGED", "EXIT_USAGE", "EXIT_ENVIRONMENT", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
+
+EXIT_OK = 0
+EXIT_DIVERGED = 1
 EXIT_USAGE = 2
+EXIT_ENVIRONMENT = 3
+EXIT_INTERNAL = 4
+EXIT_INTERRUPTED = 130
 
 
 class CLIError(Exception):
-    """An error reported as one line on stderr (exit status 2)."""
+    """An error in the command line itself, reported as one line (exit status 2)."""
+
+
+_OVERRIDES_HELP = "optional overrides of the configuration, e.g. run.max_iters=500 method.name=CG"
+_DATA_DIR_HELP = "directory searched first for datasets (the same as problem.data_dir=DIR)"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bilevel", description="Bilevel optimization experiments (hyper-cleaning, few-shot).")
+    parser = argparse.ArgumentParser(
+        prog="bilevel", description="Bilevel optimization experiments (hyper-cleaning, few-shot).",
+        epilog="exit status: 0 done, 1 diverged, 2 bad input or configuration, 3 environment (I/O, disk, memory), 130 interrupted",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    # nargs="*" positionals need default=[]: without it argparse reports them as required
     p = sub.add_parser("run", help="run one experiment into a run directory")
-    p.add_argument("config", metavar="CONFIG_OR_NAME")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    p.add_argument("--out", default=None, help="run directory (default runs/<name>-<method>-<timestamp>)")
+    p.add_argument("config", metavar="CONFIG_OR_NAME", help="a YAML file or a built-in configuration (bilevel list)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help=_OVERRIDES_HELP)
+    p.add_argument("--out", default=None, help="run directory, new or empty (default runs/<name>-<method>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out: remove the files bilevel wrote there (only those)")
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("bench", help="run several methods × seeds, print a table, write plots")
-    p.add_argument("config", metavar="CONFIG_OR_NAME")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    p.add_argument("config", metavar="CONFIG_OR_NAME", help="a YAML file or a built-in configuration (bilevel list)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help=_OVERRIDES_HELP)
     p.add_argument("--methods", default=None, help="comma-separated method names (default: every preset of the config)")
     p.add_argument("--seeds", default="0", help="comma-separated run seeds (default 0)")
-    p.add_argument("--out", default=None, help="output directory (default runs/bench-<name>-<timestamp>)")
+    p.add_argument("--out", default=None, help="output directory, new or empty (default runs/bench-<name>-<timestamp>)")
+    p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out: remove the files bilevel wrote there (only those)")
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = sub.add_parser("plot", help="plot a metric of run directories against iterations and time")
@@ -59,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric", default="test_accuracy")
     p.add_argument("--out", required=True, help="output file (.png or .svg)")
 
-    p = sub.add_parser("resume", help="continue a stopped run from its checkpoint")
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--max-iters", type=int, default=None, help="new total number of iterations")
+    p = sub.add_parser("resume", help="continue a stopped run, or finish a bench, from its folder")
+    p.add_argument("run_dir", metavar="RUN_DIR|BENCH_DIR")
+    p.add_argument("--max-iters", type=int, default=None, help="new total number of iterations (a run directory only)")
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("data", help="show which datasets are available and how to install the others")
@@ -78,78 +106,13 @@ def _parse_list(text: str, what: str) -> list[str]:
     return items
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
+def bench(config_name, methods: Optional[Sequence[str]], seeds: Sequence[int], overrides: Sequence[str] = (), out: Optional[str] = None,
+          progress: bool = True, overwrite: bool = False) -> dict:
+    """Run ``methods × seeds``; write runs, ``table.md``, ``bench.json``, plots and
+    ``manifest.json`` under ``out`` (see :func:`bilevel.experiments.runner.run_bench`)."""
+    from .experiments.runner import run_bench
 
-
-def _pm(values: Sequence[float], digits: int) -> str:
-    mean, std = _mean_std(values)
-    if math.isnan(mean):
-        return "-"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def format_bench_table(rows: dict, kind: str, baseline: Optional[dict] = None) -> str:
-    """Markdown table of a bench: one row per method (mean ± std over seeds)."""
-    if kind == "hyperclean":
-        header = "| method | test acc (%) | F1 | time (s) | iterations |\n|---|---|---|---|---|"
-    else:
-        header = "| method | meta-test acc (%) | 95% CI (%) | time (s) | iterations |\n|---|---|---|---|---|"
-    lines = [header]
-    for method, summaries in rows.items():
-        acc = [s["metrics"].get("test_accuracy") for s in summaries]
-        second = [s["metrics"].get("f1" if kind == "hyperclean" else "test_ci95") for s in summaries]
-        times = [s["time"] for s in summaries]
-        iters = sorted({s["iterations"] for s in summaries})
-        lines.append(
-            f"| {method} | {_pm(acc, 2)} | {_pm(second, 3 if kind == 'hyperclean' else 2)} | {_pm(times, 1)} | {','.join(map(str, iters))} |"
-        )
-    if baseline:
-        acc = [b.get("test_accuracy") for b in baseline]
-        second = [b.get("f1" if kind == "hyperclean" else "test_ci95") for b in baseline]
-        label = "no cleaning (x = 0)" if kind == "hyperclean" else "random features"
-        lines.append(f"| {label} | {_pm(acc, 2)} | {_pm(second, 3 if kind == 'hyperclean' else 2)} | - | - |")
-    return "\n".join(lines)
-
-
-def bench(config_name: str, methods: Optional[Sequence[str]], seeds: Sequence[int], overrides: Sequence[str] = (), out: Optional[str] = None, progress: bool = True) -> dict:
-    """Run ``methods × seeds``; write runs, ``table.md``, ``bench.json`` and plots under ``out``."""
-    from .experiments import load_config, read_log, run_experiment
-    from .experiments.config import apply_overrides, resolve_config
-    from .plotting import plot_runs
-
-    base = load_config(config_name)
-    resolved = resolve_config(apply_overrides(base, overrides))  # fail early on bad overrides
-    kind = resolved["problem"]["kind"]
-    if methods is None:
-        methods = list(base.get("methods") or [resolved["method"]["name"]])
-    for method in methods:
-        resolve_config(apply_overrides(base, [*overrides, f"method.name={method}"]))
-    out_dir = Path(out) if out else Path("runs") / f"bench-{base['name']}-{time.strftime('%Y%m%d-%H%M%S')}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows: dict = {}
-    logs: dict = {}
-    baselines = []
-    for method in methods:
-        for seed in seeds:
-            run_dir = out_dir / f"{method}-seed{seed}"
-            summary = run_experiment(base, run_dir, [*overrides, f"method.name={method}", f"run.seed={seed}"], progress=progress)
-            rows.setdefault(method, []).append(summary)
-            logs.setdefault(method, []).append(read_log(run_dir))
-            if method == methods[0]:
-                baselines.append(summary.get("baseline") or {})
-    table = format_bench_table(rows, kind, baselines if any(baselines) else None)
-    (out_dir / "table.md").write_text(table + "\n")
-    metrics = ["test_accuracy"] + (["f1"] if kind == "hyperclean" else [])
-    plots = []
-    for metric in metrics:
-        plots += plot_runs(logs, metric, out_dir / metric, formats=("png", "svg"), title=f"{base['name']}: {metric}")
-    payload = {"config": base["name"], "methods": list(methods), "seeds": list(seeds), "overrides": list(overrides), "runs": rows, "table": table, "plots": [str(p) for p in plots]}
-    (out_dir / "bench.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    return {"table": table, "plots": plots, "out": out_dir}
+    return run_bench(config_name, methods, seeds, overrides, out, progress, overwrite=overwrite)
 
 
 def _cmd_list() -> None:
@@ -162,28 +125,80 @@ def _cmd_list() -> None:
         print(f"{name:26s} {description}")
 
 
+def _err(message: str) -> None:
+    print(f"bilevel: {message}", file=sys.stderr)
+
+
+def _run_status(summary: dict) -> int:
+    """Exit status of a finished ``run``/``resume``, with its one line on stderr."""
+    run_dir = summary["run_dir"]
+    if summary["status"] == "interrupted":
+        _err(f"interrupted at iteration {summary['iterations']} (checkpointed); continue with: bilevel resume {run_dir}")
+        return EXIT_INTERRUPTED
+    if summary.get("write_errors"):
+        if summary.get("summary_written") is False:
+            print(json.dumps(summary, default=str))
+        _err(f"error: the run ended ({summary['status']}, result printed above) but {summary['write_errors'][0]}"
+             + (f" (and {len(summary['write_errors']) - 1} more write errors)" if len(summary["write_errors"]) > 1 else "")
+             + "; free some space or fix the folder, then rerun or resume it")
+        return EXIT_ENVIRONMENT
+    if summary["status"] == "diverged":
+        _err(f"diverged: {summary['message']} (last good state in {run_dir}/checkpoint.pt, summary in {run_dir}/summary.json)")
+        return EXIT_DIVERGED
+    return EXIT_OK
+
+
+def _bench_status(result: dict) -> int:
+    print(result["table"])
+    print(f"\nruns, table.md, bench.json and manifest.json in {result['out']}")
+    if result["plots"]:
+        print("plots: " + ", ".join(str(p) for p in result["plots"]))
+    if result["interrupted"]:
+        _err(f"interrupted: {len(result['unfinished'])} of {len(result['runs'])} runs unfinished (the running one checkpointed); "
+             f"finish them with: bilevel resume {result['out']}")
+        return EXIT_INTERRUPTED
+    if result["write_errors"]:
+        _err(f"error: the bench ended (table printed above) but {result['write_errors'][0]}"
+             + (f" (and {len(result['write_errors']) - 1} more write errors)" if len(result["write_errors"]) > 1 else ""))
+        return EXIT_ENVIRONMENT
+    if result["diverged"]:
+        _err(f"{len(result['diverged'])} of {len(result['runs'])} runs diverged ({'; '.join(result['diverged'])}); the table reports the others")
+        return EXIT_DIVERGED
+    return EXIT_OK
+
+
 def _run(args) -> int:
     if args.command == "list":
         _cmd_list()
-        return 0
+        return EXIT_OK
     if args.command == "data":
         from .data.sources import format_report, report
 
         print(format_report(report(args.data_dir)))
-        return 0
+        return EXIT_OK
     if args.command == "run":
-        from .experiments import load_config, run_experiment
+        from .experiments import load_config
+        from .experiments.runner import data_dir_override, run_experiment
 
-        summary = run_experiment(load_config(args.config), args.out, args.overrides, progress=not args.no_progress)
+        overrides = list(args.overrides) + ([data_dir_override(args.data_dir)] if args.data_dir is not None else [])
+        summary = run_experiment(load_config(args.config), args.out, overrides, progress=not args.no_progress,
+                                 overwrite=args.overwrite, on_divergence="status")
         _print_summary(summary)
-        return 0
+        return _run_status(summary)
     if args.command == "resume":
-        from .experiments import resume_run
+        from .experiments.runner import read_manifest, resume_bench, resume_run
 
-        summary = resume_run(args.run_dir, args.max_iters, progress=not args.no_progress)
+        manifest = read_manifest(args.run_dir) if Path(args.run_dir).is_dir() else None
+        if manifest is not None and manifest["kind"] == "bench":
+            if args.max_iters is not None:
+                raise CLIError("--max-iters applies to a run directory; a bench resumes with the iterations it was started with")
+            return _bench_status(resume_bench(args.run_dir, progress=not args.no_progress, data_dir=args.data_dir))
+        summary = resume_run(args.run_dir, args.max_iters, progress=not args.no_progress, data_dir=args.data_dir, on_divergence="status")
         _print_summary(summary)
-        return 0
+        return _run_status(summary)
     if args.command == "bench":
+        from .experiments.runner import data_dir_override
+
         seeds = []
         for s in _parse_list(args.seeds, "seeds"):
             try:
@@ -191,11 +206,8 @@ def _run(args) -> int:
             except ValueError:
                 raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
         methods = _parse_list(args.methods, "methods") if args.methods is not None else None
-        result = bench(args.config, methods, seeds, args.overrides, args.out, progress=not args.no_progress)
-        print(result["table"])
-        print(f"\nruns, table.md and bench.json in {result['out']}")
-        print("plots: " + ", ".join(str(p) for p in result["plots"]))
-        return 0
+        overrides = list(args.overrides) + ([data_dir_override(args.data_dir)] if args.data_dir is not None else [])
+        return _bench_status(bench(args.config, methods, seeds, overrides, args.out, progress=not args.no_progress, overwrite=args.overwrite))
     if args.command == "plot":
         from .experiments import read_log
         from .plotting import plot_runs
@@ -215,25 +227,62 @@ def _run(args) -> int:
             runs[label] = [records]
         paths = plot_runs(runs, args.metric, args.out)
         print(f"wrote {', '.join(map(str, paths))}")
-        return 0
+        return EXIT_OK
     raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
 
 
 def _print_summary(summary: dict) -> None:
     metrics = summary["metrics"]
     shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("test_accuracy", "f1", "precision", "recall", "test_ci95", "val_loss") if k in metrics)
-    print(f"{summary['method']}: {summary['status']} after {summary['iterations']} iterations, {summary['time']:.1f} s; {shown}")
+    if summary["status"] == "diverged":
+        head = f"{summary['method']}: diverged at iteration {summary.get('diverged_at', summary['iterations'])}, {summary['time']:.1f} s"
+        shown = f"last evaluation (iteration {summary.get('metrics_iteration')}): {shown}"
+    else:
+        head = f"{summary['method']}: {summary['status']} after {summary['iterations']} iterations, {summary['time']:.1f} s"
+    print(f"{head}; {shown}")
     base = summary.get("baseline") or {}
     if "test_accuracy" in base:
         print(f"baseline ({base.get('description', '')}): test_accuracy {base['test_accuracy']:.4g}" + (f", f1 {base['f1']:.4g}" if "f1" in base else ""))
     print(f"run directory: {summary['run_dir']}")
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def _os_message(err: OSError) -> str:
+    """``OSError`` as one line: its reason, the file, and what to do about a full disk."""
+    text = err.strerror or _one_line(err)
+    if err.filename:
+        text += f": {err.filename}"
+    if err.errno == errno.ENOSPC and "free" not in text:
+        text += " (the disk is full: free some space or choose another --out)"
+    return text
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    try:
+        import torch
+
+        if isinstance(err, getattr(torch, "OutOfMemoryError", ())):
+            return True
+    except ImportError:  # pragma: no cover
+        pass
+    return isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``bilevel`` and ``python -m bilevel``; returns the exit status."""
+    """Entry point of ``bilevel`` and ``python -m bilevel``; returns the exit status.
+
+    The statuses are listed in the module docstring. User mistakes (2) and environment
+    failures (3) are one line on stderr; only an unexpected error (4, a bug) prints a
+    traceback. A missing file the user named (a config, a run directory) is bad input,
+    reported by the code that reads it as a 2; any other ``OSError`` is the environment.
+    """
     from .checkpoint import CheckpointError
     from .data.errors import DatasetError
     from .experiments.config import ConfigError
+    from .experiments.runner import RunDirError
     from .solve import DivergenceError
 
     parser = build_parser()
@@ -246,16 +295,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return _run(args)
-    except DivergenceError as err:
-        print(f"bilevel: run diverged: {err}", file=sys.stderr)
-        return 1
-    except (CLIError, ConfigError, DatasetError, CheckpointError, FileNotFoundError, ValueError, ImportError) as err:
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"bilevel: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
-        print("bilevel: interrupted", file=sys.stderr)
-        return 130
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+    except DivergenceError as err:
+        _err(f"diverged: {_one_line(err)}")
+        return EXIT_DIVERGED
+    except (CLIError, ConfigError, DatasetError, CheckpointError, RunDirError, ValueError, TypeError) as err:
+        _err(f"error: {_one_line(err)}")
+        return EXIT_USAGE
+    except OSError as err:
+        _err(f"error: {_os_message(err)}")
+        return EXIT_ENVIRONMENT
+    except MemoryError:
+        _err("error: out of memory: use smaller sizes (e.g. problem.n_train) or free memory")
+        return EXIT_ENVIRONMENT
+    except ImportError as err:
+        _err(f"error: {_one_line(err)}")
+        return EXIT_ENVIRONMENT
+    except Exception as err:  # noqa: BLE001 - the last resort: a bug, shown with its traceback
+        if _out_of_memory(err):
+            _err(f"error: out of memory ({_one_line(err)[:160]}): use smaller sizes or free memory")
+            return EXIT_ENVIRONMENT
+        traceback.print_exc()
+        _err(f"internal error: {type(err).__name__}: {_one_line(err)[:200]} (a bug in bilevel: please report it with the traceback above)")
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":  # pragma: no cover

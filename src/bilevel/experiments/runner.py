@@ -1,4 +1,4 @@
-"""Build and run experiments from configurations; write the run directory.
+"""Build and run experiments from configurations; write and resume run directories.
 
 A run directory holds::
 
@@ -10,15 +10,24 @@ A run directory holds::
     checkpoint.pt  bilevel.solve checkpoint (atomic): every run.checkpoint_every
                    iterations (0: never in between), at the end and on Ctrl-C
     summary.json   final metrics, status, iterations, times, the no-cleaning baseline
+    manifest.json  the files bilevel wrote in this folder (``--overwrite`` removes only those)
     tensorboard/   only with run.tensorboard=true
 
-Evaluation needs the current state, which :func:`bilevel.solve`'s ``on_log`` callbacks
-do not receive; the runner therefore calls ``solve`` in chunks of ``run.eval_every``
-iterations, continuing each chunk from the previous one's state through ``solve``'s
-``resume`` payload (state, history, RNG, elapsed time). The iterations are the same
-as one long call, so the records are too; a resumed run (``bilevel resume``) rebuilds
-log.jsonl from the checkpoint's history and evaluations and gives the same records as
-an uninterrupted run, timing fields aside.
+One run is one call of :func:`bilevel.solve`: the evaluation is a callback whose
+``on_log`` sees the current state (``run["state"]``), so interrupts, checkpoints and
+divergence have a single path, the one of ``solve``. ``solve`` records diagnostics every
+gcd(log_every, eval_every) iterations, so every evaluation has its record; log.jsonl keeps
+the records of the log and evaluation grids. The evaluations live in the checkpoint's
+``meta``, so a resumed run (``bilevel resume``) rebuilds log.jsonl from the checkpoint and
+gives the same records as an uninterrupted run, timing fields aside. The evaluation saves
+and restores the global RNG, so it cannot change the iterates either.
+
+Why the output folder is guarded (docs/experiments.md, "Output folders"): a run refuses a
+non-empty folder (``RunDirError``), ``overwrite=True`` removes only what bilevel wrote
+there (listed in ``manifest.json``), and everything that can fail before the first
+iteration (configuration, data, tensorboard, writability, initialisation, the baseline)
+is done before the folder is touched, so a failed start leaves it as it was. A resumed
+run refuses a configuration whose state-relevant keys differ from the checkpoint's.
 
 Example:
     >>> from bilevel.experiments import load_config, run_experiment
@@ -29,12 +38,19 @@ Example:
 
 from __future__ import annotations
 
+import copy
+import errno
 import json
+import math
 import os
 import platform
+import random
+import shutil
 import socket
 import sys
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -44,18 +60,46 @@ import torch
 import yaml
 
 import bilevel
-from ..callbacks import JSONLinesLogger, ProgressBar, TensorBoardLogger
-from ..checkpoint import CheckpointError, capture_rng, load_checkpoint, save_checkpoint
+from .. import solve as _solve_module
+from ..callbacks import ProgressBar, TensorBoardLogger
+from ..checkpoint import CheckpointError, capture_rng, load_checkpoint
 from ..methods.base import Method, State
-from ..solve import Status, solve
+from ..solve import DivergenceError, Status, solve
 from .config import METHOD_COMMON_KEYS, ConfigError, apply_overrides, method_class, resolve_config
 
-__all__ = ["Experiment", "build_experiment", "build_method", "run_experiment", "resume_run", "default_run_dir", "read_log", "TIMING_KEYS"]
+__all__ = [
+    "Experiment", "build_experiment", "build_method", "run_experiment", "resume_run", "default_run_dir", "read_log",
+    "RunDirError", "OutputDir", "config_differences", "read_manifest", "write_manifest", "TIMING_KEYS",
+    "RESUMABLE_CHANGES", "RUN_FILES", "BENCH_FILES", "MANIFEST", "run_bench", "resume_bench", "format_bench_table",
+    "data_dir_override", "FINISHED", "COMPLETED",
+]
 
 #: record fields that measure time (they differ between two runs of the same experiment).
 TIMING_KEYS = ("time",)
 
+#: the files a run writes in its directory (``manifest.json`` lists them).
+RUN_FILES = ("config.yaml", "env.json", "log.jsonl", "checkpoint.pt", "summary.json", "tensorboard")
+
+#: the file naming what bilevel wrote in a folder (a run or a bench).
+MANIFEST = "manifest.json"
+
+#: configuration keys that may differ between a checkpoint and the configuration resuming
+#: it: they cannot change the iterates already made (the number of iterations, the
+#: evaluation/logging/checkpoint cadence, display, where the data files are found, the
+#: other presets). Every other key — method and its fields, problem, data and dtype,
+#: seed — is compared.
+RESUMABLE_CHANGES = (
+    "name", "description", "methods", "problem.data_dir", "run.max_iters", "run.eval_every", "run.log_every",
+    "run.checkpoint_every", "run.tensorboard", "run.progress", "run.threads",
+)
+
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class RunDirError(ValueError):
+    """A folder given on the command line cannot be used as asked: an output folder that
+    is not empty (or holds files bilevel did not write in the way), or a folder that is
+    not a run/bench directory. Bad input: the CLI exits with status 2."""
 
 
 @dataclass
@@ -185,8 +229,10 @@ def build_experiment(config: dict) -> Experiment:
 
 def default_run_dir(config: dict, root: str | Path = "runs") -> Path:
     """``runs/<config name>-<method>-<YYYYmmdd-HHMMSS>`` (a suffix avoids collisions)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(root) / f"{config.get('name', 'run')}-{config['method']['name']}-{stamp}"
+    return _fresh_path(Path(root) / f"{config.get('name', 'run')}-{config['method']['name']}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _fresh_path(base: Path) -> Path:
     path, i = base, 1
     while path.exists():
         path, i = Path(f"{base}-{i}"), i + 1
@@ -210,142 +256,495 @@ def _environment(config: dict) -> dict:
     }
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def _write_text(path: Path, text: str) -> None:
+    """Write atomically (temporary file + rename): a failed write keeps the old file whole."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
 
 
-class _Forward:
-    """Pass ``on_log`` to a callback whose ``on_start``/``on_end`` the runner calls once."""
-
-    def __init__(self, callbacks):
-        self.callbacks = callbacks
-
-    def on_log(self, record):
-        for cb in self.callbacks:
-            cb.on_log(record)
+def _write_json(path: Path, payload: dict) -> None:
+    _write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def _on_grid(k: int, every: int, last: int) -> bool:
-    return k % every == 0 or k == last
+def _read_json(path: Path) -> Any:
+    """The JSON in ``path``, or ``None`` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def _log_lines(history: Sequence[dict], evals: Sequence[dict], run: dict, upto: int) -> list[dict]:
+# --------------------------------------------------------------------------------------
+# output folders: what bilevel wrote there, refusing to replace anything else
+# --------------------------------------------------------------------------------------
+
+#: the files a bench writes at the top of its folder (plus one run directory per method × seed).
+BENCH_FILES = ("table.md", "bench.json", "test_accuracy.png", "test_accuracy.svg", "f1.png", "f1.svg")
+
+
+def read_manifest(folder: str | Path) -> Optional[dict]:
+    """``folder/manifest.json`` if bilevel wrote it (``kind`` run or bench), else ``None``."""
+    manifest = _read_json(Path(folder) / MANIFEST)
+    if isinstance(manifest, dict) and manifest.get("format") == "bilevel" and manifest.get("kind") in ("run", "bench"):
+        return manifest
+    return None
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> None:
+    """Write ``folder/manifest.json`` (atomically); ``manifest`` needs ``kind`` and ``files``."""
+    _write_json(Path(folder) / MANIFEST, {"format": "bilevel", "version": 1, **manifest})
+
+
+def _owned(folder: Path) -> tuple[Optional[str], list[Path]]:
+    """What kind of bilevel folder ``folder`` is (run, bench or ``None``) and the paths bilevel
+    wrote there, contents before their folders (the order to remove them in).
+
+    A folder written by this version lists its files in ``manifest.json``; one written
+    before manifests existed is recognised by its env.json (run) or bench.json (bench).
+    """
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        paths: list[Path] = []
+        if manifest["kind"] == "bench":
+            for entry in manifest.get("runs", []):
+                sub = folder / str(entry.get("dir", ""))
+                if entry.get("dir") and sub.is_dir():
+                    paths += _owned(sub)[1] + [sub]
+        paths += [folder / str(name) for name in manifest.get("files", [])]
+        return manifest["kind"], paths + [folder / MANIFEST]
+    env = _read_json(folder / "env.json")
+    if isinstance(env, dict) and "bilevel" in env and "command" in env and (folder / "config.yaml").is_file():
+        return "run", [folder / name for name in RUN_FILES]
+    bench = _read_json(folder / "bench.json")
+    if isinstance(bench, dict) and {"config", "methods", "seeds", "runs"} <= set(bench):
+        paths = []
+        for method in bench.get("methods") or []:
+            for seed in bench.get("seeds") or []:
+                sub = folder / f"{method}-seed{seed}"
+                if sub.is_dir() and _owned(sub)[0] == "run":
+                    paths += _owned(sub)[1] + [sub]
+        return "bench", paths + [folder / name for name in BENCH_FILES]
+    return None, []
+
+
+def _remove_owned(path: Path) -> None:
+    """Remove one path bilevel wrote; a folder only once it is empty (what else is in it stays)."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            if path.name == "tensorboard":
+                for event in path.glob("events.out.tfevents.*"):
+                    event.unlink()
+            try:
+                path.rmdir()
+            except OSError as err:
+                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+    except FileNotFoundError:
+        pass
+
+
+def _preview(names: Sequence[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@dataclass
+class OutputDir:
+    """An output folder, checked before a run or bench writes anything into it.
+
+    :meth:`inspect` refuses a non-empty folder unless ``overwrite``, and even then refuses
+    when a file bilevel is about to write exists and was not written by bilevel (a
+    hand-written ``config.yaml`` is never replaced). :meth:`prepare` creates the folder and
+    checks that it can be written (and has room for a checkpoint) before the first
+    iteration; :meth:`undo` removes the folders it created when the run fails before it
+    started; :meth:`clear` removes what bilevel wrote there before (``--overwrite``), and is
+    called only once the new run is about to write.
+    """
+
+    path: Path
+    kind: str
+    owned: list = field(default_factory=list)
+    created: list = field(default_factory=list)
+
+    @classmethod
+    def inspect(cls, path: str | Path, kind: str, overwrite: bool, writes: Sequence[str]) -> "OutputDir":
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"{path} is a file, not a folder: give a new or empty folder as --out")
+        entries = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        if not entries:
+            return cls(path, kind)
+        found, owned = _owned(path)
+        if not overwrite:
+            if found is not None:
+                raise RunDirError(
+                    f"{path} already holds a bilevel {found}: continue it with `bilevel resume {path}`, "
+                    f"replace it with --overwrite, or choose another --out"
+                )
+            raise RunDirError(
+                f"{path} is not empty ({_preview(entries)}) and bilevel did not write it: choose a new or empty folder "
+                f"as --out, or pass --overwrite to write beside these files (bilevel never removes files it did not write)"
+            )
+        owned_set = set(owned)
+        for name in writes:
+            target = path / name
+            if target.exists() and target not in owned_set and not (target.is_dir() and not any(target.iterdir())):
+                raise RunDirError(
+                    f"--overwrite replaces only files bilevel wrote, and {target} was not written by bilevel: "
+                    f"move it away or choose another --out"
+                )
+        return cls(path, kind, owned)
+
+    def prepare(self) -> None:
+        """Create the folder (remembering what was created) and check that it is writable."""
+        missing, parent = [], self.path
+        while not parent.exists() and parent != parent.parent:
+            missing.append(parent)
+            parent = parent.parent
+        try:
+            for folder in reversed(missing):
+                folder.mkdir()
+                self.created.append(folder)
+            fd, probe = tempfile.mkstemp(prefix=".bilevel-write-test-", dir=self.path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            self.undo()
+            raise OSError(err.errno, f"cannot write to the output folder {self.path} ({err.strerror or err}): "
+                                     f"choose another --out or make it writable") from None
+
+    def check_space(self, needed: int) -> None:
+        """Refuse to start when the disk lacks room for ``needed`` bytes (checkpoint and logs)."""
+        try:
+            free = shutil.disk_usage(self.path).free
+        except OSError:
+            return
+        if free < needed:
+            raise OSError(errno.ENOSPC, f"the output folder {self.path} has {free / 1e6:.1f} MB free and the run needs about "
+                                        f"{needed / 1e6:.1f} MB (checkpoint and logs): free some space or choose another --out")
+
+    def undo(self) -> None:
+        """Remove the (empty) folders :meth:`prepare` created: a failed start leaves no trace."""
+        for folder in reversed(self.created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        self.created = []
+
+    def clear(self) -> None:
+        """Remove what bilevel wrote here before (only with ``overwrite``); keep everything else."""
+        for path in self.owned:
+            _remove_owned(path)
+        self.owned = []
+        self.created = []
+        self.path.mkdir(parents=True, exist_ok=True)
+
+
+def _bytes_needed(state: State, config: dict) -> int:
+    """Disk a run needs: two checkpoints (the atomic write keeps the old one until the
+    rename), the log, and a margin."""
+    def nbytes(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(nbytes(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(nbytes(v) for v in value)
+        return 0
+
+    run = config["run"]
+    records = int(run["max_iters"]) // math.gcd(int(run["log_every"]), int(run["eval_every"])) + 2
+    return 2 * nbytes(state.to_dict()) + 2 * 1000 * records + 1_000_000
+
+
+# --------------------------------------------------------------------------------------
+# resuming: what may change between a checkpoint and the configuration resuming it
+# --------------------------------------------------------------------------------------
+
+_ABSENT = "<absent>"
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _may_change(key: str) -> bool:
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """``key old → new`` for every key outside :data:`RESUMABLE_CHANGES` whose value differs."""
+    a, b = _flat(saved), _flat(current)
+    return [
+        f"{key} {a.get(key, _ABSENT)!r} → {b.get(key, _ABSENT)!r}"
+        for key in sorted(set(a) | set(b))
+        if not _may_change(key) and a.get(key, _ABSENT) != b.get(key, _ABSENT)
+    ]
+
+
+# --------------------------------------------------------------------------------------
+# the run: one solve call, evaluation and logging as its callback
+# --------------------------------------------------------------------------------------
+
+def _rng_neutral(fn: Callable, *args):
+    """``fn(*args)`` with the global RNGs restored afterwards, so an evaluation (or the
+    baseline) can never change the iterates, whatever the evaluation cadence."""
+    saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        return fn(*args)
+    finally:
+        torch.set_rng_state(saved[0])
+        np.random.set_state(saved[1])
+        random.setstate(saved[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _segment_at(segments: Sequence[dict], k: int) -> dict:
+    """The cadence in force at iteration ``k`` (segment s covers ``(s.start, next.start]``)."""
+    segment = segments[0]
+    for candidate in segments[1:]:
+        if k > candidate["start"]:
+            segment = candidate
+    return segment
+
+
+def _log_lines(history: Sequence[dict], evals: Sequence[dict], segments: Sequence[dict], n: int, upto: int) -> list[dict]:
     """The log records of iterations ``≤ upto``: diagnostics merged with evaluations.
 
-    Diagnostics are kept every ``log_every`` and ``eval_every`` iterations and at
-    ``max_iters``; evaluations every ``eval_every`` iterations, at 0 and at ``max_iters``,
-    so a run stopped at K and resumed to N has the records of an uninterrupted run to N.
+    Diagnostics are kept every ``log_every`` and ``eval_every`` iterations and at ``n``
+    (the current ``max_iters``); evaluations every ``eval_every`` iterations, at 0 and at
+    ``n``, with the cadence in force when they were made (``segments``). So a run stopped
+    at K (an earlier ``max_iters``, or Ctrl-C) and resumed to N has the records of an
+    uninterrupted run to N: the extra record and evaluation at K are dropped.
     """
-    n, log_every, eval_every = run["max_iters"], run["log_every"], run["eval_every"]
     lines: dict[int, dict] = {}
     for record in history:
         k = int(record["iteration"])
-        if k <= upto and (_on_grid(k, log_every, n) or k % eval_every == 0):
+        segment = _segment_at(segments, k)
+        if k <= upto and (k % segment["log_every"] == 0 or k % segment["eval_every"] == 0 or k == n):
             lines[k] = dict(record)
     for record in evals:
         k = int(record["iteration"])
-        if k <= upto and _on_grid(k, eval_every, n):
+        if k <= upto and (k % _segment_at(segments, k)["eval_every"] == 0 or k == n):
             lines.setdefault(k, {"iteration": k}).update(record)
     return [lines[k] for k in sorted(lines)]
 
 
-def _execute(exp: Experiment, run_dir: Path, payload: Optional[dict], progress: bool) -> dict:
-    """The chunked solve loop shared by fresh and resumed runs; returns the summary."""
-    config, run = exp.config, exp.config["run"]
-    n = int(run["max_iters"])
-    checkpoint_path = run_dir / "checkpoint.pt"
-    logger = JSONLinesLogger(run_dir / "log.jsonl", flush_every=1)
-    observers = [logger]
-    if run["tensorboard"]:
+class _Recorder:
+    """The runner's one :func:`~bilevel.solve` callback.
+
+    At each record it evaluates the current state (``run["state"]``) on the evaluation
+    grid, appends the evaluation to ``evals`` (the list stored in the checkpoint's meta, so
+    every checkpoint carries the evaluations made up to it), writes the log line, and
+    feeds the progress bar and TensorBoard. A failed write to log.jsonl does not stop the
+    run: the error is kept (``errors``) and the runner rewrites the log at the end from
+    the history, which holds every record.
+    """
+
+    def __init__(self, exp: Experiment, run_dir: Path, history: list, evals: list, segments: list, bar: ProgressBar, tensorboard):
+        self.exp, self.path = exp, run_dir / "log.jsonl"
+        self.history, self.evals, self.segments = history, evals, segments
+        self.n = int(exp.config["run"]["max_iters"])
+        self.bar, self.tensorboard = bar, tensorboard
+        self.errors: list[str] = []
+        self.run: Optional[dict] = None
+        self._handle = None
+
+    def _failed(self, err: OSError) -> None:
+        self.errors.append(f"could not write {self.path}: {err.strerror or err}")
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            except OSError:
+                pass
+        self._handle = None
+
+    def on_start(self, run):
+        self.run = run
+        lines = _log_lines(self.history, self.evals, self.segments, self.n, run["start"])
+        try:
+            _write_text(self.path, "".join(json.dumps(line) + "\n" for line in lines))
+            self._handle = self.path.open("a")
+        except OSError as err:
+            self._failed(err)
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.on_start(run)
+            except OSError as err:
+                self.errors.append(f"could not write TensorBoard events: {err.strerror or err}")
+                self.tensorboard = None
+        self.bar.on_start(run)
+        if lines:
+            self.bar.on_log(lines[-1])
+
+    def on_log(self, record):
+        k = int(record["iteration"])
+        segment = self.segments[-1]
+        if k % segment["eval_every"] == 0 or k == self.n:
+            evaluation = {"iteration": k, "time": record["time"], **_rng_neutral(self.exp.evaluate, self.run["state"])}
+            self.evals.append(evaluation)
+            line = {**record, **evaluation}
+        elif k % segment["log_every"] == 0:
+            line = dict(record)
+        else:
+            return
+        if self._handle is not None:
+            try:
+                self._handle.write(json.dumps(line) + "\n")
+                self._handle.flush()
+            except OSError as err:
+                self._failed(err)
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.on_log(line)
+            except OSError as err:
+                self.errors.append(f"could not write TensorBoard events: {err.strerror or err}")
+                self.tensorboard = None
+        self.bar.on_log(line)
+
+    def on_end(self, result):
+        self.close()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            try:
+                self._handle.close()
+            except OSError as err:
+                self._failed(err)
+            self._handle = None
+        if self.tensorboard is not None:
+            try:
+                self.tensorboard.on_end(None)
+            except OSError as err:
+                self.errors.append(f"could not write TensorBoard events: {err.strerror or err}")
+            self.tensorboard = None
+        self.bar.on_end(None)
+
+
+def _check_tensorboard(config: dict) -> None:
+    if config["run"]["tensorboard"]:
         try:
             import tensorboard  # noqa: F401
-        except ImportError as err:
-            raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install tensorboard (or run.tensorboard=false)") from err
-        observers.append(TensorBoardLogger(run_dir / "tensorboard"))
-    bar = ProgressBar(keys=("upper_loss",), desc=f"{config['method']['name']}", disable=not progress)
-    started = time.perf_counter()
-
-    if payload is None:
-        state = exp.method.init(exp.problem, None, None, _first_batch(exp.data), validate=True)
-        history: list = []
-        evals = [{"iteration": 0, "time": 0.0, **exp.evaluate(state)}]
-        wall_time = 0.0
-    else:
-        state, history = payload["state"], list(payload["history"])
-        evals = list(payload["meta"].get("evals", []))
-        wall_time = float(payload["meta"].get("wall_time", 0.0))
-        if state.k > n:
-            raise ConfigError(f"the checkpoint is at iteration {state.k}, beyond max_iters={n}: give a larger --max-iters")
-        if not evals or evals[-1]["iteration"] != state.k:
-            evals.append({"iteration": state.k, "time": wall_time, **exp.evaluate(state)})
-    start_k = state.k
-    run_info = {"problem": exp.problem, "method": exp.method, "state": state, "max_iters": n, "start": start_k}
-    # log.jsonl is rebuilt from the authoritative history/evaluations, then appended to
-    logger.on_start({**run_info, "start": 0})
-    for line in _log_lines(history, evals, run, start_k):
-        logger.on_log(line)
-    for cb in observers[1:] + [bar]:
-        cb.on_start(run_info)
-    written_upto = start_k
-
-    def meta(status: str) -> dict:
-        return {"evals": evals, "wall_time": wall_time, "status": status, "config_name": config.get("name"), "max_iters": n, "method": exp.method.name}
-
-    status, message = Status.MAX_ITERS, f"{n} iterations done"
-    try:
-        while state.k < n:
-            stop = min(n, (state.k // run["eval_every"] + 1) * run["eval_every"])
-            result = _solve_chunk(exp, state, history, wall_time, stop, run, checkpoint_path, bar, observers, meta("running"))
-            state, history, wall_time = result.state, list(result.history), result.wall_time
-            if result.status != Status.MAX_ITERS:
-                status, message = result.status, result.message
-            evals.append({"iteration": state.k, "time": wall_time, **exp.evaluate(state)})
-            for line in _log_lines(history, evals, run, state.k):
-                if line["iteration"] > written_upto:
-                    logger.on_log(line)
-            written_upto = state.k
-            if status != Status.MAX_ITERS:
-                break
-            if run["checkpoint_every"]:
-                save_checkpoint(checkpoint_path, state, history, meta("running"))
-    except KeyboardInterrupt:
-        status, message = Status.INTERRUPTED, f"interrupted at iteration {state.k}"
-    finally:
-        save_checkpoint(checkpoint_path, state, history, meta(status.value))
-        for cb in [logger] + observers[1:] + [bar]:
-            cb.on_end(None)
-    final = next((e for e in reversed(evals) if e["iteration"] == state.k), evals[-1])
-    summary = {
-        "name": config.get("name"),
-        "method": config["method"]["name"],
-        "status": status.value,
-        "message": message,
-        "iterations": state.k,
-        "max_iters": n,
-        "time": wall_time,
-        "total_seconds": time.perf_counter() - started + float((payload or {}).get("meta", {}).get("total_seconds", 0.0)),
-        "metrics": {k: v for k, v in final.items() if k not in ("iteration", "time")},
-        "final_record": history[-1] if history else {},
-        "seed": config["run"]["seed"],
-    }
-    return summary
+        except ImportError:
+            raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install tensorboard (or run.tensorboard=false)") from None
 
 
 def _first_batch(data):
     return data.batch_at(0) if data is not None else None
 
 
-def _solve_chunk(exp, state, history, wall_time, stop, run, checkpoint_path, bar, observers, meta):
-    # the state comes from method.init (fresh run) or the previous chunk / checkpoint:
-    # solve continues from it through a resume payload (RNG captured = left unchanged)
-    resume = {"state": state, "history": history, "rng": capture_rng(), "meta": {"wall_time": wall_time}}
-    return solve(
-        exp.problem, exp.method, data=exp.data, max_iters=stop, callbacks=[_Forward([bar] + observers[1:])],
-        log_every=run["log_every"], checkpoint=checkpoint_path if run["checkpoint_every"] else None,
-        checkpoint_every=run["checkpoint_every"], resume=resume, validate=False, meta=meta,
-    )
+def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label: Optional[str]) -> tuple[dict, Optional[DivergenceError]]:
+    """One :func:`solve` call from ``start`` (fresh or from a checkpoint); the summary,
+    and the :class:`DivergenceError` if the run diverged."""
+    config, run = exp.config, exp.config["run"]
+    n = int(run["max_iters"])
+    state, history, evals = start["state"], list(start["history"]), start["evals"]
+    segments = list(start["segments"])
+    cadence = {"log_every": int(run["log_every"]), "eval_every": int(run["eval_every"])}
+    if not segments or any(segments[-1].get(key) != value for key, value in cadence.items()):
+        segments.append({"start": int(state.k), **cadence})
+    bar = ProgressBar(keys=("upper_loss", "test_accuracy"), desc=label or config["method"]["name"], disable=not progress)
+    tensorboard = TensorBoardLogger(run_dir / "tensorboard") if run["tensorboard"] else None
+    recorder = _Recorder(exp, run_dir, history, evals, segments, bar, tensorboard)
+    meta = {"config": exp.config, "config_name": config.get("name"), "max_iters": n, "evals": evals, "segments": segments}
+    payload = {"state": state, "history": history, "rng": start["rng"], "meta": {**start.get("meta", {}), "wall_time": float(start["wall_time"])}}
+    error: Optional[DivergenceError] = None
+    write_warning = getattr(_solve_module, "CheckpointWriteWarning", None)
+    with warnings.catch_warnings():
+        if write_warning is not None:
+            # reported once, in the summary and by the CLI's exit status 3
+            warnings.simplefilter("ignore", write_warning)
+        try:
+            result = solve(
+                exp.problem, exp.method, data=exp.data, max_iters=n, callbacks=[recorder],
+                log_every=math.gcd(cadence["log_every"], cadence["eval_every"]), checkpoint=run_dir / "checkpoint.pt",
+                checkpoint_every=int(run["checkpoint_every"]), resume=payload, validate=False, meta=meta,
+            )
+        except DivergenceError as err:
+            result = getattr(err, "result", None)
+            if result is None:
+                raise
+            error = err
+        finally:
+            recorder.close()
+    state = result.state
+    if result.status is not Status.DIVERGED and (not evals or evals[-1]["iteration"] != state.k):
+        # stopped between two evaluations (Ctrl-C): the summary reports the final state
+        evals.append({"iteration": state.k, "time": result.wall_time, **_rng_neutral(exp.evaluate, state)})
+    errors = list(recorder.errors)
+    if errors:
+        # the history holds every record: one more try to leave a complete log behind
+        try:
+            _write_text(recorder.path, "".join(json.dumps(line) + "\n" for line in _log_lines(result.history, evals, segments, n, state.k)))
+            errors = [e for e in errors if not e.startswith(f"could not write {recorder.path}")]
+        except OSError:
+            pass
+    if getattr(result, "checkpoint_error", None):
+        errors.append(result.checkpoint_error)
+    final = next((e for e in reversed(evals) if e["iteration"] <= state.k), evals[-1])
+    summary = {
+        "name": config.get("name"),
+        "method": config["method"]["name"],
+        "status": result.status.value,
+        "message": result.message,
+        "iterations": state.k,
+        "max_iters": n,
+        "time": result.wall_time,
+        "total_seconds": time.perf_counter() - start["started"] + float(start.get("total_seconds", 0.0)),
+        "metrics": {k: v for k, v in final.items() if k not in ("iteration", "time")},
+        "metrics_iteration": final["iteration"],
+        "final_record": result.history[-1] if result.history else {},
+        "seed": config["run"]["seed"],
+    }
+    if result.status is Status.DIVERGED:
+        summary["diverged_at"] = int(getattr(error, "iteration", None) or state.k)
+        summary["quantity"] = getattr(error, "quantity", None)
+    if errors:
+        summary["write_errors"] = errors
+    return summary, error
+
+
+def _finish(run_dir: Path, summary: dict, baseline: dict, error: Optional[DivergenceError], on_divergence: str) -> dict:
+    """Write summary.json (a failed write is reported in the summary, which is returned
+    all the same), then raise the divergence if asked to."""
+    summary["baseline"] = baseline
+    summary["run_dir"] = str(run_dir)
+    try:
+        _write_json(run_dir / "summary.json", summary)
+    except OSError as err:
+        summary.setdefault("write_errors", []).append(f"could not write {run_dir / 'summary.json'}: {err.strerror or err}")
+        summary["summary_written"] = False
+    if error is not None and on_divergence == "raise":
+        raise error
+    return summary
+
+
+def _begin_run_dir(output: OutputDir, config: dict) -> None:
+    """The first writes of a fresh run: old bilevel files out, manifest, config, environment."""
+    output.clear()
+    write_manifest(output.path, {"kind": "run", "files": list(RUN_FILES)})
+    _write_text(output.path / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+    _write_json(output.path / "env.json", _environment(config))
 
 
 def run_experiment(
@@ -354,62 +753,408 @@ def run_experiment(
     overrides: Sequence[str] = (),
     progress: bool = True,
     runs_root: str | Path = "runs",
+    *,
+    overwrite: bool = False,
+    on_divergence: str = "raise",
+    label: Optional[str] = None,
+    before_write: Optional[Callable[[], None]] = None,
 ) -> dict:
     """Run a configuration (plus ``section.key=value`` overrides) into a run directory.
 
     Args:
         config: a configuration dict (:func:`~bilevel.experiments.load_config`).
-        out: the run directory (default :func:`default_run_dir` under ``runs_root``).
+        out: the run directory (default :func:`default_run_dir` under ``runs_root``). It
+            must be new or empty, else :class:`RunDirError`.
         overrides: ``section.key=value`` strings.
         progress: show a progress bar (also needs ``run.progress``).
+        overwrite: allow a non-empty ``out``: the files bilevel wrote there before are
+            removed once the new run is about to start; other files are kept, and one
+            that is in the way (e.g. a hand-written ``config.yaml``) is refused.
+        on_divergence: ``"raise"`` (:class:`~bilevel.solve.DivergenceError` after writing
+            summary.json) or ``"status"`` (return the summary with status ``diverged``
+            and ``diverged_at``).
+        label: the progress bar's label (default: the method's name).
+        before_write: called right before the first write into ``out`` (a bench clears
+            its folder there, so a run that fails to start leaves it untouched).
 
     Returns:
-        the summary (also written to ``summary.json``), with ``run_dir`` added.
+        the summary (also written to ``summary.json``), with ``run_dir`` added, and
+        ``write_errors`` when a log, checkpoint or summary write failed (the run itself
+        finished: its result is in the summary).
     """
+    started = time.perf_counter()
+    if on_divergence not in ("raise", "status"):
+        raise ValueError(f"on_divergence={on_divergence!r} must be 'raise' or 'status'")
     config = resolve_config(apply_overrides(config, overrides))
+    run_dir = Path(out) if out is not None else default_run_dir(config, runs_root)
+    output = OutputDir.inspect(run_dir, "run", overwrite, (*RUN_FILES, MANIFEST))
     exp = build_experiment(config)
-    run_dir = Path(out) if out is not None else default_run_dir(exp.config, runs_root)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.config, sort_keys=False))
-    _write_json(run_dir / "env.json", _environment(exp.config))
-    baseline = exp.baseline()
-    summary = _execute(exp, run_dir, None, progress and exp.config["run"]["progress"])
-    summary["baseline"] = baseline
-    summary["run_dir"] = str(run_dir)
-    _write_json(run_dir / "summary.json", summary)
-    return summary
+    _check_tensorboard(exp.config)
+    try:
+        output.prepare()
+        state = exp.method.init(exp.problem, None, None, _first_batch(exp.data), validate=True)
+        output.check_space(_bytes_needed(state, exp.config))
+        rng = capture_rng()
+        evals = [{"iteration": 0, "time": 0.0, **_rng_neutral(exp.evaluate, state)}]
+        baseline = _rng_neutral(exp.baseline)
+    except BaseException:
+        output.undo()
+        raise
+    if before_write is not None:
+        before_write()
+    _begin_run_dir(output, exp.config)
+    start = {"state": state, "history": [], "evals": evals, "segments": [], "rng": rng, "meta": {}, "wall_time": 0.0, "started": started}
+    summary, error = _execute(exp, run_dir, start, progress and exp.config["run"]["progress"], label)
+    return _finish(run_dir, summary, baseline, error, on_divergence)
 
 
-def resume_run(run_dir: str | Path, max_iters: Optional[int] = None, progress: bool = True) -> dict:
+def data_dir_override(data_dir: str | Path) -> str:
+    """The override ``problem.data_dir=DIR`` for any path (quoted, so YAML reads it as a string)."""
+    return f"problem.data_dir={json.dumps(str(data_dir))}"
+
+
+def resume_run(
+    run_dir: str | Path,
+    max_iters: Optional[int] = None,
+    progress: bool = True,
+    *,
+    data_dir: str | Path | None = None,
+    on_divergence: str = "raise",
+    label: Optional[str] = None,
+) -> dict:
     """Continue a stopped run from ``RUN_DIR/checkpoint.pt`` (optionally to a new ``max_iters``).
 
-    The configuration is read from ``RUN_DIR/config.yaml``; ``log.jsonl`` is rebuilt from
-    the checkpoint and extended, ``summary.json`` rewritten.
+    The configuration is read from ``RUN_DIR/config.yaml`` and compared with the one the
+    checkpoint was made with: a difference outside :data:`RESUMABLE_CHANGES` (another
+    method, method field, data, model, dtype or seed) raises
+    :class:`~bilevel.checkpoint.CheckpointError` listing the keys, since the saved state
+    would continue under a configuration that did not produce it. Nothing in the folder
+    changes until every check passed; then ``log.jsonl`` is rebuilt from the checkpoint
+    and extended, ``summary.json`` rewritten.
     """
+    started = time.perf_counter()
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} is not a run directory: there is no such folder (give the folder a `bilevel run` wrote)")
+    manifest = read_manifest(run_dir)
+    if manifest is not None and manifest["kind"] == "bench":
+        raise RunDirError(f"{run_dir} is a bench folder, not a run directory: resume it with resume_bench (`bilevel resume {run_dir}`)")
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a run directory: it has no config.yaml")
+        raise RunDirError(f"{run_dir} is not a run directory: it has no config.yaml (give the folder a `bilevel run` wrote)")
     payload = load_checkpoint(run_dir / "checkpoint.pt")
-    config = yaml.safe_load(config_path.read_text())
+    text = config_path.read_text()
+    try:
+        config = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{config_path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{config_path} must hold a mapping with sections problem, method, run")
+    config = copy.deepcopy(config)
     if max_iters is not None:
-        config["run"]["max_iters"] = int(max_iters)
+        config.setdefault("run", {})["max_iters"] = max_iters
+    if data_dir is not None:
+        config.setdefault("problem", {})["data_dir"] = str(data_dir)
+    config = resolve_config(config)
+    meta = dict(payload.get("meta") or {})
+    saved = meta.get("config")
+    if isinstance(saved, dict):
+        differences = config_differences(saved, config)
+        if differences:
+            shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
+            raise CheckpointError(
+                f"{config_path} differs from the configuration its checkpoint was made with ({shown}): resuming would "
+                f"continue that state under another configuration. Restore these values, or start a new run with `bilevel run` "
+                f"(a resume may change only {', '.join(k for k in RESUMABLE_CHANGES if k not in ('name', 'description', 'methods'))})"
+            )
     exp = build_experiment(config)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(exp.config, sort_keys=False))
-    previous = {}
-    if (run_dir / "summary.json").is_file():
-        previous = json.loads((run_dir / "summary.json").read_text())
-    payload["meta"]["total_seconds"] = previous.get("total_seconds", 0.0)
-    summary = _execute(exp, run_dir, payload, progress and exp.config["run"]["progress"])
-    summary["baseline"] = previous.get("baseline") or exp.baseline()
-    summary["run_dir"] = str(run_dir)
-    _write_json(run_dir / "summary.json", summary)
-    return summary
+    _check_tensorboard(exp.config)
+    state = payload["state"]
+    n = int(exp.config["run"]["max_iters"])
+    if state.k > n:
+        raise ConfigError(f"the checkpoint is at iteration {state.k}, beyond max_iters={n}: give a larger --max-iters")
+    output = OutputDir(run_dir, "run")
+    output.prepare()
+    output.check_space(_bytes_needed(state, exp.config))
+    wall_time = float(meta.get("wall_time", 0.0))
+    evals = list(meta.get("evals") or [])
+    if (state.k % int(exp.config["run"]["eval_every"]) == 0 or state.k == n) and not any(e["iteration"] == state.k for e in evals):
+        evals.append({"iteration": state.k, "time": wall_time, **_rng_neutral(exp.evaluate, state)})
+    previous = _read_json(run_dir / "summary.json")
+    previous = previous if isinstance(previous, dict) else {}
+    baseline = previous.get("baseline") or _rng_neutral(exp.baseline)
+    # every check passed: from here on the folder changes
+    new_text = yaml.safe_dump(exp.config, sort_keys=False)
+    if new_text != text:
+        _write_text(config_path, new_text)
+    if manifest is None:
+        write_manifest(run_dir, {"kind": "run", "files": list(RUN_FILES)})
+    start = {
+        "state": state, "history": list(payload["history"]), "evals": evals, "segments": list(meta.get("segments") or []),
+        "rng": payload["rng"], "meta": {k: v for k, v in meta.items() if k not in ("evals", "segments", "config")},
+        "wall_time": wall_time, "started": started, "total_seconds": float(previous.get("total_seconds", 0.0)),
+    }
+    summary, error = _execute(exp, run_dir, start, progress and exp.config["run"]["progress"], label)
+    return _finish(run_dir, summary, baseline, error, on_divergence)
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
     """The records of ``RUN_DIR/log.jsonl``."""
     path = Path(run_dir) / "log.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no log.jsonl: give a run directory written by `bilevel run`")
+        raise RunDirError(f"{run_dir} has no log.jsonl: give a run directory written by `bilevel run`")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --------------------------------------------------------------------------------------
+# benches: methods × seeds into one folder, with a manifest to resume them
+# --------------------------------------------------------------------------------------
+
+#: run statuses after which a bench does not run a method × seed again.
+FINISHED = ("max_iters", "converged", "max_time", "diverged")
+#: statuses whose metrics enter a bench's means (a diverged or interrupted run does not).
+COMPLETED = ("max_iters", "converged", "max_time")
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return math.nan, math.nan, 0
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if len(values) > 1 else 0.0
+    return mean, std, len(values)
+
+
+def _pm(values: Sequence[float], digits: int) -> str:
+    """``mean ± std`` over seeds; one value alone is printed as it is (no ``± 0.00``)."""
+    mean, std, count = _mean_std(values)
+    if count == 0:
+        return "-"
+    if count == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _status_note(summary: dict) -> str:
+    status = summary.get("status")
+    if status == "diverged":
+        return f"diverged at iteration {summary.get('diverged_at', summary.get('iterations'))}"
+    if status == "interrupted":
+        return f"interrupted at iteration {summary.get('iterations')} of {summary.get('max_iters')}"
+    return str(status)
+
+
+def format_bench_table(rows: dict, kind: str, baseline: Optional[Sequence[dict]] = None, notes: Optional[dict] = None) -> str:
+    """Markdown table of a bench: one row per method, mean ± std over its completed seeds.
+
+    Runs that diverged or were interrupted do not enter the means (a 37-iteration run
+    averaged with 200-iteration ones would mean nothing); they are named in a last
+    ``notes`` column ("seed 1: diverged at iteration 37"), together with ``notes``
+    (method -> list of strings, e.g. runs not started). The column appears only when a
+    row has a note.
+    """
+    notes = notes or {}
+    second_key = "f1" if kind == "hyperclean" else "test_ci95"
+    second_digits = 3 if kind == "hyperclean" else 2
+    body, any_note = [], False
+    for method in list(rows) + [m for m in notes if m not in rows]:
+        summaries = rows.get(method, [])
+        done = [s for s in summaries if s.get("status", "max_iters") in COMPLETED]
+        row_notes = [f"seed {s.get('seed')}: {_status_note(s)}" for s in summaries if s not in done] + list(notes.get(method, []))
+        any_note = any_note or bool(row_notes)
+        acc = [s["metrics"].get("test_accuracy") for s in done]
+        second = [s["metrics"].get(second_key) for s in done]
+        times = [s["time"] for s in done]
+        iters = sorted({s["iterations"] for s in done})
+        cells = [method, _pm(acc, 2), _pm(second, second_digits), _pm(times, 1), ",".join(map(str, iters)) or "-"]
+        body.append((cells, "; ".join(row_notes)))
+    if kind == "hyperclean":
+        header = ["method", "test acc (%)", "F1", "time (s)", "iterations"]
+    else:
+        header = ["method", "meta-test acc (%)", "95% CI (%)", "time (s)", "iterations"]
+    if baseline:
+        label = "no cleaning (x = 0)" if kind == "hyperclean" else "random features"
+        cells = [label, _pm([b.get("test_accuracy") for b in baseline], 2), _pm([b.get(second_key) for b in baseline], second_digits), "-", "-"]
+        body.append((cells, ""))
+    if any_note:
+        header.append("notes")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for cells, note in body:
+        lines.append("| " + " | ".join(cells + ([note] if any_note else [])) + " |")
+    return "\n".join(lines)
+
+
+def _bench_dir(name: str) -> Path:
+    return _fresh_path(Path("runs") / f"bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def run_bench(
+    config: dict | str | Path,
+    methods: Optional[Sequence[str]] = None,
+    seeds: Sequence[int] = (0,),
+    overrides: Sequence[str] = (),
+    out: str | Path | None = None,
+    progress: bool = True,
+    *,
+    overwrite: bool = False,
+) -> dict:
+    """Run ``methods × seeds`` into ``out``: one run directory each, ``table.md``,
+    ``bench.json``, plots, and ``manifest.json`` (the plan and each run's status).
+
+    Ctrl-C checkpoints the running method, marks it interrupted, stops the bench and
+    still writes the table of what finished (``result["interrupted"]``); a diverged run
+    is marked in the table and the bench goes on. :func:`resume_bench` finishes what is
+    left. ``out`` must be new or empty unless ``overwrite`` (see :class:`OutputDir`).
+
+    Returns:
+        ``{"table", "plots", "out", "interrupted", "diverged", "write_errors", "runs"}``.
+    """
+    from .config import load_config
+
+    base = load_config(config) if not isinstance(config, dict) else copy.deepcopy(config)
+    resolved = resolve_config(apply_overrides(base, overrides))  # fail early on bad overrides
+    if methods is None:
+        methods = list(base.get("methods") or [resolved["method"]["name"]])
+    methods, seeds = list(methods), [int(s) for s in seeds]
+    for what, values in (("methods", methods), ("seeds", seeds)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"--{what} names {', '.join(repeated)} more than once: give each once")
+    for method in methods:
+        resolve_config(apply_overrides(base, [*overrides, f"method.name={method}"]))
+    out_dir = Path(out) if out is not None else _bench_dir(str(base.get("name", "bench")))
+    runs = [{"method": m, "seed": s, "dir": f"{m}-seed{s}", "status": "pending"} for m in methods for s in seeds]
+    output = OutputDir.inspect(out_dir, "bench", overwrite, (*BENCH_FILES, MANIFEST, *(r["dir"] for r in runs)))
+    manifest = {
+        "kind": "bench", "config": base.get("name"), "base_config": base, "problem_kind": resolved["problem"]["kind"],
+        "methods": methods, "seeds": seeds, "overrides": list(overrides), "runs": runs, "files": list(BENCH_FILES),
+    }
+    output.prepare()
+    return _bench_loop(output, manifest, progress, committed=False)
+
+
+def resume_bench(out: str | Path, progress: bool = True, *, data_dir: str | Path | None = None) -> dict:
+    """Finish a bench from its ``manifest.json``: resume the interrupted runs from their
+    checkpoints, start the ones never started, keep the finished ones, and rebuild
+    ``table.md``, ``bench.json`` and the plots. Same result as :func:`run_bench`."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    if manifest is None or manifest["kind"] != "bench":
+        raise RunDirError(f"{out} is not a bench folder: it has no bench manifest.json (give the --out folder of a `bilevel bench`)")
+    output = OutputDir(out, "bench")
+    output.prepare()
+    return _bench_loop(output, manifest, progress, committed=True, data_dir=data_dir)
+
+
+def _bench_loop(output: OutputDir, manifest: dict, progress: bool, committed: bool, data_dir: str | Path | None = None) -> dict:
+    out, runs = output.path, manifest["runs"]
+    base = manifest["base_config"]
+    overrides = list(manifest["overrides"]) + ([data_dir_override(data_dir)] if data_dir is not None else [])
+    interrupted = False
+
+    def commit() -> None:
+        # the first write into the bench folder: only now is an old bench (--overwrite) removed
+        nonlocal committed
+        if not committed:
+            output.clear()
+            write_manifest(out, manifest)
+            committed = True
+
+    try:
+        for i, entry in enumerate(runs):
+            if entry["status"] in FINISHED:
+                continue
+            run_dir = out / entry["dir"]
+            label = f"{entry['method']} seed {entry['seed']} ({i + 1}/{len(runs)})"
+            previous = entry["status"]
+
+            def started() -> None:
+                commit()
+                entry["status"] = "running"
+                write_manifest(out, manifest)
+
+            try:
+                if previous in ("interrupted", "running") and (run_dir / "checkpoint.pt").is_file() and (run_dir / "config.yaml").is_file():
+                    started()
+                    summary = resume_run(run_dir, progress=progress, data_dir=data_dir, on_divergence="status", label=label)
+                else:
+                    summary = run_experiment(
+                        base, run_dir, [*overrides, f"method.name={entry['method']}", f"run.seed={entry['seed']}"], progress=progress,
+                        overwrite=True, on_divergence="status", label=label, before_write=started,
+                    )
+            except KeyboardInterrupt:
+                entry["status"] = "interrupted" if entry["status"] == "running" else previous
+                interrupted = True
+                break
+            entry.update(status=summary["status"], iterations=summary["iterations"], message=summary["message"])
+            write_manifest(out, manifest)
+            if summary["status"] == "interrupted":
+                interrupted = True
+                break
+    except BaseException:
+        if committed:
+            try:
+                write_manifest(out, manifest)
+            except OSError:
+                pass
+        else:
+            output.undo()
+        raise
+    if not committed:
+        if interrupted:
+            # stopped before anything was written: the folder is as it was
+            output.undo()
+            raise KeyboardInterrupt
+        commit()
+    return {**_bench_report(out, manifest), "interrupted": interrupted}
+
+
+def _bench_report(out: Path, manifest: dict) -> dict:
+    """Table, bench.json and plots from the run directories' summaries and logs."""
+    from ..plotting import plot_runs
+
+    kind, methods = manifest["problem_kind"], manifest["methods"]
+    rows: dict = {m: [] for m in methods}
+    notes: dict = {}
+    baselines: dict = {}
+    logs: dict = {}
+    write_errors: list[str] = []
+    for entry in manifest["runs"]:
+        summary = _read_json(out / entry["dir"] / "summary.json") if entry["status"] != "pending" else None
+        if not isinstance(summary, dict) or summary.get("status") != entry["status"]:
+            what = "not run" if entry["status"] == "pending" else f"{entry['status']} (no summary)"
+            notes.setdefault(entry["method"], []).append(f"seed {entry['seed']}: {what}")
+            continue
+        rows[entry["method"]].append(summary)
+        write_errors += [f"{entry['dir']}: {e}" for e in summary.get("write_errors", [])]
+        if summary.get("baseline") and entry["seed"] not in baselines:
+            baselines[entry["seed"]] = summary["baseline"]
+        if summary["status"] in COMPLETED:
+            try:
+                logs.setdefault(entry["method"], []).append(read_log(out / entry["dir"]))
+            except (RunDirError, ValueError):
+                pass
+    baseline = [baselines[s] for s in manifest["seeds"] if s in baselines]
+    table = format_bench_table(rows, kind, baseline or None, notes)
+    plots: list[Path] = []
+    for metric in ["test_accuracy"] + (["f1"] if kind == "hyperclean" else []):
+        try:
+            plots += plot_runs(logs, metric, out / metric, formats=("png", "svg"), title=f"{manifest['config']}: {metric}")
+        except ValueError:
+            pass  # no completed run holds this metric yet
+        except OSError as err:
+            write_errors.append(f"could not write the {metric} plot in {out}: {err.strerror or err}")
+    diverged = [f"{e['method']} seed {e['seed']} at iteration {(_read_json(out / e['dir'] / 'summary.json') or {}).get('diverged_at', '?')}"
+                for e in manifest["runs"] if e["status"] == "diverged"]
+    unfinished = [e["dir"] for e in manifest["runs"] if e["status"] not in FINISHED]
+    payload = {
+        "config": manifest["config"], "methods": methods, "seeds": manifest["seeds"], "overrides": manifest["overrides"],
+        "complete": not unfinished, "status": {e["dir"]: e["status"] for e in manifest["runs"]}, "runs": rows,
+        "table": table, "plots": [str(p) for p in plots],
+    }
+    for name, text in (("table.md", table + "\n"), ("bench.json", json.dumps(payload, indent=2, default=str) + "\n")):
+        try:
+            _write_text(out / name, text)
+        except OSError as err:
+            write_errors.append(f"could not write {out / name}: {err.strerror or err}")
+    return {"table": table, "plots": plots, "out": out, "diverged": diverged, "unfinished": unfinished, "write_errors": write_errors, "runs": manifest["runs"]}
