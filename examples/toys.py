@@ -6,7 +6,7 @@
 For each toy and method: the final error ‖x − x*‖/‖x*‖ (T3: the largest distance of the
 end points to the nearest local minimum of Φ; T4: ‖x − x_opt‖), the method's
 stationarity measure, iterations and wall-clock seconds. Settings are the reference
-runs of ALGORITHMS.md §7 where there is one.
+runs of docs/algorithms.md#reference-results where there is one.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ def test_reaches_t1_solution_where_one_step_unroll_without_dual_stops_at_one_ove
 
 
 def test_reference_run_on_t1_with_paper_step_sizes():
-    """ALGORITHMS.md §7: sequential, η = 0.5, s = 0.2, α = 0.01, 20 000 iterations → 0.500000."""
+    """docs/algorithms.md#reference-results: sequential, η = 0.5, s = 0.2, α = 0.01, 20 000 iterations → 0.500000."""
     result = bl.solve(T1(n=2), bl.BAGDC(lr_upper=0.01, lr_lower=0.2, lr_dual=0.5), max_iters=20000, log_every=2000)
     torch.testing.assert_close(result.x["x"], torch.full((2,), 0.5, dtype=torch.float64), rtol=0, atol=1e-6)
     torch.testing.assert_close(result.y["y"], torch.full((2,), 0.5, dtype=torch.float64), rtol=0, atol=1e-6)

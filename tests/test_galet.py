@@ -100,7 +100,7 @@ def test_t4_pl_lower_level_drives_metric_to_zero_and_x_to_optimistic_solution():
     assert (result.x["x"] - problem.x_star["x"]).norm().item() < 1e-3
     assert result.final["R_upper"] < 1e-12 and result.final["R_lower"] < 1e-12 and result.final["R_shadow"] < 1e-6
     # the null-space part of y never moves, so ∇_y f + H w stays O(1): GALET's metric does
-    # not force the optimistic y (ALGORITHMS.md §2.2)
+    # not force the optimistic y (docs/algorithms.md#galet-stationarity-measure)
     A = problem.metadata["A"]
     P_null = torch.eye(20, dtype=torch.float64) - A.T @ torch.linalg.solve(A @ A.T, A)
     assert (P_null @ (result.y["y"] - problem.y_init["y"])).norm().item() < 1e-10

@@ -21,7 +21,8 @@ solver                    update                                         H-produ
 
 ``NormalGD`` is GALET's shadow-implicit-gradient loop (it converges to the minimum-norm
 least-squares solution from ``v₀ = 0`` even when ``H`` is singular); ``LineSearchStep``
-is the "CG-type" dual correction of sl-BAMM/BAGDC, with the guards of ALGORITHMS.md §3.5.
+is the "CG-type" dual correction of sl-BAMM/BAGDC, with guards the official code lacks
+(docs/algorithms.md#sl-bamm-official-code-quirks).
 """
 
 from __future__ import annotations

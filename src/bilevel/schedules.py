@@ -4,7 +4,7 @@ A schedule is any callable ``k -> float`` (``k = 0, 1, ...``); a plain number st
 a constant. Schedules are evaluated in Python from the integer counter kept in the
 method state, so they cost no device work and no host synchronisation.
 
-The sl-BAMM schedules (ALGORITHMS.md §3.4) are all polynomial in ``k + 1``:
+The sl-BAMM schedules (docs/algorithms.md#sl-bamm-schedules) are all polynomial in ``k + 1``:
 ``μ_k = μ₀ (k+1)^{-1/p}``, ``α_k = s (k+1)^{-3τ/2} μ_k^q = s μ₀^q (k+1)^{-(3τ/2 + q/p)}``,
 ``η_k = s (k+1)^{-τ/2} μ_k^r``; :func:`bamm_schedules` builds them, with BOAT's
 strategies ``s1``/``s2``/``s3`` ((q, r) = (7, 2), (5, 1), (3, 0)).
@@ -116,7 +116,7 @@ BAMM_STRATEGIES = {"s1": (7, 2), "s2": (5, 1), "s3": (3, 0)}
 def bamm_schedules(
     s: float, mu0: float = 0.9, p: float = 10.0, tau: float = 1 / 40, strategy: str = "s3"
 ) -> tuple[Polynomial, Polynomial, Polynomial]:
-    """The sl-BAMM schedules ``(μ_k, α_k, η_k)`` of ALGORITHMS.md §3.4.
+    """The sl-BAMM schedules ``(μ_k, α_k, η_k)`` (docs/algorithms.md#sl-bamm-schedules).
 
     ``μ_k = μ₀ (k+1)^{-1/p}``, ``α_k = s (k+1)^{-3τ/2} μ_k^q``, ``η_k = s (k+1)^{-τ/2} μ_k^r``
     with ``(q, r)`` = (7, 2) for ``s1``, (5, 1) for ``s2`` and (3, 0) for ``s3`` (the

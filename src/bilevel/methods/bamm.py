@@ -114,7 +114,8 @@ class SlBAMM(Method):
     def from_strategy(
         cls, s: float = 0.1, mu0: float = 0.9, p: float = 10.0, tau: float = 1 / 40, strategy: str = "s3", **options
     ) -> "SlBAMM":
-        """sl-BAMM with the schedules ``μ_k, α_k, η_k`` of strategy s1/s2/s3 (ALGORITHMS.md §3.4).
+        """sl-BAMM with the schedules ``μ_k, α_k, η_k`` of strategy s1/s2/s3
+        (docs/algorithms.md#sl-bamm-schedules).
 
         BOAT's hyper-cleaning defaults are ``s=0.01, mu0=0.9, p=100, tau=0.01, strategy="s1"``.
         """

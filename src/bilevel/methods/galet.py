@@ -40,7 +40,8 @@ class GALET(Method):
     method. When H is singular (PL, not strongly convex) the shadow iteration from 0
     converges to the minimum-norm least-squares solution.
 
-    Stationarity reported (GALET's metric R, ALGORITHMS.md §2.2), at ``(x_k, y_{k+1}, w_{k+1})``:
+    Stationarity reported (GALET's metric R, docs/algorithms.md#galet-stationarity-measure),
+    at ``(x_k, y_{k+1}, w_{k+1})``:
 
         R = ‖∇_x f + J w‖²  +  ‖∇_y g‖²  +  ‖H (∇_y f + H w)‖²
 

@@ -1,4 +1,4 @@
-"""Few-shot classification as a bilevel problem (ALGORITHMS.md §5.2).
+"""Few-shot classification as a bilevel problem (docs/algorithms.md#few-shot-classification).
 
 The upper variable ``x`` is a feature extractor ``φ_x`` shared by all tasks; the lower
 variable ``y`` is one linear head per task of a meta-batch of B N-way K-shot tasks,

@@ -1,4 +1,4 @@
-"""Data hyper-cleaning as a bilevel problem (ALGORITHMS.md §5.1).
+"""Data hyper-cleaning as a bilevel problem (docs/algorithms.md#data-hyper-cleaning).
 
 A training set ``{(a_i, b̃_i)}`` with partly corrupted labels, a clean validation set
 ``{(a'_j, b'_j)}``. The upper variable holds one weight logit per training example,

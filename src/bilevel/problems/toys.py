@@ -1,4 +1,5 @@
-"""Toy bilevel problems with closed-form solutions (ALGORITHMS.md §5.3 and §7).
+"""Toy bilevel problems with closed-form solutions (docs/algorithms.md#toy-problems; the
+runs that check them: docs/algorithms.md#reference-results).
 
 Each constructor returns a :class:`ToyProblem`: a :class:`~bilevel.Problem` with the
 papers' starting point and its known answer (``x_star``, ``y_star``), and, where the
