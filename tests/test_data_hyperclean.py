@@ -105,7 +105,7 @@ def test_corrupt_labels_rejects_bad_rate():
 def test_not_enough_examples_is_a_clear_error():
     with pytest.raises(DatasetError, match=r"has 100 examples.*40 \+ 40 \+ 40 = 120"):
         build(n_train=40, n_val=40, n_test=40)
-    with pytest.raises(ValueError, match="n_train must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"^n_train=0 must be an integer >= 1: the lower level fits the classifier on the training set, which cannot be empty$"):
         build(n_train=0)
 
 
@@ -195,3 +195,47 @@ def test_accuracy():
     assert accuracy(logits, torch.tensor([0, 1, 2, 0])) == 1.0
     with pytest.raises(ValueError, match="must be \\[n, num_classes\\]"):
         accuracy(logits, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize(
+    "split, role",
+    [("n_train", "the lower level fits"), ("n_val", "the upper objective is the loss on the validation set"), ("n_test", "the test accuracy")],
+)
+def test_empty_splits_are_rejected_naming_the_key(split, role):
+    with pytest.raises(ValueError, match=rf"^{split}=0 must be an integer >= 1: {role}.*cannot be empty$"):
+        build(**{split: 0})
+
+
+def test_features_need_more_memory_than_available_is_one_line(monkeypatch):
+    from bilevel import validation
+
+    monkeypatch.setattr(validation, "available_memory", lambda: 999)
+    with pytest.raises(MemoryError) as info:
+        build(dtype=torch.float64)
+    message = str(info.value)
+    # 90 examples × 2 features × 8 bytes = 1440 bytes > 999
+    assert message == (
+        "the hyper-cleaning features (90 examples × 2 features in float64) needs about 1.4 kB but only 999 B of memory "
+        "is available: reduce n_train/n_val/n_test (config: problem.n_train, ...), or use float32 (config: problem.dtype=float32)"
+    )
+    assert isinstance(info.value, ValueError)  # reported as one line by the command line
+    build(dtype=torch.float32)  # 720 bytes fit
+
+
+def test_unknown_available_memory_skips_the_check(monkeypatch):
+    from bilevel import validation
+
+    monkeypatch.setattr(validation, "available_memory", lambda: None)
+    assert build().x_train.shape == (40, 2)
+
+
+@pytest.mark.parametrize("max_pixel", [255.0, 16.0])
+def test_uint8_features_in_float32_equal_the_float64_computation(max_pixel):
+    pixels = np.arange(256 * 3) % (int(max_pixel) + 1)  # every pixel value, each example 1 pixel
+    images = pixels.astype(np.uint8)[:, None]
+    labels = np.arange(len(images)) % 10
+    kwargs = dict(num_classes=10, max_pixel=max_pixel, name="u8", seed=0, n_train=256, n_val=256, n_test=256)
+    single = hyperclean_from_arrays(images, labels, dtype=torch.float32, **kwargs)
+    double = hyperclean_from_arrays(images, labels, dtype=torch.float64, **kwargs)
+    assert single.x_train.dtype == torch.float32
+    assert torch.equal(single.x_train, double.x_train.to(torch.float32))

@@ -80,3 +80,32 @@ def test_solve_heads_reaches_the_optimum_and_meta_test_reports_ci():
     assert metrics["test_tasks"] == 10 and 0 <= metrics["test_accuracy"] <= 100 and metrics["test_ci95"] >= 0
     with pytest.raises(ValueError, match="reg"):
         fewshot_problem(n_way=3, meta_batch=2, reg=0)
+
+
+def test_a_backbone_too_big_for_memory_is_refused_before_allocation(monkeypatch):
+    from bilevel import validation
+
+    monkeypatch.setattr(validation, "available_memory", lambda: 10**9)
+    with pytest.raises(MemoryError) as info:
+        fewshot_problem(n_way=3, meta_batch=2, backbone="mlp", hidden=1_000_000, features=8)
+    message = str(info.value)
+    # 784·1e6 + 1e6 + 1e6·8 + 8 backbone + 2·9·3 heads = 793,000,062 parameters, 8 copies in float32
+    assert message == (
+        "the mlp few-shot backbone with hidden=1000000, features=8 (793,000,062 parameters in float32) needs about 25.4 GB "
+        "but only 1.0 GB of memory is available: reduce hidden/features (config: problem.hidden, problem.features)"
+    )
+    assert fewshot_problem(n_way=3, meta_batch=2, backbone="mlp", hidden=16, features=8).x_init["fc1_w"].shape == (784, 16)
+
+
+def test_backbone_start_is_the_float64_draw_in_every_dtype(monkeypatch):
+    import math
+
+    import bilevel.problems._init as init
+    from bilevel.problems.fewshot import init_backbone
+
+    monkeypatch.setattr(init, "_CHUNK", 100)
+    x = init_backbone("mlp", (1, 28, 28), hidden=6, features=5, seed=2, dtype=torch.float32)
+    g = torch.Generator().manual_seed(2)
+    w1 = (torch.rand((784, 6), generator=g, dtype=torch.float64) * 2 - 1) * math.sqrt(6.0 / 784)
+    w2 = (torch.rand((6, 5), generator=g, dtype=torch.float64) * 2 - 1) * math.sqrt(6.0 / 6)
+    assert torch.equal(x["fc1_w"], w1.float()) and torch.equal(x["fc2_w"], w2.float())

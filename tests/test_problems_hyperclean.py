@@ -133,3 +133,43 @@ def _check_cleaning(method):
     metrics = problem.evaluate(result.x, result.y)
     assert metrics["f1"] > 0.75, metrics  # keeping every example gives 0.667
     assert metrics["test_accuracy"] > baseline["test_accuracy"], (metrics, baseline)
+
+
+def test_a_model_too_big_for_memory_is_refused_before_allocation(monkeypatch):
+    from bilevel import validation
+
+    monkeypatch.setattr(validation, "available_memory", lambda: 10**9)
+    allocated = []
+    monkeypatch.setattr("bilevel.problems.hyperclean.init_classifier", lambda *a, **k: allocated.append(1))
+    # 3 features, 3 classes, hidden = 2e7: 1.4e8 parameters (8 copies) + 7 examples × (2e7 + 3) activations (4 copies), float64
+    with pytest.raises(MemoryError) as info:
+        hyperclean_problem(tiny_data(), model="mlp", hidden=20_000_000)
+    message = str(info.value)
+    assert message.startswith("the mlp hyper-cleaning model with hidden=20000000 (140,000,007 parameters in float64) needs about 13.4 GB but only 1.0 GB of memory is available: ")
+    assert message.endswith("reduce hidden or n_train (config: problem.hidden, problem.n_train), or use float32 (dtype=torch.float32; config: problem.dtype=float32) to halve it")
+    assert "\n" not in message and isinstance(info.value, ValueError) and not allocated
+    monkeypatch.setattr(validation, "available_memory", lambda: None)  # unknown: no refusal
+    hyperclean_problem(tiny_data(), model="linear")
+
+
+def test_hidden_layer_start_is_the_float64_draw_in_every_dtype(monkeypatch):
+    """Drawn in float64 block by block: the same numbers as one float64 draw, cast."""
+    import bilevel.problems._init as init
+
+    monkeypatch.setattr(init, "_CHUNK", 7)  # many blocks of 1-2 rows
+    y32 = init_classifier("mlp", 5, 3, hidden=4, seed=3, dtype=torch.float32)
+    g = torch.Generator().manual_seed(3)
+    expected = {}
+    for name, shape, fan_in in (("W1", (5, 4), 5), ("b1", (4,), 5), ("W2", (4, 3), 4), ("b2", (3,), 4)):
+        expected[name] = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * (1.0 / math.sqrt(fan_in))
+    for name, value in expected.items():
+        assert torch.equal(y32[name], value.to(torch.float32))
+    y64 = init_classifier("mlp", 5, 3, hidden=4, seed=3, dtype=torch.float64)
+    assert all(torch.equal(y64[name], value) for name, value in expected.items())
+
+
+def test_bad_hidden_names_the_argument():
+    with pytest.raises(ValueError, match=r"^hyperclean_problem\(hidden=0\) must be an integer >= 1$"):
+        hyperclean_problem(tiny_data(), model="mlp", hidden=0)
+    with pytest.raises(ValueError, match=r"^hyperclean_problem\(reg=-1\) must be a number >= 0"):
+        hyperclean_problem(tiny_data(), reg=-1)

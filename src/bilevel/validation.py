@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import Any, Iterable, Optional
 
 __all__ = [
@@ -38,6 +39,10 @@ __all__ = [
     "check_choice",
     "check_bool",
     "check_step_size",
+    "InsufficientMemoryError",
+    "available_memory",
+    "format_bytes",
+    "check_memory",
 ]
 
 
@@ -205,3 +210,52 @@ def check_step_size(owner: str, name: str, value: Any) -> Any:
         )
     return check_positive(owner, name, value)
 
+
+class InsufficientMemoryError(MemoryError, ValueError):
+    """An allocation estimated beforehand does not fit in the available memory.
+
+    Both a ``MemoryError`` and a ``ValueError`` (so command-line tools that report bad
+    arguments as one line report this one too).
+    """
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of host memory available for new allocations, or ``None`` when unknown.
+
+    ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the free physical pages
+    (``os.sysconf``); ``None`` where neither can be read, and then no check refuses.
+    """
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def format_bytes(count: float) -> str:
+    """``12.5 GB``, ``376.3 MB``, ``512 B``: a byte count in decimal units."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{int(count)} B"
+
+
+def check_memory(what: str, needed: int, advice: str) -> None:
+    """Refuse, before allocating, when ``needed`` bytes exceed the available memory.
+
+    Raises :class:`InsufficientMemoryError` with one line: ``{what} needs about N GB
+    but only M GB of memory is available: {advice}``. Does nothing when the available
+    memory cannot be read.
+    """
+    available = available_memory()
+    if available is None or needed <= available:
+        return
+    raise InsufficientMemoryError(
+        f"{what} needs about {format_bytes(needed)} but only {format_bytes(available)} of memory is available: {advice}"
+    )

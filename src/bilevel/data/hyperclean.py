@@ -34,6 +34,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
+from .. import validation
 from .errors import DatasetError
 from .sources import dataset_info, load_dataset
 
@@ -168,10 +169,27 @@ def corrupt_labels(
     return noisy, chosen
 
 
+_SPLIT_ROLES = {
+    "n_train": "the lower level fits the classifier on the training set",
+    "n_val": "the upper objective is the loss on the validation set",
+    "n_test": "the test accuracy is measured on the test set",
+}
+
+
 def _check_count(name: str, value: int, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        why = f": {_SPLIT_ROLES[name]}, which cannot be empty" if name in _SPLIT_ROLES and minimum == 1 else ""
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}{why}")
     return int(value)
+
+
+def _numpy_dtype(images: np.ndarray, dtype: torch.dtype):
+    """The NumPy dtype features are computed in: float32 for 8-bit pixels and a target of
+    at most 32 bits (a correctly rounded division gives the float64 result rounded to
+    float32, without a float64 copy of the data), else float64."""
+    if images.dtype in (np.uint8, np.int8) and torch.empty((), dtype=dtype).element_size() <= 4:
+        return np.float32
+    return np.float64
 
 
 def hyperclean_from_arrays(
@@ -205,8 +223,8 @@ def hyperclean_from_arrays(
         ValueError: bad counts or noise rate.
     """
     n_train = _check_count("n_train", n_train, 1)
-    n_val = _check_count("n_val", n_val, 0)
-    n_test = _check_count("n_test", n_test, 0)
+    n_val = _check_count("n_val", n_val, 1)
+    n_test = _check_count("n_test", n_test, 1)
     if not 0.0 <= noise_rate <= 1.0:
         raise ValueError(f"noise_rate must lie in [0, 1], got {noise_rate}")
     images = np.asarray(images)
@@ -225,6 +243,15 @@ def hyperclean_from_arrays(
                 else ""
             )
         )
+    # refuse before allocating: the three feature matrices in the target dtype
+    num_features = int(np.prod(images.shape[1:], dtype=np.int64))
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    validation.check_memory(
+        f"the hyper-cleaning features ({needed:,} examples × {num_features} features in {str(dtype).replace('torch.', '')})",
+        needed * num_features * itemsize,
+        "reduce n_train/n_val/n_test (config: problem.n_train, ...)"
+        + (", or use float32 (config: problem.dtype=float32)" if itemsize > 4 else ""),
+    )
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(images))
     train_index = order[:n_train]
@@ -234,7 +261,8 @@ def hyperclean_from_arrays(
     y_train_noisy, chosen = corrupt_labels(y_train_true, noise_rate, num_classes, rng, exclude_true=bool(exclude_true_class))
 
     def features(index: np.ndarray) -> torch.Tensor:
-        flat = images[index].reshape(len(index), -1).astype(np.float64) / float(max_pixel)
+        np_dtype = _numpy_dtype(images, dtype)
+        flat = images[index].reshape(len(index), -1).astype(np_dtype) / np_dtype(max_pixel)
         return torch.from_numpy(flat).to(dtype)
 
     def targets(values: np.ndarray) -> torch.Tensor:

@@ -63,6 +63,8 @@ from .. import tree as T
 from ..data.fewshot import EpisodeSampler
 from ..methods.base import Method, State
 from ..problem import Problem
+from ..validation import check_choice, check_count, check_nonnegative
+from ._init import check_model_memory, seeded_uniform
 
 __all__ = [
     "BACKBONES",
@@ -99,11 +101,13 @@ def init_backbone(
         raise ValueError(f"unknown few-shot backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
     if norm not in ("none", "group"):
         raise ValueError(f"norm={norm!r} must be 'none' or 'group'")
+    for name, value in (("channels", channels), ("blocks", blocks)) if backbone == "conv" else (("hidden", hidden), ("features", features)):
+        check_count("init_backbone", name, value)
     generator = torch.Generator().manual_seed(int(seed))
 
     def he_uniform(shape, fan_in):
-        bound = math.sqrt(6.0 / fan_in)
-        return ((torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(dtype=dtype, device=device)
+        # float64 draws (the same start for every dtype), converted block by block
+        return seeded_uniform(shape, math.sqrt(6.0 / fan_in), generator, dtype, device)
 
     def zeros(n):
         return torch.zeros(n, dtype=dtype, device=device)
@@ -125,6 +129,19 @@ def init_backbone(
     params["fc2_w"] = he_uniform((hidden, features), hidden)
     params["fc2_b"] = zeros(features)
     return params
+
+
+def backbone_sizes(backbone: str, image_shape: Sequence[int], channels: int = 32, blocks: int = 4, norm: str = "none", hidden: int = 256, features: int = 64) -> tuple[int, int]:
+    """``(parameters, feature_dim)`` of a backbone, computed without building it."""
+    if backbone == "conv":
+        in_channels, height, width = (int(s) for s in image_shape)
+        parameters = 0
+        for _ in range(blocks):
+            parameters += channels * in_channels * 9 + channels + (2 * channels if norm == "group" else 0)
+            in_channels, height, width = channels, height // 2, width // 2
+        return parameters, channels * max(height, 1) * max(width, 1)
+    d = int(math.prod(image_shape))
+    return d * hidden + hidden + hidden * features + features, features
 
 
 def backbone_features(backbone: str, x: dict, images: torch.Tensor, groups: int = 4) -> torch.Tensor:
@@ -300,6 +317,19 @@ def fewshot_problem(
             raise ValueError(f"{name}={value!r} must be a positive integer")
     if backbone == "conv" and tuple(image_shape[1:]) != (28, 28) and blocks == 4:
         raise ValueError(f"the 4-block ConvNet expects 28×28 images, got {tuple(image_shape)}; use backbone='mlp' or fewer blocks")
+    check_choice("fewshot_problem", "backbone", backbone, BACKBONES)
+    check_nonnegative("fewshot_problem", "feature_scale", feature_scale)
+    check_count("fewshot_problem", "groups", groups)
+    # refuse a backbone that cannot fit before allocating it
+    parameters, feat_dim = backbone_sizes(backbone, image_shape, channels, blocks, norm, hidden, features)
+    check_model_memory(
+        f"the {backbone} few-shot backbone" + (f" with hidden={hidden}, features={features}" if backbone == "mlp" else f" with channels={channels}, blocks={blocks}"),
+        parameters + meta_batch * (feat_dim + 1) * n_way,
+        0,
+        dtype,
+        device,
+        "reduce hidden/features (config: problem.hidden, problem.features)" if backbone == "mlp" else "reduce channels (config: problem.channels)",
+    )
     x_init = init_backbone(backbone, image_shape, channels, blocks, norm, hidden, features, seed, dtype, device)
     with torch.no_grad():
         dummy = torch.zeros(1, *image_shape, dtype=dtype, device=device)

@@ -48,8 +48,10 @@ import torch.nn.functional as F
 
 from ..data.hyperclean import HypercleanData, cleaner_metrics
 from ..problem import Problem
+from ..validation import check_count, check_nonnegative
+from ._init import check_model_memory, seeded_uniform
 
-__all__ = ["HYPERCLEAN_MODELS", "HypercleanProblem", "hyperclean_problem", "init_classifier", "classifier_logits", "fit_lower"]
+__all__ = ["HYPERCLEAN_MODELS", "HypercleanProblem", "hyperclean_problem", "init_classifier", "classifier_logits", "classifier_sizes", "fit_lower"]
 
 HYPERCLEAN_MODELS = ("linear", "mlp", "two_layer")
 
@@ -77,13 +79,12 @@ def init_classifier(
             "W": torch.zeros(num_features, num_classes, dtype=dtype, device=device),
             "b": torch.zeros(num_classes, dtype=dtype, device=device),
         }
-    if not isinstance(hidden, int) or hidden < 1:
-        raise ValueError(f"hidden={hidden!r} must be a positive integer")
+    check_count("init_classifier", "hidden", hidden)
     generator = torch.Generator().manual_seed(int(seed))
 
     def uniform(shape, fan_in):
-        bound = 1.0 / math.sqrt(fan_in)
-        return ((torch.rand(shape, generator=generator, dtype=torch.float64) * 2 - 1) * bound).to(dtype=dtype, device=device)
+        # float64 draws (the same start for every dtype), converted block by block
+        return seeded_uniform(shape, 1.0 / math.sqrt(fan_in), generator, dtype, device)
 
     return {
         "W1": uniform((num_features, hidden), num_features),
@@ -91,6 +92,14 @@ def init_classifier(
         "W2": uniform((hidden, num_classes), hidden),
         "b2": uniform((num_classes,), hidden),
     }
+
+
+def classifier_sizes(model: str, num_features: int, num_classes: int, hidden: int = 300) -> tuple[int, int]:
+    """``(parameters, width)``: the classifier's number of parameters and the numbers it
+    computes per example (logits, plus the hidden layer of the two-layer models)."""
+    if model == "linear":
+        return num_features * num_classes + num_classes, num_classes
+    return num_features * hidden + hidden + hidden * num_classes + num_classes, hidden + num_classes
 
 
 def classifier_logits(model: str, y: dict, inputs: torch.Tensor) -> torch.Tensor:
@@ -172,12 +181,24 @@ def hyperclean_problem(
         raise TypeError(f"hyperclean_problem expects a HypercleanData (bilevel.data.make_hyperclean_data), got {type(data).__name__}")
     if model not in HYPERCLEAN_MODELS:
         raise ValueError(f"unknown hyper-cleaning model {model!r}; choose one of {', '.join(HYPERCLEAN_MODELS)}")
-    if not (isinstance(reg, (int, float)) and reg >= 0):
-        raise ValueError(f"reg={reg!r} must be a number >= 0")
+    check_nonnegative("hyperclean_problem", "reg", reg)
+    if model != "linear":
+        check_count("hyperclean_problem", "hidden", hidden)
     reg = float(reg)
     dtype, device = data.x_train.dtype, data.x_train.device
     x_train, labels_noisy = data.x_train, data.y_train_noisy
     x_val, labels_val = data.x_val, data.y_val
+    # refuse a model that cannot fit before allocating it (a width of 2e6 asked for 12.5 GB)
+    parameters, width = classifier_sizes(model, data.num_features, data.num_classes, hidden)
+    n_train, n_val = len(labels_noisy), len(labels_val)
+    check_model_memory(
+        f"the {model} hyper-cleaning model" + (f" with hidden={hidden}" if model != "linear" else ""),
+        parameters + n_train,
+        4 * (n_train + n_val) * width,  # forward, backward and double-backward activations
+        dtype,
+        device,
+        "reduce hidden or n_train (config: problem.hidden, problem.n_train)" if model != "linear" else "reduce n_train (config: problem.n_train)",
+    )
 
     def lower(x, y, batch):
         losses = F.cross_entropy(classifier_logits(model, y, x_train), labels_noisy, reduction="none")
