@@ -182,3 +182,18 @@ def test_errors_are_one_line():
         with pytest.raises(ConfigError) as info:
             _resolve(override)
         assert "\n" not in str(info.value)
+
+
+def test_the_advised_problem_data_dir_override_reaches_the_dataset_search(tmp_path, monkeypatch):
+    from bilevel.data import DatasetNotFoundError, sources
+    from bilevel.experiments import build_experiment
+
+    monkeypatch.setitem(sources.KNOWN_LOCATIONS, "mnist", ())
+    monkeypatch.delenv("BILEVEL_DATA_DIR", raising=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetNotFoundError) as info:
+        build_experiment(apply_overrides(load_config("hyperclean_mnist_liu"), [f"problem.data_dir={empty}"]))
+    assert f"{empty} (root argument)" in str(info.value) and "problem.data_dir=DIR" in str(info.value)
+    with pytest.raises(ConfigError, match=r"^problem.data_dir=3 must be a string or null$"):
+        _resolve("problem.data_dir=3")

@@ -265,3 +265,36 @@ def test_real_mnist_label_counts():
     images, labels = load_mnist()
     assert images.shape == (60000, 28, 28)
     assert np.bincount(labels).tolist() == MNIST_TRAIN_LABEL_COUNTS
+
+
+def test_report_of_a_missing_data_dir_names_it(isolated):
+    missing = isolated / "nonexistent"
+    with pytest.raises(DatasetError, match=rf"^the data directory '{missing}' does not exist: give an existing directory \(--data-dir DIR, problem.data_dir=DIR, root=DIR\)"):
+        report(missing)
+    afile = isolated / "file.txt"
+    afile.write_text("x")
+    with pytest.raises(DatasetError, match=rf"the data directory '{afile}' is a file, not a directory"):
+        report(afile)
+
+
+def test_python_m_bilevel_data_exits_2_with_one_line_for_a_missing_dir(isolated, capsys):
+    from bilevel.data.__main__ import main
+
+    assert main(["--data-dir", str(isolated / "nonexistent")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and str(isolated / "nonexistent") in err
+
+
+def test_load_dataset_with_a_missing_root_names_it_even_for_embedded_sets(isolated):
+    with pytest.raises(DatasetError, match="the data directory .*nonexistent' does not exist"):
+        load_dataset("mnist5k", root=isolated / "nonexistent")
+
+
+def test_missing_dataset_messages_advise_forms_that_work(isolated):
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("mnist", root=None)
+    message = str(info.value)
+    assert "set BILEVEL_DATA_DIR=DIR, or pass problem.data_dir=DIR or --data-dir DIR to bilevel run/bench/data (root=DIR in Python)" in message
+    rows = report(None)
+    footer = format_report(rows).splitlines()[-1]
+    assert footer == "Missing datasets can also be pointed to: set BILEVEL_DATA_DIR=DIR, or pass problem.data_dir=DIR or --data-dir DIR to bilevel run/bench/data (root=DIR in Python)."

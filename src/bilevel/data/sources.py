@@ -47,8 +47,10 @@ from .errors import (
     FASHION_MNIST_INSTALL_HINT,
     MNIST_INSTALL,
     MNIST_INSTALL_HINT,
+    DATA_DIR_FORMS,
     DatasetError,
     DatasetNotFoundError,
+    check_data_dir,
 )
 from .idx import read_idx
 
@@ -401,7 +403,8 @@ def load_dataset(
 
     Args:
         name: one of ``DATASETS`` (``mnist``, ``fashion_mnist``, ``mnist5k``, ``digits``).
-        root: directory searched first for IDX datasets (ignored by embedded sets).
+        root: directory searched first for IDX datasets (ignored by embedded sets); a
+            ``root`` that does not exist raises :class:`DatasetError`.
         split: ``"train"`` or ``"test"``; embedded sets only have ``"train"``.
 
     Returns:
@@ -409,6 +412,7 @@ def load_dataset(
     """
     info = dataset_info(name)
     _check_split(split)
+    check_data_dir(root)
     return info.loader(root, split)
 
 
@@ -419,7 +423,8 @@ def report(root: str | os.PathLike | None = None) -> list[dict]:
     up here rather than in the middle of an experiment.
 
     Args:
-        root: directory searched first, as for the loaders.
+        root: directory searched first, as for the loaders; :class:`DatasetError` if it
+            does not exist (``bilevel data --data-dir DIR`` then exits with status 2).
 
     Returns:
         One dict per dataset (the registry's sets, then ``omniglot``) with keys
@@ -428,6 +433,7 @@ def report(root: str | os.PathLike | None = None) -> list[dict]:
         (int, training examples, or None) and ``detail`` (split sizes or
         the error message).
     """
+    check_data_dir(root)
     rows = []
     for name, info in DATASETS.items():
         row = {
@@ -504,6 +510,6 @@ def format_report(rows: list[dict]) -> str:
     if any(r["status"] == "missing" for r in rows):
         lines += [
             "",
-            f"Missing datasets can also be pointed to with ${DATA_DIR_ENV} or --data-dir.",
+            f"Missing datasets can also be pointed to: {DATA_DIR_FORMS}.",
         ]
     return "\n".join(lines)
