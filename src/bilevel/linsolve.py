@@ -89,14 +89,6 @@ class LinearSolver:
         return self.steps
 
 
-def _check_steps(name, steps, minimum=1):
-    check_count(name, "steps", steps, minimum)
-
-
-def _check_positive(name, what, value):
-    check_positive(name, what, value)
-
-
 _TINY: dict = {}
 
 
@@ -133,7 +125,7 @@ class CG(LinearSolver):
     steps: int = 10
 
     def __post_init__(self):
-        _check_steps("CG", self.steps)
+        check_count("CG", "steps", self.steps)
 
     def __call__(self, matvec, b, v0=None):
         v = T.zeros_like(b) if v0 is None else v0
@@ -181,8 +173,8 @@ class Neumann(LinearSolver):
     lr: float = 0.1
 
     def __post_init__(self):
-        _check_steps("Neumann", self.steps)
-        _check_positive("Neumann", "lr", self.lr)
+        check_count("Neumann", "steps", self.steps)
+        check_positive("Neumann", "lr", self.lr)
 
     def __call__(self, matvec, b, v0=None):
         term = b
@@ -214,8 +206,8 @@ class FixedPoint(LinearSolver):
     lr: float = 0.1
 
     def __post_init__(self):
-        _check_steps("FixedPoint", self.steps)
-        _check_positive("FixedPoint", "lr", self.lr)
+        check_count("FixedPoint", "steps", self.steps)
+        check_positive("FixedPoint", "lr", self.lr)
 
     def __call__(self, matvec, b, v0=None):
         v, residual_sq = v0, None
@@ -248,8 +240,8 @@ class NormalGD(LinearSolver):
     lr: float = 0.1
 
     def __post_init__(self):
-        _check_steps("NormalGD", self.steps)
-        _check_positive("NormalGD", "lr", self.lr)
+        check_count("NormalGD", "steps", self.steps)
+        check_positive("NormalGD", "lr", self.lr)
 
     def hvps(self):
         return 2 * self.steps
@@ -303,10 +295,10 @@ class LineSearchStep(LinearSolver):
     max_step: Optional[float] = None
 
     def __post_init__(self):
-        _check_steps("LineSearchStep", self.steps)
-        _check_positive("LineSearchStep", "fallback", self.fallback)
+        check_count("LineSearchStep", "steps", self.steps)
+        check_positive("LineSearchStep", "fallback", self.fallback)
         if self.max_step is not None:
-            _check_positive("LineSearchStep", "max_step", self.max_step)
+            check_positive("LineSearchStep", "max_step", self.max_step)
 
     def hvps(self):
         return 2 * self.steps
