@@ -118,3 +118,17 @@ def test_jsonl_logger_keeps_the_records_logged_before_a_divergence_error(tmp_pat
         bl.solve(T1g(n=6), method, max_iters=500, callbacks=[logger])
     iterations = [r["iteration"] for r in _read_jsonl(path)]
     assert len(iterations) >= 2 and iterations == list(range(1, len(iterations) + 1))
+
+
+def test_progress_bar_names_the_run_and_keeps_the_latest_values(capsys):
+    """The label says which run (a bench: "GALET seed 0 (1/6)"); an evaluation metric
+    logged every few records stays shown between them."""
+    bar = bl.ProgressBar(keys=("upper_loss", "test_accuracy"), desc="GALET seed 0 (1/6)")
+    bar.on_start({"start": 0, "max_iters": 30, "method": None})
+    bar.on_log({"iteration": 10, "upper_loss": 0.51234, "test_accuracy": 81.257})
+    bar.on_log({"iteration": 20, "upper_loss": 0.4321})
+    assert bar.shown == {"upper_loss": "0.4321", "test_accuracy": "81.26"}
+    bar._bar.refresh()
+    bar.on_end(None)
+    err = capsys.readouterr().err
+    assert "GALET seed 0 (1/6)" in err and "test_accuracy=81.26" in err and "upper_loss=0.4321" in err

@@ -1,8 +1,9 @@
 """Reproducible experiments behind the ``bilevel`` command line.
 
 YAML configurations shipped with the package (``bilevel list``), the runner that turns
-one into a run directory (config.yaml, env.json, log.jsonl, checkpoint.pt, summary.json)
-and resumes it exactly. See docs/experiments.md.
+one into a run directory (config.yaml, env.json, log.jsonl, checkpoint.pt, summary.json,
+manifest.json) and resumes it exactly, and benches of methods × seeds that can be resumed
+too. See docs/experiments.md.
 
 Example:
     >>> from bilevel.experiments import builtin_configs
@@ -11,9 +12,13 @@ Example:
 """
 
 from .config import ConfigError, apply_overrides, builtin_configs, load_config, resolve_config
-from .runner import Experiment, build_experiment, build_method, read_log, resume_run, run_experiment
+from .runner import (
+    Experiment, RunDirError, build_experiment, build_method, format_bench_table, read_log, resume_bench, resume_run, run_bench,
+    run_experiment,
+)
 
 __all__ = [
     "ConfigError", "apply_overrides", "builtin_configs", "load_config", "resolve_config",
-    "Experiment", "build_experiment", "build_method", "read_log", "resume_run", "run_experiment",
+    "Experiment", "RunDirError", "build_experiment", "build_method", "format_bench_table", "read_log", "resume_bench", "resume_run",
+    "run_bench", "run_experiment",
 ]

@@ -60,11 +60,15 @@ import torch
 import yaml
 
 import bilevel
-from .. import solve as _solve_module
 from ..callbacks import ProgressBar, TensorBoardLogger
 from ..checkpoint import CheckpointError, capture_rng, load_checkpoint
 from ..methods.base import Method, State
 from ..solve import DivergenceError, Status, solve
+
+try:
+    from ..solve import CheckpointWriteWarning
+except ImportError:  # a solve that raises on a failed checkpoint write instead of warning
+    CheckpointWriteWarning = None
 from .config import METHOD_COMMON_KEYS, ConfigError, apply_overrides, method_class, resolve_config
 
 __all__ = [
@@ -669,11 +673,10 @@ def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label:
     meta = {"config": exp.config, "config_name": config.get("name"), "max_iters": n, "evals": evals, "segments": segments}
     payload = {"state": state, "history": history, "rng": start["rng"], "meta": {**start.get("meta", {}), "wall_time": float(start["wall_time"])}}
     error: Optional[DivergenceError] = None
-    write_warning = getattr(_solve_module, "CheckpointWriteWarning", None)
     with warnings.catch_warnings():
-        if write_warning is not None:
+        if CheckpointWriteWarning is not None:
             # reported once, in the summary and by the CLI's exit status 3
-            warnings.simplefilter("ignore", write_warning)
+            warnings.simplefilter("ignore", CheckpointWriteWarning)
         try:
             result = solve(
                 exp.problem, exp.method, data=exp.data, max_iters=n, callbacks=[recorder],

@@ -1,0 +1,156 @@
+"""Benches survive Ctrl-C and divergence: exit status, table, manifest, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import bilevel.experiments.runner as runner
+from bilevel.cli import main
+from bilevel.experiments.runner import format_bench_table
+from test_experiments import TINY
+
+pytestmark = pytest.mark.usefixtures("preserve_rng")
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)
+
+
+def records(run_dir):
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in lines]
+
+
+def statuses(out):
+    return {r["dir"]: r["status"] for r in json.loads((out / "manifest.json").read_text())["runs"]}
+
+
+def test_a_diverging_method_is_marked_and_the_others_reported(tiny_config, tmp_path, capsys):
+    out = tmp_path / "b"
+    argv = ["bench", tiny_config, "--methods", "CG,BAGDC", "--seeds", "0,1", "methods.BAGDC.lr_lower=1e30",
+            "methods.BAGDC.stability_check=off", "--out", str(out), "--no-progress"]
+    assert main(argv) == 1
+    printed, err = capsys.readouterr()
+    table = (out / "table.md").read_text()
+    assert table.strip() in printed
+    lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert lines["BAGDC"].startswith("| BAGDC | - | - | - | - | seed 0: diverged at iteration 1; seed 1: diverged at iteration 1 |")
+    assert " ± " in lines["CG"] and "| 6 |" in lines["CG"]
+    assert err.count("\n") == 1 and "2 of 4 runs diverged" in err and "BAGDC seed 0 at iteration 1" in err
+    assert statuses(out) == {"CG-seed0": "max_iters", "CG-seed1": "max_iters", "BAGDC-seed0": "diverged", "BAGDC-seed1": "diverged"}
+    assert json.loads((out / "bench.json").read_text())["complete"] is True
+
+
+def test_ctrl_c_stops_the_bench_and_resume_finishes_it(tiny_config, tmp_path, monkeypatch, capsys):
+    full, out = tmp_path / "full", tmp_path / "b"
+    argv = ["bench", tiny_config, "--methods", "CG,BAGDC,CG-slow", "--seeds", "0", "methods.CG-slow.method=CG",
+            "methods.CG-slow.lr_upper=0.05", "--no-progress"]
+    assert main([*argv, "--out", str(full)]) == 0
+    real = runner._Recorder.on_log
+
+    def ctrl_c_in_bagdc(self, record):
+        real(self, record)
+        if self.bar.desc == "BAGDC seed 0 (2/3)" and record["iteration"] == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner._Recorder, "on_log", ctrl_c_in_bagdc)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out)]) == 130
+    printed, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "2 of 3 runs unfinished" in err and f"bilevel resume {out}" in err
+    assert "seed 0: interrupted at iteration 3 of 6" in printed and "seed 0: not run" in printed
+    assert statuses(out) == {"CG-seed0": "max_iters", "BAGDC-seed0": "interrupted", "CG-slow-seed0": "pending"}
+    assert not (out / "CG-slow-seed0").exists()
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["complete"] is False and bench["status"]["BAGDC-seed0"] == "interrupted"
+
+    monkeypatch.setattr(runner._Recorder, "on_log", real)
+    assert main(["resume", str(out), "--no-progress"]) == 0
+    assert statuses(out) == statuses(full)
+    for name in ("CG-seed0", "BAGDC-seed0", "CG-slow-seed0"):
+        assert records(out / name) == records(full / name), name
+    done, reference = json.loads((out / "bench.json").read_text()), json.loads((full / "bench.json").read_text())
+    assert done["complete"] is True
+    for method in ("CG", "BAGDC", "CG-slow"):
+        assert done["runs"][method][0]["metrics"] == reference["runs"][method][0]["metrics"]
+    assert main(["resume", str(out), "--max-iters", "9"]) == 2
+
+
+def test_the_table_reports_one_seed_without_a_zero_std_and_notes_unfinished_runs():
+    done = {"status": "max_iters", "seed": 0, "metrics": {"test_accuracy": 85.123, "f1": 0.8912}, "time": 12.34, "iterations": 200}
+    other = {**done, "seed": 1, "metrics": {"test_accuracy": 87.123, "f1": 0.9012}}
+    stopped = {"status": "interrupted", "seed": 1, "iterations": 37, "max_iters": 200, "metrics": {"test_accuracy": 50.0}, "time": 1.0}
+    table = format_bench_table({"GALET": [done], "CG": [done, other], "BAGDC": [done, stopped]}, "hyperclean")
+    rows = table.splitlines()
+    assert rows[0] == "| method | test acc (%) | F1 | time (s) | iterations | notes |"
+    assert rows[2] == "| GALET | 85.12 | 0.891 | 12.3 | 200 |  |"
+    assert rows[3] == "| CG | 86.12 ± 1.00 | 0.896 ± 0.005 | 12.3 ± 0.0 | 200 |  |"
+    assert rows[4] == "| BAGDC | 85.12 | 0.891 | 12.3 | 200 | seed 1: interrupted at iteration 37 of 200 |"
+    assert "notes" not in format_bench_table({"GALET": [done]}, "hyperclean")
+
+
+def _wait_for(predicate, timeout, proc):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.02)
+    return False
+
+
+def _logged_iterations(run_dir):
+    try:
+        return [json.loads(line)["iteration"] for line in (run_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def test_sigint_to_a_bench_subprocess_exits_130_and_resume_completes_it(tmp_path):
+    """A real Ctrl-C (SIGINT) to `python -m bilevel bench`, then `bilevel resume BENCH_DIR`."""
+    out = tmp_path / "bench"
+    sizes = ["problem.n_train=200", "problem.n_val=100", "problem.n_test=200", "problem.baseline_steps=20",
+             "run.max_iters=300", "run.log_every=10", "run.eval_every=100", "run.checkpoint_every=0"]
+    env = {**os.environ, "PYTHONPATH": str(Path(runner.__file__).parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bilevel", "bench", "hyperclean_demo", "--methods", "BAGDC", "--seeds", "0,1", *sizes,
+         "--out", str(out), "--no-progress"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        first = out / "BAGDC-seed0"
+        # inside the iterations: iteration 0 (written when solve starts) and a later record
+        assert _wait_for(lambda: any(k > 0 for k in _logged_iterations(first)), 120, proc), proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("bilevel: interrupted: 2 of 2 runs unfinished")
+    assert "Traceback" not in stderr
+    assert "seed 0: interrupted at iteration" in stdout and "seed 1: not run" in stdout
+    summary = json.loads((first / "summary.json").read_text())
+    stopped_at = summary["iterations"]
+    assert summary["status"] == "interrupted" and 0 < stopped_at < 300
+    assert json.loads((out / "bench.json").read_text())["status"] == {"BAGDC-seed0": "interrupted", "BAGDC-seed1": "pending"}
+    assert "interrupted at iteration" in (out / "table.md").read_text()
+
+    assert main(["resume", str(out), "--no-progress"]) == 0
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["complete"] is True and set(bench["status"].values()) == {"max_iters"}
+    assert [s["iterations"] for s in bench["runs"]["BAGDC"]] == [300, 300]
+    iterations = _logged_iterations(first)
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 300 and 300 // 10 + 1 == len(iterations)
+    assert "interrupted" not in (out / "table.md").read_text() and (out / "test_accuracy.png").is_file()
