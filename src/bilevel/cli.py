@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -304,6 +305,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (CLIError, ConfigError, DatasetError, CheckpointError, RunDirError, ValueError, TypeError) as err:
         _err(f"error: {_one_line(err)}")
         return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader of stdout went away (`bilevel list | head`): nothing to report; point
+        # stdout at /dev/null so that the interpreter's final flush does not fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_OK
     except OSError as err:
         _err(f"error: {_os_message(err)}")
         return EXIT_ENVIRONMENT

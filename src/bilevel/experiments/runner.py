@@ -1125,7 +1125,7 @@ def _bench_report(out: Path, manifest: dict) -> dict:
     for entry in manifest["runs"]:
         summary = _read_json(out / entry["dir"] / "summary.json") if entry["status"] != "pending" else None
         if not isinstance(summary, dict) or summary.get("status") != entry["status"]:
-            what = "not run" if entry["status"] == "pending" else f"{entry['status']} (no summary)"
+            what = {"pending": "not run", "running": "stopped while running (no summary)"}.get(entry["status"], f"{entry['status']} (no summary)")
             notes.setdefault(entry["method"], []).append(f"seed {entry['seed']}: {what}")
             continue
         rows[entry["method"]].append(summary)
