@@ -149,6 +149,16 @@ def test_exit_codes(tiny_config, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert one_line(err) and "out of memory" in err
 
+    def too_big(config):  # the library's refusal before allocating: a MemoryError and a ValueError
+        from bilevel.validation import InsufficientMemoryError
+
+        raise InsufficientMemoryError("the mlp hyper-cleaning model needs about 12.5 GB but only 2.0 GB of memory is available: reduce hidden")
+
+    monkeypatch.setattr(runner, "build_experiment", too_big)
+    assert main(["run", tiny_config, "--out", str(tmp_path / "big"), "--no-progress"]) == 3
+    err = capsys.readouterr().err
+    assert one_line(err) and "needs about 12.5 GB" in err
+
     def bug(config):
         raise RuntimeError("something impossible")
 

@@ -302,6 +302,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DivergenceError as err:
         _err(f"diverged: {_one_line(err)}")
         return EXIT_DIVERGED
+    except MemoryError as err:
+        # before ValueError: the library's refusal to allocate (InsufficientMemoryError) is both
+        _err(f"error: {_one_line(err) if str(err).strip() else 'out of memory: use smaller sizes (e.g. problem.n_train) or free memory'}")
+        return EXIT_ENVIRONMENT
     except (CLIError, ConfigError, DatasetError, CheckpointError, RunDirError, ValueError, TypeError) as err:
         _err(f"error: {_one_line(err)}")
         return EXIT_USAGE
@@ -315,9 +319,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_OK
     except OSError as err:
         _err(f"error: {_os_message(err)}")
-        return EXIT_ENVIRONMENT
-    except MemoryError:
-        _err("error: out of memory: use smaller sizes (e.g. problem.n_train) or free memory")
         return EXIT_ENVIRONMENT
     except ImportError as err:
         _err(f"error: {_one_line(err)}")
