@@ -312,7 +312,8 @@ def solve(
         problem: a :class:`~bilevel.Problem`.
         method: a method configuration (:class:`~bilevel.GALET`, :class:`~bilevel.SlBAMM`,
             :class:`~bilevel.BAGDC`, :class:`~bilevel.AID`, :class:`~bilevel.ITD`, ...).
-        x0, y0: starting point (default: the problem's ``x_init``/``y_init``).
+        x0: upper-level starting point (default: the problem's ``x_init``).
+        y0: lower-level starting point (default: the problem's ``y_init``).
         data: the batch passed to the objectives: a fixed object (default ``None``), or a
             source with ``batch_at(k)`` giving the batch of iteration k (a pure function
             of k makes resumed runs exact).
