@@ -122,6 +122,28 @@ def test_t2_reaches_optimistic_solution_where_lower_only_methods_stop_at_0505():
     torch.testing.assert_close(aid.x["x"], torch.full((10,), 0.505, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
+def test_official_toy_reproduces_the_scripts_tensorwise_line_search_on_t2():
+    """The official scripts' line search has the numerator (Σ_i ‖r_i‖)² over y's tensors
+    (T2: y1, y2); official_toy() reproduces it. n = 100, start 0.01·1, float64."""
+    problem = T2(n=100)
+    method = bl.SlBAMM.official_toy()
+    assert method.line_search_numerator == "tensorwise"
+    state = method.init(problem)
+    xs, steps = [], []
+    for _ in range(10):
+        state, info = method.step(problem, state)
+        xs.append(state.x["x"][0].item())
+        steps.append(info["dual_step"].item())
+    assert xs[1] == pytest.approx(0.0614053, abs=5e-8)
+    assert xs[2] == pytest.approx(0.1032013, abs=5e-8)
+    assert steps[2] == pytest.approx(10.5865, abs=5e-5)          # the exact step would be 7.92
+    assert xs[9] == pytest.approx(0.3030346, abs=5e-8)
+    exact = method.replace(line_search_numerator="residual").init(problem)
+    for _ in range(3):
+        exact, info = method.replace(line_search_numerator="residual").step(problem, exact)
+    assert info["dual_step"].item() == pytest.approx(7.9208, abs=5e-5)
+
+
 def test_t2_with_decaying_mu_in_phi_approaches_one():
     result = bl.solve(T2(n=10), bl.SlBAMM.official_toy(freeze_phi_mu=None), max_iters=6000, log_every=500)
     assert (result.x["x"] - 1).abs().max().item() < 1e-4

@@ -45,7 +45,7 @@ def test_itd_with_many_lower_steps_gives_the_exact_t1g_hypergradient():
     print(f"\nITD hypergradient relative error on T1g (60 unrolled steps from y_init): {err:.2e}")
     assert err <= 1e-6
     assert float(info["lower_grad_sq"]) <= 1e-20
-    assert torch.equal(new.extra["y_init"]["y"], problem.y_init["y"])
+    assert torch.equal(new.extra["unroll"].y_init["y"], problem.y_init["y"])     # the typed UnrollState
 
 
 @pytest.mark.parametrize("T, K", [(1, None), (3, None), (5, 2)])
@@ -129,7 +129,7 @@ def test_warm_started_one_step_itd_converges_to_the_wrong_point_on_t1():
     result = bl.solve(T1(n=3), method, max_iters=100)
     assert float((result.x["x"] - 1 / 1.2).abs().max()) <= 1e-8
     assert float((result.y["y"] - 1 / 1.2).abs().max()) <= 1e-8
-    assert "y_init" not in result.state.extra
+    assert result.state.extra["unroll"] == bl.parts.EmptyState()                 # nothing kept when warm
 
 
 def test_configuration_errors():

@@ -18,11 +18,11 @@ def test_sgd_step_is_x_minus_lr_d():
     x, (d, *_) = _x_and_grads()
     opt = bl.SGD(lr=0.3)
     state = opt.init(x)
-    assert state == {}
+    assert state == bl.parts.EmptyState()
     new, state2 = opt.update(x, d, state, 0)
     for k in x:
         torch.testing.assert_close(new[k], x[k] - 0.3 * d[k], rtol=1e-15, atol=1e-15)
-    assert state2 == {}
+    assert state2 == bl.parts.EmptyState()
 
 
 def test_sgd_uses_the_schedule_at_iteration_k():
@@ -47,7 +47,7 @@ def test_sgd_momentum_matches_heavy_ball_and_torch_sgd():
             p.grad = d[key].clone()
         torch_opt.step()
         for key in x:
-            torch.testing.assert_close(state["momentum"][key], m[key], rtol=1e-14, atol=1e-14)
+            torch.testing.assert_close(state.momentum[key], m[key], rtol=1e-14, atol=1e-14)
             torch.testing.assert_close(cur[key], params[key].detach(), rtol=1e-12, atol=1e-12)
 
 
@@ -66,8 +66,8 @@ def test_adam_equals_torch_optim_adam(betas, lr, eps):
         torch_opt.step()
         for key in x:
             torch.testing.assert_close(cur[key], params[key].detach(), rtol=1e-12, atol=1e-12)
-            torch.testing.assert_close(state["m"][key], torch_opt.state[params[key]]["exp_avg"], rtol=1e-12, atol=1e-14)
-            torch.testing.assert_close(state["s"][key], torch_opt.state[params[key]]["exp_avg_sq"], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(state.m[key], torch_opt.state[params[key]]["exp_avg"], rtol=1e-12, atol=1e-14)
+            torch.testing.assert_close(state.s[key], torch_opt.state[params[key]]["exp_avg_sq"], rtol=1e-12, atol=1e-14)
     # the inputs are not modified
     x0, _ = _x_and_grads(seed=1)
     assert all(torch.equal(x[k], x0[k]) for k in x)

@@ -7,11 +7,12 @@ next to the classic baselines (ITD/RHG, T-RHG, AID with CG/Neumann/fixed point, 
 on a functional core: pure ``init``/``step`` functions over an explicit state.
 """
 
-from . import problems, schedules, tree
+from . import parts, problems, schedules, tree
 from .callbacks import CSVLogger, JSONLinesLogger, ProgressBar, TensorBoardLogger
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .linsolve import CG, FixedPoint, LinearSolveResult, LineSearchStep, Neumann, NormalGD
 from .methods import AID, BAGDC, BDA, GALET, ITD, TRHG, LowerAggregated, LowerGD, Method, SlBAMM, StabilityWarning, State
+from .parts import Parts
 from .oracles import CountingOracles, Linearization, Oracles
 from .problem import Problem
 from .schedules import Constant, Exponential, Linear, Polynomial, bamm_schedules
@@ -26,5 +27,5 @@ __all__ = [
     "Oracles", "CountingOracles", "Linearization", "Problem", "solve", "Result", "Status", "DivergenceError",
     "FixedBatch", "SGD", "Adam", "Box", "Constant", "Polynomial", "Linear", "Exponential", "bamm_schedules",
     "ProgressBar", "JSONLinesLogger", "CSVLogger", "TensorBoardLogger", "save_checkpoint", "load_checkpoint",
-    "CheckpointError", "problems", "schedules", "tree", "__version__",
+    "CheckpointError", "Parts", "parts", "problems", "schedules", "tree", "__version__",
 ]

@@ -21,33 +21,37 @@ solver                    update                                         H-produ
 
 ``NormalGD`` is GALET's shadow-implicit-gradient loop (it converges to the minimum-norm
 least-squares solution from ``v₀ = 0`` even when ``H`` is singular); ``LineSearchStep``
-is the "CG-type" dual correction of sl-BAMM/BAGDC, with guards the official code lacks
-(docs/algorithms.md#sl-bamm-official-code-quirks).
+repeats the "CG-type" dual correction of sl-BAMM/BAGDC, with guards the official code
+lacks (docs/algorithms.md#sl-bamm-official-code-quirks). In a method, a solver is a
+multiplier estimator through :class:`bilevel.parts.LinearSolve`; the single-loop methods'
+one correction per iteration is :class:`bilevel.parts.DualCorrection`, whose line-search
+step is :func:`line_search_step_size`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
 from . import tree as T
 from .tree import Tree
-from .validation import check_count, check_positive
+from .validation import ArgumentTypeError, check_count, check_positive, describe
 
 MatVec = Callable[[Tree], Tree]
 
 __all__ = [
+    "CG",
+    "FixedPoint",
+    "LineSearchStep",
     "LinearSolveResult",
     "LinearSolver",
-    "CG",
     "Neumann",
-    "FixedPoint",
     "NormalGD",
-    "LineSearchStep",
-    "line_search_step_size",
+    "check_solver",
     "estimate_spectral_norm",
+    "line_search_step_size",
 ]
 
 
@@ -59,16 +63,17 @@ class LinearSolveResult:
         v: the approximate solution.
         residual_sq: ``‖H v' − b‖²`` at the last iterate ``v'`` whose residual was formed
             (the final iterate for CG; the one before the last update for the
-            stationary iterations, where it is free).
+            stationary iterations, where it is free); ``None`` when it was not formed
+            (a fixed-step dual correction).
         step: the last step size used (line-search solvers), else ``None``.
         normal_residual_sq: ``‖H (H v' − b)‖²`` at the same iterate, for :class:`NormalGD`
             (the gradient of its least-squares objective; GALET's third stationarity term).
     """
 
     v: Tree
-    residual_sq: torch.Tensor
-    step: Optional[torch.Tensor] = None
-    normal_residual_sq: Optional[torch.Tensor] = None
+    residual_sq: torch.Tensor | None
+    step: torch.Tensor | None = None
+    normal_residual_sq: torch.Tensor | None = None
 
 
 class LinearSolver:
@@ -81,12 +86,21 @@ class LinearSolver:
 
     steps: int
 
-    def __call__(self, matvec: MatVec, b: Tree, v0: Optional[Tree] = None) -> LinearSolveResult:  # pragma: no cover - protocol
+    def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:  # pragma: no cover - protocol
         raise NotImplementedError
 
     def hvps(self) -> int:
         """Hessian-vector products per call."""
         return self.steps
+
+
+def check_solver(owner: str, name: str, value: object) -> LinearSolver:
+    """A linear solver of this module (an instance of :class:`LinearSolver`)."""
+    if not isinstance(value, LinearSolver):
+        raise ArgumentTypeError(
+            f"{describe(owner, name, value)} must be a linear solver such as bilevel.CG(steps=10), not a {type(value).__name__}"
+        )
+    return value
 
 
 _TINY: dict = {}
@@ -124,10 +138,10 @@ class CG(LinearSolver):
 
     steps: int = 10
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_count("CG", "steps", self.steps)
 
-    def __call__(self, matvec, b, v0=None):
+    def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
         v = T.zeros_like(b) if v0 is None else v0
         r = b if v0 is None else T.sub(b, matvec(v0))
         p = r
@@ -147,12 +161,12 @@ class CG(LinearSolver):
         return LinearSolveResult(v=v, residual_sq=rr)
 
 
-def _residual(matvec: MatVec, b: Tree, v: Optional[Tree]) -> Tree:
+def _residual(matvec: MatVec, b: Tree, v: Tree | None) -> Tree:
     """``H v − b``; ``v = None`` stands for zero and costs no product."""
     return T.scale(-1.0, b) if v is None else T.sub(matvec(v), b)
 
 
-def _start(b: Tree, v0: Optional[Tree]) -> Tree:
+def _start(b: Tree, v0: Tree | None) -> Tree:
     return T.zeros_like(b) if v0 is None else v0
 
 
@@ -172,11 +186,11 @@ class Neumann(LinearSolver):
     steps: int = 10
     lr: float = 0.1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_count("Neumann", "steps", self.steps)
         check_positive("Neumann", "lr", self.lr)
 
-    def __call__(self, matvec, b, v0=None):
+    def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
         term = b
         v = T.scale(self.lr, b)
         for _ in range(self.steps):
@@ -205,11 +219,11 @@ class FixedPoint(LinearSolver):
     steps: int = 10
     lr: float = 0.1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_count("FixedPoint", "steps", self.steps)
         check_positive("FixedPoint", "lr", self.lr)
 
-    def __call__(self, matvec, b, v0=None):
+    def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
         v, residual_sq = v0, None
         for _ in range(self.steps):
             r = _residual(matvec, b, v)
@@ -239,14 +253,14 @@ class NormalGD(LinearSolver):
     steps: int = 10
     lr: float = 0.1
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_count("NormalGD", "steps", self.steps)
         check_positive("NormalGD", "lr", self.lr)
 
-    def hvps(self):
+    def hvps(self) -> int:
         return 2 * self.steps
 
-    def __call__(self, matvec, b, v0=None):
+    def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
         v, residual_sq, normal_sq = v0, None, None
         for _ in range(self.steps):
             r = _residual(matvec, b, v)
@@ -257,9 +271,7 @@ class NormalGD(LinearSolver):
         return LinearSolveResult(v=v, residual_sq=residual_sq, normal_residual_sq=normal_sq)
 
 
-def line_search_step_size(
-    r_sq: torch.Tensor, r_h_r: torch.Tensor, fallback: float, max_step: float | None
-) -> torch.Tensor:
+def line_search_step_size(r_sq: torch.Tensor, r_h_r: torch.Tensor, fallback: float, max_step: float | None) -> torch.Tensor:
     """The exact line-search step ``η = ‖r‖²/(rᵀHr)`` of a quadratic, with guards.
 
     If ``rᵀHr ≤ 0`` (negative curvature, or ``r = 0``) the step is ``fallback``;
@@ -292,18 +304,18 @@ class LineSearchStep(LinearSolver):
 
     steps: int = 1
     fallback: float = 0.1
-    max_step: Optional[float] = None
+    max_step: float | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_count("LineSearchStep", "steps", self.steps)
         check_positive("LineSearchStep", "fallback", self.fallback)
         if self.max_step is not None:
             check_positive("LineSearchStep", "max_step", self.max_step)
 
-    def hvps(self):
+    def hvps(self) -> int:
         return 2 * self.steps
 
-    def __call__(self, matvec, b, v0=None):
+    def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
         v, residual_sq, eta = v0, None, None
         for _ in range(self.steps):
             r = _residual(matvec, b, v)

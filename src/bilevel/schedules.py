@@ -40,7 +40,7 @@ class Constant:
 
     value: float
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_number("Constant", "value", self.value)
 
     def __call__(self, k: int) -> float:
@@ -55,13 +55,15 @@ class Polynomial:
     power: float
     shift: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_number("Polynomial", "value", self.value)
         check_number("Polynomial", "power", self.power)
-        check_number("Polynomial", "shift", self.shift, low=0.0, low_open=True, expected="a positive number (so that k + shift > 0 at k = 0)")
+        check_number(
+            "Polynomial", "shift", self.shift, low=0.0, low_open=True, expected="a positive number (so that k + shift > 0 at k = 0)"
+        )
 
     def __call__(self, k: int) -> float:
-        return self.value * (k + self.shift) ** (-self.power)
+        return float(self.value * (k + self.shift) ** (-self.power))
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Linear:
     end: float
     steps: int
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_number("Linear", "start", self.start)
         check_number("Linear", "end", self.end)
         check_count("Linear", "steps", self.steps)
@@ -89,7 +91,7 @@ class Exponential:
     value: float
     rate: float
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_number("Exponential", "value", self.value)
         check_positive("Exponential", "rate", self.rate)
 
@@ -124,7 +126,8 @@ def bamm_schedules(
 
     Args:
         s: the lower-level step (``y_lr`` in the code), which also scales α and η.
-        mu0, p: initial averaging weight μ₀ and its decay exponent 1/p.
+        mu0: μ₀, the initial averaging weight.
+        p: μ decays as (k+1)^{-1/p}.
         tau: τ, the small exponent of the step-size decay.
         strategy: ``"s1"``, ``"s2"`` or ``"s3"`` (BOAT's names).
 

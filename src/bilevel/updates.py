@@ -6,39 +6,58 @@ Each optimizer is a frozen configuration with two pure functions, in the style o
     x_new, opt_state = optimizer.update(x, d, opt_state, k)
 
 where ``d`` is the (hyper)gradient direction and ``k`` the iteration counter used by the
-step-size schedule. ``opt_state`` is a dict of tensors/trees (Adam's moments), so it is
-saved in checkpoints with the rest of the method state.
+step-size schedule. ``opt_state`` is a typed state (:class:`SGDState` for heavy-ball momentum, :class:`AdamState`
+for Adam's moments, :class:`~bilevel.state.EmptyState` for plain SGD), saved in checkpoints
+with the rest of the method state. The optimizers are the upper-optimizer parts of
+:mod:`bilevel.parts`; :class:`Box` is the projection part.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from functools import cached_property
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
 from . import tree as T
-from .schedules import ScheduleLike, as_schedule
+from .schedules import Schedule, ScheduleLike, as_schedule
+from .state import EmptyState, part_state
 from .tree import Tree
 from .validation import check_fraction, check_nonnegative, check_number, check_step_size, describe
 
-__all__ = ["SGD", "Adam", "Box", "UpperOptimizer", "as_upper_optimizer"]
+__all__ = ["SGD", "Adam", "AdamState", "Box", "SGDState", "UpperOptimizer", "as_upper_optimizer"]
 
 
-class UpperOptimizer:
-    """Protocol of an upper-level update: ``init(x)`` and ``update(x, d, state, k)``."""
+@runtime_checkable
+class UpperOptimizer(Protocol):
+    """Protocol of an upper-level update: ``init(x) -> state`` and
+    ``update(x, d, state, k) -> (x_next, state)``, ``k`` the upper iteration."""
 
-    lr: ScheduleLike
+    def init(self, x: Tree) -> Any:  # pragma: no cover - protocol
+        ...
 
-    def init(self, x: Tree) -> dict:  # pragma: no cover - protocol
-        raise NotImplementedError
+    def update(self, x: Tree, d: Tree, state: Any, k: int) -> tuple[Tree, Any]:  # pragma: no cover
+        ...
 
-    def update(self, x: Tree, d: Tree, state: dict, k: int) -> tuple[Tree, dict]:  # pragma: no cover
-        raise NotImplementedError
+
+@part_state
+class SGDState(NamedTuple):
+    """Heavy-ball momentum ``m`` of :class:`SGD` (a tree shaped like x)."""
+
+    momentum: Tree
+
+
+@part_state
+class AdamState(NamedTuple):
+    """Adam's first and second moments ``m``, ``s`` (trees shaped like x)."""
+
+    m: Tree
+    s: Tree
 
 
 @dataclass(frozen=True)
-class SGD(UpperOptimizer):
+class SGD:
     """Gradient step ``x ← x − α_k d`` (optionally with heavy-ball momentum ``m ← βm + d``).
 
     Args:
@@ -49,23 +68,28 @@ class SGD(UpperOptimizer):
     lr: ScheduleLike = 0.1
     momentum: float = 0.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_step_size("SGD", "lr", self.lr)
         check_fraction("SGD", "momentum", self.momentum)
 
-    def init(self, x):
-        return {"momentum": T.zeros_like(x)} if self.momentum else {}
+    @cached_property
+    def schedule(self) -> Schedule:
+        """``lr`` as a schedule ``k -> α_k`` (built once)."""
+        return as_schedule(self.lr)
 
-    def update(self, x, d, state, k):
-        lr = as_schedule(self.lr)(k)
+    def init(self, x: Tree) -> EmptyState | SGDState:
+        return SGDState(momentum=T.zeros_like(x)) if self.momentum else EmptyState()
+
+    def update(self, x: Tree, d: Tree, state: Any, k: int) -> tuple[Tree, EmptyState | SGDState]:
+        lr = self.schedule(k)
         if self.momentum:
-            m = T.axpy(1.0, d, T.scale(self.momentum, state["momentum"]))
-            return T.axpy(-lr, m, x), {"momentum": m}
+            m = T.axpy(1.0, d, T.scale(self.momentum, state.momentum))
+            return T.axpy(-lr, m, x), SGDState(momentum=m)
         return T.axpy(-lr, d, x), state
 
 
 @dataclass(frozen=True)
-class Adam(UpperOptimizer):
+class Adam:
     """Adam (Kingma & Ba, 2015) on the hypergradient direction, as ``torch.optim.Adam``.
 
     ``m ← β₁m + (1−β₁)d, s ← β₂s + (1−β₂)d², x ← x − α_k m̂ / (√ŝ + ε)`` with bias
@@ -81,7 +105,7 @@ class Adam(UpperOptimizer):
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check_step_size("Adam", "lr", self.lr)
         betas = self.betas
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
@@ -93,22 +117,25 @@ class Adam(UpperOptimizer):
                 raise ValueError(f"{describe('Adam', 'betas', betas)} must be a pair (beta1, beta2) of numbers in [0, 1)") from None
         check_nonnegative("Adam", "eps", self.eps)
 
-    def init(self, x):
-        return {"m": T.zeros_like(x), "s": T.zeros_like(x)}
+    @cached_property
+    def schedule(self) -> Schedule:
+        """``lr`` as a schedule ``k -> α_k`` (built once)."""
+        return as_schedule(self.lr)
 
-    def update(self, x, d, state, k):
-        lr = as_schedule(self.lr)(k)
+    def init(self, x: Tree) -> AdamState:
+        return AdamState(m=T.zeros_like(x), s=T.zeros_like(x))
+
+    def update(self, x: Tree, d: Tree, state: AdamState, k: int) -> tuple[Tree, AdamState]:
+        lr = self.schedule(k)
         b1, b2 = self.betas
         t = k + 1
         dl = T.leaves(d)
-        m = T.leaves(state["m"])
-        s = T.leaves(state["s"])
-        m = torch._foreach_add(torch._foreach_mul(m, b1), dl, alpha=1 - b1)
-        s = torch._foreach_addcmul(torch._foreach_mul(s, b2), dl, dl, value=1 - b2)
+        m = torch._foreach_add(torch._foreach_mul(T.leaves(state.m), b1), dl, alpha=1 - b1)
+        s = torch._foreach_addcmul(torch._foreach_mul(T.leaves(state.s), b2), dl, dl, value=1 - b2)
         denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(s), (1 - b2**t) ** 0.5), self.eps)
         step = torch._foreach_div(m, denom)
         new_x = torch._foreach_add(T.leaves(x), step, alpha=-lr / (1 - b1**t))
-        return T.unflatten_like(new_x, x), {"m": T.unflatten_like(m, x), "s": T.unflatten_like(s, x)}
+        return T.unflatten_like(new_x, x), AdamState(m=T.unflatten_like(m, x), s=T.unflatten_like(s, x))
 
 
 @dataclass(frozen=True)
@@ -119,10 +146,10 @@ class Box:
     on the nonconvex-PL toy).
     """
 
-    lower: Optional[float] = None
-    upper: Optional[float] = None
+    lower: float | None = None
+    upper: float | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("lower", "upper"):
             value = getattr(self, name)
             if value is not None:

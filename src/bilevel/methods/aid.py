@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from .. import tree as T
-from ..linsolve import CG, LinearSolver
-from ..oracles import Oracles
-from ..schedules import ScheduleLike
-from ..updates import Box, UpperOptimizer, as_upper_optimizer
-from ..validation import ArgumentTypeError, check_bool, check_count, check_positive, describe
-from .base import LowerGD, Method, State, check_common
+from ..linsolve import CG, LinearSolver, check_solver
+from ..parts import DirectionNorm, LinearSolve, LowerGD, Parts
+from ..validation import check_bool, check_count, check_positive
+from .alternating import Alternating
+from .base import option
 
 __all__ = ["AID"]
 
 
 @dataclass(frozen=True)
-class AID(Method):
+class AID(Alternating):
     """AID: lower-level steps, then the implicit hypergradient through a linear solve.
 
     Per upper iteration k (warm-started ``y``):
@@ -29,6 +27,10 @@ class AID(Method):
 
     ``d_k`` is the implicit-function-theorem hypergradient ``∇Φ(x_k)`` when ``y_{k+1} =
     y*(x_k)`` and the solve is exact (strongly convex lower level).
+
+    Parts (``method.parts``): ``LowerGD(lr_lower, lower_steps)``,
+    ``LinearSolve(solver, warm_start_v)``, ``DirectionNorm()``, ``PlainDirection()``, the
+    upper optimizer of ``lr_upper``.
 
     Args:
         lr_upper: α, a number, a schedule or an upper optimizer.
@@ -55,44 +57,14 @@ class AID(Method):
 
     name: ClassVar[str] = "AID"
 
-    lr_upper: Union[ScheduleLike, UpperOptimizer] = 0.1
-    lr_lower: float = 0.1
-    lower_steps: int = 10
-    solver: LinearSolver = CG(steps=10)
-    warm_start_v: bool = False
-    project_x: Optional[Box] = None
-    oracles: Optional[Oracles] = None
+    lr_lower: float = option(0.1, check_positive)
+    lower_steps: int = option(10, check_count)
+    solver: LinearSolver = field(default=CG(steps=10), metadata={"check": (check_solver, {})})
+    warm_start_v: bool = option(False, check_bool)
 
-    def __post_init__(self):
-        as_upper_optimizer(self.lr_upper, "lr_upper", "AID")
-        check_positive("AID", "lr_lower", self.lr_lower)
-        check_count("AID", "lower_steps", self.lower_steps)
-        if not isinstance(self.solver, LinearSolver):
-            raise ArgumentTypeError(
-                f"{describe('AID', 'solver', self.solver)} must be a linear solver such as bilevel.CG(steps=10), "
-                f"not a {type(self.solver).__name__}"
-            )
-        check_bool("AID", "warm_start_v", self.warm_start_v)
-        check_common(self)
-
-    def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "lr_upper", "AID")
-
-    def step(self, problem, state: State, batch=None):
-        oracles = self._oracles()
-        x = state.x
-        y, _ = LowerGD(lr=self.lr_lower, steps=self.lower_steps).run(problem, x, state.y, batch, oracles)
-        grad_x_f, grad_y_f, upper_loss = oracles.gradients(problem.upper, x, y, batch)
-        lin = oracles.linearize(problem.lower, x, y, batch)
-        solve = self.solver(lin.hvp, grad_y_f, state.v if self.warm_start_v else None)
-        direction = T.sub(grad_x_f, lin.mixed(solve.v))
-        new_x, opt = self.update_x(state, direction)
-        direction_sq = T.sq_norm(direction)
-        info = {
-            "upper_loss": upper_loss,
-            "lower_grad_sq": T.sq_norm(lin.grad_y),
-            "direction_sq": direction_sq,
-            "linsys_residual_sq": solve.residual_sq,
-            "stationarity": self.projected_direction_sq(x, direction, direction_sq),
-        }
-        return state.replace(x=new_x, y=y, v=solve.v, opt=opt, k=state.k + 1), info
+    def build_parts(self) -> Parts:
+        return Parts(
+            lower=LowerGD(lr=self.lr_lower, steps=self.lower_steps),
+            multiplier=LinearSolve(self.solver, warm_start=self.warm_start_v),
+            measure=DirectionNorm(),
+        )

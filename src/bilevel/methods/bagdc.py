@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import ClassVar
 
-import torch
-
-from .. import tree as T
-from ..oracles import Oracles
-from ..schedules import ScheduleLike, as_schedule
-from ..updates import Box, UpperOptimizer, as_upper_optimizer
-from ..validation import check_choice, check_count, check_fraction, check_positive, check_step_size
-from .base import Method, State, check_common
-from .dual import check_dual_options, check_stability, multiplier_iteration
+from ..parts import KKTResidual, LowerAggregated, LowerGD, Parts
+from ..schedules import ScheduleLike
+from ..updates import UpperOptimizer
+from ..validation import check_choice, check_count, check_fraction, check_positive
+from .alternating import Alternating
+from .base import StabilityChecked, option, upper_option
+from .dual import DualOptions
 
 __all__ = ["BAGDC"]
 
 
 @dataclass(frozen=True)
-class BAGDC(Method):
+class BAGDC(StabilityChecked, DualOptions, Alternating):
     """BAGDC (Liu, Liu, Yao, Zeng & Zhang, arXiv:2205.10054): alternating gradient steps
     with the dual multiplier as a variable and one dual-correction step per iteration.
 
@@ -47,15 +45,26 @@ class BAGDC(Method):
     Stationarity reported: the KKT residual ``‖∇_x f − Jv‖² + ‖∇_y f − Hv‖² + ‖∇_y g‖²``
     with g (``kkt_upper``, ``kkt_multiplier``, ``kkt_lower``).
 
+    Parts (``method.parts``): ``LowerGD(lr_lower, lower_steps)`` (or, ``lower="bda"``,
+    ``LowerAggregated(lr_lower, lower_steps, mu=lower_mu)``), ``DualCorrection`` with
+    ``FixedStep(lr_dual)``, ``LineSearch(dual_fallback, max_dual_step)`` or
+    ``Periodic(period, LineSearch(...))``, ``KKTResidual()``, ``PlainDirection()``, the
+    upper optimizer of ``lr_upper``; ``Parts.order = order``.
+
     Args:
         lr_upper: α_k (a number, a schedule or an upper optimizer).
         lr_lower: β, the lower step.
         lower_steps: N (1 in the code; the Jacobi order needs 1).
         lower: ``"gd"`` (g) or ``"bda"``: lower steps, H and J on φ_μ (the code's ``--BDA``).
         lower_mu: μ of ``"bda"`` (0.1 in the code).
-        dual_step, lr_dual, period: see above.
+        dual_step: ``"fixed"``, ``"linesearch"`` or ``"periodic"`` (see above).
+        lr_dual: η_k of ``"fixed"``: a number or a schedule.
+        period: iterations between the line searches of ``"periodic"``.
         order: ``"sequential"`` or ``"jacobi"``.
-        max_dual_step, dual_fallback: guards of the line search.
+        max_dual_step: optional clip of the line-search step.
+        dual_fallback: the step used when the curvature along r is not positive.
+        line_search_numerator: ``"residual"`` (default) or the official scripts'
+            ``"tensorwise"`` numerator (see :class:`~bilevel.parts.LineSearch`).
         project_x: optional projection of x.
         stability_check: ``"warn"`` (default), ``"error"`` or ``"off"``: at ``init``, estimate
             λ_max of the lower Hessian (of φ_μ) by power iteration and check ``lr_lower``
@@ -79,49 +88,19 @@ class BAGDC(Method):
     name: ClassVar[str] = "BAGDC"
     stationarity_doc: ClassVar[str] = "KKT residual ‖∇_x f − Jv‖² + ‖∇_y f − Hv‖² + ‖∇_y g‖²"
 
-    lr_upper: Union[ScheduleLike, UpperOptimizer] = 0.01
-    lr_lower: float = 0.2
-    lower_steps: int = 1
-    lower: str = "gd"
-    lower_mu: float = 0.1
-    dual_step: str = "fixed"
-    lr_dual: ScheduleLike = 0.5
-    period: int = 10
-    order: str = "sequential"
-    max_dual_step: Optional[float] = None
-    dual_fallback: float = 0.1
-    project_x: Optional[Box] = None
-    stability_check: str = "warn"
-    oracles: Optional[Oracles] = None
+    lr_upper: ScheduleLike | UpperOptimizer = upper_option(0.01)
+    lr_lower: float = option(0.2, check_positive)
+    lower_steps: int = option(1, check_count)
+    lower: str = option("gd", check_choice, choices=("gd", "bda"))
+    lower_mu: float = option(0.1, check_fraction, low_open=True)
 
-    def __post_init__(self):
-        as_upper_optimizer(self.lr_upper, "lr_upper", "BAGDC")
-        check_positive("BAGDC", "lr_lower", self.lr_lower)
-        check_count("BAGDC", "lower_steps", self.lower_steps)
-        check_choice("BAGDC", "lower", self.lower, ("gd", "bda"))
-        check_fraction("BAGDC", "lower_mu", self.lower_mu, low_open=True)
-        check_step_size("BAGDC", "lr_dual", self.lr_dual)
-        check_dual_options("BAGDC", self.order, self.dual_step, self.lower_steps, self.period, self.stability_check)
-        check_positive("BAGDC", "max_dual_step", self.max_dual_step, allow_none=True)
-        check_positive("BAGDC", "dual_fallback", self.dual_fallback)
-        check_common(self)
+    def build_parts(self) -> Parts:
+        if self.lower == "bda":
+            lower: LowerGD = LowerAggregated(lr=self.lr_lower, steps=self.lower_steps, mu=self.lower_mu, index="outer")
+        else:
+            lower = LowerGD(lr=self.lr_lower, steps=self.lower_steps)
+        return Parts(lower=lower, multiplier=self.dual_correction(), measure=KKTResidual(), order=self.order)
 
-    def init(self, problem, x0=None, y0=None, batch=None, validate=True):
-        state = super().init(problem, x0, y0, batch, validate)
-        check_stability(self, problem, state, batch, self.lower_mu if self.lower == "bda" else 0.0)
-        return state
-
-    def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "lr_upper", "BAGDC")
-
-    def init_extra(self, x, y):
-        if self.dual_step != "periodic":
-            return {}
-        leaf = T.leaves(y)[0]
-        return {"eta": torch.tensor(self.dual_fallback, dtype=leaf.dtype, device=leaf.device)}
-
-    def step(self, problem, state: State, batch=None):
-        mu = self.lower_mu if self.lower == "bda" else 0.0
-        return multiplier_iteration(
-            self, problem, state, batch, mu=mu, lower_lr=self.lr_lower, eta_fixed=as_schedule(self.lr_dual)(state.k)
-        )
+    def stability_steps(self) -> list[tuple[str, float, int]]:
+        """β and a fixed η_0 below ``2/λ_max`` of the Hessian of g (or φ_μ)."""
+        return [("lr_lower", self.lr_lower, 1), *self.dual_stability_steps()]

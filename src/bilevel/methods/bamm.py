@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from functools import cached_property
+from typing import Any, ClassVar
 
 import torch
 
-from .. import tree as T
-from ..oracles import Oracles
-from ..schedules import ScheduleLike, as_schedule, bamm_schedules
-from ..updates import Box, UpperOptimizer, as_upper_optimizer
-from ..validation import check_fraction, check_positive, check_step_size
-from .base import Method, State, check_common, check_weight
-from .dual import check_dual_options, check_stability, multiplier_iteration
+from ..parts import KKTResidual, LowerAggregated, Parts
+from ..problem import Problem
+from ..schedules import Schedule, ScheduleLike, as_schedule, bamm_schedules
+from ..state import State
+from ..updates import UpperOptimizer
+from ..validation import check_choice, check_fraction, check_positive, check_step_size
+from .alternating import Alternating
+from .base import StabilityChecked, check_weight, option, upper_option
+from .dual import DUAL_RULES, DualOptions
 
 __all__ = ["SlBAMM"]
 
@@ -21,7 +24,7 @@ _MU, _ALPHA, _ETA = bamm_schedules(s=0.1, mu0=0.9, p=10.0, tau=1 / 40, strategy=
 
 
 @dataclass(frozen=True)
-class SlBAMM(Method):
+class SlBAMM(StabilityChecked, DualOptions, Alternating):
     """sl-BAMM (Liu, Liu, Yao, Zeng & Zhang, ICML 2023) for a merely convex lower level.
 
     The lower objective is averaged with the upper one, ``φ_μ = μ f + (1 − μ) g``, with
@@ -43,6 +46,11 @@ class SlBAMM(Method):
     (``stationarity`` = ``kkt_upper + kkt_multiplier + kkt_lower``), plus the same with
     φ_μ as ``kkt_phi``.
 
+    Parts (``method.parts``): ``LowerAggregated(lr_lower, 1, mu=freeze_phi_mu or mu,
+    index="outer")`` (its μ_k also weights φ_μ in H and J), ``DualCorrection`` with the
+    rule of ``dual_step``, ``KKTResidual()``, ``PlainDirection()``, the upper optimizer of
+    ``lr_upper``; ``Parts.order = order``.
+
     Args:
         lr_lower: β (``s`` / ``y_lr`` in the code), the lower step; also scales the
             default schedules. The official toy uses 0.1.
@@ -56,8 +64,11 @@ class SlBAMM(Method):
         freeze_phi_mu: ``None`` (default: φ uses μ_k everywhere, the paper's mathematics)
             or a number: the official scripts bind μ = 0.1 inside φ once and for all
             (only α_k sees μ_k); ``freeze_phi_mu=0.1`` reproduces them.
-        max_dual_step, dual_fallback: guards of the line search (clip; step used when
-            the curvature along r is not positive).
+        max_dual_step: optional clip of the line-search step.
+        dual_fallback: the step used when the curvature along r is not positive.
+        line_search_numerator: ``"residual"`` (default, ``‖r‖²``: the exact line search)
+            or ``"tensorwise"``, ``(Σ_i ‖r_i‖)²`` over y's tensors — what the official
+            scripts compute (a reproduction quirk; :meth:`official_toy` uses it).
         period: line-search period for ``dual_step="periodic"``.
         project_x: optional projection of x.
         stability_check: ``"warn"`` (default), ``"error"`` or ``"off"``: at ``init``, estimate
@@ -84,36 +95,17 @@ class SlBAMM(Method):
     name: ClassVar[str] = "sl-BAMM"
     stationarity_doc: ClassVar[str] = "KKT residual ‖∇_x f − Jz‖² + ‖∇_y f − Hz‖² + ‖∇_y g‖²"
 
-    lr_lower: float = 0.1
-    mu: ScheduleLike = _MU
-    lr_upper: Union[ScheduleLike, UpperOptimizer] = _ALPHA
-    dual_step: str = "linesearch"
-    lr_dual: ScheduleLike = _ETA
-    order: str = "sequential"
-    freeze_phi_mu: Optional[float] = None
-    max_dual_step: Optional[float] = None
-    dual_fallback: float = 0.1
-    period: int = 10
-    project_x: Optional[Box] = None
-    stability_check: str = "warn"
-    oracles: Optional[Oracles] = None
-    lower_steps: ClassVar[int] = 1
-
-    def __post_init__(self):
-        check_positive("SlBAMM", "lr_lower", self.lr_lower)
-        check_weight("SlBAMM", "mu", self.mu)
-        check_step_size("SlBAMM", "lr_dual", self.lr_dual)
-        as_upper_optimizer(self.lr_upper, "lr_upper", "SlBAMM")
-        check_dual_options("SlBAMM", self.order, self.dual_step, 1, self.period, self.stability_check)
-        check_fraction("SlBAMM", "freeze_phi_mu", self.freeze_phi_mu, allow_none=True)
-        check_positive("SlBAMM", "max_dual_step", self.max_dual_step, allow_none=True)
-        check_positive("SlBAMM", "dual_fallback", self.dual_fallback)
-        check_common(self)
+    lr_upper: ScheduleLike | UpperOptimizer = upper_option(_ALPHA)
+    lr_lower: float = option(0.1, check_positive)
+    mu: ScheduleLike = option(_MU, check_weight)
+    dual_step: str = option("linesearch", check_choice, choices=DUAL_RULES, kw_only=True)
+    lr_dual: ScheduleLike = option(_ETA, check_step_size, kw_only=True)
+    freeze_phi_mu: float | None = option(None, check_fraction, allow_none=True)
 
     @classmethod
     def from_strategy(
-        cls, s: float = 0.1, mu0: float = 0.9, p: float = 10.0, tau: float = 1 / 40, strategy: str = "s3", **options
-    ) -> "SlBAMM":
+        cls, s: float = 0.1, mu0: float = 0.9, p: float = 10.0, tau: float = 1 / 40, strategy: str = "s3", **options: Any
+    ) -> SlBAMM:
         """sl-BAMM with the schedules ``μ_k, α_k, η_k`` of strategy s1/s2/s3
         (docs/algorithms.md#sl-bamm-schedules).
 
@@ -123,38 +115,35 @@ class SlBAMM(Method):
         return cls(lr_lower=s, mu=mu, lr_upper=options.pop("lr_upper", alpha), lr_dual=eta, **options)
 
     @classmethod
-    def official_toy(cls, **options) -> "SlBAMM":
+    def official_toy(cls, **options: Any) -> SlBAMM:
         """The official merely-convex toy command (``strategy3.py --hg_mode BAMM_CG --BDA
-        --thelr --p0 10``): Jacobi order, line-search multiplier step, μ frozen at 0.1
-        inside φ, s = 0.1, μ₀ = 0.9, p = 10, τ = 1/40, α_k = s (k+1)^{-3τ/2} μ_k³."""
-        defaults = {"order": "jacobi", "dual_step": "linesearch", "freeze_phi_mu": 0.1}
+        --thelr --p0 10``): Jacobi order, line-search multiplier step with the scripts'
+        numerator ``(Σ_i ‖r_i‖)²`` over y's tensors (``line_search_numerator="tensorwise"``,
+        a reproduction quirk: the exact step has ``‖r‖²``), μ frozen at 0.1 inside φ,
+        s = 0.1, μ₀ = 0.9, p = 10, τ = 1/40, α_k = s (k+1)^{-3τ/2} μ_k³."""
+        defaults = {"order": "jacobi", "dual_step": "linesearch", "freeze_phi_mu": 0.1, "line_search_numerator": "tensorwise"}
         defaults.update(options)
         return cls.from_strategy(s=0.1, mu0=0.9, p=10.0, tau=1 / 40, strategy="s3", **defaults)
 
-    def init(self, problem, x0=None, y0=None, batch=None, validate=True):
-        state = super().init(problem, x0, y0, batch, validate)
-        check_stability(self, problem, state, batch, self.averaging_weight(0))
-        return state
+    def build_parts(self) -> Parts:
+        mu = self.mu if self.freeze_phi_mu is None else self.freeze_phi_mu
+        lower = LowerAggregated(lr=self.lr_lower, steps=1, mu=mu, index="outer")
+        return Parts(lower=lower, multiplier=self.dual_correction(), measure=KKTResidual(), order=self.order)
 
-    def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "lr_upper", "SlBAMM")
-
-    def init_extra(self, x, y):
-        if self.dual_step != "periodic":
-            return {}
-        leaf = T.leaves(y)[0]
-        return {"eta": torch.tensor(self.dual_fallback, dtype=leaf.dtype, device=leaf.device)}
+    def stability_steps(self) -> list[tuple[str, float, int]]:
+        """β and a fixed η_0 below ``2/λ_max(∇²_yy φ_μ0)``."""
+        return [("lr_lower", self.lr_lower, 1), *self.dual_stability_steps()]
 
     def averaging_weight(self, k: int) -> float:
         """μ used inside φ at iteration k (``freeze_phi_mu`` if set, else μ_k)."""
-        if self.freeze_phi_mu is not None:
-            return float(self.freeze_phi_mu)
-        return float(as_schedule(self.mu)(k))
+        return self.parts.lower.averaging(k)
 
-    def step(self, problem, state: State, batch=None):
-        mu = self.averaging_weight(state.k)
-        new_state, info = multiplier_iteration(
-            self, problem, state, batch, mu=mu, lower_lr=self.lr_lower, eta_fixed=as_schedule(self.lr_dual)(state.k)
-        )
-        info["mu"] = torch.as_tensor(float(as_schedule(self.mu)(state.k)), dtype=info["upper_loss"].dtype)
+    def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
+        new_state, info = super().step(problem, state, batch)
+        info["mu"] = torch.as_tensor(float(self.mu_schedule(state.k)), dtype=info["upper_loss"].dtype)
         return new_state, info
+
+    @cached_property
+    def mu_schedule(self) -> Schedule:
+        """``mu`` as a schedule (built once; ``info["mu"]`` reports μ_k even when φ's μ is frozen)."""
+        return as_schedule(self.mu)

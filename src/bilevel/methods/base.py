@@ -1,20 +1,28 @@
-"""The method protocol, its explicit state, and the lower-level dynamics shared by methods.
+"""The method protocol, the base of methods assembled from parts, and the stability check.
 
 A method is a frozen configuration with two pure functions::
 
     state = method.init(problem, x0, y0, batch)
     state, info = method.step(problem, state, batch)
 
-``state`` (:class:`State`) holds everything a run needs to continue: the variables, the
-multiplier, the upper optimizer's moments, the iteration counter and method-specific
-extras. ``info`` is a dict of 0-d tensors (diagnostics); ``step`` never calls
-``.item()``, so it never waits for the device.
+``state`` (:class:`~bilevel.state.State`) holds everything a run needs to continue: the
+variables, the multiplier, the upper optimizer's state, the iteration counter and the
+typed states of the method's other parts. ``info`` is a dict of 0-d tensors
+(diagnostics); ``step`` never calls ``.item()``, so it never waits for the device.
+
+The library's methods are :class:`Assembled`: their paper-named keyword arguments are
+dataclass fields, checked when the method is built (each field declares its check with
+:func:`option`), and ``build_parts`` turns them — once, at construction — into the parts
+of :mod:`bilevel.parts` (``method.parts``). A template runs the parts:
+:class:`~bilevel.methods.Alternating` (lower steps, a multiplier, the implicit direction:
+AID, GALET, sl-BAMM, BAGDC) or :class:`~bilevel.methods.Unrolled` (differentiation
+through the lower steps: ITD, T-RHG, BDA). See docs/extending.md.
 
 Diagnostics every method reports (keys of ``info``):
 
 * ``upper_loss`` — f at the point where the direction was evaluated;
 * ``lower_grad_sq`` — ‖∇_y g‖² there (lower-level optimality);
-* ``direction_sq`` — ‖d‖², the squared norm of the upper direction;
+* ``direction_sq`` — ‖d‖², the squared norm of the hypergradient estimate;
 * ``stationarity`` — the stationarity measure of the method's paper (see each method).
 """
 
@@ -22,154 +30,62 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from functools import cached_property
+from typing import Any, ClassVar, cast
 
 import torch
 
 from .. import tree as T
 from ..oracles import Oracles
+from ..parts import LowerAggregated, LowerGD, Parts, linearize
+from ..parts.base import Projection, check_oracles, check_projection, check_weight, projected_sq
 from ..problem import Problem
-from ..schedules import ScheduleLike, as_schedule
+from ..schedules import ScheduleLike
+from ..state import EmptyState, State
 from ..tree import Tree
-from ..updates import Box, UpperOptimizer
-from ..validation import ArgumentTypeError, check_choice, check_count, check_fraction, check_positive
+from ..updates import UpperOptimizer, as_upper_optimizer
+from ..validation import check_choice
 
 __all__ = [
-    "State", "Method", "LowerGD", "LowerAggregated", "StabilityWarning",
-    "check_step_bound", "check_stability_option", "check_weight", "check_common",
+    "Assembled",
+    "LowerAggregated",
+    "LowerGD",
+    "Method",
+    "StabilityChecked",
+    "StabilityWarning",
+    "State",
+    "check_step_bound",
+    "check_upper",
+    "check_weight",
+    "option",
 ]
 
 
-@dataclass(frozen=True)
-class State:
-    """Explicit state of a bilevel method.
+def option(default: Any, check: Callable | None = None, *, kw_only: bool = False, **check_args: Any) -> Any:
+    """A method argument: its default and the check run when the method is built.
 
-    Attributes:
-        x: upper-level variables.
-        y: lower-level variables.
-        v: the multiplier / adjoint (solves ``H v ≈ ∇_y f``; GALET's ``w = −v``), or
-            ``None`` for methods without one.
-        opt: the upper optimizer's state (e.g. Adam moments).
-        k: number of completed iterations.
-        extra: method-specific tensors (e.g. BAGDC's self-governed step size).
+    ``check(owner, name, value, **check_args)`` is one of :mod:`bilevel.validation`'s
+    checks (or one with the same signature); ``owner`` is the method's class name, so a
+    bad value fails with one line such as ``GALET(lr_lower=0) must be a positive number``.
+    ``kw_only=True`` declares again, with another default, an option of a keyword-only base.
     """
-
-    x: Tree
-    y: Tree
-    v: Optional[Tree] = None
-    opt: dict = field(default_factory=dict)
-    k: int = 0
-    extra: dict = field(default_factory=dict)
-
-    def replace(self, **changes) -> "State":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        """Plain nested dict (for ``torch.save`` with ``weights_only=True``)."""
-        return {"x": self.x, "y": self.y, "v": self.v, "opt": self.opt, "k": self.k, "extra": self.extra}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "State":
-        return cls(x=d["x"], y=d["y"], v=d["v"], opt=d["opt"], k=int(d["k"]), extra=d.get("extra", {}))
+    metadata = {"check": (check, check_args)} if check is not None else {}
+    if kw_only:
+        return field(default=default, kw_only=True, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
-@dataclass(frozen=True)
-class LowerGD:
-    """Lower-level dynamics: ``steps`` gradient steps ``y ← y − β ∇_y g(x, y)``.
-
-    Args:
-        lr: β, the lower-level step (≤ 1/L_g for a guaranteed decrease).
-        steps: N, steps per upper iteration.
-    """
-
-    lr: float = 0.1
-    steps: int = 1
-
-    def __post_init__(self):
-        check_count(type(self).__name__, "steps", self.steps, minimum=1)
-        check_positive(type(self).__name__, "lr", self.lr)
-
-    def step(self, problem: Problem, x, y, batch, t: int, oracles: Oracles):
-        """One step without a graph: ``(y_next, step direction)`` (``∇_y g(x, y)`` here)."""
-        grad_g, _ = oracles.gradient_y(problem.lower, x, y, batch)
-        return T.axpy(-self.lr, grad_g, y), grad_g
-
-    def run(self, problem: Problem, x, y, batch, oracles: Oracles):
-        """All steps without a graph: ``(y_N, last step direction)``."""
-        grad_g = None
-        for t in range(self.steps):
-            y, grad_g = self.step(problem, x, y, batch, t, oracles)
-        return y, grad_g
-
-    def differentiable_step(self, problem: Problem, x, y, batch, t: int):
-        """One step as a function of ``(x, y)`` with its graph kept (for unrolling).
-
-        Returns ``(y_next, ∇_y g(x, y))``, the gradient detached.
-        """
-        yl = T.leaves(y)
-        grads = _create_graph_grad(problem.lower(x, y, batch), yl)
-        y_next = [p - self.lr * gr for p, gr in zip(yl, grads)]
-        return T.unflatten_like(y_next, y), T.unflatten_like([gr.detach() for gr in grads], y)
+def check_upper(owner: str, name: str, value: Any) -> Any:
+    """``lr_upper``: a positive step, a schedule or an upper optimizer (SGD, Adam, ...)."""
+    as_upper_optimizer(value, name, owner)
+    return value
 
 
-def _create_graph_grad(value: torch.Tensor, inputs: list) -> list:
-    return list(torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
-
-
-@dataclass(frozen=True)
-class LowerAggregated(LowerGD):
-    """BDA's aggregated lower dynamics (Liu et al., ICML 2020):
-
-        y ← y − [(1 − μ_t) β ∇_y g(x, y) + μ_t β_u ∇_y f(x, y)]
-
-    With ``lr_upper = lr`` this is a gradient step on ``φ_μ = μ f + (1 − μ) g``, the
-    averaged objective of sl-BAMM.
-
-    Args:
-        lr: β, step on the lower objective.
-        steps: number of steps per upper iteration.
-        mu: μ_t, aggregation weight in [0, 1): a number or a schedule of the inner index t.
-        lr_upper: β_u, step on the upper objective (default: ``lr``).
-
-    Reference: Liu, Mu, Yuan, Zeng, Zhang, "A Generic First-Order Algorithmic Framework
-    for Bi-Level Programming Beyond Lower-Level Singleton", ICML 2020.
-    """
-
-    mu: ScheduleLike = 0.1
-    lr_upper: Optional[float] = None
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_weight("LowerAggregated", "mu", self.mu)
-        check_positive("LowerAggregated", "lr_upper", self.lr_upper, allow_none=True)
-
-    def coefficients(self, t: int) -> tuple[float, float]:
-        """``((1 − μ_t) β, μ_t β_u)``: the weights on ``∇_y g`` and ``∇_y f`` of step ``t``."""
-        mu = as_schedule(self.mu)(t)
-        beta_u = self.lr if self.lr_upper is None else self.lr_upper
-        return (1.0 - mu) * self.lr, mu * beta_u
-
-    def step(self, problem, x, y, batch, t, oracles):
-        a, b = self.coefficients(t)
-        lower, upper = problem.lower, problem.upper
-
-        def weighted(xx, yy, bb):
-            return a * lower(xx, yy, bb) + b * upper(xx, yy, bb)
-
-        # one backward pass for the aggregated direction a ∇_y g + b ∇_y f
-        direction, _ = oracles.gradient_y(weighted, x, y, batch)
-        return T.axpy(-1.0, direction, y), direction
-
-    def differentiable_step(self, problem, x, y, batch, t):
-        a, b = self.coefficients(t)
-        yl = T.leaves(y)
-        grads_g = _create_graph_grad(problem.lower(x, y, batch), yl)
-        grads_f = _create_graph_grad(problem.upper(x, y, batch), yl)
-        y_next = [p - a * gg - b * gf for p, gg, gf in zip(yl, grads_g, grads_f)]
-        return T.unflatten_like(y_next, y), T.unflatten_like([gg.detach() for gg in grads_g], y)
-
-
+def upper_option(default: Any) -> Any:
+    """``lr_upper`` declared again by a preset whose default α differs from the base's."""
+    return option(default, check_upper, kw_only=True)
 
 
 class StabilityWarning(UserWarning):
@@ -186,58 +102,101 @@ def check_step_bound(owner: str, what: str, step: float, bound: float, detail: s
     )
     if action == "error":
         raise ValueError(message)
-    warnings.warn(message, StabilityWarning, stacklevel=3)
-
-
-def check_stability_option(owner: str, value: str) -> None:
-    """Validate a ``stability_check`` option at construction."""
-    check_choice(owner, "stability_check", value, ("warn", "error", "off"))
-
-
-def check_weight(owner: str, name: str, value) -> None:
-    """An averaging weight μ: a number in [0, 1) or a schedule (callable k -> float)."""
-    if callable(value):
-        as_schedule(value, f"{owner}({name})")
-    else:
-        check_fraction(owner, name, value)
-
-
-def check_common(method) -> None:
-    """The options every method shares: ``project_x`` (a projection or None) and ``oracles``."""
-    owner = type(method).__name__
-    projection = getattr(method, "project_x", None)
-    if projection is not None and not callable(projection):
-        raise ArgumentTypeError(f"{owner}(project_x={projection!r}) must be a projection such as bilevel.Box(0.0, 3.0), or None")
-    oracles = getattr(method, "oracles", None)
-    if oracles is not None and not isinstance(oracles, Oracles):
-        raise ArgumentTypeError(f"{owner}(oracles={oracles!r}) must be a bilevel.Oracles, or None")
+    warnings.warn(message, StabilityWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)
 class Method:
-    """Base of all methods: shared fields, ``init`` and the upper-level update.
+    """Base of all methods: ``name``, ``init``, ``step`` and ``replace``.
 
-    Subclasses set ``name``, ``uses_multiplier`` and implement ``step``.
+    A method is a frozen dataclass whose fields are its options (what
+    :func:`bilevel.solve.method_spec` records in checkpoints). Subclasses set ``name``
+    and implement ``init`` and ``step``; :class:`Assembled` does both from parts.
     """
 
     name: ClassVar[str] = "method"
-    uses_multiplier: ClassVar[bool] = True
     stationarity_doc: ClassVar[str] = "‖d‖²"
+    uses_multiplier: ClassVar[bool] = True
 
-    def _upper(self) -> UpperOptimizer:  # pragma: no cover - overridden by fields
+    def init(
+        self, problem: Problem, x0: Tree = None, y0: Tree = None, batch: Any = None, validate: bool = True
+    ) -> State:  # pragma: no cover
         raise NotImplementedError
 
+    def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:  # pragma: no cover
+        raise NotImplementedError
+
+    def replace(self, **changes: Any) -> Any:
+        """A copy with some options changed (its parts are built again)."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Assembled(Method):
+    """A method assembled from parts: the options shared by every method, the checks of
+    every option, ``init``, and the upper step.
+
+    Subclasses declare their paper-named options with :func:`option` and implement
+    ``build_parts`` (called once, when the method is built); the template subclass
+    (:class:`~bilevel.methods.Alternating`, :class:`~bilevel.methods.Unrolled`) implements
+    ``step``. ``method.parts`` shows what was built.
+
+    Args:
+        lr_upper: α, the upper step: a positive number or a schedule (plain gradient
+            steps, :class:`~bilevel.SGD`), or an upper optimizer (:class:`~bilevel.Adam`).
+        project_x: optional projection of x (e.g. :class:`~bilevel.Box`).
+        oracles: the derivative oracles (default: reverse mode, :class:`~bilevel.Oracles`).
+    """
+
+    lr_upper: ScheduleLike | UpperOptimizer = option(0.1, check_upper)
+    project_x: Projection | None = option(None, check_projection)
+    oracles: Oracles | None = option(None, check_oracles)
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is not None:
+                check[0](owner, f.name, getattr(self, f.name), **check[1])
+        self.parts  # noqa: B018 - build the parts now, once: a bad combination fails at construction
+
+    def build_parts(self) -> Parts:  # pragma: no cover - implemented by every method
+        """The parts of this configuration (``upper`` and ``projection`` left ``None``
+        are filled from ``lr_upper`` and ``project_x``)."""
+        raise NotImplementedError
+
+    def check_parts(self, owner: str, parts: Parts) -> None:
+        """Checks of the assembled parts that the template needs (raise ``ValueError``)."""
+
+    @cached_property
+    def parts(self) -> Parts:
+        """The parts this method runs (built once, when the method is built)."""
+        owner = type(self).__name__
+        parts = self.build_parts()
+        if not isinstance(parts, Parts):
+            raise TypeError(f"{owner}.build_parts() must return a bilevel.parts.Parts, got {type(parts).__name__}")
+        parts = dataclasses.replace(
+            parts,
+            upper=parts.upper if parts.upper is not None else as_upper_optimizer(self.lr_upper, "lr_upper", owner),
+            projection=parts.projection if parts.projection is not None else self.project_x,
+        )
+        self.check_parts(owner, parts)
+        return parts
+
+    @cached_property
+    def derivatives(self) -> Oracles:
+        """The oracles used: ``oracles``, or the default :class:`~bilevel.Oracles`."""
+        return self.oracles if self.oracles is not None else Oracles()
+
     def _oracles(self) -> Oracles:
-        return getattr(self, "oracles", None) or Oracles()
+        return self.derivatives
 
-    def _projection(self) -> Optional[Box]:
-        return getattr(self, "project_x", None)
-
-    def init(self, problem: Problem, x0=None, y0=None, batch: Any = None, validate: bool = True) -> State:
+    def init(self, problem: Problem, x0: Tree = None, y0: Tree = None, batch: Any = None, validate: bool = True) -> State:
         """The initial state at ``(x0, y0)`` (the problem's defaults when omitted).
 
-        Validates the problem there (shapes, dtypes, finite values, scalar losses)
-        unless ``validate=False``. ``v₀ = 0``.
+        Validates the problem there (shapes, dtypes, finite values, scalar losses) unless
+        ``validate=False``; projects x; starts the multiplier at zero and every part
+        from its ``init``.
         """
         if not isinstance(problem, Problem):
             raise TypeError(f"{self.name}.init expects a bilevel.Problem, got {type(problem).__name__}")
@@ -245,35 +204,74 @@ class Method:
         if validate:
             problem.validate(x0, y0, batch)
         x, y = T.clone(x0), T.clone(y0)
-        projection = self._projection()
-        if projection is not None:
-            x = projection(x)
-        v = T.zeros_like(y) if self.uses_multiplier else None
-        return State(x=x, y=y, v=v, opt=self._upper().init(x), k=0, extra=self.init_extra(x, y))
+        parts = self.parts
+        if parts.projection is not None:
+            x = parts.projection(x)
+        state = self.initial_state(x, y)
+        self.check_stability(problem, state, batch)
+        return state
 
-    def init_extra(self, x, y) -> dict:
-        return {}
+    def initial_state(self, x: Tree, y: Tree) -> State:
+        """The state at the (projected) starting point; templates add their parts' states."""
+        parts = self.parts
+        return State(
+            x=x,
+            y=y,
+            opt=cast(UpperOptimizer, parts.upper).init(x),
+            k=0,
+            extra={"lower": parts.lower.init(y), "direction": parts.direction.init(x)},
+        )
 
-    def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:  # pragma: no cover
-        raise NotImplementedError
+    def check_stability(self, problem: Problem, state: State, batch: Any) -> None:
+        """Stability checks at ``init`` (none by default; see :class:`StabilityChecked`)."""
 
-    def update_x(self, state: State, direction: Tree) -> tuple[Tree, dict]:
-        """Upper step ``x ← Proj_X(update(x, d))`` with the method's optimizer."""
-        x, opt = self._upper().update(state.x, direction, state.opt, state.k)
-        projection = self._projection()
-        if projection is not None:
-            x = projection(x)
-        return x, opt
+    def update_x(self, x: Tree, estimate: Tree, state: State) -> tuple[Tree, Any, Any]:
+        """``(x_next, optimizer state, direction state)``: the direction estimator, the upper
+        optimizer and the projection, ``x ← Proj_X(update(x, d))``."""
+        parts, k = self.parts, state.k
+        direction, direction_state = parts.direction.update(estimate, state.extra.get("direction", EmptyState()), k)
+        x_next, opt = cast(UpperOptimizer, parts.upper).update(x, direction, state.opt, k)
+        if parts.projection is not None:
+            x_next = parts.projection(x_next)
+        return x_next, opt, direction_state
 
-    def projected_direction_sq(self, x: Tree, direction: Tree, direction_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``‖x − Proj_X(x − d)‖²``: the stationarity of the upper step (``‖d‖²`` if unconstrained).
+    def projected_direction_sq(self, x: Tree, direction: Tree, direction_sq: torch.Tensor | None = None) -> torch.Tensor:
+        """``‖x − Proj_X(x − d)‖²`` (``‖d‖²`` if unconstrained; see :func:`bilevel.parts.projected_sq`)."""
+        return projected_sq(self.parts.projection, x, direction, direction_sq)
 
-        ``direction_sq``: ``‖d‖²`` when the caller has it already (returned as is, unconstrained)."""
-        projection = self._projection()
-        if projection is None:
-            return T.sq_norm(direction) if direction_sq is None else direction_sq
-        return T.sq_norm(T.sub(x, projection(T.sub(x, direction))))
 
-    def replace(self, **changes):
-        """A copy with some options changed."""
-        return dataclasses.replace(self, **changes)
+@dataclass(frozen=True, kw_only=True)
+class StabilityChecked:
+    """The ``stability_check`` option (a mixin of :class:`Assembled` methods).
+
+    At ``init``, λ_max of the Hessian of the objective the lower dynamics descend (g, or
+    φ_μ) is estimated by power iteration (30 products, one host sync) and each step of
+    :meth:`stability_steps` is checked against ``2/λ_max^p``.
+
+    Args:
+        stability_check: ``"warn"`` (default, :class:`StabilityWarning`), ``"error"``
+            (``ValueError``) or ``"off"``.
+    """
+
+    stability_check: str = option("warn", check_choice, choices=("warn", "error", "off"))
+
+    def stability_steps(self) -> list[tuple[str, float, int]]:
+        """``[(option name, step, p)]``: each step is stable below ``2/λ_max^p``."""
+        return []
+
+    def check_stability(self, problem: Problem, state: State, batch: Any) -> None:
+        steps = self.stability_steps()
+        if self.stability_check == "off" or not steps:
+            return
+        from ..linsolve import estimate_spectral_norm
+
+        mu = self.parts.lower.averaging(0)  # type: ignore[attr-defined]
+        point = linearize(self.derivatives, problem, mu, state.x, state.y, batch)  # type: ignore[attr-defined]
+        lam = estimate_spectral_norm(point.phi.hvp, state.y)
+        if lam <= 0:
+            return
+        which = "H" if mu == 0.0 else "∇²_yy φ_μ"
+        owner = type(self).__name__
+        for name, step, power in steps:
+            detail = f"2/λ_max({which}){'²' if power == 2 else ''} with λ_max({which}) ≈ {lam:.4g}"
+            check_step_bound(owner, name, step, 2.0 / lam**power, detail, self.stability_check)

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import ClassVar
 
-from .. import tree as T
-from ..linsolve import NormalGD, estimate_spectral_norm
-from ..oracles import Oracles
-from ..schedules import ScheduleLike
-from ..updates import Box, UpperOptimizer, as_upper_optimizer
+from ..linsolve import NormalGD
+from ..parts import LinearSolve, LowerGD, Parts, ShadowResidual
 from ..validation import check_bool, check_choice, check_count, check_positive
-from .base import (
-    LowerGD,
-    Method,
-    State,
-    check_common,
-    check_stability_option,
-    check_step_bound,
-)
+from .alternating import Alternating
+from .base import StabilityChecked, option
 
 __all__ = ["GALET"]
 
 
 @dataclass(frozen=True)
-class GALET(Method):
+class GALET(StabilityChecked, Alternating):
     """GALET (Xiao, Lu & Chen, NeurIPS 2023) for a lower level satisfying the PL condition.
 
     Per upper iteration k (in GALET's sign ``w = −v``):
@@ -49,6 +40,11 @@ class GALET(Method):
     ``exact_metric=True`` (default) the third term is evaluated at ``w_{k+1}``: the mixed
     product and ``H w_{k+1}`` come from one pass, plus one Hessian product. With
     ``exact_metric=False`` it is the free value at ``w^{(T−1)}``.
+
+    Parts (``method.parts``): ``LowerGD(lr_lower, lower_steps)``,
+    ``LinearSolve(NormalGD(shadow_steps, lr_shadow), warm_start=shadow_start == "warm")``,
+    ``ShadowResidual(exact_metric)``, ``PlainDirection()``, the upper optimizer of
+    ``lr_upper``.
 
     Args:
         lr_upper: α (a number, a schedule or an upper optimizer).
@@ -82,69 +78,20 @@ class GALET(Method):
     name: ClassVar[str] = "GALET"
     stationarity_doc: ClassVar[str] = "R = ‖∇_x f + Jw‖² + ‖∇_y g‖² + ‖H(∇_y f + Hw)‖²"
 
-    lr_upper: Union[ScheduleLike, UpperOptimizer] = 0.1
-    lr_lower: float = 0.5
-    lower_steps: int = 5
-    lr_shadow: float = 0.25
-    shadow_steps: int = 10
-    shadow_start: str = "zero"
-    project_x: Optional[Box] = None
-    exact_metric: bool = True
-    stability_check: str = "warn"
-    oracles: Optional[Oracles] = None
+    lr_lower: float = option(0.5, check_positive)
+    lower_steps: int = option(5, check_count)
+    lr_shadow: float = option(0.25, check_positive)
+    shadow_steps: int = option(10, check_count)
+    shadow_start: str = option("zero", check_choice, choices=("zero", "warm"))
+    exact_metric: bool = option(True, check_bool)
 
-    def __post_init__(self):
-        as_upper_optimizer(self.lr_upper, "lr_upper", "GALET")
-        check_positive("GALET", "lr_lower", self.lr_lower)
-        check_count("GALET", "lower_steps", self.lower_steps)
-        check_positive("GALET", "lr_shadow", self.lr_shadow)
-        check_count("GALET", "shadow_steps", self.shadow_steps)
-        check_choice("GALET", "shadow_start", self.shadow_start, ("zero", "warm"))
-        check_bool("GALET", "exact_metric", self.exact_metric)
-        check_stability_option("GALET", self.stability_check)
-        check_common(self)
+    def build_parts(self) -> Parts:
+        return Parts(
+            lower=LowerGD(lr=self.lr_lower, steps=self.lower_steps),
+            multiplier=LinearSolve(NormalGD(steps=self.shadow_steps, lr=self.lr_shadow), warm_start=self.shadow_start == "warm"),
+            measure=ShadowResidual(exact=self.exact_metric),
+        )
 
-    def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "lr_upper", "GALET")
-
-    def init(self, problem, x0=None, y0=None, batch=None, validate=True):
-        state = super().init(problem, x0, y0, batch, validate)
-        if self.stability_check != "off":
-            lin = self._oracles().linearize(problem.lower, state.x, state.y, batch)
-            lam = estimate_spectral_norm(lin.hvp, state.y)
-            if lam > 0:
-                check_step_bound("GALET", "lr_lower", self.lr_lower, 2.0 / lam, f"2/λ_max(H) with λ_max(H) ≈ {lam:.4g}", self.stability_check)
-                check_step_bound("GALET", "lr_shadow", self.lr_shadow, 2.0 / lam**2, f"2/λ_max(H)² with λ_max(H) ≈ {lam:.4g}", self.stability_check)
-        return state
-
-    def step(self, problem, state: State, batch=None):
-        oracles = self._oracles()
-        x = state.x
-        y, _ = LowerGD(lr=self.lr_lower, steps=self.lower_steps).run(problem, x, state.y, batch, oracles)
-        grad_x_f, grad_y_f, upper_loss = oracles.gradients(problem.upper, x, y, batch)
-        lin = oracles.linearize(problem.lower, x, y, batch)
-        v0 = state.v if self.shadow_start == "warm" else None
-        shadow = NormalGD(steps=self.shadow_steps, lr=self.lr_shadow)(lin.hvp, grad_y_f, v0)
-        v = shadow.v
-        if self.exact_metric:
-            jv, hv = lin.both(v)
-            shadow_term = T.sq_norm(lin.hvp(T.sub(hv, grad_y_f)))
-        else:
-            jv = lin.mixed(v)
-            shadow_term = shadow.normal_residual_sq
-        direction = T.sub(grad_x_f, jv)
-        new_x, opt = self.update_x(state, direction)
-        direction_sq = T.sq_norm(direction)
-        upper_term = self.projected_direction_sq(x, direction, direction_sq)
-        lower_term = T.sq_norm(lin.grad_y)
-        info = {
-            "upper_loss": upper_loss,
-            "lower_grad_sq": lower_term,
-            "direction_sq": direction_sq,
-            "linsys_residual_sq": shadow.residual_sq,
-            "R_upper": upper_term,
-            "R_lower": lower_term,
-            "R_shadow": shadow_term,
-            "stationarity": upper_term + lower_term + shadow_term,
-        }
-        return state.replace(x=new_x, y=y, v=v, opt=opt, k=state.k + 1), info
+    def stability_steps(self) -> list[tuple[str, float, int]]:
+        """β < 2/λ_max(H) and ρ < 2/λ_max(H)²."""
+        return [("lr_lower", self.lr_lower, 1), ("lr_shadow", self.lr_shadow, 2)]

@@ -7,22 +7,19 @@ of T lower-level steps from ``y_0``, obtained by back-propagating through the st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Optional, Union
+from typing import ClassVar
 
-import torch
-
-from .. import tree as T
-from ..oracles import Oracles, _grads_or_zeros, _requires_grad_copy
+from ..parts import LowerAggregated, LowerGD, Parts, Unroll
 from ..schedules import ScheduleLike
-from ..updates import Box, UpperOptimizer, as_upper_optimizer
 from ..validation import check_bool, check_count, check_positive
-from .base import LowerAggregated, LowerGD, Method, State, check_common, check_weight
+from .base import check_weight, option
+from .unrolled import Unrolled
 
-__all__ = ["ITD", "TRHG", "BDA"]
+__all__ = ["BDA", "ITD", "TRHG"]
 
 
 @dataclass(frozen=True)
-class ITD(Method):
+class ITD(Unrolled):
     """RHG / ITD: reverse-mode differentiation through the lower-level iterations.
 
     Per upper iteration k:
@@ -33,6 +30,10 @@ class ITD(Method):
 
     With ``truncate = K < T`` only the last K steps are differentiated (T-RHG). Memory
     grows as O(K · dim y); cost T gradients of g plus one backward through K steps.
+
+    Parts (``method.parts``): ``LowerGD(lr_lower, lower_steps)``,
+    ``Unroll(truncate, warm_start)``, ``PlainDirection()``, the upper optimizer of
+    ``lr_upper``; run by the :class:`~bilevel.methods.Unrolled` template.
 
     Args:
         lr_upper: α, a number, a schedule, or an upper optimizer (:class:`~bilevel.Adam`).
@@ -56,71 +57,22 @@ class ITD(Method):
     """
 
     name: ClassVar[str] = "ITD"
-    uses_multiplier: ClassVar[bool] = False
 
-    lr_upper: Union[ScheduleLike, UpperOptimizer] = 0.1
-    lr_lower: float = 0.1
-    lower_steps: int = 100
-    truncate: Optional[int] = None
-    warm_start: bool = False
-    project_x: Optional[Box] = None
-    oracles: Optional[Oracles] = None
+    lr_lower: float = option(0.1, check_positive)
+    lower_steps: int = option(100, check_count)
+    truncate: int | None = option(None, check_count, allow_none=True)
+    warm_start: bool = option(False, check_bool)
 
-    def __post_init__(self):
-        as_upper_optimizer(self.lr_upper, "lr_upper", self.name)
-        check_positive(self.name, "lr_lower", self.lr_lower)
-        check_count(self.name, "lower_steps", self.lower_steps)
-        if isinstance(self, BDA):
-            check_weight(self.name, "mu", self.mu)
-            check_positive(self.name, "lr_lower_upper", self.lr_lower_upper, allow_none=True)
-        self._dynamics()
-        check_bool(self.name, "warm_start", self.warm_start)
-        check_common(self)
-        if self.truncate is not None:
-            check_count(self.name, "truncate", self.truncate, minimum=1)
-            if self.truncate > self.lower_steps:
-                raise ValueError(f"{self.name}(truncate={self.truncate}) cannot exceed lower_steps={self.lower_steps}")
+    def build_parts(self) -> Parts:
+        return Parts(lower=self.lower_dynamics(), unroll=Unroll(truncate=self.differentiated_steps(), warm_start=self.warm_start))
 
-    def _upper(self):
-        return as_upper_optimizer(self.lr_upper, "lr_upper", self.name)
-
-    def _dynamics(self) -> LowerGD:
+    def lower_dynamics(self) -> LowerGD:
+        """The lower steps that are unrolled."""
         return LowerGD(lr=self.lr_lower, steps=self.lower_steps)
 
     def differentiated_steps(self) -> int:
         """K, the number of lower steps back-propagated through."""
         return self.lower_steps if self.truncate is None else self.truncate
-
-    def init_extra(self, x, y):
-        return {} if self.warm_start else {"y_init": T.clone(y)}
-
-    def step(self, problem, state: State, batch=None):
-        dynamics, oracles = self._dynamics(), self._oracles()
-        steps = self.lower_steps
-        differentiated = self.differentiated_steps()
-        y = state.y if self.warm_start else state.extra["y_init"]
-        for t in range(steps - differentiated):
-            y, _ = dynamics.step(problem, state.x, y, batch, t, oracles)
-        x_req = _requires_grad_copy(state.x)
-        x_leaves = T.leaves(x_req)
-        with torch.enable_grad():
-            y = _requires_grad_copy(y)
-            grad_g = None
-            for t in range(steps - differentiated, steps):
-                y, grad_g = dynamics.differentiable_step(problem, x_req, y, batch, t)
-            upper_loss = problem.upper(x_req, y, batch)
-            direction = T.unflatten_like(_grads_or_zeros(upper_loss, x_leaves), state.x)
-        y_final = T.detach(y)
-        x, opt = self.update_x(state, direction)
-        direction_sq = T.sq_norm(direction)
-        stationarity = self.projected_direction_sq(state.x, direction, direction_sq)
-        info = {
-            "upper_loss": upper_loss.detach(),
-            "lower_grad_sq": T.sq_norm(grad_g),
-            "direction_sq": direction_sq,
-            "stationarity": stationarity,
-        }
-        return state.replace(x=x, y=y_final, opt=opt, k=state.k + 1), info
 
 
 @dataclass(frozen=True)
@@ -151,8 +103,10 @@ class BDA(ITD):
 
     Args:
         mu: μ ∈ (0, 1), aggregation weight (a number or a schedule of the inner index t).
-        lr_lower_upper: β_u, step on ``∇_y f`` (default β).
-        (other arguments as :class:`ITD`.)
+        lr_lower_upper: β_u, step on ``∇_y f`` (default β); the same name as on
+            :class:`~bilevel.parts.LowerAggregated`, its lower dynamics.
+
+    The other arguments are those of :class:`ITD`.
 
     Reference: Liu, Mu, Yuan, Zeng & Zhang, "A Generic First-Order Algorithmic Framework
     for Bi-Level Programming Beyond Lower-Level Singleton", ICML 2020.
@@ -160,8 +114,8 @@ class BDA(ITD):
 
     name: ClassVar[str] = "BDA"
 
-    mu: ScheduleLike = 0.1
-    lr_lower_upper: Optional[float] = None
+    mu: ScheduleLike = option(0.1, check_weight)
+    lr_lower_upper: float | None = option(None, check_positive, allow_none=True)
 
-    def _dynamics(self):
-        return LowerAggregated(lr=self.lr_lower, steps=self.lower_steps, mu=self.mu, lr_upper=self.lr_lower_upper)
+    def lower_dynamics(self) -> LowerAggregated:
+        return LowerAggregated(lr=self.lr_lower, steps=self.lower_steps, mu=self.mu, lr_lower_upper=self.lr_lower_upper)

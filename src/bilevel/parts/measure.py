@@ -1,0 +1,194 @@
+"""The linearized point of an iteration, and the measures: products and stationarity.
+
+:func:`linearize` builds, at ``(x, y)``, the linearization of the objective the lower
+dynamics descend (``φ_μ = μ f + (1 − μ) g``, or g when μ = 0) with the gradients of f —
+a :class:`Point`. A measure then forms the upper direction ``∇_x f − J_φ v`` with the
+products it needs and reports the stationarity measure of the method's paper:
+
+========================  ==================================================  ==================
+measure                   stationarity                                        products for v
+========================  ==================================================  ==================
+:class:`DirectionNorm`    ``‖x − Proj(x − d)‖²`` (AID, ITD)                   ``J v``
+:class:`ShadowResidual`   GALET's R = ``‖d‖² + ‖∇_y g‖² + ‖H(∇_y f − Hv)‖²``     ``(J v, H v)`` + 1 H
+:class:`KKTResidual`      ``‖∇_x f − J_g v‖² + ‖∇_y f − H_g v‖² + ‖∇_y g‖²``   ``(J v, H v)`` per objective
+========================  ==================================================  ==================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from .. import tree as T
+from ..linsolve import LinearSolveResult
+from ..oracles import Linearization, Oracles, WeightedLinearization
+from ..problem import Problem
+from ..tree import Tree
+from ..validation import check_bool
+from .base import Projection, projected_sq
+
+__all__ = ["DirectionNorm", "KKTResidual", "Point", "ShadowResidual", "linearize"]
+
+
+class Point(NamedTuple):
+    """The derivatives of one iteration at ``(x, y)``.
+
+    Attributes:
+        phi: linearization of the descended objective φ_μ (``g`` itself when μ = 0).
+        f: linearization of f (with ``∇_x f``) when μ > 0, else ``None``.
+        g: linearization of g.
+        grad_x_f, grad_y_f, upper_loss: ``∇_x f``, ``∇_y f`` and f at the point.
+        mu: μ.
+    """
+
+    phi: Linearization
+    f: Linearization | None
+    g: Linearization
+    grad_x_f: Tree
+    grad_y_f: Tree
+    upper_loss: torch.Tensor
+    mu: float
+
+    def products(self, v: Tree) -> tuple[Tree, Tree, Tree, Tree]:
+        """``(J_φ v, H_φ v, J_g v, H_g v)`` with one pass per objective."""
+        jg, hg = self.g.both(v)
+        if self.f is None:
+            return jg, hg, jg, hg
+        jf, hf = self.f.both(v)
+        mu = self.mu
+        return T.axpy(mu, jf, T.scale(1.0 - mu, jg)), T.axpy(mu, hf, T.scale(1.0 - mu, hg)), jg, hg
+
+
+def linearize(oracles: Oracles, problem: Problem, mu: float, x: Tree, y: Tree, batch: Any) -> Point:
+    """The :class:`Point` at ``(x, y)``: one gradient-with-graph of g, and either one
+    gradient of f (μ = 0) or one gradient-with-graph of f (μ > 0, for the products of φ_μ)."""
+    lin_g = oracles.linearize(problem.lower, x, y, batch)
+    if mu == 0.0:
+        grad_x_f, grad_y_f, upper_loss = oracles.gradients(problem.upper, x, y, batch)
+        return Point(lin_g, None, lin_g, grad_x_f, grad_y_f, upper_loss, 0.0)
+    lin_f = oracles.linearize(problem.upper, x, y, batch, with_grad_x=True)
+    lin_phi = WeightedLinearization([(mu, lin_f), (1.0 - mu, lin_g)])
+    return Point(lin_phi, lin_f, lin_g, lin_f.grad_x, lin_f.grad_y, lin_f.value, mu)
+
+
+def _solver_report(solve: LinearSolveResult | None) -> dict:
+    return {} if solve is None or solve.residual_sq is None else {"linsys_residual_sq": solve.residual_sq}
+
+
+@dataclass(frozen=True)
+class DirectionNorm:
+    """Stationarity ``‖x − Proj_X(x − d)‖²`` (``‖d‖²`` unconstrained), one mixed product.
+
+    Reports ``upper_loss``, ``lower_grad_sq``, ``direction_sq``, ``stationarity`` and the
+    solver's ``linsys_residual_sq``.
+    """
+
+    def evaluate(
+        self, point: Point, v: Tree, solve: LinearSolveResult | None, x: Tree, projection: Projection | None
+    ) -> tuple[Tree, dict, Tree | None]:
+        direction = T.sub(point.grad_x_f, point.phi.mixed(v))
+        direction_sq = T.sq_norm(direction)
+        info = {
+            "upper_loss": point.upper_loss,
+            "lower_grad_sq": T.sq_norm(point.g.grad_y),
+            "direction_sq": direction_sq,
+            "stationarity": projected_sq(projection, x, direction, direction_sq),
+        }
+        return direction, info, None
+
+    def report(self, solve: LinearSolveResult | None) -> dict:
+        return _solver_report(solve)
+
+
+@dataclass(frozen=True)
+class ShadowResidual:
+    """GALET's stationarity R (docs/algorithms.md#galet-stationarity-measure), in the
+    library's sign ``v = −w``:
+
+        R = ‖x − Proj(x − d)‖² + ‖∇_y g‖² + ‖H (H v − ∇_y f)‖²,   d = ∇_x f − J v
+
+    reported as ``stationarity`` with its terms ``R_upper``, ``R_lower``, ``R_shadow``.
+
+    Args:
+        exact: evaluate the third term at the final v (one ``(J v, H v)`` pass and one
+            more Hessian product); ``False`` takes the free value of the solver at its
+            previous iterate (``normal_residual_sq`` of :class:`~bilevel.NormalGD`).
+    """
+
+    exact: bool = True
+
+    def __post_init__(self) -> None:
+        check_bool("ShadowResidual", "exact", self.exact)
+
+    def evaluate(
+        self, point: Point, v: Tree, solve: LinearSolveResult | None, x: Tree, projection: Projection | None
+    ) -> tuple[Tree, dict, Tree | None]:
+        if self.exact:
+            jv, hv = point.phi.both(v)
+            shadow_term = T.sq_norm(point.phi.hvp(T.sub(hv, point.grad_y_f)))
+        else:
+            if solve is None or solve.normal_residual_sq is None:
+                raise ValueError("ShadowResidual(exact=False) needs a solver that reports normal_residual_sq (bilevel.NormalGD)")
+            jv, hv = point.phi.mixed(v), None
+            shadow_term = solve.normal_residual_sq
+        direction = T.sub(point.grad_x_f, jv)
+        direction_sq = T.sq_norm(direction)
+        upper_term = projected_sq(projection, x, direction, direction_sq)
+        lower_term = T.sq_norm(point.g.grad_y)
+        info = {
+            "upper_loss": point.upper_loss,
+            "lower_grad_sq": lower_term,
+            "direction_sq": direction_sq,
+            "R_upper": upper_term,
+            "R_lower": lower_term,
+            "R_shadow": shadow_term,
+            "stationarity": upper_term + lower_term + shadow_term,
+        }
+        return direction, info, hv
+
+    def report(self, solve: LinearSolveResult | None) -> dict:
+        return _solver_report(solve)
+
+
+@dataclass(frozen=True)
+class KKTResidual:
+    """The KKT residual of ``min f s.t. ∇_y g = 0`` with multiplier v, with g:
+
+        ‖x − Proj(x − (∇_x f − J_g v))‖² + ‖∇_y f − H_g v‖² + ‖∇_y g‖²
+
+    as ``stationarity`` = ``kkt_upper + kkt_multiplier + kkt_lower``; the direction is
+    ``∇_x f − J_φ v``. Also ``dual_residual_sq = ‖H_φ v − ∇_y f‖²``, the multiplier step's
+    ``dual_step``, and, when φ_μ ≠ g, the same residual with φ_μ as ``kkt_phi``. One
+    ``(J v, H v)`` pass per objective.
+    """
+
+    def evaluate(
+        self, point: Point, v: Tree, solve: LinearSolveResult | None, x: Tree, projection: Projection | None
+    ) -> tuple[Tree, dict, Tree | None]:
+        j_phi, h_phi, j_g, h_g = point.products(v)
+        grad_x_f, grad_y_f = point.grad_x_f, point.grad_y_f
+        direction = T.sub(grad_x_f, j_phi)
+        kkt_upper = projected_sq(projection, x, T.sub(grad_x_f, j_g))
+        kkt_multiplier = T.sq_norm(T.sub(grad_y_f, h_g))
+        kkt_lower = T.sq_norm(point.g.grad_y)
+        direction_sq = T.sq_norm(direction)
+        info = {
+            "upper_loss": point.upper_loss,
+            "lower_grad_sq": kkt_lower,
+            "direction_sq": direction_sq,
+            "dual_residual_sq": T.sq_norm(T.sub(h_phi, grad_y_f)),
+            "kkt_upper": kkt_upper,
+            "kkt_multiplier": kkt_multiplier,
+            "kkt_lower": kkt_lower,
+            "stationarity": kkt_upper + kkt_multiplier + kkt_lower,
+        }
+        if point.f is not None:
+            info["kkt_phi"] = (
+                projected_sq(projection, x, direction, direction_sq) + T.sq_norm(T.sub(grad_y_f, h_phi)) + T.sq_norm(point.phi.grad_y)
+            )
+        return direction, info, h_phi
+
+    def report(self, solve: LinearSolveResult | None) -> dict:
+        return {} if solve is None or solve.step is None else {"dual_step": solve.step}
