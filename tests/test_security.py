@@ -132,7 +132,7 @@ def test_a_format_1_checkpoint_is_still_read(tmp_path):
 
 def test_a_checkpoint_of_a_newer_format_is_refused_with_its_version(tmp_path):
     torch.save({"format": 7, "bilevel_version": "9.0.0", "state": {}, "history": [], "rng": {}, "meta": {}}, tmp_path / "new.pt")
-    with pytest.raises(CheckpointError, match=r"has checkpoint format 7 \(written by bilevel 9\.0\.0\); this bilevel .* reads formats 1, 2: upgrade"):
+    with pytest.raises(CheckpointError, match=r"has checkpoint format 7 \(written by bilevel 9\.0\.0\); this bilevel .* reads formats 1, 2, 3: upgrade"):
         load_checkpoint(tmp_path / "new.pt")
 
 

@@ -20,8 +20,12 @@ Format versions:
 * 1 (bilevel 0.1.0): the state as a plain dict, numpy's RNG state as a tuple holding a
   numpy array. Still read: the one numpy array is rebuilt by numpy's own array
   reconstruction, registered as a safe global for that load only.
-* 2 (current): numpy's RNG state stored as a tensor and numbers; the writing library's
-  version, and metadata checked to be plain data at write time.
+* 2: numpy's RNG state stored as a tensor and numbers; the writing library's version,
+  and metadata checked to be plain data at write time. Still read.
+* 3 (current): the method state's typed part states (``AdamState``, ``PeriodicState``,
+  ...) stored as tagged plain data by :meth:`~bilevel.state.State.to_dict` and rebuilt by
+  :meth:`~bilevel.state.State.from_dict`; formats 1 and 2 held bilevel 0.1's untyped dicts, which
+  ``State.from_dict(..., legacy=True)`` converts.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ __all__ = [
     "READABLE_FORMATS",
 ]
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_FORMATS = (1, 2, 3)
 
 _PLAIN_SCALARS = (bool, int, float, str, type(None))
 
@@ -102,15 +106,8 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
     naming where it sits, at write time, instead of producing a file that can only be
     read by running code.
     """
-    if isinstance(value, State):
-        return {
-            "x": to_plain(value.x, f"{where}.x"),
-            "y": to_plain(value.y, f"{where}.y"),
-            "v": to_plain(value.v, f"{where}.v"),
-            "opt": to_plain(value.opt, f"{where}.opt"),
-            "k": int(value.k),
-            "extra": to_plain(value.extra, f"{where}.extra"),
-        }
+    if isinstance(value, State):  # its typed part states become tagged plain data (State.to_dict)
+        return {key: to_plain(item, f"{where}.{key}") for key, item in value.to_dict().items()}
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, _PLAIN_SCALARS):
@@ -132,9 +129,11 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
 
 def from_plain(payload: dict) -> dict:
     """The inverse of the conversion made by :func:`save_checkpoint`: ``payload["state"]``
-    becomes a :class:`State`."""
-    state = payload["state"]
-    payload["state"] = State(x=state["x"], y=state["y"], v=state["v"], opt=state["opt"], k=int(state["k"]), extra=state.get("extra", {}))
+    becomes a :class:`State` (:meth:`~bilevel.state.State.from_dict`; formats 1 and 2 as legacy states)."""
+    try:
+        payload["state"] = State.from_dict(payload["state"], legacy=payload.get("format", FORMAT_VERSION) < 3)
+    except ValueError as err:
+        raise CheckpointError(f"the checkpoint's state cannot be read: {err}") from None
     return payload
 
 
