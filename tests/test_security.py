@@ -212,3 +212,15 @@ def test_a_gzip_bomb_is_decompressed_no_further_than_its_header_declares(tmp_pat
     path.write_bytes(b"".join(chunks))
     with pytest.raises(DatasetError, match=r"extra bytes follow the data"):
         read_idx(path)
+
+
+def test_an_image_declaring_gigapixels_is_refused_without_decoding_it(tmp_path):
+    from PIL import Image
+
+    from bilevel.data.omniglot import _read_image
+
+    path = tmp_path / "0101_01.png"
+    Image.new("1", (6000, 6000), 1).save(path)  # 36 Mpx of white compress to a few kB
+    assert path.stat().st_size < 100_000
+    with pytest.raises(DatasetError, match=r"declares 6000 × 6000 pixels, far more than an Omniglot image"):
+        _read_image(path, 28, Image)

@@ -117,14 +117,27 @@ def list_omniglot_characters(
     return characters
 
 
+#: Omniglot images are 105 × 105; anything far larger is not an Omniglot image, and its
+#: pixels are not decoded (a small PNG can declare gigapixels: a decompression bomb).
+MAX_IMAGE_PIXELS = 1024 * 1024
+
+
 def _read_image(path: Path, image_size: int, image_module) -> np.ndarray:
     try:
         with image_module.open(path) as image:
+            width, height = image.size  # read from the header; no pixel is decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise DatasetError(
+                    f"{path}: declares {width} × {height} pixels, far more than an Omniglot image (105 × 105); "
+                    "it was not decoded. Extract this file again from the official Omniglot zip."
+                )
             gray = image.convert("L").resize(
                 (image_size, image_size), resample=image_module.Resampling.LANCZOS
             )
             pixels = np.asarray(gray, dtype=np.float32)
-    except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+    except DatasetError:
+        raise
+    except (OSError, ValueError, image_module.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
         raise DatasetError(
             f"{path}: cannot be read as an image ({error}). Extract this file again from "
             "the official Omniglot zip."
