@@ -30,6 +30,7 @@ Format versions:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import tempfile
@@ -196,7 +197,9 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: give the file written by a previous run (checkpoint.pt in its run directory)")
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
+        # torch < 2.5 has no scoped allow-list: format-1 files are then refused, never loaded unsafely
+        scoped = getattr(torch.serialization, "safe_globals", None)
+        with scoped(_numpy_array_globals()) if scoped is not None else contextlib.nullcontext():
             payload = torch.load(path, map_location=map_location, weights_only=True)
     except UnpicklingError as err:
         lines = str(err).strip().splitlines()
