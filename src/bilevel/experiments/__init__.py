@@ -11,14 +11,14 @@ Example:
     True
 """
 
-from .config import ConfigError, apply_overrides, builtin_configs, load_config, resolve_config
+from .config import ConfigError, ResolvedConfig, apply_overrides, builtin_configs, load_config, resolve, resolve_config
 from .runner import (
     Experiment, RunDirError, build_experiment, build_method, format_bench_table, read_log, resume_bench, resume_run, run_bench,
     run_experiment,
 )
 
 __all__ = [
-    "ConfigError", "apply_overrides", "builtin_configs", "load_config", "resolve_config",
+    "ConfigError", "ResolvedConfig", "apply_overrides", "builtin_configs", "load_config", "resolve", "resolve_config",
     "Experiment", "RunDirError", "build_experiment", "build_method", "format_bench_table", "read_log", "resume_bench", "resume_run",
     "run_bench", "run_experiment",
 ]

@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import numbers
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import yaml
+
+from ..problems.fewshot import fewshot_problem
+from ..problems.hyperclean import hyperclean_problem
 
 __all__ = [
     "ConfigError",
@@ -39,69 +44,24 @@ __all__ = [
     "resolve_config",
     "method_class",
     "METHOD_ALIASES",
+    "RENAMED_METHODS",
+    "DEFAULT_UPPER",
     "PROBLEM_KEYS",
     "RUN_KEYS",
+    "PROBLEM_SPECS",
+    "HypercleanSpec",
+    "FewshotSpec",
+    "RunSpec",
+    "Spec",
+    "problem_spec",
+    "ResolvedConfig",
+    "resolve",
 ]
 
 
 class ConfigError(ValueError):
     """A configuration or an override is invalid; the message says what is valid."""
 
-
-#: keys of the problem section, per kind, with their defaults.
-PROBLEM_KEYS: dict[str, dict[str, Any]] = {
-    "hyperclean": {
-        "kind": "hyperclean",
-        "dataset": "mnist5k",
-        "model": "linear",
-        "hidden": 300,
-        "noise_rate": 0.5,
-        "seed": 0,
-        "n_train": None,
-        "n_val": None,
-        "n_test": None,
-        "reg": 0.0,
-        "data_dir": None,
-        "dtype": "float32",
-        "baseline_steps": 500,
-        "baseline_lr": 0.5,
-    },
-    "fewshot": {
-        "kind": "fewshot",
-        "dataset": "mnist5k",
-        "backbone": "mlp",
-        "n_way": 3,
-        "k_shot": 1,
-        "q_query": 15,
-        "meta_batch": 4,
-        "num_train_classes": 6,
-        "per_class": None,
-        "channels": 32,
-        "blocks": 4,
-        "norm": "none",
-        "groups": 4,
-        "hidden": 256,
-        "features": 64,
-        "feature_scale": 3.0,
-        "reg": 0.5,
-        "seed": 0,
-        "eval_tasks": 100,
-        "eval_steps": 100,
-        "data_dir": None,
-        "dtype": "float32",
-    },
-}
-
-RUN_KEYS: dict[str, Any] = {
-    "max_iters": 200,
-    "eval_every": 20,
-    "log_every": 10,
-    "checkpoint_every": 0,
-    "seed": 0,
-    "tensorboard": False,
-    "progress": True,
-    "threads": None,
-}
 
 _SEED_HIGH = 2**32
 
@@ -170,60 +130,142 @@ _SEED = _integer(0, _SEED_HIGH)
 _COUNT = _integer(1)
 _DTYPE = _choice("float32", "float64")
 
-#: the expected type and range of every key of the problem and run sections.
-PROBLEM_RULES: dict[str, dict[str, _Rule]] = {
-    "hyperclean": {
-        "kind": _choice(*PROBLEM_KEYS),
-        "dataset": _text(),
-        "model": _choice("linear", "mlp", "two_layer"),
-        "hidden": _COUNT,
-        "noise_rate": _number("a number in [0, 1]", lambda v: 0 <= v <= 1),
-        "seed": _SEED,
-        "n_train": _integer(1, optional=True),
-        "n_val": _integer(1, optional=True),
-        "n_test": _integer(1, optional=True),
-        "reg": _NONNEGATIVE,
-        "data_dir": _text(optional=True),
-        "dtype": _DTYPE,
-        "baseline_steps": _integer(0),
-        "baseline_lr": _POSITIVE,
-    },
-    "fewshot": {
-        "kind": _choice(*PROBLEM_KEYS),
-        "dataset": _choice("mnist5k", "mnist_fashion", "omniglot"),
-        "backbone": _choice("conv", "mlp"),
-        "n_way": _integer(2),
-        "k_shot": _COUNT,
-        "q_query": _COUNT,
-        "meta_batch": _COUNT,
-        "num_train_classes": _COUNT,
-        "per_class": _integer(1, optional=True),
-        "channels": _COUNT,
-        "blocks": _COUNT,
-        "norm": _choice("none", "group"),
-        "groups": _COUNT,
-        "hidden": _COUNT,
-        "features": _COUNT,
-        "feature_scale": _POSITIVE,
-        "reg": _POSITIVE,
-        "seed": _SEED,
-        "eval_tasks": _COUNT,
-        "eval_steps": _COUNT,
-        "data_dir": _text(optional=True),
-        "dtype": _DTYPE,
-    },
-}
+def key(default: Any, rule: _Rule) -> Any:
+    """A configuration key: its default and the rule its value must satisfy."""
+    return dataclasses.field(default=default, metadata={"rule": rule})
 
-RUN_RULES: dict[str, _Rule] = {
-    "max_iters": _integer(0),
-    "eval_every": _COUNT,
-    "log_every": _COUNT,
-    "checkpoint_every": _Rule("an integer >= 0 (0: only at the end)", _integer(0).accept),
-    "seed": _SEED,
-    "tensorboard": _BOOL,
-    "progress": _BOOL,
-    "threads": _Rule("a positive integer or null (PyTorch's default)", _integer(1, optional=True).accept),
-}
+
+def builder_default(builder: Callable, name: str) -> Any:
+    """The default of the builder's argument ``name``: a key that is a builder argument takes
+    its default from the builder's signature, so there is one source for it."""
+    return inspect.signature(builder).parameters[name].default
+
+
+class Spec:
+    """Base of the frozen spec dataclasses: each field is a key of a configuration section,
+    its default the key's default and its metadata the rule its value must satisfy."""
+
+    section: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        # a number given for a float key is a float (YAML reads ``reg: 1`` as an int)
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if f.type in ("float", "Optional[float]") and _is_number(value) and not isinstance(value, float):
+                object.__setattr__(self, f.name, float(value))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """``{key: default}`` of every key, in order."""
+        return {f.name: f.default for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    @classmethod
+    def resolve(cls, given: dict) -> dict:
+        """``given`` checked (unknown keys, every value against its rule) with the defaults filled in."""
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        _check_keys(cls.section, given, [f.name for f in fields])
+        values = {**cls.defaults(), **given}
+        for f in fields:
+            values[f.name] = f.metadata["rule"].check(f"{cls.section}.{f.name}", values[f.name])
+        return values
+
+    def arguments_for(self, builder: Callable, exclude: Sequence[str] = ()) -> dict[str, Any]:
+        """The keys that are arguments of ``builder`` (by name), as keyword arguments."""
+        parameters = inspect.signature(builder).parameters
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in parameters and f.name not in exclude}  # type: ignore[arg-type]
+
+
+_DATASET = _text()
+
+
+@dataclass(frozen=True)
+class HypercleanSpec(Spec):
+    """The problem section of a hyper-cleaning configuration (``problem.kind: hyperclean``).
+
+    ``model``, ``reg`` and ``hidden`` are arguments of
+    :func:`~bilevel.problems.hyperclean.hyperclean_problem` and take its defaults; ``seed``
+    seeds the data split and the label noise (``run.seed`` is added to it).
+    """
+
+    section: ClassVar[str] = "problem"
+
+    kind: str = key("hyperclean", _choice("hyperclean", "fewshot"))
+    dataset: str = key("mnist5k", _DATASET)
+    model: str = key(builder_default(hyperclean_problem, "model"), _choice("linear", "mlp", "two_layer"))
+    hidden: int = key(builder_default(hyperclean_problem, "hidden"), _COUNT)
+    noise_rate: float = key(0.5, _number("a number in [0, 1]", lambda v: 0 <= v <= 1))
+    seed: int = key(0, _SEED)
+    n_train: Optional[int] = key(None, _integer(1, optional=True))
+    n_val: Optional[int] = key(None, _integer(1, optional=True))
+    n_test: Optional[int] = key(None, _integer(1, optional=True))
+    reg: float = key(builder_default(hyperclean_problem, "reg"), _NONNEGATIVE)
+    data_dir: Optional[str] = key(None, _text(optional=True))
+    dtype: str = key("float32", _DTYPE)
+    baseline_steps: int = key(500, _integer(0))
+    baseline_lr: float = key(0.5, _POSITIVE)
+
+
+@dataclass(frozen=True)
+class FewshotSpec(Spec):
+    """The problem section of a few-shot configuration (``problem.kind: fewshot``).
+
+    The keys named as arguments of :func:`~bilevel.problems.fewshot.fewshot_problem` take
+    its defaults, except ``feature_scale``: 3.0 here (features on the sphere of radius 3,
+    bounded head curvature; the configuration requires a positive radius), where the
+    Python builder's 0.0 means no normalisation.
+    """
+
+    section: ClassVar[str] = "problem"
+
+    kind: str = key("fewshot", _choice("hyperclean", "fewshot"))
+    dataset: str = key("mnist5k", _choice("mnist5k", "mnist_fashion", "omniglot"))
+    backbone: str = key(builder_default(fewshot_problem, "backbone"), _choice("conv", "mlp"))
+    n_way: int = key(3, _integer(2))
+    k_shot: int = key(1, _COUNT)
+    q_query: int = key(15, _COUNT)
+    meta_batch: int = key(4, _COUNT)
+    num_train_classes: int = key(6, _COUNT)
+    per_class: Optional[int] = key(None, _integer(1, optional=True))
+    channels: int = key(builder_default(fewshot_problem, "channels"), _COUNT)
+    blocks: int = key(builder_default(fewshot_problem, "blocks"), _COUNT)
+    norm: str = key(builder_default(fewshot_problem, "norm"), _choice("none", "group"))
+    groups: int = key(builder_default(fewshot_problem, "groups"), _COUNT)
+    hidden: int = key(builder_default(fewshot_problem, "hidden"), _COUNT)
+    features: int = key(builder_default(fewshot_problem, "features"), _COUNT)
+    feature_scale: float = key(3.0, _POSITIVE)
+    reg: float = key(builder_default(fewshot_problem, "reg"), _POSITIVE)
+    seed: int = key(0, _SEED)
+    eval_tasks: int = key(100, _COUNT)
+    eval_steps: int = key(100, _COUNT)
+    data_dir: Optional[str] = key(None, _text(optional=True))
+    dtype: str = key("float32", _DTYPE)
+
+
+@dataclass(frozen=True)
+class RunSpec(Spec):
+    """The run section: iterations, cadences, seed, outputs."""
+
+    section: ClassVar[str] = "run"
+
+    max_iters: int = key(200, _integer(0))
+    eval_every: int = key(20, _COUNT)
+    log_every: int = key(10, _COUNT)
+    checkpoint_every: int = key(0, _Rule("an integer >= 0 (0: only at the end)", _integer(0).accept))
+    seed: int = key(0, _SEED)
+    tensorboard: bool = key(False, _BOOL)
+    progress: bool = key(True, _BOOL)
+    threads: Optional[int] = key(None, _Rule("a positive integer or null (PyTorch's default)", _integer(1, optional=True).accept))
+
+
+#: the spec of the problem section of each problem kind.
+PROBLEM_SPECS: dict[str, type[Spec]] = {"hyperclean": HypercleanSpec, "fewshot": FewshotSpec}
+
+#: keys of the problem section, per kind, with their defaults (a view of :data:`PROBLEM_SPECS`).
+PROBLEM_KEYS: dict[str, dict[str, Any]] = {kind: spec.defaults() for kind, spec in PROBLEM_SPECS.items()}
+
+#: keys of the run section with their defaults (a view of :class:`RunSpec`).
+RUN_KEYS: dict[str, Any] = RunSpec.defaults()
+
 
 #: method keys read by the runner (the others go to the method's constructor).
 METHOD_RULES: dict[str, _Rule] = {
@@ -246,7 +288,8 @@ def _check_values(section: str, values: dict, rules: dict[str, _Rule]) -> None:
 #: method keys handled by the runner rather than passed to the method's constructor.
 METHOD_COMMON_KEYS = ("name", "upper", "lr_upper", "solver", "solver_steps", "solver_lr", "episodic")
 
-#: accepted method names -> (class name, fixed keyword arguments)
+#: accepted method names -> (class name, fixed keyword arguments); AID's solvers are named
+#: as in the benchmarks, ``AID-CG``, ``AID-Neumann``, ``AID-FixedPoint`` (``CG`` is the solver).
 METHOD_ALIASES: dict[str, tuple[str, dict]] = {
     "GALET": ("GALET", {}),
     "SlBAMM": ("SlBAMM", {}),
@@ -254,15 +297,23 @@ METHOD_ALIASES: dict[str, tuple[str, dict]] = {
     "BAMM": ("SlBAMM", {}),
     "BAGDC": ("BAGDC", {}),
     "AID": ("AID", {}),
-    "CG": ("AID", {"solver": "CG"}),
-    "Neumann": ("AID", {"solver": "Neumann"}),
-    "FixedPoint": ("AID", {"solver": "FixedPoint"}),
+    "AID-CG": ("AID", {"solver": "CG"}),
+    "AID-Neumann": ("AID", {"solver": "Neumann"}),
+    "AID-FixedPoint": ("AID", {"solver": "FixedPoint"}),
     "ITD": ("ITD", {}),
     "RHG": ("ITD", {}),
     "TRHG": ("TRHG", {}),
     "T-RHG": ("TRHG", {}),
     "BDA": ("BDA", {}),
 }
+
+#: the names of bilevel 0.1 for AID with a solver, still read (configurations and run
+#: directories written before); a built-in preset of the new name is found under the old one.
+RENAMED_METHODS: dict[str, str] = {"CG": "AID-CG", "Neumann": "AID-Neumann", "FixedPoint": "AID-FixedPoint"}
+
+#: the upper optimizer of ``method.lr_upper`` when ``method.upper`` is not given: plain
+#: gradient steps, as a number means in Python (``bl.GALET(lr_upper=0.1)``).
+DEFAULT_UPPER = "sgd"
 
 
 # Numbers and booleans as YAML 1.2 and a person read them. PyYAML follows YAML 1.1, whose
@@ -372,9 +423,11 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
 
 
 def method_class(name: str):
-    """The method class and fixed arguments of a method name (see :data:`METHOD_ALIASES`)."""
+    """The method class and fixed arguments of a method name (see :data:`METHOD_ALIASES`;
+    the older names of :data:`RENAMED_METHODS` are read too)."""
     import bilevel
 
+    name = RENAMED_METHODS.get(name, name)
     if name not in METHOD_ALIASES:
         raise ConfigError(f"unknown method {name!r}; valid: {', '.join(METHOD_ALIASES)}")
     class_name, fixed = METHOD_ALIASES[name]
@@ -396,7 +449,9 @@ def resolve_method(config: dict) -> dict:
         raise ConfigError("the method section needs a name, e.g. method.name=GALET")
     presets = config.get("methods") or {}
     name = section["name"]
-    resolved = {**copy.deepcopy(presets.get(name, {})), **section}
+    if name not in presets and RENAMED_METHODS.get(name) in presets:
+        name = RENAMED_METHODS[name]  # e.g. method.name=CG finds the AID-CG preset
+    resolved = {**copy.deepcopy(presets.get(name, {})), **section, "name": name}
     base_name = resolved.get("method", name)
     resolved.pop("method", None)
     cls, fixed = method_class(base_name)
@@ -407,6 +462,7 @@ def resolve_method(config: dict) -> dict:
     fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("lr_upper", "oracles", "project_x", "solver")]
     valid = list(METHOD_COMMON_KEYS) + ["method"] + fields
     _check_keys("method", resolved, valid)
+    resolved.setdefault("upper", DEFAULT_UPPER)
     _check_values("method", resolved, METHOD_RULES)
     _check_method_arguments(cls, name, {k: v for k, v in resolved.items() if k not in METHOD_COMMON_KEYS and k != "method"})
     return resolved
@@ -430,6 +486,43 @@ def _check_method_arguments(cls, name: str, kwargs: dict) -> None:
         raise ConfigError(f"method {name}: {message}") from None
 
 
+def problem_spec(config: dict) -> Spec:
+    """The typed problem section of a resolved configuration (a :class:`HypercleanSpec` or
+    :class:`FewshotSpec`)."""
+    section = config["problem"]
+    return PROBLEM_SPECS[section["kind"]](**section)
+
+
+@dataclass(frozen=True)
+class ResolvedConfig:
+    """A configuration resolved by :func:`resolve`: every default filled in, every key
+    checked. The runner resolves a configuration once and hands this on, so building
+    and running never resolve it again.
+
+    Attributes:
+        data: the complete configuration as plain data (what ``config.yaml`` holds).
+    """
+
+    data: dict
+
+    @property
+    def problem(self) -> Spec:
+        """The typed problem section (:class:`HypercleanSpec` or :class:`FewshotSpec`)."""
+        return problem_spec(self.data)
+
+    @property
+    def run(self) -> RunSpec:
+        """The typed run section."""
+        return RunSpec(**self.data["run"])
+
+
+def resolve(config: dict | ResolvedConfig) -> ResolvedConfig:
+    """``config`` resolved (a :class:`ResolvedConfig` is returned as it is)."""
+    if isinstance(config, ResolvedConfig):
+        return config
+    return ResolvedConfig(resolve_config(config))
+
+
 def resolve_config(config: dict) -> dict:
     """Fill defaults and check every key; returns a new, complete configuration."""
     config = copy.deepcopy(config)
@@ -438,11 +531,9 @@ def resolve_config(config: dict) -> dict:
     if not isinstance(problem, dict):
         raise ConfigError(f"the problem section must be a mapping of keys to values, got {problem!r}")
     kind = problem.get("kind", "hyperclean")
-    if not isinstance(kind, str) or kind not in PROBLEM_KEYS:
-        raise ConfigError(f"problem.kind={kind!r} must be one of {', '.join(PROBLEM_KEYS)}")
-    _check_keys("problem", problem, list(PROBLEM_KEYS[kind]))
-    config["problem"] = {**PROBLEM_KEYS[kind], **problem}
-    _check_values("problem", config["problem"], PROBLEM_RULES[kind])
+    if not isinstance(kind, str) or kind not in PROBLEM_SPECS:
+        raise ConfigError(f"problem.kind={kind!r} must be one of {', '.join(PROBLEM_SPECS)}")
+    config["problem"] = PROBLEM_SPECS[kind].resolve(problem)
     if kind == "fewshot" and config["problem"]["num_train_classes"] < config["problem"]["n_way"]:
         p = config["problem"]
         raise ConfigError(
@@ -452,9 +543,7 @@ def resolve_config(config: dict) -> dict:
     run = config.get("run") or {}
     if not isinstance(run, dict):
         raise ConfigError(f"the run section must be a mapping of keys to values, got {run!r}")
-    _check_keys("run", run, list(RUN_KEYS))
-    config["run"] = {**RUN_KEYS, **run}
-    _check_values("run", config["run"], RUN_RULES)
+    config["run"] = RunSpec.resolve(run)
     config["method"] = resolve_method(config)
     config.setdefault("name", "experiment")
     return config

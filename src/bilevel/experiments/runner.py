@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import json
 import math
@@ -69,7 +70,7 @@ try:
     from ..solve import CheckpointWriteWarning
 except ImportError:  # a solve that raises on a failed checkpoint write instead of warning
     CheckpointWriteWarning = None
-from .config import METHOD_COMMON_KEYS, ConfigError, apply_overrides, method_class, resolve_config
+from .config import DEFAULT_UPPER, METHOD_COMMON_KEYS, ConfigError, FewshotSpec, HypercleanSpec, ResolvedConfig, apply_overrides, method_class, resolve
 
 __all__ = [
     "Experiment", "build_experiment", "build_method", "run_experiment", "resume_run", "default_run_dir", "read_log",
@@ -129,9 +130,11 @@ def build_method(section: dict, episodic: bool = False) -> Method:
     base = section.get("method", section["name"])
     cls, _ = method_class(base)
     kwargs = {k: v for k, v in section.items() if k not in METHOD_COMMON_KEYS and k != "method"}
-    if section.get("lr_upper") is not None:
-        lr = float(section["lr_upper"])
-        kwargs["lr_upper"] = bilevel.Adam(lr=lr) if section.get("upper", "adam") == "adam" else bilevel.SGD(lr=lr)
+    upper, given = section.get("upper", DEFAULT_UPPER), section.get("lr_upper")
+    if given is not None or upper != DEFAULT_UPPER:
+        # a number is plain gradient steps, as in Python; upper: adam without lr_upper uses the method's own α
+        lr: Any = float(given) if given is not None else next(f.default for f in dataclasses.fields(cls) if f.name == "lr_upper")
+        kwargs["lr_upper"] = bilevel.Adam(lr=lr) if upper == "adam" else bilevel.SGD(lr=lr)
     if "solver" in section:
         solvers = {"CG": bilevel.CG, "Neumann": bilevel.Neumann, "FixedPoint": bilevel.FixedPoint}
         name = section["solver"]
@@ -152,81 +155,85 @@ def build_method(section: dict, episodic: bool = False) -> Method:
     return method
 
 
-def _build_hyperclean(config: dict) -> Experiment:
+def _build_hyperclean(config: ResolvedConfig) -> Experiment:
     from ..data import make_hyperclean_data
     from ..problems.hyperclean import fit_lower, hyperclean_problem
 
-    p, run = config["problem"], config["run"]
+    spec, seed = config.problem, config.run.seed
+    assert isinstance(spec, HypercleanSpec)
     data = make_hyperclean_data(
-        p["dataset"], noise_rate=float(p["noise_rate"]), seed=int(p["seed"]) + int(run["seed"]),
-        n_train=p["n_train"], n_val=p["n_val"], n_test=p["n_test"], root=p["data_dir"], dtype=_dtype(p["dtype"]),
+        spec.dataset, noise_rate=spec.noise_rate, seed=spec.seed + seed, n_train=spec.n_train, n_val=spec.n_val,
+        n_test=spec.n_test, root=spec.data_dir, dtype=_dtype(spec.dtype),
     )
-    problem = hyperclean_problem(data, model=p["model"], reg=float(p["reg"]), hidden=int(p["hidden"]), seed=int(run["seed"]))
-    method = build_method(config["method"])
+    # the keys named as the builder's arguments (model, reg, hidden) are forwarded by name
+    problem = hyperclean_problem(data, seed=seed, **spec.arguments_for(hyperclean_problem, exclude=("seed",)))
+    method = build_method(config.data["method"])
 
     def evaluate(state: State) -> dict:
         return problem.evaluate(state.x, state.y)
 
     def baseline() -> dict:
-        y = fit_lower(problem, problem.x_init, problem.y_init, steps=int(p["baseline_steps"]), lr=float(p["baseline_lr"]))
+        steps = spec.baseline_steps
+        y = fit_lower(problem, problem.x_init, problem.y_init, steps=steps, lr=spec.baseline_lr)
         metrics = problem.evaluate(problem.x_init, y)
-        return {"description": f"no cleaning: x = 0 (equal weights), {p['baseline_steps']} GD steps on the noisy labels", **metrics}
+        return {"description": f"no cleaning: x = 0 (equal weights), {steps} GD steps on the noisy labels", **metrics}
 
-    return Experiment(config=config, problem=problem, method=method, data=None, evaluate=evaluate, baseline=baseline)
+    return Experiment(config=config.data, problem=problem, method=method, data=None, evaluate=evaluate, baseline=baseline)
 
 
-def _fewshot_classes(p: dict):
+def _fewshot_classes(spec: FewshotSpec) -> tuple[Any, Any]:
     from ..data import build_embedded_classes, build_mnist_fashion_classes, load_omniglot, split_classes
 
-    dataset = p["dataset"]
+    dataset = spec.dataset
     if dataset == "mnist5k":
-        return split_classes(build_embedded_classes(p["per_class"]), int(p["num_train_classes"]), seed=int(p["seed"]))
+        return split_classes(build_embedded_classes(spec.per_class), spec.num_train_classes, seed=spec.seed)
     if dataset == "mnist_fashion":
-        classes = build_mnist_fashion_classes(p["data_dir"], "train", p["per_class"])
-        return split_classes(classes, int(p["num_train_classes"]), seed=int(p["seed"]))
+        classes = build_mnist_fashion_classes(spec.data_dir, "train", spec.per_class)
+        return split_classes(classes, spec.num_train_classes, seed=spec.seed)
     if dataset == "omniglot":
-        train = load_omniglot(p["data_dir"], background=True)
-        test = load_omniglot(p["data_dir"], background=False, first_class_id=len(train))
+        train = load_omniglot(spec.data_dir, background=True)
+        test = load_omniglot(spec.data_dir, background=False, first_class_id=len(train))
         return train, test
     raise ConfigError(f"problem.dataset={dataset!r} for few-shot must be one of mnist5k, mnist_fashion, omniglot")
 
 
-def _build_fewshot(config: dict) -> Experiment:
+def _build_fewshot(config: ResolvedConfig) -> Experiment:
     from ..data import EpisodeSampler
     from ..problems.fewshot import EpisodeSource, fewshot_problem
 
-    p, run = config["problem"], config["run"]
-    dtype = _dtype(p["dtype"])
-    train, test = _fewshot_classes(p)
-    shape = dict(n_way=int(p["n_way"]), k_shot=int(p["k_shot"]), q_query=int(p["q_query"]))
-    sampler = EpisodeSampler(train, meta_batch=int(p["meta_batch"]), seed=int(run["seed"]), **shape)
+    spec, seed = config.problem, config.run.seed
+    assert isinstance(spec, FewshotSpec)
+    dtype = _dtype(spec.dtype)
+    train, test = _fewshot_classes(spec)
+    shape = dict(n_way=spec.n_way, k_shot=spec.k_shot, q_query=spec.q_query)
+    sampler = EpisodeSampler(train, meta_batch=spec.meta_batch, seed=seed, **shape)
     # meta-test tasks do not depend on the run seed: every run is scored on the same tasks
-    test_sampler = EpisodeSampler(test, meta_batch=25, seed=10_000 + int(p["seed"]), **shape)
+    test_sampler = EpisodeSampler(test, meta_batch=25, seed=10_000 + spec.seed, **shape)
+    # the keys named as the builder's arguments (n_way, meta_batch, backbone, reg, ...) are forwarded by name
     problem = fewshot_problem(
-        n_way=shape["n_way"], meta_batch=int(p["meta_batch"]), image_shape=sampler.image_shape, backbone=p["backbone"],
-        reg=float(p["reg"]), channels=int(p["channels"]), blocks=int(p["blocks"]), norm=p["norm"], groups=int(p["groups"]),
-        hidden=int(p["hidden"]), features=int(p["features"]), feature_scale=float(p["feature_scale"]), seed=int(run["seed"]), dtype=dtype,
+        image_shape=sampler.image_shape, seed=seed, dtype=dtype, **spec.arguments_for(fewshot_problem, exclude=("seed", "dtype"))
     )
-    method = build_method(config["method"], episodic=True)
+    method = build_method(config.data["method"], episodic=True)
 
     def evaluate(state: State) -> dict:
-        return problem.meta_test(state.x, test_sampler, num_tasks=int(p["eval_tasks"]), steps=int(p["eval_steps"]))
+        return problem.meta_test(state.x, test_sampler, num_tasks=spec.eval_tasks, steps=spec.eval_steps)
 
     def baseline() -> dict:
-        metrics = problem.meta_test(problem.x_init, test_sampler, num_tasks=int(p["eval_tasks"]), steps=int(p["eval_steps"]))
+        metrics = problem.meta_test(problem.x_init, test_sampler, num_tasks=spec.eval_tasks, steps=spec.eval_steps)
         return {"description": "untrained (random) feature extractor", **metrics}
 
-    return Experiment(config=config, problem=problem, method=method, data=EpisodeSource(sampler, dtype=dtype), evaluate=evaluate, baseline=baseline)
+    return Experiment(config=config.data, problem=problem, method=method, data=EpisodeSource(sampler, dtype=dtype), evaluate=evaluate, baseline=baseline)
 
 
-def build_experiment(config: dict) -> Experiment:
-    """Problem, method, data source and evaluation of a configuration (resolved here)."""
-    config = resolve_config(config)
-    torch.manual_seed(int(config["run"]["seed"]))
-    if config["run"]["threads"] is not None:
+def build_experiment(config: dict | ResolvedConfig) -> Experiment:
+    """Problem, method, data source and evaluation of a configuration (resolved here,
+    unless it is a :class:`~bilevel.experiments.config.ResolvedConfig` already)."""
+    config = resolve(config)
+    torch.manual_seed(config.run.seed)
+    if config.run.threads is not None:
         # small problems run faster on one thread, and much faster on a busy machine
-        torch.set_num_threads(int(config["run"]["threads"]))
-    if config["problem"]["kind"] == "hyperclean":
+        torch.set_num_threads(config.run.threads)
+    if config.data["problem"]["kind"] == "hyperclean":
         return _build_hyperclean(config)
     return _build_fewshot(config)
 
@@ -751,7 +758,7 @@ def _begin_run_dir(output: OutputDir, config: dict) -> None:
 
 
 def run_experiment(
-    config: dict,
+    config: dict | ResolvedConfig,
     out: str | Path | None = None,
     overrides: Sequence[str] = (),
     progress: bool = True,
@@ -765,7 +772,9 @@ def run_experiment(
     """Run a configuration (plus ``section.key=value`` overrides) into a run directory.
 
     Args:
-        config: a configuration dict (:func:`~bilevel.experiments.load_config`).
+        config: a configuration dict (:func:`~bilevel.experiments.load_config`), or one
+            resolved already (:class:`~bilevel.experiments.config.ResolvedConfig`, not
+            resolved again when there are no overrides).
         out: the run directory (default :func:`default_run_dir` under ``runs_root``). It
             must be new or empty, else :class:`RunDirError`.
         overrides: ``section.key=value`` strings.
@@ -788,8 +797,9 @@ def run_experiment(
     started = time.perf_counter()
     if on_divergence not in ("raise", "status"):
         raise ValueError(f"on_divergence={on_divergence!r} must be 'raise' or 'status'")
-    config = resolve_config(apply_overrides(config, overrides))
-    run_dir = Path(out) if out is not None else default_run_dir(config, runs_root)
+    if not (isinstance(config, ResolvedConfig) and not overrides):  # resolved once, here
+        config = resolve(apply_overrides(config.data if isinstance(config, ResolvedConfig) else config, overrides))
+    run_dir = Path(out) if out is not None else default_run_dir(config.data, runs_root)
     output = OutputDir.inspect(run_dir, "run", overwrite, (*RUN_FILES, MANIFEST))
     exp = build_experiment(config)
     _check_tensorboard(exp.config)
@@ -858,11 +868,11 @@ def resume_run(
         config.setdefault("run", {})["max_iters"] = max_iters
     if data_dir is not None:
         config.setdefault("problem", {})["data_dir"] = str(data_dir)
-    config = resolve_config(config)
+    resolved = resolve(config)
     meta = dict(payload.get("meta") or {})
     saved = meta.get("config")
     if isinstance(saved, dict):
-        differences = config_differences(saved, config)
+        differences = config_differences(saved, resolved.data)
         if differences:
             shown = "; ".join(differences[:6]) + ("; ..." if len(differences) > 6 else "")
             raise CheckpointError(
@@ -870,7 +880,7 @@ def resume_run(
                 f"continue that state under another configuration. Restore these values, or start a new run with `bilevel run` "
                 f"(a resume may change only {', '.join(k for k in RESUMABLE_CHANGES if k not in ('name', 'description', 'methods'))})"
             )
-    exp = build_experiment(config)
+    exp = build_experiment(resolved)
     _check_tensorboard(exp.config)
     state = payload["state"]
     n = int(exp.config["run"]["max_iters"])
@@ -1015,25 +1025,25 @@ def run_bench(
     from .config import load_config
 
     base = load_config(config) if not isinstance(config, dict) else copy.deepcopy(config)
-    resolved = resolve_config(apply_overrides(base, overrides))  # fail early on bad overrides
     if methods is None:
-        methods = list(base.get("methods") or [resolved["method"]["name"]])
+        methods = list(base.get("methods") or [_method_name(apply_overrides(base, overrides))])
     methods, seeds = list(methods), [int(s) for s in seeds]
     for what, values in (("methods", methods), ("seeds", seeds)):
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             raise ConfigError(f"--{what} names {', '.join(repeated)} more than once: give each once")
-    for method in methods:
-        resolve_config(apply_overrides(base, [*overrides, f"method.name={method}"]))
     out_dir = Path(out) if out is not None else _bench_dir(str(base.get("name", "bench")))
     runs = [{"method": m, "seed": s, "dir": f"{m}-seed{s}", "status": "pending"} for m in methods for s in seeds]
+    # every run's configuration, resolved once before anything runs (a bad one fails the bench now)
+    configs = {r["dir"]: resolve(apply_overrides(base, _run_overrides(overrides, r))) for r in runs}
+    resolved = configs[runs[0]["dir"]].data
     output = OutputDir.inspect(out_dir, "bench", overwrite, (*BENCH_FILES, MANIFEST, *(r["dir"] for r in runs)))
     manifest = {
         "kind": "bench", "config": base.get("name"), "base_config": base, "problem_kind": resolved["problem"]["kind"],
         "methods": methods, "seeds": seeds, "overrides": list(overrides), "runs": runs, "files": list(BENCH_FILES),
     }
     output.prepare()
-    return _bench_loop(output, manifest, progress, committed=False)
+    return _bench_loop(output, manifest, progress, committed=False, configs=configs)
 
 
 def resume_bench(out: str | Path, progress: bool = True, *, data_dir: str | Path | None = None) -> dict:
@@ -1049,7 +1059,20 @@ def resume_bench(out: str | Path, progress: bool = True, *, data_dir: str | Path
     return _bench_loop(output, manifest, progress, committed=True, data_dir=data_dir)
 
 
-def _bench_loop(output: OutputDir, manifest: dict, progress: bool, committed: bool, data_dir: str | Path | None = None) -> dict:
+def _method_name(config: dict) -> str:
+    section = config.get("method") or {}
+    return str(section if isinstance(section, str) else section.get("name", ""))
+
+
+def _run_overrides(overrides: Sequence[str], entry: dict) -> list[str]:
+    """The overrides of one run of a bench: the bench's, then its method and seed."""
+    return [*overrides, f"method.name={entry['method']}", f"run.seed={entry['seed']}"]
+
+
+def _bench_loop(
+    output: OutputDir, manifest: dict, progress: bool, committed: bool, data_dir: str | Path | None = None,
+    configs: Optional[dict] = None,
+) -> dict:
     out, runs = output.path, manifest["runs"]
     base = manifest["base_config"]
     overrides = list(manifest["overrides"]) + ([data_dir_override(data_dir)] if data_dir is not None else [])
@@ -1081,9 +1104,9 @@ def _bench_loop(output: OutputDir, manifest: dict, progress: bool, committed: bo
                     started()
                     summary = resume_run(run_dir, progress=progress, data_dir=data_dir, on_divergence="status", label=label)
                 else:
+                    resolved = (configs or {}).get(entry["dir"]) or resolve(apply_overrides(base, _run_overrides(overrides, entry)))
                     summary = run_experiment(
-                        base, run_dir, [*overrides, f"method.name={entry['method']}", f"run.seed={entry['seed']}"], progress=progress,
-                        overwrite=True, on_divergence="status", label=label, before_write=started,
+                        resolved, run_dir, progress=progress, overwrite=True, on_divergence="status", label=label, before_write=started,
                     )
             except KeyboardInterrupt:
                 entry["status"] = "interrupted" if entry["status"] == "running" else previous
