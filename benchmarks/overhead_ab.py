@@ -12,7 +12,7 @@ import sys, time
 import common  # noqa: F401  (puts src/ on sys.path)
 import torch
 import bilevel.tree as bt, bilevel.linsolve as ls
-from bilevel.methods.base import Method
+from bilevel.methods.base import Assembled as Method  # projected_direction_sq lives on the assembled base
 from torch.utils import _pytree as pytree
 torch.set_num_threads(1)
 new = dict(fk=bt._flat_kind, tm=bt.tree_map, sd=ls._safe_divide, pd=Method.projected_direction_sq, ll=bt.leaves_like)
