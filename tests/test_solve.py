@@ -484,3 +484,21 @@ def test_resume_refuses_a_checkpoint_of_another_problem(tmp_path):
         bl.solve(T1g(n=5), _aid(), max_iters=6, resume=path)
     with pytest.raises(bl.CheckpointError, match=r"belongs to another problem"):
         bl.solve(T1g(n=4), _aid(), {"x": torch.zeros(4, dtype=torch.float32)}, max_iters=6, resume=path)
+
+
+def test_a_checkpoint_of_an_older_format_resumes_despite_options_added_since(tmp_path):
+    """A format-2 checkpoint's method spec lacks options added later (BAGDC.line_search_numerator)."""
+    path = tmp_path / "ckpt.pt"
+    method = bl.BAGDC(lr_upper=0.1, lr_lower=0.5, lr_dual=0.5, stability_check="off")
+    bl.solve(T1g(n=4), method, max_iters=3, checkpoint=path)
+    payload = bl.load_checkpoint(path)
+    del payload["meta"]["method_spec"]["line_search_numerator"]
+    payload["format"] = bl.checkpoint.FORMAT_VERSION - 1
+    assert bl.solve(T1g(n=4), method, max_iters=5, resume=payload).iterations == 5
+    payload["meta"]["method_spec"]["lr_dual"] = 0.25  # a real difference is still refused
+    with pytest.raises(bl.CheckpointError, match=r"lr_dual: 0\.25 → 0\.5"):
+        bl.solve(T1g(n=4), method, max_iters=5, resume=payload)
+    payload["format"] = bl.checkpoint.FORMAT_VERSION  # same format: a missing field is a difference
+    payload["meta"]["method_spec"]["lr_dual"] = 0.5
+    with pytest.raises(bl.CheckpointError, match=r"line_search_numerator: '<absent>'"):
+        bl.solve(T1g(n=4), method, max_iters=5, resume=payload)

@@ -17,7 +17,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import tree as T
-from .checkpoint import CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from .methods.base import Method, State
 from .problem import Problem
 from .validation import check_choice, check_count, check_nonnegative, check_number, check_positive
@@ -242,17 +242,25 @@ def _flatten_spec(spec: Any, prefix: str = "") -> dict:
     return {prefix: spec}
 
 
-def spec_differences(saved: Any, current: Any) -> list[str]:
-    """``key: saved → current`` for every key whose value differs between two specs."""
+def spec_differences(saved: Any, current: Any, new_fields_ok: bool = False) -> list[str]:
+    """``key: saved → current`` for every key whose value differs between two specs.
+
+    ``new_fields_ok``: ignore keys the saved spec does not have (options added by a later
+    bilevel version, at their defaults when the checkpoint was written).
+    """
     a, b = _flatten_spec(saved), _flatten_spec(current)
-    return [f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}" for key in sorted(set(a) | set(b)) if a.get(key, "<absent>") != b.get(key, "<absent>")]
+    keys = sorted(set(b) if new_fields_ok else set(a) | set(b))
+    return [f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}" for key in keys
+            if a.get(key, "<absent>") != b.get(key, "<absent>") and not (new_fields_ok and key not in a)]
 
 
 def _check_resumable(payload: dict, method: Method, problem: Problem, x0, y0, where: str) -> None:
     meta = payload.get("meta") or {}
     saved = meta.get("method_spec")
     if saved is not None:
-        diff = spec_differences(saved, method_spec(method))
+        # a checkpoint of an older format predates options added since: absent keys are not differences
+        older = int(payload.get("format", FORMAT_VERSION)) < FORMAT_VERSION
+        diff = spec_differences(saved, method_spec(method), new_fields_ok=older)
         if diff:
             raise CheckpointError(
                 f"{where} was written by a different method configuration ({'; '.join(diff[:6])}"
