@@ -1,9 +1,9 @@
 import pytest
 import torch
-from helpers import random_state as _random_state
 
 import bilevel as bl
 from bilevel.problems import T1, T1g
+from helpers import random_state as _random_state
 
 
 @pytest.mark.parametrize("order", ["sequential", "jacobi"])
@@ -17,14 +17,14 @@ def test_one_iteration_equals_hand_written_step_on_t1g(order, dual_step):
     new, info = method.step(problem, state)
 
     def correct(v, y):
-        r = A @ v - A @ y                      # H v − ∇_y f, H = A, ∇_y f = A y
+        r = A @ v - A @ y  # H v − ∇_y f, H = A, ∇_y f = A y
         eta = (r @ r) / (r @ (A @ r)) if dual_step == "linesearch" else eta0
         return v - eta * r
 
     y1 = y0 - beta * (A @ y0 - B.T @ x0)
     if order == "sequential":
         v1 = correct(v0, y1)
-        d = D @ (x0 - x_hat) + B @ v1          # ∇_x f − J v with J = −B
+        d = D @ (x0 - x_hat) + B @ v1  # ∇_x f − J v with J = −B
         y_kkt, v_kkt = y1, v1
     else:
         v1 = correct(v0, y0)
@@ -34,7 +34,17 @@ def test_one_iteration_equals_hand_written_step_on_t1g(order, dual_step):
     torch.testing.assert_close(new.v["y"], v1, rtol=0, atol=1e-12)
     torch.testing.assert_close(new.x["x"], x0 - alpha * d, rtol=0, atol=1e-12)
     kkt = ((D @ (x0 - x_hat) + B @ v_kkt) ** 2).sum() + ((A @ y_kkt - A @ v_kkt) ** 2).sum() + ((A @ y_kkt - B.T @ x0) ** 2).sum()
-    assert info["stationarity"].item() == pytest.approx(kkt.item(), rel=1e-10)
+    # the default diagnostics cost no product: the multiplier term at v_{k+1} after a line
+    # search (H v_k − η H r), at v_k (the residual the step formed) after a fixed step
+    v_mult = v0 if (order == "sequential" and dual_step == "fixed") else v_kkt
+    free = ((D @ (x0 - x_hat) + B @ v_kkt) ** 2).sum() + ((A @ y_kkt - A @ v_mult) ** 2).sum() + ((A @ y_kkt - B.T @ x0) ** 2).sum()
+    assert info["stationarity"].item() == pytest.approx(free.item(), rel=1e-10)
+    assert info["kkt_multiplier"].item() == pytest.approx(((A @ y_kkt - A @ v_mult) ** 2).sum().item(), rel=1e-10)
+    assert info["dual_residual_sq"].item() == pytest.approx(info["kkt_multiplier"].item(), rel=1e-12)
+    exact_new, exact_info = method.replace(exact_kkt=True).step(problem, state)
+    for key in ("x", "y", "v"):
+        assert torch.equal(getattr(exact_new, key)["x" if key == "x" else "y"], getattr(new, key)["x" if key == "x" else "y"])
+    assert exact_info["stationarity"].item() == pytest.approx(kkt.item(), rel=1e-10)
 
 
 @pytest.mark.parametrize("order", ["sequential", "jacobi"])
@@ -61,8 +71,8 @@ def test_bda_lower_dynamics_use_the_aggregated_objective():
     method = bl.BAGDC(lr_upper=0.1, lr_lower=0.2, lr_dual=0.5, lower="bda", lower_mu=0.1)
     state, x0, y0, v0 = _random_state(method, problem, seed=6)
     new, _ = method.step(problem, state)
-    y1 = y0 - 0.2 * (y0 - 0.9 * x0)                   # ∇_y φ = 0.1 y + 0.9 (y − x)
-    v1 = v0 - 0.5 * (v0 - y1)                         # H_φ = I
+    y1 = y0 - 0.2 * (y0 - 0.9 * x0)  # ∇_y φ = 0.1 y + 0.9 (y − x)
+    v1 = v0 - 0.5 * (v0 - y1)  # H_φ = I
     torch.testing.assert_close(new.y["y"], y1, rtol=0, atol=1e-12)
     torch.testing.assert_close(new.x["x"], x0 - 0.1 * ((x0 - 1) + 0.9 * v1), rtol=0, atol=1e-12)
 
@@ -78,7 +88,7 @@ def test_periodic_line_search_keeps_its_step_between_searches():
         state, info = method.step(problem, state)
         hvps.append(counting.counts["hvp"])
         steps.append(info["dual_step"].item())
-    assert hvps == [2, 1, 1, 2, 1, 1]                 # line search at k = 0 and 3 only
+    assert hvps == [2, 1, 1, 2, 1, 1]  # line search at k = 0 and 3 only
     assert steps[1] == steps[0] and steps[2] == steps[0]
     assert steps[4] == steps[3] and steps[3] != steps[0]
 
@@ -90,10 +100,14 @@ def test_oracle_calls_per_iteration_match_the_cost_table():
     state = method.init(problem)
     counting.reset()
     method.step(problem, state)
-    assert counting.counts == {"gradient_y": 1, "gradients": 1, "linearize": 1, "hvp": 1, "both": 1}
+    # the default diagnostics form no product of their own: the direction's mixed product only
+    assert counting.counts == {"gradient_y": 1, "gradients": 1, "linearize": 1, "hvp": 1, "mixed": 1}
     counting.reset()
     method.replace(dual_step="linesearch").step(problem, state)
-    assert counting.counts == {"gradient_y": 1, "gradients": 1, "linearize": 1, "hvp": 2, "both": 1}
+    assert counting.counts == {"gradient_y": 1, "gradients": 1, "linearize": 1, "hvp": 2, "mixed": 1}
+    counting.reset()
+    method.replace(exact_kkt=True).step(problem, state)  # H v_{k+1} for the diagnostics: a (J v, H v) pass
+    assert counting.counts == {"gradient_y": 1, "gradients": 1, "linearize": 1, "hvp": 1, "both": 1}
     counting.reset()
     method.replace(order="jacobi").step(problem, state)
     assert counting.counts == {"gradients": 1, "linearize": 1, "both": 1}
@@ -144,7 +158,7 @@ def test_bad_options_fail_at_construction(kwargs, match):
 
 
 def test_stability_bounds_on_lower_and_dual_steps_warn_and_error():
-    problem = T1(n=3)                                  # H = I: both steps are stable below 2
+    problem = T1(n=3)  # H = I: both steps are stable below 2
     with pytest.warns(bl.StabilityWarning, match=r"BAGDC\(lr_dual=2.5\).*2/λ_max\(H\)"):
         bl.BAGDC(lr_dual=2.5).init(problem)
     with pytest.raises(ValueError, match=r"BAGDC\(lr_lower=2.2\).*stability bound 2"):
@@ -153,7 +167,15 @@ def test_stability_bounds_on_lower_and_dual_steps_warn_and_error():
         bl.solve(problem, bl.BAGDC(lr_dual=2.5, stability_check="off"), max_iters=3000)
 
 
-BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+BAD_STEP_SIZES = [
+    (0.0, "0.0"),
+    (-2e-4, "-0.0002"),
+    (float("inf"), "inf"),
+    (float("nan"), "nan"),
+    (True, "True"),
+    ("1e-3", "'1e-3'"),
+    ([1, 2], r"\[1, 2\]"),
+]
 
 
 @pytest.mark.parametrize("field", ["lr_upper", "lr_lower", "lr_dual", "dual_fallback", "max_dual_step"])

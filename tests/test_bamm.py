@@ -103,7 +103,11 @@ def test_oracle_calls_per_iteration():
     counting.reset()
     seq.step(problem, state)
     # one ∇_y φ for the lower step; graphs of ∇f and ∇g at (x_k, y_{k+1}); H_φ z_k and H_φ r
-    # (each a pass over f and g); one pass per objective for (J z_{k+1}, H z_{k+1})
+    # (each a pass over f and g); (J_g z_{k+1}, H_g z_{k+1}) for the g-terms of the KKT
+    # residual and J_f z_{k+1}: H_φ z_{k+1} = H_φ z_k − η H_φ r comes from the line search
+    assert counting.counts == {"gradient_y": 1, "linearize": 2, "hvp": 4, "both": 1, "mixed": 1}
+    counting.reset()
+    seq.replace(exact_kkt=True).step(problem, state)  # one pass per objective for (J z_{k+1}, H z_{k+1})
     assert counting.counts == {"gradient_y": 1, "linearize": 2, "hvp": 4, "both": 2}
     jac = seq.replace(order="jacobi")
     counting.reset()

@@ -68,12 +68,18 @@ class LinearSolveResult:
         step: the last step size used (line-search solvers), else ``None``.
         normal_residual_sq: ``‖H (H v' − b)‖²`` at the same iterate, for :class:`NormalGD`
             (the gradient of its least-squares objective; GALET's third stationarity term).
+        residual: the residual tree ``H v' − b`` itself, when a solver keeps it (the dual
+            correction: its ``v'`` is the previous multiplier), else ``None``.
+        hv: ``H v`` at the returned ``v`` when it came for free (the line-search dual
+            correction: ``H v_k − η H r``), else ``None``.
     """
 
     v: Tree
     residual_sq: torch.Tensor | None
     step: torch.Tensor | None = None
     normal_residual_sq: torch.Tensor | None = None
+    residual: Tree | None = None
+    hv: Tree | None = None
 
 
 class LinearSolver:
@@ -224,12 +230,13 @@ class FixedPoint(LinearSolver):
         check_positive("FixedPoint", "lr", self.lr)
 
     def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
-        v, residual_sq = v0, None
+        v, r = v0, None
         for _ in range(self.steps):
             r = _residual(matvec, b, v)
-            residual_sq = T.sq_norm(r)
             v = T.axpy(-self.lr, r, _start(b, v))
-        return LinearSolveResult(v=v, residual_sq=residual_sq)
+        # the residual of the last iterate that formed one (‖H v' − b‖², v' the previous
+        # iterate): one norm after the loop, not one per iteration kept only at the end
+        return LinearSolveResult(v=v, residual_sq=T.sq_norm(r))
 
 
 @dataclass(frozen=True)
@@ -261,14 +268,13 @@ class NormalGD(LinearSolver):
         return 2 * self.steps
 
     def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
-        v, residual_sq, normal_sq = v0, None, None
+        v, r, hr = v0, None, None
         for _ in range(self.steps):
             r = _residual(matvec, b, v)
-            residual_sq = T.sq_norm(r)
             hr = matvec(r)
-            normal_sq = T.sq_norm(hr)
             v = T.axpy(-self.lr, hr, _start(b, v))
-        return LinearSolveResult(v=v, residual_sq=residual_sq, normal_residual_sq=normal_sq)
+        # the norms of the last iteration only (computed once, after the loop)
+        return LinearSolveResult(v=v, residual_sq=T.sq_norm(r), normal_residual_sq=T.sq_norm(hr))
 
 
 def line_search_step_size(r_sq: torch.Tensor, r_h_r: torch.Tensor, fallback: float, max_step: float | None) -> torch.Tensor:

@@ -77,9 +77,13 @@ class SlBAMM(StabilityChecked, DualOptions, Alternating):
 
     Use :meth:`from_strategy` for the μ/α/η schedules of BOAT's strategies s1/s2/s3.
 
-    Cost per iteration: one gradient of φ (sequential), one gradient-with-graph of f and
-    of g, one pass per objective for ``(J z, H z)``, plus one Hessian product of φ for the
-    line search.
+    Cost per iteration (sequential): one gradient of φ, one gradient-with-graph of f and
+    of g, one Hessian product of φ for the residual and one for the line search, one
+    ``(J_g z, H_g z)`` pass and one mixed product of f for the direction and the
+    g-terms of the KKT residual. Diagnostics (``exact_kkt=False``, default):
+    ``dual_residual_sq`` and ``kkt_phi`` at ``z_{k+1}`` from the line search's
+    ``H z_k − η H r`` (at ``z_k`` for ``dual_step="fixed"`` and on the iterations where
+    ``"periodic"`` keeps its step); ``exact_kkt=True`` forms ``H_f z_{k+1}`` too.
 
     Example:
         >>> import bilevel as bl
@@ -128,7 +132,7 @@ class SlBAMM(StabilityChecked, DualOptions, Alternating):
     def build_parts(self) -> Parts:
         mu = self.mu if self.freeze_phi_mu is None else self.freeze_phi_mu
         lower = LowerAggregated(lr=self.lr_lower, steps=1, mu=mu, index="outer")
-        return Parts(lower=lower, multiplier=self.dual_correction(), measure=KKTResidual(), order=self.order)
+        return Parts(lower=lower, multiplier=self.dual_correction(), measure=KKTResidual(exact=self.exact_kkt), order=self.order)
 
     def stability_steps(self) -> list[tuple[str, float, int]]:
         """β and a fixed η_0 below ``2/λ_max(∇²_yy φ_μ0)``."""

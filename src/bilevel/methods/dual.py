@@ -19,7 +19,7 @@ from ..parts import DualCorrection, FixedStep, LineSearch, Periodic
 from ..parts.assembly import ORDERS
 from ..parts.multiplier import NUMERATORS
 from ..schedules import ScheduleLike, as_schedule
-from ..validation import check_choice, check_count, check_positive, check_step_size
+from ..validation import check_bool, check_choice, check_count, check_positive, check_step_size
 from .base import option
 
 __all__ = ["DUAL_RULES", "DualOptions"]
@@ -41,6 +41,11 @@ class DualOptions:
         line_search_numerator: ``"residual"`` (``‖r‖²``, the exact line search) or
             ``"tensorwise"`` (``(Σ_i ‖r_i‖)²`` over y's tensors: the official scripts'
             reproduction quirk, docs/algorithms.md#sl-bamm-official-code-quirks).
+        exact_kkt: ``False`` (default): the KKT diagnostics cost no product of their own
+            (``kkt_multiplier`` and ``dual_residual_sq`` at ``v_{k+1}`` from the line
+            search's ``H v_k − η H r``, or at ``v_k`` from the residual of a fixed step);
+            ``True``: every term at ``v_{k+1}`` from one ``(J v, H v)`` pass per objective
+            (:class:`~bilevel.parts.KKTResidual`).
     """
 
     dual_step: str = option("fixed", check_choice, choices=DUAL_RULES)
@@ -50,6 +55,7 @@ class DualOptions:
     max_dual_step: float | None = option(None, check_positive, allow_none=True)
     dual_fallback: float = option(0.1, check_positive)
     line_search_numerator: str = option("residual", check_choice, choices=NUMERATORS)
+    exact_kkt: bool = option(False, check_bool)
 
     def dual_correction(self) -> DualCorrection:
         """The multiplier part these options describe."""

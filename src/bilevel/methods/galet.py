@@ -37,9 +37,11 @@ class GALET(StabilityChecked, Alternating):
         R = ‖∇_x f + J w‖²  +  ‖∇_y g‖²  +  ‖H (∇_y f + H w)‖²
 
     as ``stationarity`` with its terms ``R_upper``, ``R_lower``, ``R_shadow``. With
-    ``exact_metric=True`` (default) the third term is evaluated at ``w_{k+1}``: the mixed
-    product and ``H w_{k+1}`` come from one pass, plus one Hessian product. With
-    ``exact_metric=False`` it is the free value at ``w^{(T−1)}``.
+    ``exact_metric=False`` (default) the third term is the free value at ``w^{(T−1)}``,
+    the shadow iterate before the last (what the last shadow step computed); with
+    ``exact_metric=True`` it is evaluated at ``w_{k+1}``: the mixed product becomes a
+    ``(J w, H w)`` pass plus one more Hessian product (+5–8 % of a step on linear
+    hyper-cleaning, docs/performance.md).
 
     Parts (``method.parts``): ``LowerGD(lr_lower, lower_steps)``,
     ``LinearSolve(NormalGD(shadow_steps, lr_shadow), warm_start=shadow_start == "warm")``,
@@ -62,7 +64,8 @@ class GALET(StabilityChecked, Alternating):
             λ_max(H) by power iteration (30 products) and check β and ρ against their bounds.
 
     Cost per iteration: N gradients of g, one gradient of f, one gradient of g with a
-    graph, 2T Hessian products, one mixed product (+1 Hessian product for the exact metric).
+    graph, 2T − 1 Hessian products (2T warm-started), one mixed product (``exact_metric=True``: the
+    mixed product is a ``(J w, H w)`` pass, +1 Hessian product).
 
     Example:
         >>> import bilevel as bl
@@ -83,7 +86,7 @@ class GALET(StabilityChecked, Alternating):
     lr_shadow: float = option(0.25, check_positive)
     shadow_steps: int = option(10, check_count)
     shadow_start: str = option("zero", check_choice, choices=("zero", "warm"))
-    exact_metric: bool = option(True, check_bool)
+    exact_metric: bool = option(False, check_bool)
 
     def build_parts(self) -> Parts:
         return Parts(

@@ -160,13 +160,66 @@ class KKTResidual:
 
     as ``stationarity`` = ``kkt_upper + kkt_multiplier + kkt_lower``; the direction is
     ``∇_x f − J_φ v``. Also ``dual_residual_sq = ‖H_φ v − ∇_y f‖²``, the multiplier step's
-    ``dual_step``, and, when φ_μ ≠ g, the same residual with φ_μ as ``kkt_phi``. One
-    ``(J v, H v)`` pass per objective.
+    ``dual_step``, and, when φ_μ ≠ g, the same residual with φ_μ as ``kkt_phi``.
+
+    Args:
+        exact: ``True``: every term at the v given, one ``(J v, H v)`` pass per objective.
+            ``False`` (default): no product is formed for the diagnostics alone. After a
+            dual correction (the sequential order) ``H_φ v_{k+1} = H_φ v_k − η H_φ r`` is
+            at hand when the line search formed ``H_φ r``; with a fixed step (or a kept
+            periodic step) the terms that need ``H_φ v`` are reported at the previous
+            multiplier ``v_k`` from the residual ``r = H_φ v_k − ∇_y f`` the step formed
+            (as the linear solvers report theirs). With μ > 0, ``kkt_multiplier`` and
+            ``kkt_upper`` need the g-parts: ``(J_g v, H_g v)`` is one pass and ``J_f v``
+            a mixed product. Without a solve result (the Jacobi order, where ``H_φ v_k``
+            feeds the dual step anyway) ``exact`` makes no difference.
     """
+
+    exact: bool = False
+
+    def __post_init__(self) -> None:
+        check_bool("KKTResidual", "exact", self.exact)
 
     def evaluate(
         self, point: Point, v: Tree, solve: LinearSolveResult | None, x: Tree, projection: Projection | None
     ) -> tuple[Tree, dict, Tree | None]:
+        if self.exact or solve is None or solve.residual is None:
+            return self._exact(point, v, x, projection)
+        grad_x_f, grad_y_f = point.grad_x_f, point.grad_y_f
+        if point.f is None:  # φ = g: one mixed product, H v from the dual step
+            j_g = j_phi = point.g.mixed(v)
+            h_g = None
+        else:
+            j_g, h_g = point.g.both(v)
+            j_phi = T.axpy(point.mu, point.f.mixed(v), T.scale(1.0 - point.mu, j_g))
+        direction = T.sub(grad_x_f, j_phi)
+        direction_sq = T.sq_norm(direction)
+        if solve.hv is not None:  # H_φ v_{k+1}, free after a line search
+            dual_sq = T.sq_norm(T.sub(solve.hv, grad_y_f))
+        else:  # at v_k: the residual the step formed
+            dual_sq = solve.residual_sq if solve.residual_sq is not None else T.sq_norm(solve.residual)
+        kkt_lower = T.sq_norm(point.g.grad_y)
+        if point.f is None:
+            kkt_upper = projected_sq(projection, x, direction, direction_sq)
+            kkt_multiplier = dual_sq
+        else:
+            kkt_upper = projected_sq(projection, x, T.sub(grad_x_f, j_g))
+            kkt_multiplier = T.sq_norm(T.sub(grad_y_f, h_g))
+        info = {
+            "upper_loss": point.upper_loss,
+            "lower_grad_sq": kkt_lower,
+            "direction_sq": direction_sq,
+            "dual_residual_sq": dual_sq,
+            "kkt_upper": kkt_upper,
+            "kkt_multiplier": kkt_multiplier,
+            "kkt_lower": kkt_lower,
+            "stationarity": kkt_upper + kkt_multiplier + kkt_lower,
+        }
+        if point.f is not None:
+            info["kkt_phi"] = projected_sq(projection, x, direction, direction_sq) + dual_sq + T.sq_norm(point.phi.grad_y)
+        return direction, info, None
+
+    def _exact(self, point: Point, v: Tree, x: Tree, projection: Projection | None) -> tuple[Tree, dict, Tree | None]:
         j_phi, h_phi, j_g, h_g = point.products(v)
         grad_x_f, grad_y_f = point.grad_x_f, point.grad_y_f
         direction = T.sub(grad_x_f, j_phi)

@@ -207,6 +207,21 @@ class DualCorrection:
         return self.step.init(v)
 
     def update(self, matvec: MatVec, b: Tree, v: Tree, state: Any, k: int, hv: Tree | None = None) -> tuple[LinearSolveResult, Any]:
-        r = T.sub(matvec(v) if hv is None else hv, b)
-        eta, state, r_sq = self.step(r, matvec, k, state)
-        return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta), state
+        if hv is not None:  # the Jacobi order: H v_k from the caller, nothing to hand back
+            r = T.sub(hv, b)
+            eta, state, r_sq = self.step(r, matvec, k, state)
+            return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta, residual=r), state
+        hv = matvec(v)
+        r = T.sub(hv, b)
+        seen: list = []
+
+        def recording(u: Tree) -> Tree:  # keeps H r when the step rule forms it (a line search)
+            hu = matvec(u)
+            if u is r:
+                seen.append(hu)
+            return hu
+
+        eta, state, r_sq = self.step(r, recording, k, state)
+        # H v_{k+1} = H v_k − η H r: free when H r was formed, for the measure's diagnostics
+        hv_next = T.axpy(-eta, seen[0], hv) if seen else None
+        return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta, residual=r, hv=hv_next), state
