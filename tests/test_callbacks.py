@@ -6,7 +6,6 @@ import pytest
 import bilevel as bl
 from bilevel.problems import T1g
 
-
 pytestmark = pytest.mark.usefixtures("preserve_rng")
 
 
@@ -24,7 +23,7 @@ def test_jsonl_logger_writes_one_line_per_logged_record(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == len(result.history) == 4
     records = [json.loads(line) for line in lines]
-    assert records == result.history                          # same keys, exact float round trip
+    assert records == result.history  # same keys, exact float round trip
     assert [r["iteration"] for r in records] == [3, 6, 9, 10]
     assert set(records[0]) == {"iteration", "time", "upper_loss", "lower_grad_sq", "direction_sq", "linsys_residual_sq", "stationarity"}
 
@@ -43,7 +42,7 @@ def test_csv_logger_writes_a_header_and_one_row_per_record(tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == len(result.history) == 4
     assert list(rows[0]) == list(result.history[0])
-    for row, rec in zip(rows, result.history):
+    for row, rec in zip(rows, result.history, strict=True):
         assert int(row["iteration"]) == rec["iteration"]
         for key in rec:
             assert float(row[key]) == rec[key]
@@ -77,7 +76,12 @@ def test_callbacks_receive_start_log_and_end():
     bl.solve(T1g(n=4), _aid(), max_iters=3, callbacks=[Spy(), OnlyLog()])
     assert events == [
         ("start", 0, 3, "AID"),
-        ("log", 1), ("only", 1), ("log", 2), ("only", 2), ("log", 3), ("only", 3),
+        ("log", 1),
+        ("only", 1),
+        ("log", 2),
+        ("only", 2),
+        ("log", 3),
+        ("only", 3),
         ("end", "max_iters"),
     ]
 
@@ -91,7 +95,7 @@ def test_jsonl_logger_on_resume_keeps_earlier_lines(tmp_path):
     assert [r["iteration"] for r in _read_jsonl(log)] == list(range(1, 31))
     result = bl.solve(problem, _aid(), max_iters=40, resume=ckpt20, callbacks=[bl.JSONLinesLogger(log)])
     records = _read_jsonl(log)
-    assert [r["iteration"] for r in records] == list(range(1, 41))       # 21..30 of the abandoned run are dropped
+    assert [r["iteration"] for r in records] == list(range(1, 41))  # 21..30 of the abandoned run are dropped
     assert records == result.history
 
 

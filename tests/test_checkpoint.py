@@ -28,7 +28,7 @@ def _state(k=3, seed=0):
 def _assert_trees_equal(a, b):
     la, lb = bl.tree.leaves(a), bl.tree.leaves(b)
     assert len(la) == len(lb)
-    for p, q in zip(la, lb):
+    for p, q in zip(la, lb, strict=True):
         assert p.dtype == q.dtype and torch.equal(p, q)
 
 
@@ -92,7 +92,7 @@ def test_failing_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, error
     before = path.read_bytes()
 
     def broken_save(obj, handle, *args, **kwargs):
-        handle.write(b"half a checkpoint")   # a partial write, then the failure
+        handle.write(b"half a checkpoint")  # a partial write, then the failure
         raise error
 
     monkeypatch.setattr(ckpt.torch, "save", broken_save)
@@ -110,7 +110,7 @@ def test_loading_a_missing_file_is_a_checkpoint_error(tmp_path):
     with pytest.raises(bl.CheckpointError, match=r"no checkpoint at .*nothing\.pt"):
         bl.load_checkpoint(tmp_path / "nothing.pt")
     with pytest.raises(bl.CheckpointError, match="no checkpoint"):
-        bl.load_checkpoint(tmp_path)           # a directory is not a checkpoint
+        bl.load_checkpoint(tmp_path)  # a directory is not a checkpoint
 
 
 def test_loading_garbage_is_a_checkpoint_error(tmp_path):
@@ -118,7 +118,7 @@ def test_loading_garbage_is_a_checkpoint_error(tmp_path):
     path.write_bytes(b"\x00\x01 this is not a pickle \xff" * 10)
     with pytest.raises(bl.CheckpointError, match=r"garbage\.pt is not a readable bilevel checkpoint") as info:
         bl.load_checkpoint(path)
-    assert "safe" not in str(info.value)      # garbage is unreadable, not unsafe
+    assert "safe" not in str(info.value)  # garbage is unreadable, not unsafe
     assert isinstance(info.value, RuntimeError)
 
 

@@ -41,7 +41,9 @@ def test_resume_is_exact(tiny_config, tmp_path, stop):
 
 def test_bench_writes_table_and_plots(tiny_config, tmp_path, capsys):
     out = tmp_path / "bench"
-    assert main(["bench", tiny_config, "--methods", "CG,BAGDC", "--seeds", "0,1", "run.max_iters=3", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(["bench", tiny_config, "--methods", "CG,BAGDC", "--seeds", "0,1", "run.max_iters=3", "--out", str(out), "--no-progress"]) == 0
+    )
     printed = capsys.readouterr().out
     assert "| method | test acc (%) | F1 | time (s) | iterations |" in printed
     assert "| CG |" in printed and "| BAGDC |" in printed and "no cleaning" in printed
@@ -66,14 +68,17 @@ def test_list_and_data(capsys):
     assert "mnist5k" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["run", "no_such_config"], "no configuration file"),
-    (["run", "TINY", "run.max_iter=3"], "valid run keys"),
-    (["run", "TINY", "problem.dataset=omniglot_missing"], "omniglot_missing"),
-    (["resume", "MISSING"], "not a run directory"),
-    (["bench", "TINY", "--methods", "CG", "--seeds", "a,b"], "--seeds"),
-    (["plot", "MISSING", "--out", "x.png"], "no log.jsonl"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["run", "no_such_config"], "no configuration file"),
+        (["run", "TINY", "run.max_iter=3"], "valid run keys"),
+        (["run", "TINY", "problem.dataset=omniglot_missing"], "omniglot_missing"),
+        (["resume", "MISSING"], "not a run directory"),
+        (["bench", "TINY", "--methods", "CG", "--seeds", "a,b"], "--seeds"),
+        (["plot", "MISSING", "--out", "x.png"], "no log.jsonl"),
+    ],
+)
 def test_errors_exit_2_with_one_line(argv, message, tiny_config, tmp_path, capsys):
     argv = [tiny_config if a == "TINY" else str(tmp_path / "nothing") if a == "MISSING" else a for a in argv]
     assert main(argv) == 2

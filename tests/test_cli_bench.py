@@ -37,8 +37,19 @@ def statuses(out):
 
 def test_a_diverging_method_is_marked_and_the_others_reported(tiny_config, tmp_path, capsys):
     out = tmp_path / "b"
-    argv = ["bench", tiny_config, "--methods", "CG,BAGDC", "--seeds", "0,1", "methods.BAGDC.lr_lower=1e30",
-            "methods.BAGDC.stability_check=off", "--out", str(out), "--no-progress"]
+    argv = [
+        "bench",
+        tiny_config,
+        "--methods",
+        "CG,BAGDC",
+        "--seeds",
+        "0,1",
+        "methods.BAGDC.lr_lower=1e30",
+        "methods.BAGDC.stability_check=off",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(argv) == 1
     printed, err = capsys.readouterr()
     table = (out / "table.md").read_text()
@@ -53,8 +64,17 @@ def test_a_diverging_method_is_marked_and_the_others_reported(tiny_config, tmp_p
 
 def test_ctrl_c_stops_the_bench_and_resume_finishes_it(tiny_config, tmp_path, monkeypatch, capsys):
     full, out = tmp_path / "full", tmp_path / "b"
-    argv = ["bench", tiny_config, "--methods", "CG,BAGDC,CG-slow", "--seeds", "0", "methods.CG-slow.method=CG",
-            "methods.CG-slow.lr_upper=0.05", "--no-progress"]
+    argv = [
+        "bench",
+        tiny_config,
+        "--methods",
+        "CG,BAGDC,CG-slow",
+        "--seeds",
+        "0",
+        "methods.CG-slow.method=CG",
+        "methods.CG-slow.lr_upper=0.05",
+        "--no-progress",
+    ]
     assert main([*argv, "--out", str(full)]) == 0
     real = runner._Recorder.on_log
 
@@ -120,13 +140,38 @@ def _logged_iterations(run_dir):
 def test_sigint_to_a_bench_subprocess_exits_130_and_resume_completes_it(tmp_path):
     """A real Ctrl-C (SIGINT) to `python -m bilevel bench`, then `bilevel resume BENCH_DIR`."""
     out = tmp_path / "bench"
-    sizes = ["problem.n_train=200", "problem.n_val=100", "problem.n_test=200", "problem.baseline_steps=20",
-             "run.max_iters=300", "run.log_every=10", "run.eval_every=100", "run.checkpoint_every=0"]
+    sizes = [
+        "problem.n_train=200",
+        "problem.n_val=100",
+        "problem.n_test=200",
+        "problem.baseline_steps=20",
+        "run.max_iters=300",
+        "run.log_every=10",
+        "run.eval_every=100",
+        "run.checkpoint_every=0",
+    ]
     env = {**os.environ, "PYTHONPATH": str(Path(runner.__file__).parents[2])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bilevel", "bench", "hyperclean_demo", "--methods", "BAGDC", "--seeds", "0,1", *sizes,
-         "--out", str(out), "--no-progress"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "bilevel",
+            "bench",
+            "hyperclean_demo",
+            "--methods",
+            "BAGDC",
+            "--seeds",
+            "0,1",
+            *sizes,
+            "--out",
+            str(out),
+            "--no-progress",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         first = out / "BAGDC-seed0"
@@ -152,5 +197,5 @@ def test_sigint_to_a_bench_subprocess_exits_130_and_resume_completes_it(tmp_path
     assert bench["complete"] is True and set(bench["status"].values()) == {"max_iters"}
     assert [s["iterations"] for s in bench["runs"]["BAGDC"]] == [300, 300]
     iterations = _logged_iterations(first)
-    assert iterations == sorted(set(iterations)) and iterations[-1] == 300 and 300 // 10 + 1 == len(iterations)
+    assert iterations == sorted(set(iterations)) and iterations[-1] == 300 and len(iterations) == 300 // 10 + 1
     assert "interrupted" not in (out / "table.md").read_text() and (out / "test_accuracy.png").is_file()

@@ -45,6 +45,7 @@ def one_line(err):
 
 # --- item 1: existing results are never overwritten by surprise ---------------------------
 
+
 def test_run_refuses_a_folder_holding_a_finished_run(tiny_config, tmp_path, capsys):
     out = tmp_path / "r"
     assert main(["run", tiny_config, "run.max_iters=3", "--out", str(out), "--no-progress"]) == 0
@@ -128,12 +129,27 @@ def test_overwrite_of_a_bench_removes_its_runs_and_keeps_other_files(tiny_config
 
 # --- item 5 and the exit codes -----------------------------------------------------------
 
+
 def test_exit_codes(tiny_config, tmp_path, monkeypatch, capsys):
     """0 done, 1 diverged, 2 bad input, 3 environment, 4 bug, 130 interrupted."""
     assert main(["run", tiny_config, "run.max_iters=2", "--out", str(tmp_path / "ok"), "--no-progress"]) == 0
     capsys.readouterr()
 
-    assert main(["run", tiny_config, "method.name=BAGDC", "method.lr_lower=1e30", "method.stability_check=off", "--out", str(tmp_path / "div"), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "run",
+                tiny_config,
+                "method.name=BAGDC",
+                "method.lr_lower=1e30",
+                "method.stability_check=off",
+                "--out",
+                str(tmp_path / "div"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     out, err = capsys.readouterr()
     assert one_line(err) and "diverged at iteration 1" in err and "diverged at iteration 1" in out
     assert json.loads((tmp_path / "div" / "summary.json").read_text())["status"] == "diverged"
@@ -152,7 +168,9 @@ def test_exit_codes(tiny_config, tmp_path, monkeypatch, capsys):
     def too_big(config):  # the library's refusal before allocating: a MemoryError and a ValueError
         from bilevel.validation import InsufficientMemoryError
 
-        raise InsufficientMemoryError("the mlp hyper-cleaning model needs about 12.5 GB but only 2.0 GB of memory is available: reduce hidden")
+        raise InsufficientMemoryError(
+            "the mlp hyper-cleaning model needs about 12.5 GB but only 2.0 GB of memory is available: reduce hidden"
+        )
 
     monkeypatch.setattr(runner, "build_experiment", too_big)
     assert main(["run", tiny_config, "--out", str(tmp_path / "big"), "--no-progress"]) == 3
@@ -251,12 +269,29 @@ def test_ctrl_c_in_run_exits_130_and_resume_is_exact(tiny_config, tmp_path, monk
 
 # --- item 7: --data-dir ------------------------------------------------------------------
 
+
 def test_run_and_bench_accept_data_dir(tiny_config, tmp_path, capsys):
     data = tmp_path / "my data"
     data.mkdir()
     assert main(["run", tiny_config, "run.max_iters=1", "--data-dir", str(data), "--out", str(tmp_path / "r"), "--no-progress"]) == 0
     assert yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())["problem"]["data_dir"] == str(data)
-    assert main(["bench", tiny_config, "--methods", "CG", "run.max_iters=1", "--data-dir", str(data), "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                tiny_config,
+                "--methods",
+                "CG",
+                "run.max_iters=1",
+                "--data-dir",
+                str(data),
+                "--out",
+                str(tmp_path / "b"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert yaml.safe_load((tmp_path / "b" / "CG-seed0" / "config.yaml").read_text())["problem"]["data_dir"] == str(data)
 
 
@@ -267,13 +302,17 @@ def test_data_dir_reaches_the_dataset_search(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("BILEVEL_DATA_DIR", raising=False)
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["run", "hyperclean_mnist_liu", "run.max_iters=1", "--data-dir", str(empty), "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    assert (
+        main(["run", "hyperclean_mnist_liu", "run.max_iters=1", "--data-dir", str(empty), "--out", str(tmp_path / "r"), "--no-progress"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert one_line(err) and "MNIST" in err and f"{empty} (root argument)" in err and "--data-dir DIR" in err
     assert not (tmp_path / "r").exists()
 
 
 # --- item 9: usage -------------------------------------------------------------------------
+
 
 def test_run_without_overrides_does_not_claim_they_are_required(capsys):
     with pytest.raises(SystemExit) as exc:

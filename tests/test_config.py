@@ -23,8 +23,21 @@ def _resolve(*overrides, config=TINY):
 
 @pytest.mark.parametrize(
     "text, value",
-    [("1e-3", 1e-3), ("1E6", 1e6), (".5", 0.5), ("-2e-4", -2e-4), ("+3e2", 300.0), ("1.0e-3", 1e-3), ("5", 5), ("010", 10),
-     ("0x10", 16), (".inf", float("inf")), ("true", True), ("False", False), ("null", None)],
+    [
+        ("1e-3", 1e-3),
+        ("1E6", 1e6),
+        (".5", 0.5),
+        ("-2e-4", -2e-4),
+        ("+3e2", 300.0),
+        ("1.0e-3", 1e-3),
+        ("5", 5),
+        ("010", 10),
+        ("0x10", 16),
+        (".inf", float("inf")),
+        ("true", True),
+        ("False", False),
+        ("null", None),
+    ],
 )
 def test_load_yaml_reads_numbers_a_person_types(text, value):
     parsed = load_yaml(text)
@@ -61,7 +74,9 @@ def test_integer_keys_accept_integral_floats():
 
 def test_config_files_read_numbers_the_same_way(tmp_path):
     path = tmp_path / "mine.yaml"
-    path.write_text("problem: {kind: hyperclean, n_train: 1e3}\nmethod: {name: GALET, lr_lower: 1e-3, stability_check: off}\nrun: {max_iters: 2E2}\n")
+    path.write_text(
+        "problem: {kind: hyperclean, n_train: 1e3}\nmethod: {name: GALET, lr_lower: 1e-3, stability_check: off}\nrun: {max_iters: 2E2}\n"
+    )
     resolved = resolve_config(load_config(path))
     assert resolved["method"]["lr_lower"] == 1e-3 and resolved["method"]["stability_check"] == "off"
     assert resolved["run"]["max_iters"] == 200 and resolved["problem"]["n_train"] == 1000
@@ -143,7 +158,10 @@ def test_each_bad_value_gets_one_line_naming_key_value_and_expectation(override,
         ("problem.backbone=resnet", "problem.backbone='resnet' must be one of conv, mlp"),
         ("problem.norm=batch", "problem.norm='batch' must be one of none, group"),
         ("problem.dataset=cifar", "problem.dataset='cifar' must be one of mnist5k, mnist_fashion, omniglot"),
-        ("problem.num_train_classes=2", "problem.num_train_classes=2 must be >= problem.n_way=3 (each training episode draws n_way classes)"),
+        (
+            "problem.num_train_classes=2",
+            "problem.num_train_classes=2 must be >= problem.n_way=3 (each training episode draws n_way classes)",
+        ),
         ("problem.per_class=0", "problem.per_class=0 must be an integer >= 1 or null"),
     ],
 )

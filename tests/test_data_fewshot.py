@@ -34,9 +34,7 @@ def decode(images):
 
 
 def test_shapes_types_and_ranges():
-    sampler = EpisodeSampler(
-        identified_classes(), n_way=5, k_shot=2, q_query=3, meta_batch=4, seed=0
-    )
+    sampler = EpisodeSampler(identified_classes(), n_way=5, k_shot=2, q_query=3, meta_batch=4, seed=0)
     batch = sampler.sample(0)
     assert batch["support_x"].shape == (4, 10, 1, 3, 3)
     assert batch["query_x"].shape == (4, 15, 1, 3, 3)
@@ -44,16 +42,14 @@ def test_shapes_types_and_ranges():
     assert batch["classes"].shape == (4, 5)
     assert batch["support_x"].dtype == torch.float32
     assert batch["support_y"].dtype == batch["query_y"].dtype == torch.long
-    assert 0.0 <= float(batch["support_x"].min()) and float(batch["query_x"].max()) <= 1.0
+    assert float(batch["support_x"].min()) >= 0.0 and float(batch["query_x"].max()) <= 1.0
     assert batch["support_y"][0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert batch["query_y"][0].tolist() == [j for j in range(5) for _ in range(3)]
     assert sampler.sample(0, dtype=torch.float64)["query_x"].dtype == torch.float64
 
 
 def test_labels_match_classes_and_support_query_disjoint():
-    sampler = EpisodeSampler(
-        identified_classes(), n_way=4, k_shot=3, q_query=5, meta_batch=6, seed=1
-    )
+    sampler = EpisodeSampler(identified_classes(), n_way=4, k_shot=3, q_query=5, meta_batch=6, seed=1)
     for step in range(5):
         batch = sampler.sample(step)
         for task in range(6):
@@ -62,9 +58,7 @@ def test_labels_match_classes_and_support_query_disjoint():
             support = decode(batch["support_x"][task])
             query = decode(batch["query_x"][task])
             assert len(set(support) | set(query)) == len(support) + len(query) == 32
-            for (class_id, _), label in zip(
-                support, batch["support_y"][task].tolist(), strict=True
-            ):
+            for (class_id, _), label in zip(support, batch["support_y"][task].tolist(), strict=True):
                 assert task_classes[label] == class_id
             for (class_id, _), label in zip(query, batch["query_y"][task].tolist(), strict=True):
                 assert task_classes[label] == class_id

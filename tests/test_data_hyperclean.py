@@ -48,11 +48,7 @@ def ids(features):
 
 def test_split_sizes_disjointness_and_true_labels():
     data = build()
-    assert (
-        data.x_train.shape == (40, 2)
-        and data.x_val.shape == (30, 2)
-        and data.x_test.shape == (20, 2)
-    )
+    assert data.x_train.shape == (40, 2) and data.x_val.shape == (30, 2) and data.x_test.shape == (20, 2)
     train, val, test = ids(data.x_train), ids(data.x_val), ids(data.x_test)
     assert len(set(train) | set(val) | set(test)) == 90
     assert data.y_train_true.tolist() == [i % 10 for i in train]
@@ -105,7 +101,10 @@ def test_corrupt_labels_rejects_bad_rate():
 def test_not_enough_examples_is_a_clear_error():
     with pytest.raises(DatasetError, match=r"has 100 examples.*40 \+ 40 \+ 40 = 120"):
         build(n_train=40, n_val=40, n_test=40)
-    with pytest.raises(ValueError, match=r"^n_train=0 must be an integer >= 1: the lower level fits the classifier on the training set, which cannot be empty$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^n_train=0 must be an integer >= 1: the lower level fits the classifier on the training set, which cannot be empty$",
+    ):
         build(n_train=0)
 
 
@@ -137,27 +136,19 @@ def test_make_from_idx_files_scales_by_255(tmp_path, monkeypatch):
     images[:, 0, 1] = 51
     write_idx(tmp_path / "train-images-idx3-ubyte", images)
     write_idx(tmp_path / "train-labels-idx1-ubyte", (np.arange(60) % 10).astype(np.uint8))
-    data = make_hyperclean_data(
-        "mnist", noise_rate=0.2, seed=1, n_train=20, n_val=10, n_test=30, root=tmp_path
-    )
+    data = make_hyperclean_data("mnist", noise_rate=0.2, seed=1, n_train=20, n_val=10, n_test=30, root=tmp_path)
     assert data.x_train.shape == (20, 784) and data.x_test.shape == (30, 784)
     assert torch.allclose(data.x_train[:, 0], torch.ones(20))
     assert torch.allclose(data.x_train[:, 1], torch.full((20,), 0.2))
     assert int((~data.clean_mask).sum()) == 4
-    with pytest.raises(
-        DatasetError, match="has 60 examples.*default for 'mnist': \\(5000, 5000, 10000\\)"
-    ):
+    with pytest.raises(DatasetError, match=r"has 60 examples.*default for 'mnist': \(5000, 5000, 10000\)"):
         make_hyperclean_data("mnist", root=tmp_path)
 
 
 def test_digits_defaults_and_scaling_by_16():
     pytest.importorskip("sklearn")
     data = make_hyperclean_data("digits", noise_rate=0.5, seed=0)
-    assert (
-        data.x_train.shape == (700, 64)
-        and data.x_val.shape == (400, 64)
-        and data.x_test.shape == (697, 64)
-    )
+    assert data.x_train.shape == (700, 64) and data.x_val.shape == (400, 64) and data.x_test.shape == (697, 64)
     assert float(data.x_train.max()) == 1.0 and float(data.x_train.min()) == 0.0
     assert int((~data.clean_mask).sum()) == 350
 
@@ -178,9 +169,7 @@ def test_cleaner_metrics_hand_made():
 def test_cleaner_metrics_edges():
     clean = torch.tensor([True, True, False, False])
     perfect = cleaner_metrics(torch.tensor([3.0, 1.0, -1.0, -2.0]), clean, 0.5)
-    assert (
-        perfect["precision"] == perfect["recall"] == perfect["f1"] == perfect["paper_recall"] == 1.0
-    )
+    assert perfect["precision"] == perfect["recall"] == perfect["f1"] == perfect["paper_recall"] == 1.0
     nothing = cleaner_metrics(-torch.ones(4), clean, 0.5)
     assert nothing["precision"] == nothing["recall"] == nothing["f1"] == 0.0
     inverted = cleaner_metrics(torch.tensor([-1.0, -1.0, 1.0, 1.0]), clean, 0.5)
@@ -199,7 +188,11 @@ def test_accuracy():
 
 @pytest.mark.parametrize(
     "split, role",
-    [("n_train", "the lower level fits"), ("n_val", "the upper objective is the loss on the validation set"), ("n_test", "the test accuracy")],
+    [
+        ("n_train", "the lower level fits"),
+        ("n_val", "the upper objective is the loss on the validation set"),
+        ("n_test", "the test accuracy"),
+    ],
 )
 def test_empty_splits_are_rejected_naming_the_key(split, role):
     with pytest.raises(ValueError, match=rf"^{split}=0 must be an integer >= 1: {role}.*cannot be empty$"):

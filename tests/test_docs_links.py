@@ -227,7 +227,7 @@ def test_github_slug_follows_githubs_rules():
 
 def test_checker_reports_dangling_links_and_anchors(tmp_path):
     (tmp_path / "sub").mkdir()
-    (tmp_path / "sub" / "target.md").write_text("# Title\n\n## Good heading\n\n## Good heading\n\n<a id=\"custom\"></a>\n")
+    (tmp_path / "sub" / "target.md").write_text('# Title\n\n## Good heading\n\n## Good heading\n\n<a id="custom"></a>\n')
     bad = tmp_path / "bad.md"
     bad.write_text(
         "\n".join(
@@ -280,10 +280,6 @@ def test_checker_reports_forbidden_mentions(tmp_path):
 
 
 if __name__ == "__main__":
-    found = (
-        markdown_link_problems(markdown_files())
-        + source_reference_problems(source_files())
-        + forbidden_mentions(project_files())
-    )
+    found = markdown_link_problems(markdown_files()) + source_reference_problems(source_files()) + forbidden_mentions(project_files())
     print("\n".join(found) or "all links resolve")
     sys.exit(1 if found else 0)

@@ -22,7 +22,15 @@ TINY = {
 
 def test_every_builtin_config_resolves():
     names = set(builtin_configs())
-    assert {"hyperclean_demo", "hyperclean_mnist_pbgd", "hyperclean_mnist_liu", "hyperclean_fashion_liu", "fewshot_demo", "fewshot_mnist_fashion", "fewshot_omniglot"} <= names
+    assert {
+        "hyperclean_demo",
+        "hyperclean_mnist_pbgd",
+        "hyperclean_mnist_liu",
+        "hyperclean_fashion_liu",
+        "fewshot_demo",
+        "fewshot_mnist_fashion",
+        "fewshot_omniglot",
+    } <= names
     for name in names:
         raw = load_config(name)
         config = resolve_config(raw)
@@ -32,7 +40,9 @@ def test_every_builtin_config_resolves():
 
 
 def test_overrides_parse_yaml_values_and_reach_the_method():
-    config = apply_overrides(TINY, ["run.max_iters=9", "method.name=BAGDC", "method.lr_dual=0.25", "problem.noise_rate=0.3", "run.tensorboard=false"])
+    config = apply_overrides(
+        TINY, ["run.max_iters=9", "method.name=BAGDC", "method.lr_dual=0.25", "problem.noise_rate=0.3", "run.tensorboard=false"]
+    )
     assert config["run"]["max_iters"] == 9 and config["problem"]["noise_rate"] == 0.3 and config["run"]["tensorboard"] is False
     resolved = resolve_config(config)
     assert resolved["method"]["lr_dual"] == 0.25 and resolved["method"]["lr_lower"] == 0.5  # preset kept
@@ -41,14 +51,17 @@ def test_overrides_parse_yaml_values_and_reach_the_method():
     assert TINY["run"]["max_iters"] == 6  # the input is not modified
 
 
-@pytest.mark.parametrize("override,message", [
-    ("run.max_iter=5", "valid run keys: max_iters"),
-    ("problem.noise=0.1", "valid problem keys"),
-    ("method.lr_shadow=0.1", "valid method keys"),
-    ("method.name=Newton", "unknown method 'Newton'"),
-    ("max_iters", "section.key=value"),
-    ("run.max_iters=-1", "run.max_iters"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("run.max_iter=5", "valid run keys: max_iters"),
+        ("problem.noise=0.1", "valid problem keys"),
+        ("method.lr_shadow=0.1", "valid method keys"),
+        ("method.name=Newton", "unknown method 'Newton'"),
+        ("max_iters", "section.key=value"),
+        ("run.max_iters=-1", "run.max_iters"),
+    ],
+)
 def test_bad_overrides_give_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config(apply_overrides(TINY, [override]))

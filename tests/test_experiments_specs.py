@@ -8,7 +8,8 @@ import inspect
 import pytest
 
 import bilevel as bl
-from bilevel.experiments import apply_overrides, config as C, load_config, run_bench, runner
+from bilevel.experiments import apply_overrides, load_config, run_bench, runner
+from bilevel.experiments import config as C
 from bilevel.problems.fewshot import fewshot_problem
 from bilevel.problems.hyperclean import hyperclean_problem
 from test_experiments import TINY
@@ -19,7 +20,7 @@ def test_the_keys_of_each_section_are_the_fields_of_its_spec():
         fields = dataclasses.fields(spec)
         assert C.PROBLEM_KEYS[kind] == {f.name: f.default for f in fields} and C.PROBLEM_KEYS[kind]["kind"] == kind
         assert all("rule" in f.metadata for f in fields)
-    assert C.RUN_KEYS == {f.name: f.default for f in dataclasses.fields(C.RunSpec)}
+    assert {f.name: f.default for f in dataclasses.fields(C.RunSpec)} == C.RUN_KEYS
     with pytest.raises(C.ConfigError, match=r"unknown key problem.width; valid problem keys: kind, dataset, model, hidden"):
         C.resolve_config({"problem": {"width": 3}, "method": {"name": "GALET"}})
 
@@ -41,7 +42,19 @@ def test_the_spec_forwards_its_builder_arguments_by_name():
     spec = resolved.problem
     assert isinstance(spec, C.FewshotSpec) and isinstance(resolved.run, C.RunSpec)
     arguments = spec.arguments_for(fewshot_problem, exclude=("seed", "dtype"))
-    assert set(arguments) == {"n_way", "meta_batch", "backbone", "reg", "channels", "blocks", "norm", "groups", "hidden", "features", "feature_scale"}
+    assert set(arguments) == {
+        "n_way",
+        "meta_batch",
+        "backbone",
+        "reg",
+        "channels",
+        "blocks",
+        "norm",
+        "groups",
+        "hidden",
+        "features",
+        "feature_scale",
+    }
     assert arguments["hidden"] == resolved.data["problem"]["hidden"] and isinstance(C.FewshotSpec(reg=1).reg, float)
 
 
@@ -56,7 +69,7 @@ def test_a_configuration_is_resolved_once_per_run(tmp_path, monkeypatch):
     assert len(calls) == 1
     calls.clear()
     run_bench(dict(TINY), methods=["CG", "BAGDC"], seeds=[0, 1], overrides=["run.max_iters=2"], out=tmp_path / "bench", progress=False)
-    assert len(calls) == 4                                                  # 2 methods × 2 seeds
+    assert len(calls) == 4  # 2 methods × 2 seeds
 
 
 @pytest.mark.parametrize("upper, expected", [(None, bl.SGD(lr=0.1)), ("sgd", bl.SGD(lr=0.1)), ("adam", bl.Adam(lr=0.1))])
@@ -67,9 +80,9 @@ def test_yaml_and_python_agree_on_the_upper_optimizer(upper, expected):
     method = runner.build_method(resolved)
     assert method.parts.upper == expected
     if upper != "adam":
-        assert method.parts.upper == bl.GALET(lr_upper=0.1).parts.upper          # a number is plain gradient steps in Python too
+        assert method.parts.upper == bl.GALET(lr_upper=0.1).parts.upper  # a number is plain gradient steps in Python too
     adam_default = runner.build_method(C.resolve_config({"method": {"name": "SlBAMM", "upper": "adam"}})["method"])
-    assert adam_default.parts.upper == bl.Adam(lr=bl.SlBAMM().lr_upper)         # upper: adam alone keeps the method's own α
+    assert adam_default.parts.upper == bl.Adam(lr=bl.SlBAMM().lr_upper)  # upper: adam alone keeps the method's own α
 
 
 def test_aid_solvers_are_named_aid_cg_aid_neumann_aid_fixedpoint_and_the_old_names_still_read():
@@ -79,7 +92,7 @@ def test_aid_solvers_are_named_aid_cg_aid_neumann_aid_fixedpoint_and_the_old_nam
         assert C.method_class(C.RENAMED_METHODS.get(solver.__name__, "")) == (cls, fixed)
     demo = load_config("hyperclean_demo")
     assert {"AID-CG", "AID-Neumann"} <= set(demo["methods"]) and not {"CG", "Neumann"} & set(demo["methods"])
-    for given in ("AID-CG", "CG"):                                          # the old name finds the renamed preset
+    for given in ("AID-CG", "CG"):  # the old name finds the renamed preset
         method = C.resolve_config(apply_overrides(demo, [f"method.name={given}"]))["method"]
         assert method["name"] == "AID-CG" and method["solver_steps"] == 5
-    assert C.resolve_config(dict(TINY))["method"]["name"] == "CG"           # a configuration's own preset named CG is kept
+    assert C.resolve_config(dict(TINY))["method"]["name"] == "CG"  # a configuration's own preset named CG is kept

@@ -46,8 +46,16 @@ def _captured_axes(monkeypatch):
 def test_the_value_axis_shows_the_spread_not_the_starting_point(tmp_path, monkeypatch):
     """Iteration 0 (a zero classifier, 9 %) must not squeeze the 80-90 % band."""
     figures = _captured_axes(monkeypatch)
-    a = [{"iteration": 0, "time": 0.0, "test_accuracy": 9.0}, {"iteration": 20, "time": 1.0, "test_accuracy": 80.0}, {"iteration": 40, "time": 2.0, "test_accuracy": 88.0}]
-    b = [{"iteration": 0, "time": 0.0, "test_accuracy": 9.0}, {"iteration": 20, "time": 1.5, "test_accuracy": 84.0}, {"iteration": 40, "time": 3.0, "test_accuracy": 90.0}]
+    a = [
+        {"iteration": 0, "time": 0.0, "test_accuracy": 9.0},
+        {"iteration": 20, "time": 1.0, "test_accuracy": 80.0},
+        {"iteration": 40, "time": 2.0, "test_accuracy": 88.0},
+    ]
+    b = [
+        {"iteration": 0, "time": 0.0, "test_accuracy": 9.0},
+        {"iteration": 20, "time": 1.5, "test_accuracy": 84.0},
+        {"iteration": 40, "time": 3.0, "test_accuracy": 90.0},
+    ]
     plot_runs({"GALET": [a], "CG": [b]}, "test_accuracy", tmp_path / "acc.png")
     ax_it, ax_time = figures[-1].axes
     for ax in (ax_it, ax_time):

@@ -44,7 +44,7 @@ def test_non_tensor_loss_is_a_type_error():
 
 
 def test_integer_loss_and_nonfinite_loss_are_rejected():
-    with pytest.raises(TypeError, match="dtype torch.int64"):
+    with pytest.raises(TypeError, match=r"dtype torch\.int64"):
         check_scalar_loss("upper", torch.tensor(3))
     with pytest.raises(ValueError, match="lower objective is nan"):
         check_scalar_loss("lower", torch.tensor(float("nan"), dtype=F64))
@@ -192,7 +192,9 @@ def test_from_modules_with_dict_hyper_matches_hand_computation(gen):
     # at another point (x, y) the module's own parameters are ignored
     y = {"weight": torch.randn(1, 4, generator=gen, dtype=F64), "bias": torch.randn(1, generator=gen, dtype=F64)}
     x = {"log_l2": torch.tensor(0.4, dtype=F64)}
-    g_other = ((data["xt"] @ y["weight"].T + y["bias"] - data["yt"]) ** 2).mean() + torch.exp(torch.tensor(0.4, dtype=F64)) * (y["weight"] ** 2).sum()
+    g_other = ((data["xt"] @ y["weight"].T + y["bias"] - data["yt"]) ** 2).mean() + torch.exp(torch.tensor(0.4, dtype=F64)) * (
+        y["weight"] ** 2
+    ).sum()
     torch.testing.assert_close(problem.g(x, y, data), g_other, rtol=1e-14, atol=0)
     problem.validate(problem.x_init, problem.y_init, data)
 
@@ -255,7 +257,7 @@ def test_from_modules_with_a_hyper_module(gen):
 
 def test_from_modules_rejects_bad_arguments():
     net = torch.nn.Linear(2, 1, dtype=F64)
-    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+    with pytest.raises(TypeError, match=r"must be a torch\.nn\.Module"):
         bl.Problem.from_modules(lambda t: t, _upper_loss, _lower_loss, hyper={})
     with pytest.raises(TypeError, match="hyper"):
         bl.Problem.from_modules(net, _upper_loss, _lower_loss, hyper=None)
@@ -265,7 +267,11 @@ def test_from_modules_rejects_bad_arguments():
 
 def test_meta_tensors_are_rejected_naming_the_leaf_and_the_fix():
     x = {"w": torch.empty(3, device="meta", dtype=F64)}
-    with pytest.raises(ValueError, match=r"^x\['w'\] is on the meta device \(no data\): materialise it, e.g. with torch.empty_like\(\.\.\., device='cpu'\) / module.to_empty\(device=\.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"^x\['w'\] is on the meta device \(no data\): materialise it, "
+        r"e.g. with torch.empty_like\(\.\.\., device='cpu'\) / module.to_empty\(device=\.\.\.\)",
+    ):
         check_variables("x", x)
     with pytest.raises(ValueError, match=r"y\['y'\] is on the meta device"):
         bl.Problem(upper=_f, lower=_g).validate(_xy()[0], {"y": torch.empty(3, device="meta", dtype=F64)})
@@ -274,7 +280,12 @@ def test_meta_tensors_are_rejected_naming_the_leaf_and_the_fix():
 def test_meta_module_parameters_are_rejected_by_from_modules_problems():
     with torch.device("meta"):
         net = torch.nn.Linear(4, 1, dtype=F64)
-    problem = bl.Problem.from_modules(net, lambda m, h, b: m(torch.zeros(1, 4, dtype=F64)).sum(), lambda m, h, b: m(torch.zeros(1, 4, dtype=F64)).sum(), hyper={"a": torch.zeros((), dtype=F64)})
+    problem = bl.Problem.from_modules(
+        net,
+        lambda m, h, b: m(torch.zeros(1, 4, dtype=F64)).sum(),
+        lambda m, h, b: m(torch.zeros(1, 4, dtype=F64)).sum(),
+        hyper={"a": torch.zeros((), dtype=F64)},
+    )
     with pytest.raises(ValueError, match=r"^y\['weight'\] is on the meta device"):
         bl.GALET().init(problem)
 
@@ -285,7 +296,9 @@ def test_objective_indexing_a_missing_batch_says_pass_data(which):
         return ((y["y"] - b["target"]) ** 2).sum()
 
     problem = bl.Problem(upper=indexed if which == "upper" else _f, lower=indexed if which == "lower" else _g)
-    with pytest.raises(TypeError, match=rf"^the {which} objective indexes its batch but data=None was given \(.*NoneType.*\): pass data=\.\.\. to solve") as info:
+    with pytest.raises(
+        TypeError, match=rf"^the {which} objective indexes its batch but data=None was given \(.*NoneType.*\): pass data=\.\.\. to solve"
+    ) as info:
         problem.validate(*_xy())
     assert "\n" not in str(info.value)
     with pytest.raises(TypeError, match=rf"the {which} objective indexes its batch but data=None was given"):

@@ -31,7 +31,9 @@ def test_shapes_and_batched_heads_equal_per_task_loop(backbone, options):
     for b in range(3):  # the reference: one task at a time
         fs = backbone_features(backbone, x, batch["support_x"][b], 2)
         fq = backbone_features(backbone, x, batch["query_x"][b], 2)
-        lower += F.cross_entropy(fs @ y["W"][b] + y["b"][b], batch["support_y"][b]) + 0.15 * ((y["W"][b] ** 2).sum() + (y["b"][b] ** 2).sum())
+        lower += F.cross_entropy(fs @ y["W"][b] + y["b"][b], batch["support_y"][b]) + 0.15 * (
+            (y["W"][b] ** 2).sum() + (y["b"][b] ** 2).sum()
+        )
         upper += F.cross_entropy(fq @ y["W"][b] + y["b"][b], batch["query_y"][b]) / 3
     assert float(problem.g(x, y, batch)) == pytest.approx(float(lower), rel=1e-12)
     assert float(problem.f(x, y, batch)) == pytest.approx(float(upper), rel=1e-12)
@@ -72,7 +74,7 @@ def test_solve_heads_reaches_the_optimum_and_meta_test_reports_ci():
     W = heads["W"].clone().requires_grad_(True)
     b = heads["b"].clone().requires_grad_(True)
     logits = torch.baddbmm(b.unsqueeze(1), feats, W)
-    loss = sum(F.cross_entropy(logits[t], labels[t]) for t in range(2)) + 0.25 * ((W ** 2).sum() + (b ** 2).sum())
+    loss = sum(F.cross_entropy(logits[t], labels[t]) for t in range(2)) + 0.25 * ((W**2).sum() + (b**2).sum())
     grads = torch.autograd.grad(loss, [W, b])
     assert max(float(gr.abs().max()) for gr in grads) < 1e-8
     problem = fewshot_problem(n_way=3, meta_batch=2, backbone="mlp", hidden=8, features=4)

@@ -40,12 +40,15 @@ def stopped_run(tmp_path):
     return run_dir
 
 
-@pytest.mark.parametrize("changes,keys", [
-    ({"method__name": "BAGDC"}, ["method.name 'CG' → 'BAGDC'"]),
-    ({"problem__seed": 3}, ["problem.seed 0 → 3"]),
-    ({"problem__model": "mlp"}, ["problem.model 'linear' → 'mlp'"]),
-    ({"problem__dtype": "float64", "run__seed": 2}, ["problem.dtype 'float32' → 'float64'", "run.seed 0 → 2"]),
-])
+@pytest.mark.parametrize(
+    "changes,keys",
+    [
+        ({"method__name": "BAGDC"}, ["method.name 'CG' → 'BAGDC'"]),
+        ({"problem__seed": 3}, ["problem.seed 0 → 3"]),
+        ({"problem__model": "mlp"}, ["problem.model 'linear' → 'mlp'"]),
+        ({"problem__dtype": "float64", "run__seed": 2}, ["problem.dtype 'float32' → 'float64'", "run.seed 0 → 2"]),
+    ],
+)
 def test_resume_refuses_a_configuration_that_changes_the_state(stopped_run, changes, keys, capsys):
     edit_config(stopped_run, **changes)
     before = snapshot(stopped_run)
@@ -85,6 +88,16 @@ def test_an_edited_cadence_resumes_on_the_same_iterates(stopped_run, tmp_path):
 
 
 def test_config_differences_ignores_the_resumable_keys():
-    saved = {"name": "a", "run": {"max_iters": 4, "seed": 0}, "problem": {"data_dir": None, "n_train": 100}, "methods": {"CG": {"lr_lower": 1}}}
-    current = {"name": "b", "run": {"max_iters": 9, "seed": 0}, "problem": {"data_dir": "/d", "n_train": 200}, "methods": {"CG": {"lr_lower": 2}}}
+    saved = {
+        "name": "a",
+        "run": {"max_iters": 4, "seed": 0},
+        "problem": {"data_dir": None, "n_train": 100},
+        "methods": {"CG": {"lr_lower": 1}},
+    }
+    current = {
+        "name": "b",
+        "run": {"max_iters": 9, "seed": 0},
+        "problem": {"data_dir": "/d", "n_train": 200},
+        "methods": {"CG": {"lr_lower": 2}},
+    }
     assert config_differences(saved, current) == ["problem.n_train 100 → 200"]

@@ -93,7 +93,9 @@ def test_bilevel_resume_refuses_a_malicious_checkpoint_with_one_line_and_exit_2(
     _malicious_checkpoint(run_dir / "checkpoint.pt", marker, _SystemCall)
     proc = subprocess.run(
         [sys.executable, "-m", "bilevel", "resume", str(run_dir), "--max-iters", "6", "--no-progress"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -121,7 +123,10 @@ def test_a_format_1_checkpoint_is_still_read(tmp_path):
 
     state = bl.methods.base.State(x={"x": torch.ones(2)}, y={"y": torch.zeros(3)}, k=4)
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    torch.save({"format": 1, "state": state.to_dict(), "history": [{"iteration": 4, "time": 0.5}], "rng": rng, "meta": {"wall_time": 0.5}}, tmp_path / "old.pt")
+    torch.save(
+        {"format": 1, "state": state.to_dict(), "history": [{"iteration": 4, "time": 0.5}], "rng": rng, "meta": {"wall_time": 0.5}},
+        tmp_path / "old.pt",
+    )
     payload = load_checkpoint(tmp_path / "old.pt")
     assert payload["state"].k == 4 and payload["bilevel_version"] == "0.1.0"
     expected = np.random.get_state()[1].copy()
@@ -132,7 +137,9 @@ def test_a_format_1_checkpoint_is_still_read(tmp_path):
 
 def test_a_checkpoint_of_a_newer_format_is_refused_with_its_version(tmp_path):
     torch.save({"format": 7, "bilevel_version": "9.0.0", "state": {}, "history": [], "rng": {}, "meta": {}}, tmp_path / "new.pt")
-    with pytest.raises(CheckpointError, match=r"has checkpoint format 7 \(written by bilevel 9\.0\.0\); this bilevel .* reads formats 1, 2, 3: upgrade"):
+    with pytest.raises(
+        CheckpointError, match=r"has checkpoint format 7 \(written by bilevel 9\.0\.0\); this bilevel .* reads formats 1, 2, 3: upgrade"
+    ):
         load_checkpoint(tmp_path / "new.pt")
 
 
@@ -167,12 +174,12 @@ def test_no_unsafe_deserialisation_anywhere_in_the_library():
             call = yaml_load.search(code)
             if call:  # yaml.load is allowed only with a loader derived from SafeLoader
                 loader = re.search(r"Loader\s*=\s*([\w.]+)", call.group(1))
-                name = ".".join(("bilevel",) + path.relative_to(SRC).with_suffix("").parts)
+                name = ".".join(("bilevel", *path.relative_to(SRC).with_suffix("").parts))
                 module = module or importlib.import_module(name)
                 resolved = None
                 if loader:
                     resolved = yaml if loader.group(1).startswith("yaml.") else module
-                    for part in loader.group(1).split(".")[1 if loader.group(1).startswith("yaml.") else 0:]:
+                    for part in loader.group(1).split(".")[1 if loader.group(1).startswith("yaml.") else 0 :]:
                         resolved = getattr(resolved, part, None)
                 if not (isinstance(resolved, type) and issubclass(resolved, yaml.SafeLoader)):
                     offenders.append(f"{path.relative_to(SRC)}:{number}: yaml.load without a SafeLoader: {line.strip()}")

@@ -1,3 +1,4 @@
+import itertools
 import time
 
 import pytest
@@ -74,7 +75,11 @@ def test_max_time_stops_once_the_step_time_is_spent():
 
 
 def test_divergence_raises_naming_the_iteration_and_the_quantity():
-    with pytest.raises(bl.DivergenceError, match=r"AID diverged at iteration \d+: (\w+ = [0-9.e+]+ (exceeds the divergence threshold|ran away from its start value)|\w+ is (nan|inf))") as info:
+    with pytest.raises(
+        bl.DivergenceError,
+        match=r"AID diverged at iteration \d+: "
+        r"(\w+ = [0-9.e+]+ (exceeds the divergence threshold|ran away from its start value)|\w+ is (nan|inf))",
+    ) as info:
         bl.solve(T1g(n=6), bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)), max_iters=200)
     assert "reduce the step sizes" in str(info.value)
     assert isinstance(info.value, FloatingPointError)
@@ -83,8 +88,11 @@ def test_divergence_raises_naming_the_iteration_and_the_quantity():
 def test_divergence_with_status_returns_diverged_and_keeps_the_bad_record():
     threshold = 1e6
     result = bl.solve(
-        T1g(n=6), bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)),
-        max_iters=200, on_divergence="status", divergence_threshold=threshold,
+        T1g(n=6),
+        bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)),
+        max_iters=200,
+        on_divergence="status",
+        divergence_threshold=threshold,
     )
     assert result.status is bl.Status.DIVERGED
     assert result.iterations < 200
@@ -96,8 +104,10 @@ def test_divergence_with_status_returns_diverged_and_keeps_the_bad_record():
 
 def test_divergence_message_names_the_iteration_of_the_diverged_record():
     result = bl.solve(
-        T1g(n=6), bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)),
-        max_iters=200, on_divergence="status",
+        T1g(n=6),
+        bl.AID(lr_upper=10.0, lr_lower=0.5, lower_steps=5, solver=bl.CG(steps=6)),
+        max_iters=200,
+        on_divergence="status",
     )
     assert f"iteration {result.final['iteration']}:" in result.message
 
@@ -108,7 +118,9 @@ def test_nan_in_the_variables_is_divergence():
         lower=lambda x, y, b: 0.5 * ((y["y"] - x["x"]) ** 2).sum(),
     )
     x0, y0 = {"x": torch.zeros(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}
-    result = bl.solve(problem, bl.AID(lr_upper=5.0, lr_lower=1.0, lower_steps=1, solver=bl.CG(steps=1)), x0, y0, max_iters=20, on_divergence="status")
+    result = bl.solve(
+        problem, bl.AID(lr_upper=5.0, lr_lower=1.0, lower_steps=1, solver=bl.CG(steps=1)), x0, y0, max_iters=20, on_divergence="status"
+    )
     assert result.status is bl.Status.DIVERGED
     assert "nan" in result.message.lower()
 
@@ -131,7 +143,7 @@ def test_history_series_and_result_properties():
     assert all(isinstance(rec["iteration"], int) for rec in result.history)
     assert all(isinstance(v, float) for rec in result.history for k, v in rec.items() if k != "iteration")
     times = result.series("time")
-    assert all(b >= a for a, b in zip(times, times[1:])) and times[-1] == pytest.approx(result.wall_time)
+    assert all(b >= a for a, b in itertools.pairwise(times)) and times[-1] == pytest.approx(result.wall_time)
     assert result.final is result.history[-1]
     assert result.x is result.state.x and result.y is result.state.y and result.v is result.state.v
     # the logged stationarity of AID is ‖d‖² = direction_sq
@@ -159,7 +171,7 @@ def test_data_source_batch_at_receives_the_iteration():
     source = CountingSource()
     method = bl.AID(lr_upper=0.1, lr_lower=1.0, lower_steps=1, solver=bl.CG(steps=1))
     result = bl.solve(problem, method, x0, y0, data=source, max_iters=4)
-    assert source.calls == [0, 0, 1, 2, 3]           # init at k = 0, then one batch per step
+    assert source.calls == [0, 0, 1, 2, 3]  # init at k = 0, then one batch per step
     assert set(seen) == {1.0, 1.1, 1.2, 1.3}
     # the last step used batch 1.3: y = 1.3 x after one exact lower step (lr 1 on ½‖y‖² − b xᵀy)
     x_before_last = bl.solve(problem, method, x0, y0, data=CountingSource(), max_iters=3).x["x"]
@@ -170,7 +182,7 @@ def test_fixed_data_is_passed_unchanged():
     seen = []
     problem = bl.Problem(
         upper=lambda x, y, b: ((y["y"] - b["t"]) ** 2).sum(),
-        lower=lambda x, y, b: (seen.append(id(b)) or 0.5 * ((y["y"] - x["x"]) ** 2).sum()),
+        lower=lambda x, y, b: seen.append(id(b)) or 0.5 * ((y["y"] - x["x"]) ** 2).sum(),
     )
     batch = {"t": torch.ones(2, dtype=F64)}
     bl.solve(problem, _aid(), {"x": torch.zeros(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}, data=batch, max_iters=2)
@@ -264,13 +276,13 @@ def test_resume_reproduces_the_uninterrupted_history_exactly(tmp_path, upper):
     strip = lambda h: [{k: v for k, v in rec.items() if k != "time"} for rec in h]
     assert strip(resumed.history) == strip(full.history)
     for a, b in ((resumed.x, full.x), (resumed.y, full.y), (resumed.v, full.v), (resumed.state.opt, full.state.opt)):
-        for p, q in zip(bl.tree.leaves(a), bl.tree.leaves(b)):
+        for p, q in zip(bl.tree.leaves(a), bl.tree.leaves(b), strict=True):
             assert torch.equal(p, q)
     # the step time carries over
     assert resumed.history[29]["time"] == first.history[29]["time"]
     assert bl.load_checkpoint(path)["meta"]["wall_time"] == first.wall_time
     times = resumed.series("time")
-    assert times[30] > times[29] == first.wall_time and all(b >= a for a, b in zip(times, times[1:]))
+    assert times[30] > times[29] == first.wall_time and all(b >= a for a, b in itertools.pairwise(times))
 
 
 def test_resume_from_a_loaded_payload_after_an_interrupt(tmp_path):
@@ -304,7 +316,7 @@ def test_resume_restores_the_global_rng_for_stochastic_data(tmp_path):
         full = bl.solve(problem, method, x0, y0, data=GlobalRandomSource(), max_iters=12)
         torch.manual_seed(0)
         bl.solve(problem, method, x0, y0, data=GlobalRandomSource(), max_iters=6, checkpoint=path)
-        torch.rand(100)                      # a new process would have another RNG state
+        torch.rand(100)  # a new process would have another RNG state
         resumed = bl.solve(problem, method, data=GlobalRandomSource(), max_iters=12, resume=path)
     strip = lambda h: [{k: v for k, v in rec.items() if k != "time"} for rec in h]
     assert strip(resumed.history) == strip(full.history)
@@ -354,7 +366,7 @@ def test_divergence_is_reported_at_the_exact_iteration_whatever_log_every(log_ev
     assert f"diverged at iteration {first}:" in result.message
     assert result.final["upper_loss"] == pytest.approx(reference.final["upper_loss"], rel=1e-12)
     # the records before the failure are the grid of log_every, all good
-    assert [r["iteration"] for r in result.history[:-1]] == [k for k in range(log_every, first, log_every)]
+    assert [r["iteration"] for r in result.history[:-1]] == list(range(log_every, first, log_every))
 
 
 def test_blow_up_at_the_first_step_with_log_every_10_is_iteration_1():
@@ -433,14 +445,20 @@ def test_an_unwritable_checkpoint_folder_is_reported_before_the_first_iteration(
     calls = []
     problem = bl.Problem(upper=lambda x, y, b: calls.append(1) or (y["y"] ** 2).sum(), lower=lambda x, y, b: ((y["y"] - x["x"]) ** 2).sum())
     with pytest.raises(OSError, match=r"cannot write the checkpoint .*not-a-folder/ckpt\.pt: .*choose a writable folder"):
-        bl.solve(problem, _aid(), {"x": torch.ones(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}, max_iters=5,
-                 checkpoint=blocker / "ckpt.pt", validate=False)
+        bl.solve(
+            problem,
+            _aid(),
+            {"x": torch.ones(2, dtype=F64)},
+            {"y": torch.zeros(2, dtype=F64)},
+            max_iters=5,
+            checkpoint=blocker / "ckpt.pt",
+            validate=False,
+        )
     assert calls == []
 
 
 def test_a_failed_checkpoint_write_warns_and_keeps_the_result(tmp_path, monkeypatch):
     import errno
-
     import sys
 
     solve_module = sys.modules["bilevel.solve"]  # the package attribute `bilevel.solve` is the function
@@ -449,7 +467,9 @@ def test_a_failed_checkpoint_write_warns_and_keeps_the_result(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(solve_module, "save_checkpoint", disk_full)
-    with pytest.warns(solve_module.CheckpointWriteWarning, match=r"could not write the checkpoint .* at iteration 30: No space left on device"):
+    with pytest.warns(
+        solve_module.CheckpointWriteWarning, match=r"could not write the checkpoint .* at iteration 30: No space left on device"
+    ):
         result = bl.solve(T1g(n=4), _aid(), max_iters=30, checkpoint=tmp_path / "ckpt.pt", checkpoint_every=0)
     assert result.status is bl.Status.MAX_ITERS and result.iterations == 30
     assert "No space left on device" in result.checkpoint_error
@@ -473,7 +493,9 @@ def test_resume_refuses_a_checkpoint_of_another_method(tmp_path):
     with pytest.raises(bl.CheckpointError, match=r"lr_lower: 0\.5 → 0\.25"):
         bl.solve(problem, bl.GALET(lr_upper=0.1, lr_lower=0.25, lower_steps=2, lr_shadow=0.2, shadow_steps=3), max_iters=6, resume=path)
     # the same configuration resumes, to more iterations than first planned
-    resumed = bl.solve(problem, bl.GALET(lr_upper=0.1, lr_lower=0.5, lower_steps=2, lr_shadow=0.2, shadow_steps=3), max_iters=6, resume=path)
+    resumed = bl.solve(
+        problem, bl.GALET(lr_upper=0.1, lr_lower=0.5, lower_steps=2, lr_shadow=0.2, shadow_steps=3), max_iters=6, resume=path
+    )
     assert resumed.iterations == 6
 
 

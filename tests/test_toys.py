@@ -30,7 +30,7 @@ def test_t1_closed_form_solution():
     assert torch.equal(x["x"], torch.full((7,), 0.5, dtype=F64))
     assert float(T.norm(problem.hypergradient(x))) == 0.0
     _, gy, _ = bl.Oracles().gradients(problem.lower, x, y, None)
-    assert float(T.norm(gy)) == 0.0                            # y* = y*(x*) = x*
+    assert float(T.norm(gy)) == 0.0  # y* = y*(x*) = x*
     assert float(problem.value_function(x)) == pytest.approx(7 / 4, rel=1e-15)
     xr = {"x": torch.linspace(-1, 2, 7, dtype=F64)}
     torch.testing.assert_close(_implicit_hypergradient(problem, xr, {"y": xr["x"].clone()})["x"], 2 * xr["x"] - 1, rtol=1e-13, atol=1e-13)
@@ -95,7 +95,7 @@ def test_t3_hypergradient_equals_the_implicit_formula_at_the_lower_solution():
     x = {"x": torch.tensor([0.2, 0.5, 1.0, 2.0, 2.9], dtype=F64)}
     y = {"y": -x["x"]}
     _, gy, _ = bl.Oracles().gradients(problem.lower, x, y, None)
-    assert float(T.norm(gy)) <= 1e-14                        # y*(x) = −x is stationary
+    assert float(T.norm(gy)) <= 1e-14  # y*(x) = −x is stationary
     implicit = _implicit_hypergradient(problem, x, y)
     torch.testing.assert_close(implicit["x"], problem.hypergradient(x)["x"], rtol=1e-10, atol=1e-12)
 
@@ -106,8 +106,8 @@ def test_t3_local_minima_are_zeros_of_the_hypergradient():
     for m in T3_LOCAL_MINIMA:
         pts = torch.tensor([m - 1e-3, m, m + 1e-3], dtype=F64)
         left, mid, right = problem.hypergradient({"x": pts})["x"].tolist()
-        assert abs(mid) < 2e-3                               # the minima are rounded to 1e-4
-        assert left < 0 < right                              # a minimum, not a maximum
+        assert abs(mid) < 2e-3  # the minima are rounded to 1e-4
+        assert left < 0 < right  # a minimum, not a maximum
     # the global one is the middle minimum
     values = [float(problem.value_function({"x": torch.tensor([m], dtype=F64)})) for m in T3_LOCAL_MINIMA]
     assert values[1] < values[0] and values[1] < values[2]

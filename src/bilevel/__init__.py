@@ -12,8 +12,8 @@ from .callbacks import CSVLogger, JSONLinesLogger, ProgressBar, TensorBoardLogge
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .linsolve import CG, FixedPoint, LinearSolveResult, LineSearchStep, Neumann, NormalGD
 from .methods import AID, BAGDC, BDA, GALET, ITD, TRHG, LowerAggregated, LowerGD, Method, SlBAMM, StabilityWarning, State
-from .parts import Parts
 from .oracles import CountingOracles, Linearization, Oracles
+from .parts import Parts
 from .problem import Problem
 from .schedules import Constant, Exponential, Linear, Polynomial, bamm_schedules
 from .solve import DivergenceError, FixedBatch, Result, Status, solve
@@ -22,10 +22,52 @@ from .updates import SGD, Adam, Box
 __version__ = "0.1.0"
 
 __all__ = [
-    "AID", "BAGDC", "BDA", "GALET", "ITD", "TRHG", "SlBAMM", "Method", "State", "LowerGD", "LowerAggregated",
-    "StabilityWarning", "CG", "Neumann", "FixedPoint", "NormalGD", "LineSearchStep", "LinearSolveResult",
-    "Oracles", "CountingOracles", "Linearization", "Problem", "solve", "Result", "Status", "DivergenceError",
-    "FixedBatch", "SGD", "Adam", "Box", "Constant", "Polynomial", "Linear", "Exponential", "bamm_schedules",
-    "ProgressBar", "JSONLinesLogger", "CSVLogger", "TensorBoardLogger", "save_checkpoint", "load_checkpoint",
-    "CheckpointError", "Parts", "parts", "problems", "schedules", "tree", "__version__",
+    "AID",
+    "BAGDC",
+    "BDA",
+    "CG",
+    "GALET",
+    "ITD",
+    "SGD",
+    "TRHG",
+    "Adam",
+    "Box",
+    "CSVLogger",
+    "CheckpointError",
+    "Constant",
+    "CountingOracles",
+    "DivergenceError",
+    "Exponential",
+    "FixedBatch",
+    "FixedPoint",
+    "JSONLinesLogger",
+    "LineSearchStep",
+    "Linear",
+    "LinearSolveResult",
+    "Linearization",
+    "LowerAggregated",
+    "LowerGD",
+    "Method",
+    "Neumann",
+    "NormalGD",
+    "Oracles",
+    "Parts",
+    "Polynomial",
+    "Problem",
+    "ProgressBar",
+    "Result",
+    "SlBAMM",
+    "StabilityWarning",
+    "State",
+    "Status",
+    "TensorBoardLogger",
+    "__version__",
+    "bamm_schedules",
+    "load_checkpoint",
+    "parts",
+    "problems",
+    "save_checkpoint",
+    "schedules",
+    "solve",
+    "tree",
 ]

@@ -8,10 +8,25 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
-__all__ = ["ProgressBar", "JSONLinesLogger", "CSVLogger", "TensorBoardLogger"]
+if TYPE_CHECKING:
+    from .solve import Result
+
+_T = TypeVar("_T")
+
+
+def _started(handle: _T | None, owner: object) -> _T:
+    """``handle`` once ``on_start`` has opened it; a clear error for a callback used before ``on_start``."""
+    if handle is None:
+        raise RuntimeError(f"{type(owner).__name__}.on_start(run) must be called before on_log(record)")
+    return handle
+
+
+__all__ = ["CSVLogger", "JSONLinesLogger", "ProgressBar", "TensorBoardLogger"]
 
 
 class ProgressBar:
@@ -26,31 +41,39 @@ class ProgressBar:
         disable: turn the bar off (e.g. in tests).
     """
 
-    def __init__(self, keys: Sequence[str] = ("stationarity", "upper_loss"), desc: Optional[str] = None, disable: bool = False, leave: bool = True):
+    def __init__(
+        self, keys: Sequence[str] = ("stationarity", "upper_loss"), desc: str | None = None, disable: bool = False, leave: bool = True
+    ):
         self.keys, self.desc, self.disable, self.leave = tuple(keys), desc, disable, leave
-        self._bar = None
+        self._bar: Any = None  # a tqdm bar once on_start has run
         self._last = 0
         self.shown: dict = {}
 
-    def on_start(self, run):
+    def on_start(self, run: dict[str, Any]) -> None:
         from tqdm.auto import tqdm
 
         self._last = run["start"]
         self.shown = {}
         self._bar = tqdm(
-            total=run["max_iters"], initial=run["start"], desc=self.desc or run["method"].name, disable=self.disable, leave=self.leave, dynamic_ncols=True
+            total=run["max_iters"],
+            initial=run["start"],
+            desc=self.desc or run["method"].name,
+            disable=self.disable,
+            leave=self.leave,
+            dynamic_ncols=True,
         )
 
-    def on_log(self, record):
+    def on_log(self, record: dict[str, float]) -> None:
+        bar = _started(self._bar, self)
         it = int(record["iteration"])
-        self._bar.update(it - self._last)
+        bar.update(it - self._last)
         self._last = it
         updated = {k: f"{record[k]:.4g}" for k in self.keys if k in record}
         if updated:
             self.shown.update(updated)
-            self._bar.set_postfix(self.shown, refresh=False)
+            bar.set_postfix(self.shown, refresh=False)
 
-    def on_end(self, result):
+    def on_end(self, result: Result | None) -> None:
         if self._bar is not None:
             self._bar.close()
 
@@ -62,13 +85,13 @@ class JSONLinesLogger:
     and the run appends after them.
     """
 
-    def __init__(self, path, flush_every: int = 50):
+    def __init__(self, path: str | os.PathLike[str], flush_every: int = 50):
         self.path = Path(path)
         self.flush_every = flush_every
-        self._handle = None
+        self._handle: IO[str] | None = None
         self._count = 0
 
-    def on_start(self, run):
+    def on_start(self, run: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if run["start"] > 0 and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["iteration"] <= run["start"]]
@@ -77,13 +100,14 @@ class JSONLinesLogger:
         else:
             self._handle = self.path.open("w")
 
-    def on_log(self, record):
-        self._handle.write(json.dumps(record) + "\n")
+    def on_log(self, record: dict[str, float]) -> None:
+        handle = _started(self._handle, self)
+        handle.write(json.dumps(record) + "\n")
         self._count += 1
         if self._count % self.flush_every == 0:
-            self._handle.flush()
+            handle.flush()
 
-    def on_end(self, result):
+    def on_end(self, result: Result | None) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -95,12 +119,12 @@ class CSVLogger:
     On a resumed run, rows up to the resume point are kept and the run appends after them.
     """
 
-    def __init__(self, path):
+    def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._handle = None
-        self._writer = None
+        self._handle: IO[str] | None = None
+        self._writer: csv.DictWriter[str] | None = None
 
-    def on_start(self, run):
+    def on_start(self, run: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if run.get("start", 0) > 0 and self.path.exists():
             # a resumed run keeps the rows up to the resume point and appends after them
@@ -115,13 +139,13 @@ class CSVLogger:
             return
         self._handle = self.path.open("w", newline="")
 
-    def on_log(self, record):
+    def on_log(self, record: dict[str, float]) -> None:
         if self._writer is None:
-            self._writer = csv.DictWriter(self._handle, fieldnames=list(record), extrasaction="ignore")
+            self._writer = csv.DictWriter(_started(self._handle, self), fieldnames=list(record), extrasaction="ignore")
             self._writer.writeheader()
         self._writer.writerow(record)
 
-    def on_end(self, result):
+    def on_end(self, result: Result | None) -> None:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -130,23 +154,24 @@ class CSVLogger:
 class TensorBoardLogger:
     """Log every diagnostic as a TensorBoard scalar (needs ``pip install tensorboard``)."""
 
-    def __init__(self, log_dir):
+    def __init__(self, log_dir: str | os.PathLike[str]):
         self.log_dir = str(log_dir)
-        self._writer = None
+        self._writer: Any = None  # a torch.utils.tensorboard.SummaryWriter once on_start has run
 
-    def on_start(self, run):
+    def on_start(self, run: dict[str, Any]) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:
             raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard") from err
         self._writer = SummaryWriter(self.log_dir)
 
-    def on_log(self, record):
+    def on_log(self, record: dict[str, float]) -> None:
+        writer = _started(self._writer, self)
         step = int(record["iteration"])
         for key, value in record.items():
             if key != "iteration":
-                self._writer.add_scalar(key, value, step)
+                writer.add_scalar(key, value, step)
 
-    def on_end(self, result):
+    def on_end(self, result: Result | None) -> None:
         if self._writer is not None:
             self._writer.close()

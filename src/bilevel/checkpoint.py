@@ -45,15 +45,15 @@ import torch
 from .methods.base import State
 
 __all__ = [
-    "save_checkpoint",
-    "load_checkpoint",
-    "CheckpointError",
-    "capture_rng",
-    "restore_rng",
-    "to_plain",
-    "from_plain",
     "FORMAT_VERSION",
     "READABLE_FORMATS",
+    "CheckpointError",
+    "capture_rng",
+    "from_plain",
+    "load_checkpoint",
+    "restore_rng",
+    "save_checkpoint",
+    "to_plain",
 ]
 
 FORMAT_VERSION = 3
@@ -73,8 +73,13 @@ def capture_rng() -> dict:
     version, internal, gauss_next = random.getstate()
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": {"name": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "python": [int(version), list(internal), gauss_next],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -87,8 +92,15 @@ def restore_rng(states: dict) -> None:
     torch.set_rng_state(states["torch"].cpu())
     numpy_state = states["numpy"]
     if isinstance(numpy_state, dict):
-        np.random.set_state((numpy_state["name"], numpy_state["keys"].cpu().numpy().astype(np.uint32), numpy_state["pos"],
-                             numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+        np.random.set_state(
+            (
+                numpy_state["name"],
+                numpy_state["keys"].cpu().numpy().astype(np.uint32),
+                numpy_state["pos"],
+                numpy_state["has_gauss"],
+                numpy_state["cached_gaussian"],
+            )
+        )
     else:  # format 1: numpy's own tuple
         np.random.set_state(numpy_state)
     version, internal, gauss_next = states["python"]
@@ -116,7 +128,9 @@ def to_plain(value: Any, where: str = "checkpoint") -> Any:
     if type(value) is dict:
         for key in value:
             if not isinstance(key, (str, int)):
-                raise CheckpointError(f"{where} has a key {key!r} of type {type(key).__name__}: checkpoint keys must be strings or integers")
+                raise CheckpointError(
+                    f"{where} has a key {key!r} of type {type(key).__name__}: checkpoint keys must be strings or integers"
+                )
         return {key: to_plain(item, f"{where}[{key!r}]") for key, item in value.items()}
     if type(value) in (list, tuple):
         return type(value)(to_plain(item, f"{where}[{i}]") for i, item in enumerate(value))
@@ -185,7 +199,7 @@ def _numpy_array_globals() -> list:
     return allowed
 
 
-def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = None) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`; ``payload["state"]`` is a :class:`State`.
 
     The file is read with ``torch.load(weights_only=True)``: a file that would need to
@@ -205,12 +219,14 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any
         lines = str(err).strip().splitlines()
         detail = next((line.strip() for line in lines if "global" in line.lower()), None)
         if detail is None:  # a malformed stream, not a forbidden object
-            raise CheckpointError(f"{path} is not a readable bilevel checkpoint (not a PyTorch checkpoint: {' '.join(str(err).split())[:120]})") from None
+            raise CheckpointError(
+                f"{path} is not a readable bilevel checkpoint (not a PyTorch checkpoint: {' '.join(str(err).split())[:120]})"
+            ) from None
         raise CheckpointError(
             f"{path} is not a safe bilevel checkpoint: loading it would run Python code that is not part of a checkpoint "
             f"({detail}); bilevel refuses to execute it. Only open checkpoints written by bilevel"
         ) from None
-    except Exception as err:  # noqa: BLE001 - a truncated zip, a foreign file: the same to the user
+    except Exception as err:
         reason = " ".join(str(err).split())[:160]
         if not zipfile.is_zipfile(path):
             reason = "not a PyTorch zip archive: the file is truncated or not a checkpoint"

@@ -28,17 +28,29 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .experiments.runner import format_bench_table
 
-__all__ = ["main", "build_parser", "bench", "format_bench_table", "EXIT_OK", "EXIT_DIVERGED", "EXIT_USAGE", "EXIT_ENVIRONMENT", "EXIT_INTERNAL", "EXIT_INTERRUPTED"]
+__all__ = [
+    "EXIT_DIVERGED",
+    "EXIT_ENVIRONMENT",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "bench",
+    "build_parser",
+    "format_bench_table",
+    "main",
+]
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1
@@ -58,7 +70,8 @@ _DATA_DIR_HELP = "directory searched first for datasets (the same as problem.dat
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="bilevel", description="Bilevel optimization experiments (hyper-cleaning, few-shot).",
+        prog="bilevel",
+        description="Bilevel optimization experiments (hyper-cleaning, few-shot).",
         epilog="exit status: 0 done, 1 diverged, 2 bad input or configuration, 3 environment (I/O, disk, memory), 130 interrupted",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -107,8 +120,15 @@ def _parse_list(text: str, what: str) -> list[str]:
     return items
 
 
-def bench(config_name, methods: Optional[Sequence[str]], seeds: Sequence[int], overrides: Sequence[str] = (), out: Optional[str] = None,
-          progress: bool = True, overwrite: bool = False) -> dict:
+def bench(
+    config_name: str,
+    methods: Sequence[str] | None,
+    seeds: Sequence[int],
+    overrides: Sequence[str] = (),
+    out: str | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Run ``methods × seeds``; write runs, ``table.md``, ``bench.json``, plots and
     ``manifest.json`` under ``out`` (see :func:`bilevel.experiments.runner.run_bench`)."""
     from .experiments.runner import run_bench
@@ -139,9 +159,11 @@ def _run_status(summary: dict) -> int:
     if summary.get("write_errors"):
         if summary.get("summary_written") is False:
             print(json.dumps(summary, default=str))
-        _err(f"error: the run ended ({summary['status']}, result printed above) but {summary['write_errors'][0]}"
-             + (f" (and {len(summary['write_errors']) - 1} more write errors)" if len(summary["write_errors"]) > 1 else "")
-             + "; free some space or fix the folder, then rerun or resume it")
+        _err(
+            f"error: the run ended ({summary['status']}, result printed above) but {summary['write_errors'][0]}"
+            + (f" (and {len(summary['write_errors']) - 1} more write errors)" if len(summary["write_errors"]) > 1 else "")
+            + "; free some space or fix the folder, then rerun or resume it"
+        )
         return EXIT_ENVIRONMENT
     if summary["status"] == "diverged":
         _err(f"diverged: {summary['message']} (last good state in {run_dir}/checkpoint.pt, summary in {run_dir}/summary.json)")
@@ -155,20 +177,27 @@ def _bench_status(result: dict) -> int:
     if result["plots"]:
         print("plots: " + ", ".join(str(p) for p in result["plots"]))
     if result["interrupted"]:
-        _err(f"interrupted: {len(result['unfinished'])} of {len(result['runs'])} runs unfinished (the running one checkpointed); "
-             f"finish them with: bilevel resume {result['out']}")
+        _err(
+            f"interrupted: {len(result['unfinished'])} of {len(result['runs'])} runs unfinished (the running one checkpointed); "
+            f"finish them with: bilevel resume {result['out']}"
+        )
         return EXIT_INTERRUPTED
     if result["write_errors"]:
-        _err(f"error: the bench ended (table printed above) but {result['write_errors'][0]}"
-             + (f" (and {len(result['write_errors']) - 1} more write errors)" if len(result["write_errors"]) > 1 else ""))
+        _err(
+            f"error: the bench ended (table printed above) but {result['write_errors'][0]}"
+            + (f" (and {len(result['write_errors']) - 1} more write errors)" if len(result["write_errors"]) > 1 else "")
+        )
         return EXIT_ENVIRONMENT
     if result["diverged"]:
-        _err(f"{len(result['diverged'])} of {len(result['runs'])} runs diverged ({'; '.join(result['diverged'])}); the table reports the others")
+        _err(
+            f"{len(result['diverged'])} of {len(result['runs'])} runs diverged ({'; '.join(result['diverged'])}); "
+            "the table reports the others"
+        )
         return EXIT_DIVERGED
     return EXIT_OK
 
 
-def _run(args) -> int:
+def _run(args: argparse.Namespace) -> int:
     if args.command == "list":
         _cmd_list()
         return EXIT_OK
@@ -182,8 +211,9 @@ def _run(args) -> int:
         from .experiments.runner import data_dir_override, run_experiment
 
         overrides = list(args.overrides) + ([data_dir_override(args.data_dir)] if args.data_dir is not None else [])
-        summary = run_experiment(load_config(args.config), args.out, overrides, progress=not args.no_progress,
-                                 overwrite=args.overwrite, on_divergence="status")
+        summary = run_experiment(
+            load_config(args.config), args.out, overrides, progress=not args.no_progress, overwrite=args.overwrite, on_divergence="status"
+        )
         _print_summary(summary)
         return _run_status(summary)
     if args.command == "resume":
@@ -208,7 +238,9 @@ def _run(args) -> int:
                 raise CLIError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
         methods = _parse_list(args.methods, "methods") if args.methods is not None else None
         overrides = list(args.overrides) + ([data_dir_override(args.data_dir)] if args.data_dir is not None else [])
-        return _bench_status(bench(args.config, methods, seeds, overrides, args.out, progress=not args.no_progress, overwrite=args.overwrite))
+        return _bench_status(
+            bench(args.config, methods, seeds, overrides, args.out, progress=not args.no_progress, overwrite=args.overwrite)
+        )
     if args.command == "plot":
         from .experiments import read_log
         from .plotting import plot_runs
@@ -234,7 +266,9 @@ def _run(args) -> int:
 
 def _print_summary(summary: dict) -> None:
     metrics = summary["metrics"]
-    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("test_accuracy", "f1", "precision", "recall", "test_ci95", "val_loss") if k in metrics)
+    shown = ", ".join(
+        f"{k} {metrics[k]:.4g}" for k in ("test_accuracy", "f1", "precision", "recall", "test_ci95", "val_loss") if k in metrics
+    )
     if summary["status"] == "diverged":
         head = f"{summary['method']}: diverged at iteration {summary.get('diverged_at', summary['iterations'])}, {summary['time']:.1f} s"
         shown = f"last evaluation (iteration {summary.get('metrics_iteration')}): {shown}"
@@ -243,7 +277,10 @@ def _print_summary(summary: dict) -> None:
     print(f"{head}; {shown}")
     base = summary.get("baseline") or {}
     if "test_accuracy" in base:
-        print(f"baseline ({base.get('description', '')}): test_accuracy {base['test_accuracy']:.4g}" + (f", f1 {base['f1']:.4g}" if "f1" in base else ""))
+        print(
+            f"baseline ({base.get('description', '')}): test_accuracy {base['test_accuracy']:.4g}"
+            + (f", f1 {base['f1']:.4g}" if "f1" in base else "")
+        )
     print(f"run directory: {summary['run_dir']}")
 
 
@@ -272,7 +309,7 @@ def _out_of_memory(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and ("out of memory" in str(err) or "can't allocate memory" in str(err))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``bilevel`` and ``python -m bilevel``; returns the exit status.
 
     The statuses are listed in the module docstring. User mistakes (2) and environment
@@ -312,10 +349,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:
         # the reader of stdout went away (`bilevel list | head`): nothing to report; point
         # stdout at /dev/null so that the interpreter's final flush does not fail again
-        try:
+        with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
         return EXIT_OK
     except OSError as err:
         _err(f"error: {_os_message(err)}")
@@ -323,7 +358,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ImportError as err:
         _err(f"error: {_one_line(err)}")
         return EXIT_ENVIRONMENT
-    except Exception as err:  # noqa: BLE001 - the last resort: a bug, shown with its traceback
+    except Exception as err:
         if _out_of_memory(err):
             _err(f"error: out of memory ({_one_line(err)[:160]}): use smaller sizes or free memory")
             return EXIT_ENVIRONMENT

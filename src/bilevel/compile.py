@@ -28,13 +28,19 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.func import grad_and_value, jvp
 
 from . import tree as T
+from .tree import Tree
+
+if TYPE_CHECKING:
+    from .methods.base import Method
+    from .problem import Problem
 from .oracles import Linearization, Oracles
 
 __all__ = ["CompiledOracles", "compiled"]
@@ -44,19 +50,20 @@ class _Compiled:
     """The compiled functional derivatives of one objective ``h(x, y, batch)``."""
 
     def __init__(self, fn: Callable, options: dict):
-        def gradients(x, y, batch):
+        def gradients(x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tree, torch.Tensor]:
             (gx, gy), value = grad_and_value(lambda xx, yy: fn(xx, yy, batch), argnums=(0, 1))(x, y)
             return gx, gy, value
 
-        def gradient_y(x, y, batch):
+        def gradient_y(x: Tree, y: Tree, batch: Any) -> tuple[Tree, torch.Tensor]:
             return grad_and_value(lambda yy: fn(x, yy, batch))(y)
 
-        def hvp(x, y, v, batch):
+        def hvp(x: Tree, y: Tree, v: Tree, batch: Any) -> Tree:
             return jvp(lambda yy: grad_and_value(lambda yv: fn(x, yv, batch))(yy)[0], (y,), (v,))[1]
 
-        def both(x, y, v, batch):
+        def both(x: Tree, y: Tree, v: Tree, batch: Any) -> tuple[Tree, Tree]:
             grads = lambda yy: grad_and_value(lambda xx, yv: fn(xx, yv, batch), argnums=(0, 1))(x, yy)[0]
-            return jvp(grads, (y,), (v,))[1]
+            jv_hv: tuple[Tree, Tree] = jvp(grads, (y,), (v,))[1]
+            return jv_hv
 
         self.gradients = torch.compile(gradients, **options)
         self.gradient_y = torch.compile(gradient_y, **options)
@@ -65,7 +72,7 @@ class _Compiled:
 
 
 class _CompiledLinearization(Linearization):
-    def __init__(self, comp: _Compiled, x, y, batch, with_grad_x):
+    def __init__(self, comp: _Compiled, x: Tree, y: Tree, batch: Any, with_grad_x: bool):
         self._c, self._x, self._y, self._batch = comp, T.detach(x), T.detach(y), batch
         if with_grad_x:
             gx, gy, value = comp.gradients(self._x, self._y, batch)
@@ -75,7 +82,7 @@ class _CompiledLinearization(Linearization):
             self.grad_x = None
         self.value, self.grad_y = value, gy
 
-    def both(self, v, need_mixed=True, need_hvp=True):
+    def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
         if need_mixed:
             jv, hv = self._c.both(self._x, self._y, v, self._batch)
             return jv, (hv if need_hvp else None)
@@ -96,40 +103,42 @@ class CompiledOracles(Oracles):
     mode: str = "forward"
     _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def _compiled(self, fn) -> Optional[_Compiled]:
+    def _compiled(self, fn: Callable) -> _Compiled | None:
         if self.problem is None or fn not in (self.problem.upper, self.problem.lower):
             return None
         key = "upper" if fn is self.problem.upper else "lower"
         if key not in self._cache:
             self._cache[key] = _Compiled(fn, dict(self.options))
-        return self._cache[key]
+        comp: _Compiled = self._cache[key]
+        return comp
 
-    def gradients(self, fn, x, y, batch):
+    def gradients(self, fn: Callable, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tree, torch.Tensor]:
         comp = self._compiled(fn)
         if comp is None:
             return super().gradients(fn, x, y, batch)
         gx, gy, value = comp.gradients(T.detach(x), T.detach(y), batch)
         return gx, gy, value.detach()
 
-    def gradient_y(self, fn, x, y, batch):
+    def gradient_y(self, fn: Callable, x: Tree, y: Tree, batch: Any) -> tuple[Tree, torch.Tensor]:
         comp = self._compiled(fn)
         if comp is None:
             return super().gradient_y(fn, x, y, batch)
         gy, value = comp.gradient_y(T.detach(x), T.detach(y), batch)
         return gy, value.detach()
 
-    def linearize(self, fn, x, y, batch, with_grad_x=False):
+    def linearize(self, fn: Callable, x: Tree, y: Tree, batch: Any, with_grad_x: bool = False) -> Linearization:
         comp = self._compiled(fn)
         if comp is None:
             return super().linearize(fn, x, y, batch, with_grad_x)
         return _CompiledLinearization(comp, x, y, batch, with_grad_x)
 
 
-def compiled(method, problem, **options):
+def compiled(method: Method, problem: Problem, **options: Any) -> Method:
     """``method`` with :class:`CompiledOracles` for ``problem`` (``options`` go to ``torch.compile``).
 
     Methods that differentiate through their own lower iterations with autograd (ITD,
     T-RHG, BDA) do not use these oracles for the unrolled part and gain nothing.
     """
     opts = {"dynamic": False, **options}
-    return method.replace(oracles=CompiledOracles(problem=problem, options=opts))
+    replaced: Method = method.replace(oracles=CompiledOracles(problem=problem, options=opts))
+    return replaced

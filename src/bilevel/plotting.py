@@ -10,12 +10,12 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["plot_runs", "metric_series", "value_limits", "METRIC_LABELS"]
+__all__ = ["METRIC_LABELS", "metric_series", "plot_runs", "value_limits"]
 
 METRIC_LABELS = {
     "test_accuracy": "test accuracy (%)",
@@ -33,7 +33,7 @@ def metric_series(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.
     rows = [(r["iteration"], r.get("time", np.nan), r[metric]) for r in records if metric in r]
     if not rows:
         return np.zeros(0), np.zeros(0), np.zeros(0)
-    it, tm, val = (np.asarray(c, dtype=float) for c in zip(*rows))
+    it, tm, val = (np.asarray(c, dtype=float) for c in zip(*rows, strict=True))
     return it, tm, val
 
 
@@ -47,10 +47,10 @@ def value_limits(curves: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) ->
     differ into a few pixels. ``None`` when nothing but iteration 0 was logged (then the
     start is all there is to show, and matplotlib's own limits are fine).
     """
-    lows = [lo[it > 0] for it, lo, _ in curves]
-    highs = [hi[it > 0] for it, _, hi in curves]
-    lows = np.concatenate(lows) if lows else np.zeros(0)
-    highs = np.concatenate(highs) if highs else np.zeros(0)
+    low_parts = [lo[it > 0] for it, lo, _ in curves]
+    high_parts = [hi[it > 0] for it, _, hi in curves]
+    lows = np.concatenate(low_parts) if low_parts else np.zeros(0)
+    highs = np.concatenate(high_parts) if high_parts else np.zeros(0)
     finite = np.isfinite(lows) & np.isfinite(highs)
     if not finite.any():
         return None
@@ -59,7 +59,13 @@ def value_limits(curves: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) ->
     return low - pad, high + pad
 
 
-def plot_runs(runs: Mapping[str, Sequence[Sequence[dict]]], metric: str, out: str | Path, formats: Sequence[str] | None = None, title: str | None = None) -> list[Path]:
+def plot_runs(
+    runs: Mapping[str, Sequence[Sequence[dict]]],
+    metric: str,
+    out: str | Path,
+    formats: Sequence[str] | None = None,
+    title: str | None = None,
+) -> list[Path]:
     """One figure, two panels (metric vs iteration, metric vs time), one line per label.
 
     Args:
@@ -117,8 +123,14 @@ def plot_runs(runs: Mapping[str, Sequence[Sequence[dict]]], metric: str, out: st
             # the clipped start is still stated, so the reader knows where the lines come from
             span = f"{min(off):.3g}" if min(off) == max(off) else f"{min(off):.3g}-{max(off):.3g}"
             below = max(off) < limits[0]
-            ax_it.annotate(f"iteration 0: {span} ({'below' if below else 'above'} the axis)", xy=(0.01, 0.02 if below else 0.97),
-                           xycoords="axes fraction", va="bottom" if below else "top", fontsize=7, color="0.35")
+            ax_it.annotate(
+                f"iteration 0: {span} ({'below' if below else 'above'} the axis)",
+                xy=(0.01, 0.02 if below else 0.97),
+                xycoords="axes fraction",
+                va="bottom" if below else "top",
+                fontsize=7,
+                color="0.35",
+            )
     ax_it.set_xlabel("upper iterations")
     ax_time.set_xlabel("time (s, method steps only)")
     for ax in (ax_it, ax_time):

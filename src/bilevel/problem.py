@@ -14,20 +14,32 @@ library always writes ``f`` = upper, ``g`` = lower.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
 
 from . import tree as T
+from .tree import Tree
 
 Objective = Callable[[Any, Any, Any], torch.Tensor]
 
-__all__ = ["Problem", "Objective", "check_variables", "check_scalar_loss"]
+__all__ = ["Objective", "Problem", "check_scalar_loss", "check_variables"]
 
 
-def _describe_leaf_path(path) -> str:
+class _Bound:
+    """``module`` called functionally with ``params`` (and its buffers); ``.params`` holds them."""
+
+    def __init__(self, module: torch.nn.Module, buffers: dict[str, torch.Tensor], params: dict[str, torch.Tensor]):
+        self.module, self.buffers, self.params = module, buffers, params
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return torch.func.functional_call(self.module, {**self.buffers, **self.params}, args, kwargs)
+
+
+def _describe_leaf_path(path: Sequence[Any]) -> str:
     return "".join(str(k) for k in path) or "<tensor>"
 
 
@@ -113,17 +125,19 @@ class Problem:
     name: str = "problem"
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for which in ("upper", "lower"):
             if not callable(getattr(self, which)):
-                raise TypeError(f"Problem({which}=...) must be a callable (x, y, batch) -> 0-d tensor, got {type(getattr(self, which)).__name__}")
+                raise TypeError(
+                    f"Problem({which}=...) must be a callable (x, y, batch) -> 0-d tensor, got {type(getattr(self, which)).__name__}"
+                )
 
     # -- the two objectives -------------------------------------------------------------
-    def f(self, x, y, batch=None) -> torch.Tensor:
+    def f(self, x: Tree, y: Tree, batch: Any = None) -> torch.Tensor:
         """Upper-level objective ``f(x, y)``."""
         return self.upper(x, y, batch)
 
-    def g(self, x, y, batch=None) -> torch.Tensor:
+    def g(self, x: Tree, y: Tree, batch: Any = None) -> torch.Tensor:
         """Lower-level objective ``g(x, y)``."""
         return self.lower(x, y, batch)
 
@@ -131,12 +145,12 @@ class Problem:
         """The averaged objective ``φ_μ(x, y) = μ f(x, y) + (1 − μ) g(x, y)`` (BDA, sl-BAMM)."""
         upper, lower = self.upper, self.lower
 
-        def phi(x, y, batch):
+        def phi(x: Tree, y: Tree, batch: Any) -> torch.Tensor:
             return mu * upper(x, y, batch) + (1.0 - mu) * lower(x, y, batch)
 
         return phi
 
-    def initial_point(self, x0=None, y0=None):
+    def initial_point(self, x0: Tree = None, y0: Tree = None) -> tuple[Tree, Tree]:
         """``(x0, y0)`` with the problem's defaults filled in; clear error if missing."""
         x0 = self.x_init if x0 is None else x0
         y0 = self.y_init if y0 is None else y0
@@ -146,7 +160,7 @@ class Problem:
         return x0, y0
 
     # -- validation ---------------------------------------------------------------------
-    def validate(self, x, y, batch=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def validate(self, x: Tree, y: Tree, batch: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate ``f`` and ``g`` once at ``(x, y)`` and check everything a method relies on.
 
         Checks: x and y are pytrees of finite floating tensors on one device (not
@@ -199,7 +213,7 @@ class Problem:
         lower_loss: Callable[[Callable, Any, Any], torch.Tensor],
         hyper: torch.nn.Module | Mapping[str, torch.Tensor] | None = None,
         name: str = "modules",
-    ) -> "Problem":
+    ) -> Problem:
         """Build a problem whose lower variable ``y`` is the parameters of ``model``.
 
         ``upper_loss(model_fn, hyper_fn, batch)`` and ``lower_loss(model_fn, hyper_fn, batch)``
@@ -237,29 +251,22 @@ class Problem:
         else:
             raise TypeError("from_modules(hyper=...) must be an nn.Module or a dict of tensors holding the upper-level variables")
 
-        def bind(x, y):
-            def model_fn(*args, **kwargs):
-                return torch.func.functional_call(model, {**buffers, **y}, args, kwargs)
-
-            model_fn.params = y
+        def bind(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> tuple[_Bound, _Bound | dict[str, torch.Tensor]]:
+            model_fn = _Bound(model, buffers, y)
             if isinstance(hyper, torch.nn.Module):
-                def hyper_fn(*args, **kwargs):
-                    return torch.func.functional_call(hyper, {**hyper_buffers, **x}, args, kwargs)
-
-                hyper_fn.params = x
-                return model_fn, hyper_fn
+                return model_fn, _Bound(hyper, hyper_buffers, x)
             return model_fn, x
 
-        def upper(x, y, batch):
+        def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
             model_fn, hyper_fn = bind(x, y)
             return upper_loss(model_fn, hyper_fn, batch)
 
-        def lower(x, y, batch):
+        def lower(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
             model_fn, hyper_fn = bind(x, y)
             return lower_loss(model_fn, hyper_fn, batch)
 
         return cls(upper=upper, lower=lower, x_init=x_init, y_init=y_init, name=name)
 
-    def replace(self, **changes) -> "Problem":
+    def replace(self, **changes: Any) -> Problem:
         """A copy with some fields changed (frozen dataclass)."""
         return dataclasses.replace(self, **changes)

@@ -13,25 +13,25 @@ strategies ``s1``/``s2``/``s3`` ((q, r) = (7, 2), (5, 1), (3, 0)).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 from .validation import check_choice, check_count, check_fraction, check_nonnegative, check_number, check_positive
 
 __all__ = [
+    "BAMM_STRATEGIES",
+    "Constant",
+    "Exponential",
+    "Linear",
+    "Polynomial",
     "Schedule",
     "ScheduleLike",
-    "Constant",
-    "Polynomial",
-    "Linear",
-    "Exponential",
     "as_schedule",
     "bamm_schedules",
-    "BAMM_STRATEGIES",
 ]
 
 Schedule = Callable[[int], float]
-ScheduleLike = Union[float, int, Schedule]
+ScheduleLike = float | int | Schedule
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,10 @@ import os
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -20,30 +21,31 @@ from . import tree as T
 from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from .methods.base import Method, State
 from .problem import Problem
+from .tree import Tree
 from .validation import check_choice, check_count, check_nonnegative, check_number, check_positive
 
 __all__ = [
-    "solve",
+    "CheckpointWriteWarning",
+    "DivergenceError",
+    "FixedBatch",
     "Result",
     "Status",
-    "DivergenceError",
-    "CheckpointWriteWarning",
-    "FixedBatch",
     "as_data_source",
     "method_spec",
-    "variables_spec",
+    "solve",
     "spec_differences",
+    "variables_spec",
 ]
 
 
 class Status(str, enum.Enum):
     """How a run ended."""
 
-    CONVERGED = "converged"          #: the stopping measure fell below ``tol``
-    MAX_ITERS = "max_iters"          #: ``max_iters`` iterations done
-    MAX_TIME = "max_time"            #: the time budget ran out
-    DIVERGED = "diverged"            #: NaN/Inf or a quantity above ``divergence_threshold``
-    INTERRUPTED = "interrupted"      #: Ctrl-C (a checkpoint was written if one was configured)
+    CONVERGED = "converged"  #: the stopping measure fell below ``tol``
+    MAX_ITERS = "max_iters"  #: ``max_iters`` iterations done
+    MAX_TIME = "max_time"  #: the time budget ran out
+    DIVERGED = "diverged"  #: NaN/Inf or a quantity above ``divergence_threshold``
+    INTERRUPTED = "interrupted"  #: Ctrl-C (a checkpoint was written if one was configured)
 
 
 class DivergenceError(FloatingPointError):
@@ -55,7 +57,7 @@ class DivergenceError(FloatingPointError):
         result: the :class:`Result` of the run up to that iteration (``Status.DIVERGED``).
     """
 
-    def __init__(self, message: str, iteration: Optional[int] = None, quantity: Optional[str] = None, result: Optional["Result"] = None):
+    def __init__(self, message: str, iteration: int | None = None, quantity: str | None = None, result: Result | None = None):
         super().__init__(message)
         self.iteration, self.quantity, self.result = iteration, quantity, result
 
@@ -86,18 +88,18 @@ class Result:
     iterations: int
     wall_time: float
     message: str = ""
-    checkpoint_error: Optional[str] = None
+    checkpoint_error: str | None = None
 
     @property
-    def x(self):
+    def x(self) -> Tree:
         return self.state.x
 
     @property
-    def y(self):
+    def y(self) -> Tree:
         return self.state.y
 
     @property
-    def v(self):
+    def v(self) -> Tree:
         return self.state.v
 
     @property
@@ -120,7 +122,7 @@ class FixedBatch:
         return self.batch
 
 
-def as_data_source(data: Any):
+def as_data_source(data: Any) -> Any:
     """An object with ``batch_at(k)``: ``data`` itself if it has one, else :class:`FixedBatch`."""
     if hasattr(data, "batch_at"):
         return data
@@ -146,7 +148,7 @@ def _transfer(info: dict, flags: Sequence[torch.Tensor]) -> tuple[dict, list[boo
         return {}, []
     device = tensors[0].device
     values = torch.stack([t.to(device=device, dtype=torch.float64) for t in tensors]).tolist()
-    return dict(zip(keys, values[: len(keys)])), [bool(v) for v in values[len(keys):]]
+    return dict(zip(keys, values[: len(keys)], strict=True)), [bool(v) for v in values[len(keys) :]]
 
 
 _NOT_CHECKED = ("iteration", "time")
@@ -156,7 +158,7 @@ class _DivergenceCheck:
     """Judges a logged record: non-finite values, an absolute threshold, and runaway
     growth of the losses relative to their value at the start of the run."""
 
-    def __init__(self, threshold: float, factor: Optional[float], keys: Sequence[str], reference: Optional[dict]):
+    def __init__(self, threshold: float, factor: float | None, keys: Sequence[str], reference: dict | None):
         self.threshold, self.factor, self.keys = threshold, factor, tuple(keys)
         self.reference = dict(reference or {})
 
@@ -165,7 +167,7 @@ class _DivergenceCheck:
             if key in values and key not in self.reference and math.isfinite(values[key]):
                 self.reference[key] = values[key]
 
-    def __call__(self, values: dict, finite_variables: dict) -> Optional[tuple[str, str]]:
+    def __call__(self, values: dict, finite_variables: dict) -> tuple[str, str] | None:
         """``(quantity, description)`` of the first problem found, or ``None``."""
         for key, value in values.items():
             if key in _NOT_CHECKED:
@@ -195,7 +197,7 @@ def _record(info: dict, state: State) -> tuple[dict, dict]:
     """The floats of ``info`` and the finiteness of x, y, v, with one host transfer."""
     names = [name for name in ("x", "y", "v") if getattr(state, name) is not None]
     values, flags = _transfer(info, [T.all_finite(getattr(state, name)) for name in names])
-    return values, dict(zip(names, flags))
+    return values, dict(zip(names, flags, strict=True))
 
 
 def method_spec(method: Any) -> Any:
@@ -230,7 +232,11 @@ def variables_spec(state_or_tree: Any) -> list:
     if isinstance(state_or_tree, State):
         return [["x", variables_spec(state_or_tree.x)], ["y", variables_spec(state_or_tree.y)]]
     flat, _ = pytree.tree_flatten_with_path(state_or_tree)
-    return [["".join(str(k) for k in path) or "<tensor>", list(leaf.shape), str(leaf.dtype)] for path, leaf in flat if isinstance(leaf, torch.Tensor)]
+    return [
+        ["".join(str(k) for k in path) or "<tensor>", list(leaf.shape), str(leaf.dtype)]
+        for path, leaf in flat
+        if isinstance(leaf, torch.Tensor)
+    ]
 
 
 def _flatten_spec(spec: Any, prefix: str = "") -> dict:
@@ -250,11 +256,14 @@ def spec_differences(saved: Any, current: Any, new_fields_ok: bool = False) -> l
     """
     a, b = _flatten_spec(saved), _flatten_spec(current)
     keys = sorted(set(b) if new_fields_ok else set(a) | set(b))
-    return [f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}" for key in keys
-            if a.get(key, "<absent>") != b.get(key, "<absent>") and not (new_fields_ok and key not in a)]
+    return [
+        f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}"
+        for key in keys
+        if a.get(key, "<absent>") != b.get(key, "<absent>") and not (new_fields_ok and key not in a)
+    ]
 
 
-def _check_resumable(payload: dict, method: Method, problem: Problem, x0, y0, where: str) -> None:
+def _check_resumable(payload: dict, method: Method, problem: Problem, x0: Tree, y0: Tree, where: str) -> None:
     meta = payload.get("meta") or {}
     saved = meta.get("method_spec")
     if saved is not None:
@@ -293,25 +302,25 @@ def _check_writable(path: Path) -> None:
 def solve(
     problem: Problem,
     method: Method,
-    x0=None,
-    y0=None,
+    x0: Tree = None,
+    y0: Tree = None,
     *,
     data: Any = None,
     max_iters: int = 1000,
-    tol: Optional[float] = None,
+    tol: float | None = None,
     stop_on: str = "stationarity",
-    max_time: Optional[float] = None,
+    max_time: float | None = None,
     callbacks: Sequence = (),
     log_every: int = 1,
     on_divergence: str = "raise",
     divergence_threshold: float = 1e12,
-    divergence_factor: Optional[float] = 1e4,
+    divergence_factor: float | None = 1e4,
     divergence_keys: Sequence[str] = ("upper_loss", "lower_loss"),
-    checkpoint: Optional[str | Path] = None,
+    checkpoint: str | Path | None = None,
     checkpoint_every: int = 0,
-    resume: Optional[str | Path | dict] = None,
+    resume: str | Path | dict | None = None,
     validate: bool = True,
-    meta: Optional[dict] = None,
+    meta: dict | None = None,
     compile: bool = False,
 ) -> Result:
     """Run ``method`` on ``problem`` from ``(x0, y0)`` and return a :class:`Result`.
@@ -425,22 +434,33 @@ def solve(
         if hasattr(cb, "on_start"):
             cb.on_start(run)
 
-    checkpoint_error: Optional[str] = None
+    checkpoint_error: str | None = None
 
     def save(st: State, status: str) -> None:
         nonlocal checkpoint_error
         if checkpoint is None:
             return
-        info = {**(meta or {}), "wall_time": elapsed, "status": status, "method": method.name, "method_spec": spec,
-                "variables": variables_spec(st), "divergence_reference": dict(check.reference)}
+        info = {
+            **(meta or {}),
+            "wall_time": elapsed,
+            "status": status,
+            "method": method.name,
+            "method_spec": spec,
+            "variables": variables_spec(st),
+            "divergence_reference": dict(check.reference),
+        }
         try:
             save_checkpoint(checkpoint, st, history, info)
         except OSError as err:
             checkpoint_error = f"could not write the checkpoint {checkpoint} at iteration {st.k}: {err.strerror or err}"
-            warnings.warn(f"{checkpoint_error}; the run goes on and its result is returned, but it cannot be resumed from this point",
-                          CheckpointWriteWarning, stacklevel=3)
+            warnings.warn(
+                f"{checkpoint_error}; the run goes on and its result is returned, but it cannot be resumed from this point",
+                CheckpointWriteWarning,
+                stacklevel=3,
+            )
 
-    status, message, failure = Status.MAX_ITERS, "", None
+    status, message = Status.MAX_ITERS, ""
+    failure: dict | None = None
     last_good, first_info = state, None
     try:
         while state.k < max_iters:
@@ -450,7 +470,9 @@ def solve(
             if first_info is None:
                 first_info = {key: info[key] for key in divergence_keys if key in info}
                 if tol is not None and stop_on not in info:
-                    raise ValueError(f"solve(stop_on={stop_on!r}) is not a diagnostic of {method.name}; available: {', '.join(sorted(info))}")
+                    raise ValueError(
+                        f"solve(stop_on={stop_on!r}) is not a diagnostic of {method.name}; available: {', '.join(sorted(info))}"
+                    )
             if state.k % log_every == 0 or state.k == max_iters:
                 values, finite = _record({**info, **{f"__start_{key}": v for key, v in first_info.items()}}, state)
                 elapsed += time.perf_counter() - start
@@ -488,17 +510,26 @@ def solve(
     if status is not Status.DIVERGED:
         # a diverged state must not overwrite the last good checkpoint
         save(state, status.value)
-    result = Result(status=status, state=state, history=history, iterations=state.k, wall_time=elapsed, message=message,
-                    checkpoint_error=checkpoint_error)
+    result = Result(
+        status=status,
+        state=state,
+        history=history,
+        iterations=state.k,
+        wall_time=elapsed,
+        message=message,
+        checkpoint_error=checkpoint_error,
+    )
     for cb in callbacks:
         if hasattr(cb, "on_end"):
             cb.on_end(result)
-    if status is Status.DIVERGED and on_divergence == "raise":
+    if status is Status.DIVERGED and failure is not None and on_divergence == "raise":
         raise DivergenceError(message, iteration=state.k, quantity=failure["quantity"], result=result)
     return result
 
 
-def _locate(problem: Problem, method: Method, source, last_good: State, state: State, record: dict, found: tuple, check: _DivergenceCheck) -> dict:
+def _locate(
+    problem: Problem, method: Method, source: Any, last_good: State, state: State, record: dict, found: tuple, check: _DivergenceCheck
+) -> dict:
     """The first bad iteration between the last good record and ``state``, and why.
 
     Replays the iterations after ``last_good`` one by one (the data source is a pure
@@ -523,13 +554,16 @@ def _locate(problem: Problem, method: Method, source, last_good: State, state: S
     message = f"{method.name} diverged at iteration {k}: {description}"
     blame = _blame_objective(problem, before, source.batch_at(k - 1))
     if blame is not None:
-        message += f"; {blame} at the finite x, y of iteration {k - 1}: the objective is undefined or overflows there (log/sqrt/division out of its domain); check the objective, or reduce the step sizes if the last step moved x or y far"
+        message += (
+            f"; {blame} at the finite x, y of iteration {k - 1}: the objective is undefined or overflows there "
+            "(log/sqrt/division out of its domain); check the objective, or reduce the step sizes if the last step moved x or y far"
+        )
     else:
         message += "; the step from finite values produced it: reduce the step sizes (e.g. lr_upper/lr_lower) or check the problem"
     return {"state": bad_state, "record": bad_record, "message": message, "quantity": quantity}
 
 
-def _blame_objective(problem: Problem, state: State, batch) -> Optional[str]:
+def _blame_objective(problem: Problem, state: State, batch: Any) -> str | None:
     """Which objective, if any, returns a non-finite value at the (finite) ``state``."""
     if not (bool(T.all_finite(state.x)) and bool(T.all_finite(state.y))):
         return None
@@ -537,7 +571,7 @@ def _blame_objective(problem: Problem, state: State, batch) -> Optional[str]:
         for name, objective in (("the upper objective f", problem.upper), ("the lower objective g", problem.lower)):
             try:
                 value = objective(state.x, state.y, batch)
-            except Exception:  # noqa: BLE001 - diagnosis only: the run already failed
+            except Exception:
                 continue
             if isinstance(value, torch.Tensor) and value.numel() == 1 and not bool(torch.isfinite(value)):
                 return f"{name} returns {float(value)}"

@@ -24,25 +24,26 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 __all__ = [
     "ArgumentTypeError",
-    "describe",
-    "is_number",
-    "check_number",
-    "check_positive",
-    "check_nonnegative",
-    "check_fraction",
-    "check_count",
-    "check_int_range",
-    "check_choice",
-    "check_bool",
-    "check_step_size",
     "InsufficientMemoryError",
     "available_memory",
-    "format_bytes",
+    "check_bool",
+    "check_choice",
+    "check_count",
+    "check_fraction",
+    "check_int_range",
     "check_memory",
+    "check_nonnegative",
+    "check_number",
+    "check_positive",
+    "check_step_size",
+    "describe",
+    "format_bytes",
+    "is_number",
 ]
 
 
@@ -76,14 +77,14 @@ def check_number(
     name: str,
     value: Any,
     *,
-    low: Optional[float] = None,
-    high: Optional[float] = None,
+    low: float | None = None,
+    high: float | None = None,
     low_open: bool = False,
     high_open: bool = False,
     finite: bool = True,
     allow_none: bool = False,
-    expected: Optional[str] = None,
-):
+    expected: str | None = None,
+) -> Any:
     """A real number, finite unless ``finite=False``, within ``[low, high]``.
 
     ``low_open``/``high_open`` make the bound strict. NaN is always rejected.
@@ -108,7 +109,7 @@ def check_number(
     return value
 
 
-def _range_text(low, high, low_open, high_open, finite) -> str:
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool, finite: bool) -> str:
     kind = "a finite number" if finite else "a number"
     if low is not None and high is not None:
         return f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
@@ -119,7 +120,7 @@ def _range_text(low, high, low_open, high_open, finite) -> str:
     return kind
 
 
-def check_positive(owner: str, name: str, value: Any, *, allow_none: bool = False):
+def check_positive(owner: str, name: str, value: Any, *, allow_none: bool = False) -> Any:
     """A finite number > 0: step sizes, learning rates, tolerances that must act.
 
     Rejects 0, negatives, ``inf``, ``nan``, bools and non-numbers.
@@ -127,23 +128,32 @@ def check_positive(owner: str, name: str, value: Any, *, allow_none: bool = Fals
     return check_number(owner, name, value, low=0.0, low_open=True, allow_none=allow_none, expected="a positive number (finite and > 0)")
 
 
-def check_nonnegative(owner: str, name: str, value: Any, *, allow_inf: bool = False, allow_none: bool = False):
+def check_nonnegative(owner: str, name: str, value: Any, *, allow_inf: bool = False, allow_none: bool = False) -> Any:
     """A number >= 0 (e.g. ``tol``, ``max_time``, ``reg``); ``allow_inf=True`` accepts ``inf`` ("no limit")."""
     expected = "a number >= 0" + (" (inf for no limit)" if allow_inf else " (finite)")
     return check_number(owner, name, value, low=0.0, finite=not allow_inf, allow_none=allow_none, expected=expected)
 
 
-def check_fraction(owner: str, name: str, value: Any, *, low_open: bool = False, high_open: bool = True, allow_none: bool = False):
+def check_fraction(owner: str, name: str, value: Any, *, low_open: bool = False, high_open: bool = True, allow_none: bool = False) -> Any:
     """A number in ``[0, 1)`` by default (weights, momenta, rates); the ends' openness is configurable."""
     return check_number(owner, name, value, low=0.0, high=1.0, low_open=low_open, high_open=high_open, allow_none=allow_none)
 
 
-def check_count(owner: str, name: str, value: Any, minimum: int = 1, *, allow_none: bool = False):
+def check_count(owner: str, name: str, value: Any, minimum: int = 1, *, allow_none: bool = False) -> Any:
     """An integer (not a bool, not a float such as ``2.0``) >= ``minimum``."""
     return check_int_range(owner, name, value, minimum, None, allow_none=allow_none)
 
 
-def check_int_range(owner: str, name: str, value: Any, low: Optional[int] = None, high: Optional[int] = None, *, allow_none: bool = False, expected: Optional[str] = None):
+def check_int_range(
+    owner: str,
+    name: str,
+    value: Any,
+    low: int | None = None,
+    high: int | None = None,
+    *,
+    allow_none: bool = False,
+    expected: str | None = None,
+) -> Any:
     """An integer in ``[low, high)`` (``high`` exclusive; either bound may be ``None``)."""
     if value is None and allow_none:
         return value
@@ -159,7 +169,7 @@ def check_int_range(owner: str, name: str, value: Any, low: Optional[int] = None
     label = describe(owner, name, value)
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise ArgumentTypeError(f"{label} must be {expected}, not {_type_name(value)}")
-    if (low is not None and value < low) or (high is not None and value >= high):
+    if (low is not None and int(value) < low) or (high is not None and int(value) >= high):
         raise ValueError(f"{label} must be {expected}")
     return value
 
@@ -170,7 +180,7 @@ def _int_text(n: int) -> str:
     return str(n)
 
 
-def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]):
+def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]) -> Any:
     """One of ``choices``; the message lists them."""
     choices = tuple(choices)
     ok = any(type(c) is type(value) and c == value for c in choices)
@@ -179,7 +189,7 @@ def check_choice(owner: str, name: str, value: Any, choices: Iterable[Any]):
     return value
 
 
-def check_bool(owner: str, name: str, value: Any, *, allow_none: bool = False):
+def check_bool(owner: str, name: str, value: Any, *, allow_none: bool = False) -> Any:
     """``True`` or ``False`` (not 0/1, not the string ``'true'``)."""
     if value is None and allow_none:
         return value
@@ -219,7 +229,7 @@ class InsufficientMemoryError(MemoryError, ValueError):
     """
 
 
-def available_memory() -> Optional[int]:
+def available_memory() -> int | None:
     """Bytes of host memory available for new allocations, or ``None`` when unknown.
 
     ``MemAvailable`` of ``/proc/meminfo`` (Linux), else the free physical pages

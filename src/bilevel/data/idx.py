@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import GENERIC_REPAIR_HINT, DatasetError
 
-__all__ = ["IDX_DTYPES", "read_idx", "parse_idx_bytes", "write_idx"]
+__all__ = ["IDX_DTYPES", "parse_idx_bytes", "read_idx", "write_idx"]
 
 #: IDX type code -> big-endian numpy dtype, as defined by the format.
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -104,8 +104,7 @@ def _gunzip_checked(raw: bytes, source: str, hint: str | None) -> bytes:
         if declared > 1032 * len(raw) + 1024:
             raise _fail(
                 source,
-                f"header declares {declared} bytes of data, more than a {len(raw)}-byte gzip file can hold; "
-                "the file is corrupt",
+                f"header declares {declared} bytes of data, more than a {len(raw)}-byte gzip file can hold; the file is corrupt",
                 hint,
             )
         body = decoder.decompress(decoder.unconsumed_tail, declared - len(head) + 1)
@@ -122,15 +121,12 @@ def parse_idx_bytes(data: bytes, *, source: str = "<bytes>", hint: str | None = 
     See :func:`read_idx` for the checks made and the errors raised.
     """
     if len(data) < _HEADER_BYTES:
-        raise _fail(
-            source, f"only {len(data)} bytes, too short for the 4-byte IDX magic number", hint
-        )
+        raise _fail(source, f"only {len(data)} bytes, too short for the 4-byte IDX magic number", hint)
     zero0, zero1, type_code, ndim = data[0], data[1], data[2], data[3]
     if zero0 != 0 or zero1 != 0:
         raise _fail(
             source,
-            f"not an IDX file: magic number starts with bytes {data[:4].hex(' ')}, "
-            "expected 00 00 <type> <ndim>",
+            f"not an IDX file: magic number starts with bytes {data[:4].hex(' ')}, expected 00 00 <type> <ndim>",
             hint,
         )
     if type_code not in IDX_DTYPES:
@@ -142,8 +138,7 @@ def parse_idx_bytes(data: bytes, *, source: str = "<bytes>", hint: str | None = 
     if len(data) < header_bytes:
         raise _fail(
             source,
-            f"truncated header: {ndim} dimensions need {header_bytes} header bytes "
-            f"but the file has {len(data)}",
+            f"truncated header: {ndim} dimensions need {header_bytes} header bytes but the file has {len(data)}",
             hint,
         )
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
@@ -153,8 +148,7 @@ def parse_idx_bytes(data: bytes, *, source: str = "<bytes>", hint: str | None = 
     if actual < expected:
         raise _fail(
             source,
-            f"truncated: header declares shape {shape} of {dtype.name} "
-            f"({expected} data bytes) but only {actual} data bytes are present",
+            f"truncated: header declares shape {shape} of {dtype.name} ({expected} data bytes) but only {actual} data bytes are present",
             hint,
         )
     if actual > expected:
@@ -190,9 +184,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray, gzip: bool = False) ->
         raise ValueError(f"IDX cannot store dtype {array.dtype}; use one of: {supported}")
     if not 1 <= array.ndim <= 255:
         raise ValueError(f"IDX stores 1 to 255 dimensions, got an array with {array.ndim}")
-    header = (
-        bytes([0, 0, codes[native], array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    )
+    header = bytes([0, 0, codes[native], array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
     payload = header + np.ascontiguousarray(array, dtype=IDX_DTYPES[codes[native]]).tobytes()
     if gzip:
         payload = _gzip.compress(payload)

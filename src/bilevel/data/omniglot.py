@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,17 +80,11 @@ def find_omniglot_subset(root: str | os.PathLike | None, background: bool = True
             if candidate.is_dir():
                 return candidate
             looked.append(str(candidate))
-    where = (
-        "looked in: " + ", ".join(looked)
-        if looked
-        else f"no root given and ${DATA_DIR_ENV} is not set"
-    )
+    where = "looked in: " + ", ".join(looked) if looked else f"no root given and ${DATA_DIR_ENV} is not set"
     raise DatasetNotFoundError(f"Omniglot {subset} not found ({where}).\n{OMNIGLOT_PLACEMENT_HINT}")
 
 
-def list_omniglot_characters(
-    root: str | os.PathLike | None, background: bool = True
-) -> list[tuple[str, str, list[Path]]]:
+def list_omniglot_characters(root: str | os.PathLike | None, background: bool = True) -> list[tuple[str, str, list[Path]]]:
     """``(alphabet, character, png_paths)`` per character, sorted by alphabet then character.
 
     The position in this list is the character's class id in :func:`load_omniglot`.
@@ -110,10 +106,7 @@ def list_omniglot_characters(
                 )
             characters.append((alphabet_dir.name, character_dir.name, pngs))
     if not characters:
-        raise DatasetNotFoundError(
-            f"{subset_dir}: no <Alphabet>/<character>/ directories inside.\n"
-            f"{OMNIGLOT_PLACEMENT_HINT}"
-        )
+        raise DatasetNotFoundError(f"{subset_dir}: no <Alphabet>/<character>/ directories inside.\n{OMNIGLOT_PLACEMENT_HINT}")
     return characters
 
 
@@ -122,7 +115,7 @@ def list_omniglot_characters(
 MAX_IMAGE_PIXELS = 1024 * 1024
 
 
-def _read_image(path: Path, image_size: int, image_module) -> np.ndarray:
+def _read_image(path: Path, image_size: int, image_module: ModuleType) -> np.ndarray:
     try:
         with image_module.open(path) as image:
             width, height = image.size  # read from the header; no pixel is decoded yet
@@ -131,16 +124,13 @@ def _read_image(path: Path, image_size: int, image_module) -> np.ndarray:
                     f"{path}: declares {width} × {height} pixels, far more than an Omniglot image (105 × 105); "
                     "it was not decoded. Extract this file again from the official Omniglot zip."
                 )
-            gray = image.convert("L").resize(
-                (image_size, image_size), resample=image_module.Resampling.LANCZOS
-            )
+            gray = image.convert("L").resize((image_size, image_size), resample=image_module.Resampling.LANCZOS)
             pixels = np.asarray(gray, dtype=np.float32)
     except DatasetError:
         raise
     except (OSError, ValueError, image_module.DecompressionBombError) as error:  # UnidentifiedImageError is an OSError
         raise DatasetError(
-            f"{path}: cannot be read as an image ({error}). Extract this file again from "
-            "the official Omniglot zip."
+            f"{path}: cannot be read as an image ({error}). Extract this file again from the official Omniglot zip."
         ) from error
     # Strokes are black on white: invert so that strokes are 1.
     return 1.0 - pixels / 255.0
@@ -175,9 +165,7 @@ def load_omniglot(
     try:
         from PIL import Image
     except ImportError as error:
-        raise DatasetError(
-            f"reading Omniglot needs pillow ({error}); install it with `pip install pillow`"
-        ) from error
+        raise DatasetError(f"reading Omniglot needs pillow ({error}); install it with `pip install pillow`") from error
     collection = {}
     for offset, (_, _, paths) in enumerate(list_omniglot_characters(root, background)):
         images = np.stack([_read_image(p, image_size, Image) for p in paths])
@@ -187,7 +175,7 @@ def load_omniglot(
 
 def omniglot_report_row(root: str | os.PathLike | None = None) -> dict:
     """Row for :func:`bilevel.data.sources.report`: counts files, decodes none."""
-    row = {
+    row: dict[str, Any] = {
         "name": "omniglot",
         "status": "missing",
         "examples": None,

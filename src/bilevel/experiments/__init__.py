@@ -13,12 +13,34 @@ Example:
 
 from .config import ConfigError, ResolvedConfig, apply_overrides, builtin_configs, load_config, resolve, resolve_config
 from .runner import (
-    Experiment, RunDirError, build_experiment, build_method, format_bench_table, read_log, resume_bench, resume_run, run_bench,
+    Experiment,
+    RunDirError,
+    build_experiment,
+    build_method,
+    format_bench_table,
+    read_log,
+    resume_bench,
+    resume_run,
+    run_bench,
     run_experiment,
 )
 
 __all__ = [
-    "ConfigError", "ResolvedConfig", "apply_overrides", "builtin_configs", "load_config", "resolve", "resolve_config",
-    "Experiment", "RunDirError", "build_experiment", "build_method", "format_bench_table", "read_log", "resume_bench", "resume_run",
-    "run_bench", "run_experiment",
+    "ConfigError",
+    "Experiment",
+    "ResolvedConfig",
+    "RunDirError",
+    "apply_overrides",
+    "build_experiment",
+    "build_method",
+    "builtin_configs",
+    "format_bench_table",
+    "load_config",
+    "read_log",
+    "resolve",
+    "resolve_config",
+    "resume_bench",
+    "resume_run",
+    "run_bench",
+    "run_experiment",
 ]

@@ -25,37 +25,41 @@ import inspect
 import math
 import numbers
 import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import yaml
+
+if TYPE_CHECKING:
+    from ..methods.base import Method
 
 from ..problems.fewshot import fewshot_problem
 from ..problems.hyperclean import hyperclean_problem
 
 __all__ = [
-    "ConfigError",
-    "load_yaml",
-    "builtin_configs",
-    "load_config",
-    "apply_overrides",
-    "resolve_config",
-    "method_class",
-    "METHOD_ALIASES",
-    "RENAMED_METHODS",
     "DEFAULT_UPPER",
+    "METHOD_ALIASES",
     "PROBLEM_KEYS",
-    "RUN_KEYS",
     "PROBLEM_SPECS",
-    "HypercleanSpec",
+    "RENAMED_METHODS",
+    "RUN_KEYS",
+    "ConfigError",
     "FewshotSpec",
+    "HypercleanSpec",
+    "ResolvedConfig",
     "RunSpec",
     "Spec",
+    "apply_overrides",
+    "builtin_configs",
+    "load_config",
+    "load_yaml",
+    "method_class",
     "problem_spec",
-    "ResolvedConfig",
     "resolve",
+    "resolve_config",
 ]
 
 
@@ -69,7 +73,7 @@ _SEED_HIGH = 2**32
 class _Rule:
     """The expected type and range of one configuration key; ``check`` returns the value to keep."""
 
-    def __init__(self, expected: str, accept):
+    def __init__(self, expected: str, accept: Callable[[Any], tuple[bool, Any]]):
         self.expected = expected
         self.accept = accept  # value -> (ok, value to keep)
 
@@ -84,13 +88,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _integer(low: int, high: Optional[int] = None, optional: bool = False) -> _Rule:
+def _integer(low: int, high: int | None = None, optional: bool = False) -> _Rule:
     """An integer in ``[low, high)``; an integral float (``1e4``) is kept as an int."""
-    expected = f"an integer in [{low}, 2**32)" if high == _SEED_HIGH else (
-        f"an integer in [{low}, {high})" if high is not None else f"an integer >= {low}"
+    expected = (
+        f"an integer in [{low}, 2**32)"
+        if high == _SEED_HIGH
+        else (f"an integer in [{low}, {high})" if high is not None else f"an integer >= {low}")
     )
 
-    def accept(value):
+    def accept(value: Any) -> tuple[bool, Any]:
         if value is None:
             return optional, value
         if _is_number(value) and not isinstance(value, numbers.Integral):
@@ -99,15 +105,15 @@ def _integer(low: int, high: Optional[int] = None, optional: bool = False) -> _R
             value = int(value)
         if not isinstance(value, numbers.Integral) or isinstance(value, bool):
             return False, value
-        return low <= value and (high is None or value < high), int(value)
+        return low <= int(value) and (high is None or int(value) < high), int(value)
 
     return _Rule(expected + (" or null" if optional else ""), accept)
 
 
-def _number(expected: str, test, optional: bool = False) -> _Rule:
+def _number(expected: str, test: Callable[[float], object], optional: bool = False) -> _Rule:
     """A finite real number for which ``test(value)`` holds."""
 
-    def accept(value):
+    def accept(value: Any) -> tuple[bool, Any]:
         if value is None:
             return optional, value
         return _is_number(value) and math.isfinite(value) and bool(test(value)), value
@@ -120,7 +126,9 @@ def _choice(*choices: str) -> _Rule:
 
 
 def _text(optional: bool = False) -> _Rule:
-    return _Rule("a string" + (" or null" if optional else ""), lambda value: ((optional and value is None) or isinstance(value, str), value))
+    return _Rule(
+        "a string" + (" or null" if optional else ""), lambda value: ((optional and value is None) or isinstance(value, str), value)
+    )
 
 
 _BOOL = _Rule("true or false", lambda value: (isinstance(value, bool), value))
@@ -129,6 +137,7 @@ _NONNEGATIVE = _number("a number >= 0", lambda v: v >= 0)
 _SEED = _integer(0, _SEED_HIGH)
 _COUNT = _integer(1)
 _DTYPE = _choice("float32", "float64")
+
 
 def key(default: Any, rule: _Rule) -> Any:
     """A configuration key: its default and the rule its value must satisfy."""
@@ -195,11 +204,11 @@ class HypercleanSpec(Spec):
     hidden: int = key(builder_default(hyperclean_problem, "hidden"), _COUNT)
     noise_rate: float = key(0.5, _number("a number in [0, 1]", lambda v: 0 <= v <= 1))
     seed: int = key(0, _SEED)
-    n_train: Optional[int] = key(None, _integer(1, optional=True))
-    n_val: Optional[int] = key(None, _integer(1, optional=True))
-    n_test: Optional[int] = key(None, _integer(1, optional=True))
+    n_train: int | None = key(None, _integer(1, optional=True))
+    n_val: int | None = key(None, _integer(1, optional=True))
+    n_test: int | None = key(None, _integer(1, optional=True))
     reg: float = key(builder_default(hyperclean_problem, "reg"), _NONNEGATIVE)
-    data_dir: Optional[str] = key(None, _text(optional=True))
+    data_dir: str | None = key(None, _text(optional=True))
     dtype: str = key("float32", _DTYPE)
     baseline_steps: int = key(500, _integer(0))
     baseline_lr: float = key(0.5, _POSITIVE)
@@ -225,7 +234,7 @@ class FewshotSpec(Spec):
     q_query: int = key(15, _COUNT)
     meta_batch: int = key(4, _COUNT)
     num_train_classes: int = key(6, _COUNT)
-    per_class: Optional[int] = key(None, _integer(1, optional=True))
+    per_class: int | None = key(None, _integer(1, optional=True))
     channels: int = key(builder_default(fewshot_problem, "channels"), _COUNT)
     blocks: int = key(builder_default(fewshot_problem, "blocks"), _COUNT)
     norm: str = key(builder_default(fewshot_problem, "norm"), _choice("none", "group"))
@@ -237,7 +246,7 @@ class FewshotSpec(Spec):
     seed: int = key(0, _SEED)
     eval_tasks: int = key(100, _COUNT)
     eval_steps: int = key(100, _COUNT)
-    data_dir: Optional[str] = key(None, _text(optional=True))
+    data_dir: str | None = key(None, _text(optional=True))
     dtype: str = key("float32", _DTYPE)
 
 
@@ -254,7 +263,7 @@ class RunSpec(Spec):
     seed: int = key(0, _SEED)
     tensorboard: bool = key(False, _BOOL)
     progress: bool = key(True, _BOOL)
-    threads: Optional[int] = key(None, _Rule("a positive integer or null (PyTorch's default)", _integer(1, optional=True).accept))
+    threads: int | None = key(None, _Rule("a positive integer or null (PyTorch's default)", _integer(1, optional=True).accept))
 
 
 #: the spec of the problem section of each problem kind.
@@ -344,7 +353,7 @@ _Loader.add_implicit_resolver(_INT_TAG, _INT, list("-+0123456789"))
 _Loader.add_implicit_resolver(_FLOAT_TAG, _FLOAT, list("-+0123456789."))
 
 
-def _construct_int(loader: yaml.SafeLoader, node) -> int:
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node).replace("_", "")
     sign = -1 if text[0] == "-" else 1
     text = text.lstrip("+-")
@@ -374,7 +383,7 @@ def load_config(name_or_path: str | Path) -> dict:
     if not path.is_file():
         builtins = builtin_configs()
         key = path.name[:-5] if path.name.endswith(".yaml") else path.name
-        if str(name_or_path) in builtins or key in builtins and path.parent == Path("."):
+        if str(name_or_path) in builtins or (key in builtins and path.parent == Path(".")):
             path = builtins[key]
         else:
             raise ConfigError(
@@ -422,7 +431,7 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
     return config
 
 
-def method_class(name: str):
+def method_class(name: str) -> tuple[type[Method], dict[str, Any]]:
     """The method class and fixed arguments of a method name (see :data:`METHOD_ALIASES`;
     the older names of :data:`RENAMED_METHODS` are read too)."""
     import bilevel
@@ -437,7 +446,10 @@ def method_class(name: str):
 def _check_keys(section: str, given: dict, valid: Sequence[str]) -> None:
     unknown = sorted(set(given) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}; valid {section} keys: {', '.join(valid)}")
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(f'{section}.{k}' for k in unknown)}; "
+            f"valid {section} keys: {', '.join(valid)}"
+        )
 
 
 def resolve_method(config: dict) -> dict:
@@ -451,8 +463,8 @@ def resolve_method(config: dict) -> dict:
     name = section["name"]
     if name not in presets and RENAMED_METHODS.get(name) in presets:
         name = RENAMED_METHODS[name]  # e.g. method.name=CG finds the AID-CG preset
-    resolved = {**copy.deepcopy(presets.get(name, {})), **section, "name": name}
-    base_name = resolved.get("method", name)
+    resolved: dict[str, Any] = {**copy.deepcopy(presets.get(name, {})), **section, "name": name}
+    base_name: Any = resolved.get("method", name)  # a str once method_class has accepted it
     resolved.pop("method", None)
     cls, fixed = method_class(base_name)
     resolved = {**fixed, **resolved}
@@ -460,7 +472,7 @@ def resolve_method(config: dict) -> dict:
     if base_name != name:
         resolved["method"] = base_name
     fields = [f.name for f in dataclasses.fields(cls) if f.name not in ("lr_upper", "oracles", "project_x", "solver")]
-    valid = list(METHOD_COMMON_KEYS) + ["method"] + fields
+    valid = [*list(METHOD_COMMON_KEYS), "method", *fields]
     _check_keys("method", resolved, valid)
     resolved.setdefault("upper", DEFAULT_UPPER)
     _check_values("method", resolved, METHOD_RULES)
@@ -471,7 +483,7 @@ def resolve_method(config: dict) -> dict:
 _ARGUMENT = re.compile(r"^[\w-]+\((\w+)=")
 
 
-def _check_method_arguments(cls, name: str, kwargs: dict) -> None:
+def _check_method_arguments(cls: type[Method], name: str, kwargs: dict) -> None:
     """Construct the method once so that its own validation names a bad ``method.key``."""
     try:
         cls(**kwargs)
@@ -482,7 +494,7 @@ def _check_method_arguments(cls, name: str, kwargs: dict) -> None:
             key = match.group(1)
             prefix = f"{match.group(0)}{kwargs[key]!r})"
             if message.startswith(prefix):
-                raise ConfigError(f"method.{key}={kwargs[key]!r}{message[len(prefix):]}") from None
+                raise ConfigError(f"method.{key}={kwargs[key]!r}{message[len(prefix) :]}") from None
         raise ConfigError(f"method {name}: {message}") from None
 
 

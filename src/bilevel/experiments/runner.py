@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import errno
@@ -52,31 +53,57 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
 import yaml
 
 import bilevel
+
 from ..callbacks import ProgressBar, TensorBoardLogger
 from ..checkpoint import CheckpointError, capture_rng, load_checkpoint
 from ..methods.base import Method, State
-from ..solve import DivergenceError, Status, solve
-
-try:
-    from ..solve import CheckpointWriteWarning
-except ImportError:  # a solve that raises on a failed checkpoint write instead of warning
-    CheckpointWriteWarning = None
-from .config import DEFAULT_UPPER, METHOD_COMMON_KEYS, ConfigError, FewshotSpec, HypercleanSpec, ResolvedConfig, apply_overrides, method_class, resolve
+from ..solve import CheckpointWriteWarning, DivergenceError, Result, Status, solve
+from .config import (
+    DEFAULT_UPPER,
+    METHOD_COMMON_KEYS,
+    ConfigError,
+    FewshotSpec,
+    HypercleanSpec,
+    ResolvedConfig,
+    apply_overrides,
+    method_class,
+    resolve,
+)
 
 __all__ = [
-    "Experiment", "build_experiment", "build_method", "run_experiment", "resume_run", "default_run_dir", "read_log",
-    "RunDirError", "OutputDir", "config_differences", "read_manifest", "write_manifest", "TIMING_KEYS",
-    "RESUMABLE_CHANGES", "RUN_FILES", "BENCH_FILES", "MANIFEST", "run_bench", "resume_bench", "format_bench_table",
-    "data_dir_override", "FINISHED", "COMPLETED",
+    "BENCH_FILES",
+    "COMPLETED",
+    "FINISHED",
+    "MANIFEST",
+    "RESUMABLE_CHANGES",
+    "RUN_FILES",
+    "TIMING_KEYS",
+    "Experiment",
+    "OutputDir",
+    "RunDirError",
+    "build_experiment",
+    "build_method",
+    "config_differences",
+    "data_dir_override",
+    "default_run_dir",
+    "format_bench_table",
+    "read_log",
+    "read_manifest",
+    "resume_bench",
+    "resume_run",
+    "run_bench",
+    "run_experiment",
+    "write_manifest",
 ]
 
 #: record fields that measure time (they differ between two runs of the same experiment).
@@ -94,8 +121,17 @@ MANIFEST = "manifest.json"
 #: other presets). Every other key — method and its fields, problem, data and dtype,
 #: seed — is compared.
 RESUMABLE_CHANGES = (
-    "name", "description", "methods", "problem.data_dir", "run.max_iters", "run.eval_every", "run.log_every",
-    "run.checkpoint_every", "run.tensorboard", "run.progress", "run.threads",
+    "name",
+    "description",
+    "methods",
+    "problem.data_dir",
+    "run.max_iters",
+    "run.eval_every",
+    "run.log_every",
+    "run.checkpoint_every",
+    "run.tensorboard",
+    "run.progress",
+    "run.threads",
 )
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -116,7 +152,7 @@ class Experiment:
     method: Method
     data: Any
     evaluate: Callable[[State], dict]
-    baseline: Callable[[], dict] = field(default=lambda: {})
+    baseline: Callable[[], dict] = field(default=dict)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -140,7 +176,7 @@ def build_method(section: dict, episodic: bool = False) -> Method:
         name = section["solver"]
         if name not in solvers:
             raise ConfigError(f"method.solver={name!r} must be one of {', '.join(solvers)}")
-        options = {"steps": int(section.get("solver_steps", 10))}
+        options: dict[str, float] = {"steps": int(section.get("solver_steps", 10))}
         if name != "CG" and section.get("solver_lr") is not None:
             options["lr"] = float(section["solver_lr"])
         kwargs["solver"] = solvers[name](**options)
@@ -162,8 +198,14 @@ def _build_hyperclean(config: ResolvedConfig) -> Experiment:
     spec, seed = config.problem, config.run.seed
     assert isinstance(spec, HypercleanSpec)
     data = make_hyperclean_data(
-        spec.dataset, noise_rate=spec.noise_rate, seed=spec.seed + seed, n_train=spec.n_train, n_val=spec.n_val,
-        n_test=spec.n_test, root=spec.data_dir, dtype=_dtype(spec.dtype),
+        spec.dataset,
+        noise_rate=spec.noise_rate,
+        seed=spec.seed + seed,
+        n_train=spec.n_train,
+        n_val=spec.n_val,
+        n_test=spec.n_test,
+        root=spec.data_dir,
+        dtype=_dtype(spec.dtype),
     )
     # the keys named as the builder's arguments (model, reg, hidden) are forwarded by name
     problem = hyperclean_problem(data, seed=seed, **spec.arguments_for(hyperclean_problem, exclude=("seed",)))
@@ -222,7 +264,9 @@ def _build_fewshot(config: ResolvedConfig) -> Experiment:
         metrics = problem.meta_test(problem.x_init, test_sampler, num_tasks=spec.eval_tasks, steps=spec.eval_steps)
         return {"description": "untrained (random) feature extractor", **metrics}
 
-    return Experiment(config=config.data, problem=problem, method=method, data=EpisodeSource(sampler, dtype=dtype), evaluate=evaluate, baseline=baseline)
+    return Experiment(
+        config=config.data, problem=problem, method=method, data=EpisodeSource(sampler, dtype=dtype), evaluate=evaluate, baseline=baseline
+    )
 
 
 def build_experiment(config: dict | ResolvedConfig) -> Experiment:
@@ -274,10 +318,8 @@ def _write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             tmp.unlink()
-        except OSError:
-            pass
         raise
 
 
@@ -301,7 +343,7 @@ def _read_json(path: Path) -> Any:
 BENCH_FILES = ("table.md", "bench.json", "test_accuracy.png", "test_accuracy.svg", "f1.png", "f1.svg")
 
 
-def read_manifest(folder: str | Path) -> Optional[dict]:
+def read_manifest(folder: str | Path) -> dict | None:
     """``folder/manifest.json`` if bilevel wrote it (``kind`` run or bench), else ``None``."""
     manifest = _read_json(Path(folder) / MANIFEST)
     if isinstance(manifest, dict) and manifest.get("format") == "bilevel" and manifest.get("kind") in ("run", "bench"):
@@ -314,7 +356,7 @@ def write_manifest(folder: str | Path, manifest: dict) -> None:
     _write_json(Path(folder) / MANIFEST, {"format": "bilevel", "version": 1, **manifest})
 
 
-def _owned(folder: Path) -> tuple[Optional[str], list[Path]]:
+def _owned(folder: Path) -> tuple[str | None, list[Path]]:
     """What kind of bilevel folder ``folder`` is (run, bench or ``None``) and the paths bilevel
     wrote there, contents before their folders (the order to remove them in).
 
@@ -330,7 +372,7 @@ def _owned(folder: Path) -> tuple[Optional[str], list[Path]]:
                 if entry.get("dir") and sub.is_dir():
                     paths += _owned(sub)[1] + [sub]
         paths += [folder / str(name) for name in manifest.get("files", [])]
-        return manifest["kind"], paths + [folder / MANIFEST]
+        return manifest["kind"], [*paths, folder / MANIFEST]
     env = _read_json(folder / "env.json")
     if isinstance(env, dict) and "bilevel" in env and "command" in env and (folder / "config.yaml").is_file():
         return "run", [folder / name for name in RUN_FILES]
@@ -388,7 +430,7 @@ class OutputDir:
     created: list = field(default_factory=list)
 
     @classmethod
-    def inspect(cls, path: str | Path, kind: str, overwrite: bool, writes: Sequence[str]) -> "OutputDir":
+    def inspect(cls, path: str | Path, kind: str, overwrite: bool, writes: Sequence[str]) -> OutputDir:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RunDirError(f"{path} is a file, not a folder: give a new or empty folder as --out")
@@ -431,8 +473,10 @@ class OutputDir:
             os.unlink(probe)
         except OSError as err:
             self.undo()
-            raise OSError(err.errno, f"cannot write to the output folder {self.path} ({err.strerror or err}): "
-                                     f"choose another --out or make it writable") from None
+            raise OSError(
+                err.errno,
+                f"cannot write to the output folder {self.path} ({err.strerror or err}): choose another --out or make it writable",
+            ) from None
 
     def check_space(self, needed: int) -> None:
         """Refuse to start when the disk lacks room for ``needed`` bytes (checkpoint and logs)."""
@@ -441,16 +485,17 @@ class OutputDir:
         except OSError:
             return
         if free < needed:
-            raise OSError(errno.ENOSPC, f"the output folder {self.path} has {free / 1e6:.1f} MB free and the run needs about "
-                                        f"{needed / 1e6:.1f} MB (checkpoint and logs): free some space or choose another --out")
+            raise OSError(
+                errno.ENOSPC,
+                f"the output folder {self.path} has {free / 1e6:.1f} MB free and the run needs about "
+                f"{needed / 1e6:.1f} MB (checkpoint and logs): free some space or choose another --out",
+            )
 
     def undo(self) -> None:
         """Remove the (empty) folders :meth:`prepare` created: a failed start leaves no trace."""
         for folder in reversed(self.created):
-            try:
+            with contextlib.suppress(OSError):
                 folder.rmdir()
-            except OSError:
-                pass
         self.created = []
 
     def clear(self) -> None:
@@ -465,7 +510,8 @@ class OutputDir:
 def _bytes_needed(state: State, config: dict) -> int:
     """Disk a run needs: two checkpoints (the atomic write keeps the old one until the
     rename), the log, and a margin."""
-    def nbytes(value) -> int:
+
+    def nbytes(value: Any) -> int:
         if isinstance(value, torch.Tensor):
             return value.numel() * value.element_size()
         if isinstance(value, dict):
@@ -515,7 +561,11 @@ def config_differences(saved: dict, current: dict) -> list[str]:
 # the run: one solve call, evaluation and logging as its callback
 # --------------------------------------------------------------------------------------
 
-def _rng_neutral(fn: Callable, *args):
+
+_R = TypeVar("_R")
+
+
+def _rng_neutral(fn: Callable[..., _R], *args: Any) -> _R:
     """``fn(*args)`` with the global RNGs restored afterwards, so an evaluation (or the
     baseline) can never change the iterates, whatever the evaluation cadence."""
     saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
@@ -572,25 +622,32 @@ class _Recorder:
     the history, which holds every record.
     """
 
-    def __init__(self, exp: Experiment, run_dir: Path, history: list, evals: list, segments: list, bar: ProgressBar, tensorboard):
+    def __init__(
+        self,
+        exp: Experiment,
+        run_dir: Path,
+        history: list,
+        evals: list,
+        segments: list,
+        bar: ProgressBar,
+        tensorboard: TensorBoardLogger | None,
+    ):
         self.exp, self.path = exp, run_dir / "log.jsonl"
         self.history, self.evals, self.segments = history, evals, segments
         self.n = int(exp.config["run"]["max_iters"])
         self.bar, self.tensorboard = bar, tensorboard
         self.errors: list[str] = []
-        self.run: Optional[dict] = None
-        self._handle = None
+        self.run: dict | None = None
+        self._handle: IO[str] | None = None
 
     def _failed(self, err: OSError) -> None:
         self.errors.append(f"could not write {self.path}: {err.strerror or err}")
         if self._handle is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self._handle.close()
-            except OSError:
-                pass
         self._handle = None
 
-    def on_start(self, run):
+    def on_start(self, run: dict[str, Any]) -> None:
         self.run = run
         lines = _log_lines(self.history, self.evals, self.segments, self.n, run["start"])
         try:
@@ -608,7 +665,8 @@ class _Recorder:
         if lines:
             self.bar.on_log(lines[-1])
 
-    def on_log(self, record):
+    def on_log(self, record: dict[str, float]) -> None:
+        assert self.run is not None, "on_start(run) comes before on_log(record)"
         k = int(record["iteration"])
         segment = self.segments[-1]
         if k % segment["eval_every"] == 0 or k == self.n:
@@ -633,7 +691,7 @@ class _Recorder:
                 self.tensorboard = None
         self.bar.on_log(line)
 
-    def on_end(self, result):
+    def on_end(self, result: Result | None) -> None:
         self.close()
 
     def close(self) -> None:
@@ -657,14 +715,16 @@ def _check_tensorboard(config: dict) -> None:
         try:
             import tensorboard  # noqa: F401
         except ImportError:
-            raise ConfigError("run.tensorboard=true needs the tensorboard package: pip install tensorboard (or run.tensorboard=false)") from None
+            raise ConfigError(
+                "run.tensorboard=true needs the tensorboard package: pip install tensorboard (or run.tensorboard=false)"
+            ) from None
 
 
-def _first_batch(data):
+def _first_batch(data: Any) -> Any:
     return data.batch_at(0) if data is not None else None
 
 
-def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label: Optional[str]) -> tuple[dict, Optional[DivergenceError]]:
+def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label: str | None) -> tuple[dict, DivergenceError | None]:
     """One :func:`solve` call from ``start`` (fresh or from a checkpoint); the summary,
     and the :class:`DivergenceError` if the run diverged."""
     config, run = exp.config, exp.config["run"]
@@ -678,23 +738,34 @@ def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label:
     tensorboard = TensorBoardLogger(run_dir / "tensorboard") if run["tensorboard"] else None
     recorder = _Recorder(exp, run_dir, history, evals, segments, bar, tensorboard)
     meta = {"config": exp.config, "config_name": config.get("name"), "max_iters": n, "evals": evals, "segments": segments}
-    payload = {"state": state, "history": history, "rng": start["rng"], "meta": {**start.get("meta", {}), "wall_time": float(start["wall_time"])}}
-    error: Optional[DivergenceError] = None
+    payload = {
+        "state": state,
+        "history": history,
+        "rng": start["rng"],
+        "meta": {**start.get("meta", {}), "wall_time": float(start["wall_time"])},
+    }
+    error: DivergenceError | None = None
     with warnings.catch_warnings():
-        if CheckpointWriteWarning is not None:
-            # reported once, in the summary and by the CLI's exit status 3
-            warnings.simplefilter("ignore", CheckpointWriteWarning)
+        # reported once, in the summary and by the CLI's exit status 3
+        warnings.simplefilter("ignore", CheckpointWriteWarning)
         try:
             result = solve(
-                exp.problem, exp.method, data=exp.data, max_iters=n, callbacks=[recorder],
-                log_every=math.gcd(cadence["log_every"], cadence["eval_every"]), checkpoint=run_dir / "checkpoint.pt",
-                checkpoint_every=int(run["checkpoint_every"]), resume=payload, validate=False, meta=meta,
+                exp.problem,
+                exp.method,
+                data=exp.data,
+                max_iters=n,
+                callbacks=[recorder],
+                log_every=math.gcd(cadence["log_every"], cadence["eval_every"]),
+                checkpoint=run_dir / "checkpoint.pt",
+                checkpoint_every=int(run["checkpoint_every"]),
+                resume=payload,
+                validate=False,
+                meta=meta,
             )
         except DivergenceError as err:
-            result = getattr(err, "result", None)
-            if result is None:
+            if err.result is None:
                 raise
-            error = err
+            result, error = err.result, err
         finally:
             recorder.close()
     state = result.state
@@ -709,7 +780,7 @@ def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label:
             errors = [e for e in errors if not e.startswith(f"could not write {recorder.path}")]
         except OSError:
             pass
-    if getattr(result, "checkpoint_error", None):
+    if result.checkpoint_error:
         errors.append(result.checkpoint_error)
     final = next((e for e in reversed(evals) if e["iteration"] <= state.k), evals[-1])
     summary = {
@@ -734,7 +805,7 @@ def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label:
     return summary, error
 
 
-def _finish(run_dir: Path, summary: dict, baseline: dict, error: Optional[DivergenceError], on_divergence: str) -> dict:
+def _finish(run_dir: Path, summary: dict, baseline: dict, error: DivergenceError | None, on_divergence: str) -> dict:
     """Write summary.json (a failed write is reported in the summary, which is returned
     all the same), then raise the divergence if asked to."""
     summary["baseline"] = baseline
@@ -766,8 +837,8 @@ def run_experiment(
     *,
     overwrite: bool = False,
     on_divergence: str = "raise",
-    label: Optional[str] = None,
-    before_write: Optional[Callable[[], None]] = None,
+    label: str | None = None,
+    before_write: Callable[[], None] | None = None,
 ) -> dict:
     """Run a configuration (plus ``section.key=value`` overrides) into a run directory.
 
@@ -828,12 +899,12 @@ def data_dir_override(data_dir: str | Path) -> str:
 
 def resume_run(
     run_dir: str | Path,
-    max_iters: Optional[int] = None,
+    max_iters: int | None = None,
     progress: bool = True,
     *,
     data_dir: str | Path | None = None,
     on_divergence: str = "raise",
-    label: Optional[str] = None,
+    label: str | None = None,
 ) -> dict:
     """Continue a stopped run from ``RUN_DIR/checkpoint.pt`` (optionally to a new ``max_iters``).
 
@@ -903,9 +974,15 @@ def resume_run(
     if manifest is None:
         write_manifest(run_dir, {"kind": "run", "files": list(RUN_FILES)})
     start = {
-        "state": state, "history": list(payload["history"]), "evals": evals, "segments": list(meta.get("segments") or []),
-        "rng": payload["rng"], "meta": {k: v for k, v in meta.items() if k not in ("evals", "segments", "config")},
-        "wall_time": wall_time, "started": started, "total_seconds": float(previous.get("total_seconds", 0.0)),
+        "state": state,
+        "history": list(payload["history"]),
+        "evals": evals,
+        "segments": list(meta.get("segments") or []),
+        "rng": payload["rng"],
+        "meta": {k: v for k, v in meta.items() if k not in ("evals", "segments", "config")},
+        "wall_time": wall_time,
+        "started": started,
+        "total_seconds": float(previous.get("total_seconds", 0.0)),
     }
     summary, error = _execute(exp, run_dir, start, progress and exp.config["run"]["progress"], label)
     return _finish(run_dir, summary, baseline, error, on_divergence)
@@ -929,16 +1006,16 @@ FINISHED = ("max_iters", "converged", "max_time", "diverged")
 COMPLETED = ("max_iters", "converged", "max_time")
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
+def _mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
+    kept = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not kept:
         return math.nan, math.nan, 0
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)) if len(values) > 1 else 0.0
-    return mean, std, len(values)
+    mean = sum(kept) / len(kept)
+    std = math.sqrt(sum((v - mean) ** 2 for v in kept) / len(kept)) if len(kept) > 1 else 0.0
+    return mean, std, len(kept)
 
 
-def _pm(values: Sequence[float], digits: int) -> str:
+def _pm(values: Sequence[float | None], digits: int) -> str:
     """``mean ± std`` over seeds; one value alone is printed as it is (no ``± 0.00``)."""
     mean, std, count = _mean_std(values)
     if count == 0:
@@ -957,7 +1034,7 @@ def _status_note(summary: dict) -> str:
     return str(status)
 
 
-def format_bench_table(rows: dict, kind: str, baseline: Optional[Sequence[dict]] = None, notes: Optional[dict] = None) -> str:
+def format_bench_table(rows: dict, kind: str, baseline: Sequence[dict] | None = None, notes: dict | None = None) -> str:
     """Markdown table of a bench: one row per method, mean ± std over its completed seeds.
 
     Runs that diverged or were interrupted do not enter the means (a 37-iteration run
@@ -987,7 +1064,13 @@ def format_bench_table(rows: dict, kind: str, baseline: Optional[Sequence[dict]]
         header = ["method", "meta-test acc (%)", "95% CI (%)", "time (s)", "iterations"]
     if baseline:
         label = "no cleaning (x = 0)" if kind == "hyperclean" else "random features"
-        cells = [label, _pm([b.get("test_accuracy") for b in baseline], 2), _pm([b.get(second_key) for b in baseline], second_digits), "-", "-"]
+        cells = [
+            label,
+            _pm([b.get("test_accuracy") for b in baseline], 2),
+            _pm([b.get(second_key) for b in baseline], second_digits),
+            "-",
+            "-",
+        ]
         body.append((cells, ""))
     if any_note:
         header.append("notes")
@@ -1003,7 +1086,7 @@ def _bench_dir(name: str) -> Path:
 
 def run_bench(
     config: dict | str | Path,
-    methods: Optional[Sequence[str]] = None,
+    methods: Sequence[str] | None = None,
     seeds: Sequence[int] = (0,),
     overrides: Sequence[str] = (),
     out: str | Path | None = None,
@@ -1028,19 +1111,27 @@ def run_bench(
     if methods is None:
         methods = list(base.get("methods") or [_method_name(apply_overrides(base, overrides))])
     methods, seeds = list(methods), [int(s) for s in seeds]
-    for what, values in (("methods", methods), ("seeds", seeds)):
+    named: tuple[tuple[str, list[Any]], ...] = (("methods", methods), ("seeds", seeds))
+    for what, values in named:
         repeated = sorted({str(v) for v in values if values.count(v) > 1})
         if repeated:
             raise ConfigError(f"--{what} names {', '.join(repeated)} more than once: give each once")
     out_dir = Path(out) if out is not None else _bench_dir(str(base.get("name", "bench")))
-    runs = [{"method": m, "seed": s, "dir": f"{m}-seed{s}", "status": "pending"} for m in methods for s in seeds]
+    runs: list[dict[str, Any]] = [{"method": m, "seed": s, "dir": f"{m}-seed{s}", "status": "pending"} for m in methods for s in seeds]
     # every run's configuration, resolved once before anything runs (a bad one fails the bench now)
     configs = {r["dir"]: resolve(apply_overrides(base, _run_overrides(overrides, r))) for r in runs}
     resolved = configs[runs[0]["dir"]].data
     output = OutputDir.inspect(out_dir, "bench", overwrite, (*BENCH_FILES, MANIFEST, *(r["dir"] for r in runs)))
     manifest = {
-        "kind": "bench", "config": base.get("name"), "base_config": base, "problem_kind": resolved["problem"]["kind"],
-        "methods": methods, "seeds": seeds, "overrides": list(overrides), "runs": runs, "files": list(BENCH_FILES),
+        "kind": "bench",
+        "config": base.get("name"),
+        "base_config": base,
+        "problem_kind": resolved["problem"]["kind"],
+        "methods": methods,
+        "seeds": seeds,
+        "overrides": list(overrides),
+        "runs": runs,
+        "files": list(BENCH_FILES),
     }
     output.prepare()
     return _bench_loop(output, manifest, progress, committed=False, configs=configs)
@@ -1070,8 +1161,12 @@ def _run_overrides(overrides: Sequence[str], entry: dict) -> list[str]:
 
 
 def _bench_loop(
-    output: OutputDir, manifest: dict, progress: bool, committed: bool, data_dir: str | Path | None = None,
-    configs: Optional[dict] = None,
+    output: OutputDir,
+    manifest: dict,
+    progress: bool,
+    committed: bool,
+    data_dir: str | Path | None = None,
+    configs: dict | None = None,
 ) -> dict:
     out, runs = output.path, manifest["runs"]
     base = manifest["base_config"]
@@ -1096,7 +1191,7 @@ def _bench_loop(
 
             def started() -> None:
                 commit()
-                entry["status"] = "running"
+                entry["status"] = "running"  # noqa: B023 -- called only within this iteration, before the loop moves on
                 write_manifest(out, manifest)
 
             try:
@@ -1106,7 +1201,13 @@ def _bench_loop(
                 else:
                     resolved = (configs or {}).get(entry["dir"]) or resolve(apply_overrides(base, _run_overrides(overrides, entry)))
                     summary = run_experiment(
-                        resolved, run_dir, progress=progress, overwrite=True, on_divergence="status", label=label, before_write=started,
+                        resolved,
+                        run_dir,
+                        progress=progress,
+                        overwrite=True,
+                        on_divergence="status",
+                        label=label,
+                        before_write=started,
                     )
             except KeyboardInterrupt:
                 entry["status"] = "interrupted" if entry["status"] == "running" else previous
@@ -1119,10 +1220,8 @@ def _bench_loop(
                 break
     except BaseException:
         if committed:
-            try:
+            with contextlib.suppress(OSError):
                 write_manifest(out, manifest)
-            except OSError:
-                pass
         else:
             output.undo()
         raise
@@ -1148,7 +1247,9 @@ def _bench_report(out: Path, manifest: dict) -> dict:
     for entry in manifest["runs"]:
         summary = _read_json(out / entry["dir"] / "summary.json") if entry["status"] != "pending" else None
         if not isinstance(summary, dict) or summary.get("status") != entry["status"]:
-            what = {"pending": "not run", "running": "stopped while running (no summary)"}.get(entry["status"], f"{entry['status']} (no summary)")
+            what = {"pending": "not run", "running": "stopped while running (no summary)"}.get(
+                entry["status"], f"{entry['status']} (no summary)"
+            )
             notes.setdefault(entry["method"], []).append(f"seed {entry['seed']}: {what}")
             continue
         rows[entry["method"]].append(summary)
@@ -1156,10 +1257,8 @@ def _bench_report(out: Path, manifest: dict) -> dict:
         if summary.get("baseline") and entry["seed"] not in baselines:
             baselines[entry["seed"]] = summary["baseline"]
         if summary["status"] in COMPLETED:
-            try:
+            with contextlib.suppress(RunDirError, ValueError):
                 logs.setdefault(entry["method"], []).append(read_log(out / entry["dir"]))
-            except (RunDirError, ValueError):
-                pass
     baseline = [baselines[s] for s in manifest["seeds"] if s in baselines]
     table = format_bench_table(rows, kind, baseline or None, notes)
     plots: list[Path] = []
@@ -1170,17 +1269,34 @@ def _bench_report(out: Path, manifest: dict) -> dict:
             pass  # no completed run holds this metric yet
         except OSError as err:
             write_errors.append(f"could not write the {metric} plot in {out}: {err.strerror or err}")
-    diverged = [f"{e['method']} seed {e['seed']} at iteration {(_read_json(out / e['dir'] / 'summary.json') or {}).get('diverged_at', '?')}"
-                for e in manifest["runs"] if e["status"] == "diverged"]
+    diverged = [
+        f"{e['method']} seed {e['seed']} at iteration {(_read_json(out / e['dir'] / 'summary.json') or {}).get('diverged_at', '?')}"
+        for e in manifest["runs"]
+        if e["status"] == "diverged"
+    ]
     unfinished = [e["dir"] for e in manifest["runs"] if e["status"] not in FINISHED]
     payload = {
-        "config": manifest["config"], "methods": methods, "seeds": manifest["seeds"], "overrides": manifest["overrides"],
-        "complete": not unfinished, "status": {e["dir"]: e["status"] for e in manifest["runs"]}, "runs": rows,
-        "table": table, "plots": [str(p) for p in plots],
+        "config": manifest["config"],
+        "methods": methods,
+        "seeds": manifest["seeds"],
+        "overrides": manifest["overrides"],
+        "complete": not unfinished,
+        "status": {e["dir"]: e["status"] for e in manifest["runs"]},
+        "runs": rows,
+        "table": table,
+        "plots": [str(p) for p in plots],
     }
     for name, text in (("table.md", table + "\n"), ("bench.json", json.dumps(payload, indent=2, default=str) + "\n")):
         try:
             _write_text(out / name, text)
         except OSError as err:
             write_errors.append(f"could not write {out / name}: {err.strerror or err}")
-    return {"table": table, "plots": plots, "out": out, "diverged": diverged, "unfinished": unfinished, "write_errors": write_errors, "runs": manifest["runs"]}
+    return {
+        "table": table,
+        "plots": plots,
+        "out": out,
+        "diverged": diverged,
+        "unfinished": unfinished,
+        "write_errors": write_errors,
+        "runs": manifest["runs"],
+    }

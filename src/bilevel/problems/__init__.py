@@ -2,10 +2,20 @@
 
 from .fewshot import EpisodeSource, EpisodicLower, FewshotProblem, fewshot_problem
 from .hyperclean import HypercleanProblem, hyperclean_problem
-from .toys import T1, T2, T3, T4, T3_LOCAL_MINIMA, T1g, ToyProblem
+from .toys import T1, T2, T3, T3_LOCAL_MINIMA, T4, T1g, ToyProblem
 
 __all__ = [
-    "T1", "T1g", "T2", "T3", "T4", "T3_LOCAL_MINIMA", "ToyProblem",
-    "HypercleanProblem", "hyperclean_problem",
-    "FewshotProblem", "fewshot_problem", "EpisodicLower", "EpisodeSource",
+    "T1",
+    "T2",
+    "T3",
+    "T3_LOCAL_MINIMA",
+    "T4",
+    "EpisodeSource",
+    "EpisodicLower",
+    "FewshotProblem",
+    "HypercleanProblem",
+    "T1g",
+    "ToyProblem",
+    "fewshot_problem",
+    "hyperclean_problem",
 ]

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from ..validation import check_memory
 
-__all__ = ["seeded_uniform", "check_model_memory", "COPIES"]
+__all__ = ["COPIES", "check_model_memory", "seeded_uniform"]
 
 #: float64 numbers drawn at a time by :func:`seeded_uniform` (8 MB).
 _CHUNK = 1 << 20
@@ -31,7 +32,7 @@ def seeded_uniform(shape: Sequence[int], bound: float, generator: torch.Generato
     rows, per_row = shape[0], max(1, math.prod(shape[1:]))
     step = max(1, _CHUNK // per_row)
     for start in range(0, rows, step):
-        block = torch.rand((min(step, rows - start),) + shape[1:], generator=generator, dtype=torch.float64)
+        block = torch.rand((min(step, rows - start), *shape[1:]), generator=generator, dtype=torch.float64)
         out[start : start + block.shape[0]] = ((block * 2 - 1) * bound).to(dtype)
     return out if device is None else out.to(device)
 

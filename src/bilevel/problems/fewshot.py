@@ -53,8 +53,9 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,18 +64,19 @@ from .. import tree as T
 from ..data.fewshot import EpisodeSampler
 from ..methods.base import Method, State
 from ..problem import Problem
+from ..tree import Tree
 from ..validation import check_choice, check_count, check_nonnegative
 from ._init import check_model_memory, seeded_uniform
 
 __all__ = [
     "BACKBONES",
-    "FewshotProblem",
-    "fewshot_problem",
-    "init_backbone",
-    "backbone_features",
-    "head_logits",
-    "EpisodicLower",
     "EpisodeSource",
+    "EpisodicLower",
+    "FewshotProblem",
+    "backbone_features",
+    "fewshot_problem",
+    "head_logits",
+    "init_backbone",
     "solve_heads",
 ]
 
@@ -105,11 +107,11 @@ def init_backbone(
         check_count("init_backbone", name, value)
     generator = torch.Generator().manual_seed(int(seed))
 
-    def he_uniform(shape, fan_in):
+    def he_uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
         # float64 draws (the same start for every dtype), converted block by block
         return seeded_uniform(shape, math.sqrt(6.0 / fan_in), generator, dtype, device)
 
-    def zeros(n):
+    def zeros(n: int) -> torch.Tensor:
         return torch.zeros(n, dtype=dtype, device=device)
 
     params: dict = {}
@@ -131,7 +133,15 @@ def init_backbone(
     return params
 
 
-def backbone_sizes(backbone: str, image_shape: Sequence[int], channels: int = 32, blocks: int = 4, norm: str = "none", hidden: int = 256, features: int = 64) -> tuple[int, int]:
+def backbone_sizes(
+    backbone: str,
+    image_shape: Sequence[int],
+    channels: int = 32,
+    blocks: int = 4,
+    norm: str = "none",
+    hidden: int = 256,
+    features: int = 64,
+) -> tuple[int, int]:
     """``(parameters, feature_dim)`` of a backbone, computed without building it."""
     if backbone == "conv":
         in_channels, height, width = (int(s) for s in image_shape)
@@ -218,7 +228,7 @@ class FewshotProblem(Problem):
         if num_tasks < 1:
             raise ValueError(f"num_tasks={num_tasks} must be >= 1")
         leaf = T.leaves(x)[0]
-        accuracies = []
+        accuracies: list[torch.Tensor] = []
         step = 0
         with torch.no_grad():
             while sum(len(a) for a in accuracies) < num_tasks:
@@ -297,14 +307,16 @@ def fewshot_problem(
     """The few-shot bilevel problem (equations in the module docstring).
 
     Args:
-        n_way, meta_batch: N and B; fix the shape of ``y``.
+        n_way: N, the classes per task; fixes the shape of ``y``.
+        meta_batch: B, the tasks per batch; fixes the shape of ``y``.
         image_shape: ``(C, H, W)`` of the images (28×28 for the 4-block ConvNet).
         backbone: ``"conv"`` (``channels``, ``blocks``, ``norm``, ``groups``) or ``"mlp"``
             (``hidden``, ``features``).
         reg: head ridge weight, > 0 (strongly convex lower level).
         feature_scale: radius of the normalised features (0: no normalisation).
         seed: seeds the backbone's initialisation.
-        dtype, device: of the parameters (batches are cast to them by :class:`EpisodeSource`).
+        dtype: dtype of the parameters (batches are cast to it by :class:`EpisodeSource`).
+        device: device of the parameters (batches are moved to it by :class:`EpisodeSource`).
 
     Returns:
         a :class:`FewshotProblem`; ``x_init`` = backbone parameters, ``y_init`` = zero heads.
@@ -323,12 +335,15 @@ def fewshot_problem(
     # refuse a backbone that cannot fit before allocating it
     parameters, feat_dim = backbone_sizes(backbone, image_shape, channels, blocks, norm, hidden, features)
     check_model_memory(
-        f"the {backbone} few-shot backbone" + (f" with hidden={hidden}, features={features}" if backbone == "mlp" else f" with channels={channels}, blocks={blocks}"),
+        f"the {backbone} few-shot backbone"
+        + (f" with hidden={hidden}, features={features}" if backbone == "mlp" else f" with channels={channels}, blocks={blocks}"),
         parameters + meta_batch * (feat_dim + 1) * n_way,
         0,
         dtype,
         device,
-        "reduce hidden/features (config: problem.hidden, problem.features)" if backbone == "mlp" else "reduce channels (config: problem.channels)",
+        "reduce hidden/features (config: problem.hidden, problem.features)"
+        if backbone == "mlp"
+        else "reduce channels (config: problem.channels)",
     )
     x_init = init_backbone(backbone, image_shape, channels, blocks, norm, hidden, features, seed, dtype, device)
     with torch.no_grad():
@@ -340,13 +355,17 @@ def fewshot_problem(
     }
     reg = float(reg)
 
-    def lower(x, y, batch):
-        feats = _scaled(backbone_features(backbone, x, batch["support_x"].flatten(0, 1), groups), feature_scale).view(meta_batch, -1, feat_dim)
+    def lower(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        feats = _scaled(backbone_features(backbone, x, batch["support_x"].flatten(0, 1), groups), feature_scale).view(
+            meta_batch, -1, feat_dim
+        )
         losses = _task_cross_entropy(head_logits(feats, y), batch["support_y"])
         return losses.sum() + 0.5 * reg * ((y["W"] * y["W"]).sum() + (y["b"] * y["b"]).sum())
 
-    def upper(x, y, batch):
-        feats = _scaled(backbone_features(backbone, x, batch["query_x"].flatten(0, 1), groups), feature_scale).view(meta_batch, -1, feat_dim)
+    def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        feats = _scaled(backbone_features(backbone, x, batch["query_x"].flatten(0, 1), groups), feature_scale).view(
+            meta_batch, -1, feat_dim
+        )
         return _task_cross_entropy(head_logits(feats, y), batch["query_y"]).mean()
 
     return FewshotProblem(
@@ -399,30 +418,34 @@ class EpisodicLower(Method):
         'GALET'
     """
 
-    inner: Optional[Method] = None
+    inner: Method | None = None
     uses_multiplier: ClassVar[bool] = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.inner, Method) or isinstance(self.inner, EpisodicLower):
             raise TypeError(f"EpisodicLower(inner=...) needs a bilevel method such as bilevel.AID(), got {type(self.inner).__name__}")
 
     @property
-    def name(self) -> str:  # type: ignore[override]
-        return self.inner.name
+    def _method(self) -> Method:
+        """``inner``, a method (``__post_init__`` refused anything else)."""
+        if not isinstance(self.inner, Method):  # pragma: no cover - refused by __post_init__
+            raise TypeError("EpisodicLower.inner is not a method")
+        return self.inner
 
     @property
-    def stationarity_doc(self) -> str:  # type: ignore[override]
-        return self.inner.stationarity_doc
+    def name(self) -> str:  # type: ignore[override]  # the inner method's name, not a class constant
+        return self._method.name
 
-    def _upper(self):
-        return self.inner._upper()
+    @property
+    def stationarity_doc(self) -> str:  # type: ignore[override]  # the inner method's, not a class constant
+        return self._method.stationarity_doc
 
-    def init(self, problem, x0=None, y0=None, batch=None, validate=True) -> State:
-        return self.inner.init(problem, x0, y0, batch, validate)
+    def init(self, problem: Problem, x0: Tree = None, y0: Tree = None, batch: Any = None, validate: bool = True) -> State:
+        return self._method.init(problem, x0, y0, batch, validate)
 
-    def step(self, problem, state: State, batch=None):
+    def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         restarted = state.replace(
             y=T.zeros_like(state.y),
             v=None if state.v is None else T.zeros_like(state.v),
         )
-        return self.inner.step(problem, restarted, batch)
+        return self._method.step(problem, restarted, batch)

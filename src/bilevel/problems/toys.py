@@ -22,14 +22,15 @@ T4     convex PL, ``½‖Ay − x‖²``, A wide               x_opt = A y_opt
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
 from ..problem import Problem
 
-__all__ = ["ToyProblem", "T1", "T1g", "T2", "T3", "T4", "T3_LOCAL_MINIMA"]
+__all__ = ["T1", "T2", "T3", "T3_LOCAL_MINIMA", "T4", "T1g", "ToyProblem"]
 
 T3_LOCAL_MINIMA = (0.3824, 1.2152, 2.8296)
 
@@ -48,8 +49,8 @@ class ToyProblem(Problem):
 
     x_star: Any = None
     y_star: Any = None
-    hypergradient: Optional[Callable] = None
-    value_function: Optional[Callable] = None
+    hypergradient: Callable | None = None
+    value_function: Callable | None = None
     smoothness: Any = None
 
 
@@ -57,19 +58,19 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
     return (t * t).sum()
 
 
-def T1(n: int = 100, dtype: torch.dtype = torch.float64, device=None) -> ToyProblem:
+def T1(n: int = 100, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> ToyProblem:
     """T1, the strongly convex toy of sl-BAMM's ``strongly_convex.py`` (``idt=True``).
 
     ``f = ½‖y‖² + ½‖x − 1‖²``, ``g = ½‖y‖² − xᵀy``; ``y*(x) = x``,
     ``Φ(x) = ½‖x‖² + ½‖x − 1‖²``, ``∇Φ(x) = 2x − 1``, x* = y* = 0.5·1, Φ* = n/4.
     Start: x = y = 2·1.
     """
-    kw = {"dtype": dtype, "device": device}
+    kw: dict[str, Any] = {"dtype": dtype, "device": device}
 
-    def upper(x, y, batch):
+    def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return 0.5 * _sq(y["y"]) + 0.5 * _sq(x["x"] - 1.0)
 
-    def lower(x, y, batch):
+    def lower(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return 0.5 * _sq(y["y"]) - (x["x"] * y["y"]).sum()
 
     half = torch.full((n,), 0.5, **kw)
@@ -87,7 +88,7 @@ def T1(n: int = 100, dtype: torch.dtype = torch.float64, device=None) -> ToyProb
     )
 
 
-def T1g(n: int = 20, seed: int = 0, dtype: torch.dtype = torch.float64, device=None) -> ToyProblem:
+def T1g(n: int = 20, seed: int = 0, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> ToyProblem:
     """T1g, the general strongly convex quadratic (``strongly_convex.py`` with ``idt=False``).
 
     ``f = ½ yᵀAy + ½ (x − x̂)ᵀD(x − x̂)``, ``g = ½ yᵀAy − xᵀBy`` with
@@ -111,15 +112,15 @@ def T1g(n: int = 20, seed: int = 0, dtype: torch.dtype = torch.float64, device=N
     L_phi = float(torch.linalg.eigvalsh(0.5 * (M + M.T) + D).max())
     A, D, B, x_hat, M = (t.to(dtype=dtype, device=device) for t in (A, D, B, x_hat, M))
 
-    def upper(x, y, batch):
+    def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         yv, dx = y["y"], x["x"] - x_hat
         return 0.5 * (yv @ (A @ yv)) + 0.5 * (dx @ (D @ dx))
 
-    def lower(x, y, batch):
+    def lower(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         yv = y["y"]
         return 0.5 * (yv @ (A @ yv)) - x["x"] @ (B @ yv)
 
-    kw = {"dtype": dtype, "device": device}
+    kw: dict[str, Any] = {"dtype": dtype, "device": device}
     return ToyProblem(
         upper=upper,
         lower=lower,
@@ -135,7 +136,7 @@ def T1g(n: int = 20, seed: int = 0, dtype: torch.dtype = torch.float64, device=N
     )
 
 
-def T2(n: int = 100, init: float = 0.01, dtype: torch.dtype = torch.float64, device=None) -> ToyProblem:
+def T2(n: int = 100, init: float = 0.01, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> ToyProblem:
     """T2, the merely convex toy of sl-BAMM's ``strategy3.py`` (from BDA).
 
     ``f = ½‖x − y2‖² + ½‖y1 − 1‖²``, ``g = ½‖y1‖² − xᵀy1``: the lower solution set
@@ -143,12 +144,12 @@ def T2(n: int = 100, init: float = 0.01, dtype: torch.dtype = torch.float64, dev
     Methods that only follow ``∇g`` never move ``y2`` and stop at ``x = (1 + y2₀)/2``
     (0.505 from the code's start 0.01·1).
     """
-    kw = {"dtype": dtype, "device": device}
+    kw: dict[str, Any] = {"dtype": dtype, "device": device}
 
-    def upper(x, y, batch):
+    def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return 0.5 * _sq(x["x"] - y["y2"]) + 0.5 * _sq(y["y1"] - 1.0)
 
-    def lower(x, y, batch):
+    def lower(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return 0.5 * _sq(y["y1"]) - (x["x"] * y["y1"]).sum()
 
     ones = torch.ones(n, **kw)
@@ -165,9 +166,7 @@ def T2(n: int = 100, init: float = 0.01, dtype: torch.dtype = torch.float64, dev
     )
 
 
-def T3(
-    copies: int = 1, seed: int = 0, dtype: torch.dtype = torch.float64, device=None
-) -> ToyProblem:
+def T3(copies: int = 1, seed: int = 0, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> ToyProblem:
     """T3, the nonconvex-PL toy of V-PBGD, with ``copies`` independent instances.
 
     ``g = (x+y)² + x sin²(x+y)``, ``f = cos(4y+2)/(1+e^{2−4x}) + ½ ln((4x−2)²+1)``, x ∈ [0, 3].
@@ -181,20 +180,20 @@ def T3(
     gen = torch.Generator().manual_seed(seed)
     x0 = torch.clamp(3.5 * torch.rand(copies, generator=gen, dtype=torch.float64), 0.0, 3.0)
     y0 = -5.0 + 13.5 * torch.rand(copies, generator=gen, dtype=torch.float64)
-    kw = {"dtype": dtype, "device": device}
+    kw: dict[str, Any] = {"dtype": dtype, "device": device}
 
-    def upper(x, y, batch):
+    def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         xv, yv = x["x"], y["y"]
         return (torch.cos(4 * yv + 2) / (1 + torch.exp(2 - 4 * xv)) + 0.5 * torch.log((4 * xv - 2) ** 2 + 1)).sum()
 
-    def lower(x, y, batch):
+    def lower(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         u = x["x"] + y["y"]
         return (u * u + x["x"] * torch.sin(u) ** 2).sum()
 
-    def value_function(x):
+    def value_function(x: dict[str, torch.Tensor]) -> torch.Tensor:
         return upper(x, {"y": -x["x"]}, None)
 
-    def hypergradient(x):
+    def hypergradient(x: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         xr = x["x"].detach().requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(value_function({"x": xr}), xr)
@@ -213,7 +212,7 @@ def T3(
     )
 
 
-def T4(m: int = 5, d: int = 20, seed: int = 0, dtype: torch.dtype = torch.float64, device=None) -> ToyProblem:
+def T4(m: int = 5, d: int = 20, seed: int = 0, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None) -> ToyProblem:
     """T4, a convex-PL lower level that is not strongly convex (built for GALET).
 
     ``g = ½‖Ay − x‖²`` with ``A ∈ R^{m×d}``, m < d, full row rank (so ``S(x)`` is an
@@ -230,13 +229,13 @@ def T4(m: int = 5, d: int = 20, seed: int = 0, dtype: torch.dtype = torch.float6
     y_opt = torch.linalg.solve(torch.eye(d, dtype=torch.float64) + A.T @ A, y_ref + A.T @ x_ref)
     x_opt = A @ y_opt
     L_g = float(torch.linalg.eigvalsh(A.T @ A).max())
-    kw = {"dtype": dtype, "device": device}
+    kw: dict[str, Any] = {"dtype": dtype, "device": device}
     A, y_ref, x_ref = (t.to(**kw) for t in (A, y_ref, x_ref))
 
-    def upper(x, y, batch):
+    def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return 0.5 * _sq(y["y"] - y_ref) + 0.5 * _sq(x["x"] - x_ref)
 
-    def lower(x, y, batch):
+    def lower(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return 0.5 * _sq(A @ y["y"] - x["x"])
 
     return ToyProblem(
