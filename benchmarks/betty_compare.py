@@ -33,22 +33,21 @@ import logging
 import time
 import warnings
 
-import common  # noqa: F401
+import betty
 import torch
 import torch.nn as nn
+from betty.configs import Config, EngineConfig
+from betty.engine import Engine
+from betty.hypergradient import cg as betty_cg
+from betty.hypergradient import neumann as betty_neumann
+from betty.logging.logger_base import get_logger
+from betty.problems import ImplicitProblem
 
 import bilevel as bl
+import common  # noqa: F401
 from bilevel import tree as T
 from bilevel.linsolve import CG, LinearSolver, LinearSolveResult, Neumann
 from common import environment, hyperclean_problem, timeit
-
-import betty  # noqa: E402  (only in the Betty venv)
-from betty.configs import Config, EngineConfig
-from betty.engine import Engine
-from betty.logging.logger_base import get_logger
-from betty.hypergradient import cg as betty_cg
-from betty.hypergradient import neumann as betty_neumann
-from betty.problems import ImplicitProblem
 
 
 class BettyCG(LinearSolver):
@@ -102,12 +101,25 @@ def betty_side(problem, kind, T_, K, beta, alpha):
         cfg.update(neumann_iterations=K, neumann_alpha=beta)
     else:
         cfg.update(cg_iterations=K, cg_alpha=1.0)
-    inner = Inner(name="inner", module=inner_mod, optimizer=torch.optim.SGD(inner_mod.parameters(), lr=beta),
-                  train_data_loader=loader, config=Config(**cfg))
-    outer = Outer(name="outer", module=outer_mod, optimizer=torch.optim.SGD(outer_mod.parameters(), lr=alpha),
-                  train_data_loader=loader, config=Config(type="darts", log_step=-1))
-    engine = Engine(problems=[outer, inner], dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
-                    config=EngineConfig(train_iters=10 ** 9, valid_step=10 ** 9, logger_type="none"))
+    inner = Inner(
+        name="inner",
+        module=inner_mod,
+        optimizer=torch.optim.SGD(inner_mod.parameters(), lr=beta),
+        train_data_loader=loader,
+        config=Config(**cfg),
+    )
+    outer = Outer(
+        name="outer",
+        module=outer_mod,
+        optimizer=torch.optim.SGD(outer_mod.parameters(), lr=alpha),
+        train_data_loader=loader,
+        config=Config(type="darts", log_step=-1),
+    )
+    engine = Engine(
+        problems=[outer, inner],
+        dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
+        config=EngineConfig(train_iters=10**9, valid_step=10**9, logger_type="none"),
+    )
     engine.train()
 
     def upper_iteration():
@@ -153,11 +165,15 @@ def main(argv=None):
     print(f"hyper-cleaning linear, n={args.n_train}, d=784, T={T_}, K={K}, β={beta}, α={alpha}, {args.dtype}")
     problem = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=dtype)
     ref64 = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=torch.float64)
-    print(f"{'Betty → ours':<26} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'Betty ms':>9} {'ours ms':>9} "
-          f"{'Betty/ours':>10} | {'alone: |Δd|/|d|':>16} {'err Betty':>9} {'err ours':>9} {'Betty ms':>9} {'ours ms':>9} {'ratio':>6}")
-    rows = [("neumann", "Neumann → AID-Neumann", Neumann(steps=K, lr=beta)),
-            ("cg", "CG → AID-CG", CG(steps=K)),
-            ("cg", "CG → AID-BettyCG", BettyCG(K))]
+    print(
+        f"{'Betty → ours':<26} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'Betty ms':>9} {'ours ms':>9} "
+        f"{'Betty/ours':>10} | {'alone: |Δd|/|d|':>16} {'err Betty':>9} {'err ours':>9} {'Betty ms':>9} {'ours ms':>9} {'ratio':>6}"
+    )
+    rows = [
+        ("neumann", "Neumann → AID-Neumann", Neumann(steps=K, lr=beta)),
+        ("cg", "CG → AID-CG", CG(steps=K)),
+        ("cg", "CG → AID-BettyCG", BettyCG(K)),
+    ]
     for kind, label, solver in rows:
         method = bl.AID(lr_upper=alpha, lr_lower=beta, lower_steps=T_, solver=solver)
         state = method.init(problem)
@@ -173,8 +189,9 @@ def main(argv=None):
             to.append(time.perf_counter() - start)
             if k < args.check_iters:
                 dx = max(dx, float((state.x["logit"] - outer_mod.logit.detach()).abs().max()))
-                dy = max(dy, float((state.y["W"] - inner_mod.W.detach()).abs().max()),
-                         float((state.y["b"] - inner_mod.b.detach()).abs().max()))
+                dy = max(
+                    dy, float((state.y["W"] - inner_mod.W.detach()).abs().max()), float((state.y["b"] - inner_mod.b.detach()).abs().max())
+                )
         moved = float(state.x["logit"].abs().max())
         t_b, t_o = min(tb[2:]), min(to[2:])
 
@@ -192,15 +209,20 @@ def main(argv=None):
         y64 = {k_: v.double() for k_, v in ys.items()}
         d_ref = ours_alone(ref64, CG(steps=500), x64, y64)
         d_b, d_o = betty_alone().detach(), ours_alone()
-        rel = lambda a, b_: float((a.double() - b_.double()).norm() / b_.double().norm())  # noqa: E731
+        rel = lambda a, b_: float((a.double() - b_.double()).norm() / b_.double().norm())
         ti_b = timeit(betty_alone, args.repeats)
         ti_o = timeit(ours_alone, args.repeats)
-        print(f"{label:<26} {dx:9.2e} {dy:9.2e} {moved:9.2e} {t_b * 1e3:9.2f} {t_o * 1e3:9.2f} {t_b / t_o:10.2f} | "
-              f"{rel(d_b, d_o):16.2e} {rel(d_b, d_ref):9.2e} {rel(d_o, d_ref):9.2e} {ti_b * 1e3:9.2f} {ti_o * 1e3:9.2f} "
-              f"{ti_b / ti_o:6.2f}", flush=True)
-    print("(left: iterates over the first --check-iters upper iterations and min time per upper iteration, T lower "
-          "steps included; right: one hypergradient at Betty's final (x, y): relative difference Betty vs ours, "
-          "relative error of each against a 500-step float64 CG reference, min time)")
+        print(
+            f"{label:<26} {dx:9.2e} {dy:9.2e} {moved:9.2e} {t_b * 1e3:9.2f} {t_o * 1e3:9.2f} {t_b / t_o:10.2f} | "
+            f"{rel(d_b, d_o):16.2e} {rel(d_b, d_ref):9.2e} {rel(d_o, d_ref):9.2e} {ti_b * 1e3:9.2f} {ti_o * 1e3:9.2f} "
+            f"{ti_b / ti_o:6.2f}",
+            flush=True,
+        )
+    print(
+        "(left: iterates over the first --check-iters upper iterations and min time per upper iteration, T lower "
+        "steps included; right: one hypergradient at Betty's final (x, y): relative difference Betty vs ours, "
+        "relative error of each against a 500-step float64 CG reference, min time)"
+    )
 
 
 if __name__ == "__main__":

@@ -25,22 +25,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 
-import common  # noqa: F401
+import boat_torch as boat
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import bilevel as bl
+import common  # noqa: F401
 from bilevel import tree as T
 from bilevel.linsolve import CG, LinearSolver, LinearSolveResult, Neumann
 from bilevel.schedules import Polynomial
 from common import environment, sync
-
-import boat_torch as boat  # noqa: E402  (only in the BOAT venv)
 
 
 # ----------------------------------------------------------------------- BOAT-side losses
@@ -73,20 +71,31 @@ def boat_config(gm, na, ll_model, ul_model, ll_lr, ul_lr, T, K, dm=None, log_pat
     ll_opt = torch.optim.SGD(ll_model.parameters(), lr=ll_lr)
     ul_opt = torch.optim.SGD(ul_model.parameters(), lr=ul_lr)
     return {
-        "fo_op": None, "gm_op": gm, "na_op": na,
-        "lower_level_model": ll_model, "upper_level_model": ul_model,
-        "lower_level_var": list(ll_model.parameters()), "upper_level_var": list(ul_model.parameters()),
-        "lower_level_opt": ll_opt, "upper_level_opt": ul_opt,
-        "lower_iters": T, "device": "cpu", "loss_log_path": log_path,
-        "GDA": {"alpha_init": 0.0, "alpha_decay": 1.0}, "RGT": {"truncate_iter": 0},
-        "CG": {"k": K, "tolerance": 1e-30}, "DM": dm or {"auxiliary_v_lr": 0.0, "tau": 0.0, "p": 1.0, "mu0": 0.0, "eta0": 0.0, "strategy": "s1"},
-        "accumulate_grad": False, "return_grad": False, "copy_last_param": True, "fo_ol_batch_input": False,
+        "fo_op": None,
+        "gm_op": gm,
+        "na_op": na,
+        "lower_level_model": ll_model,
+        "upper_level_model": ul_model,
+        "lower_level_var": list(ll_model.parameters()),
+        "upper_level_var": list(ul_model.parameters()),
+        "lower_level_opt": ll_opt,
+        "upper_level_opt": ul_opt,
+        "lower_iters": T,
+        "device": "cpu",
+        "loss_log_path": log_path,
+        "GDA": {"alpha_init": 0.0, "alpha_decay": 1.0},
+        "RGT": {"truncate_iter": 0},
+        "CG": {"k": K, "tolerance": 1e-30},
+        "DM": dm or {"auxiliary_v_lr": 0.0, "tau": 0.0, "p": 1.0, "mu0": 0.0, "eta0": 0.0, "strategy": "s1"},
+        "accumulate_grad": False,
+        "return_grad": False,
+        "copy_last_param": True,
+        "fo_ol_batch_input": False,
     }
 
 
 def boat_problem(cfg):
-    loss_cfg = {"lower_level_loss": {"function": f"{__name__}.boat_lower"},
-                "upper_level_loss": {"function": f"{__name__}.boat_upper"}}
+    loss_cfg = {"lower_level_loss": {"function": f"{__name__}.boat_lower"}, "upper_level_loss": {"function": f"{__name__}.boat_upper"}}
     problem = boat.Problem(cfg, loss_cfg)
     problem.build_ll_solver()
     problem.build_ul_solver()
@@ -119,6 +128,7 @@ def our_problem(model, Xtr, ytr, Xva, yva, ll_model):
 
     def net(y, X):
         from torch.func import functional_call
+
         return functional_call(ll_model, {n: y[n] for n in names}, (X,))
 
     def lower(x, y, batch):
@@ -137,18 +147,25 @@ def pairs(args):
     dm = {"auxiliary_v_lr": 1.0, "tau": args.tau, "p": 1.0, "mu0": 0.0, "eta0": args.eta0, "strategy": "s1"}
     # BOAT DM+RAD (s1): x_lr = ul_lr (k+1)^-τ β ; η = η0 (k+1)^-τ/2 β
     return {
-        "RAD/ITD": (["NGD"], ["RAD"], T, None,
-                    bl.ITD(lr_upper=ulr, lr_lower=lr, lower_steps=T, warm_start=True)),
-        "CG/AID-CG": (["NGD"], ["CG"], T, None,
-                      bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=CG(steps=K))),
-        "CG/AID-plainCG": (["NGD"], ["CG"], T, None,
-                           bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=PlainCG(K))),
-        "NS/AID-Neumann": (["NGD"], ["NS"], T, None,
-                           bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=Neumann(steps=K, lr=lr))),
-        "DM/sl-BAMM": (["DM"], ["RAD"], 1, dm,
-                       bl.SlBAMM(mu=0.0, lr_lower=lr, order="jacobi", dual_step="fixed",
-                                 lr_dual=Polynomial(args.eta0 * lr, args.tau / 2),
-                                 lr_upper=Polynomial(ulr * lr, args.tau), stability_check="off")),
+        "RAD/ITD": (["NGD"], ["RAD"], T, None, bl.ITD(lr_upper=ulr, lr_lower=lr, lower_steps=T, warm_start=True)),
+        "CG/AID-CG": (["NGD"], ["CG"], T, None, bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=CG(steps=K))),
+        "CG/AID-plainCG": (["NGD"], ["CG"], T, None, bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=PlainCG(K))),
+        "NS/AID-Neumann": (["NGD"], ["NS"], T, None, bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=Neumann(steps=K, lr=lr))),
+        "DM/sl-BAMM": (
+            ["DM"],
+            ["RAD"],
+            1,
+            dm,
+            bl.SlBAMM(
+                mu=0.0,
+                lr_lower=lr,
+                order="jacobi",
+                dual_step="fixed",
+                lr_dual=Polynomial(args.eta0 * lr, args.tau / 2),
+                lr_upper=Polynomial(ulr * lr, args.tau),
+                stability_check="off",
+            ),
+        ),
     }
 
 
@@ -177,23 +194,25 @@ def main(argv=None):
     print(environment("cpu"), "| boat-torch", getattr(boat, "__version__", "1.1.1"))
     gen = torch.Generator().manual_seed(0)
     n, d, c = args.n_train, args.features, 10
-    Xtr = torch.randn(n, d, generator=gen) / d ** 0.5
-    Xva = torch.randn(n, d, generator=gen) / d ** 0.5
+    Xtr = torch.randn(n, d, generator=gen) / d**0.5
+    Xva = torch.randn(n, d, generator=gen) / d**0.5
     ytr = torch.randint(0, c, (n,), generator=gen)
     yva = torch.randint(0, c, (n,), generator=gen)
     ll_feed, ul_feed = {"data": Xtr, "target": ytr}, {"data": Xva, "target": yva}
     log_path = os.path.join(tempfile.mkdtemp(), "boat_losses.json")
-    print(f"hyper-cleaning {args.model}, n={n}, d={d}, T={args.lower_steps}, K={args.solver_steps}, "
-          f"β={args.lr_lower}, α={args.lr_upper}, {args.dtype}")
+    print(
+        f"hyper-cleaning {args.model}, n={n}, d={d}, T={args.lower_steps}, K={args.solver_steps}, "
+        f"β={args.lr_lower}, α={args.lr_upper}, {args.dtype}"
+    )
     print(f"{'pair':<16} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'BOAT ms':>9} {'ours ms':>9} {'BOAT/ours':>9}")
-    for name, (gm, na, T, dm, method) in pairs(args).items():
+    for name, (gm, na, steps, dm, method) in pairs(args).items():
         if args.pairs and name not in args.pairs:
             continue
         ll_model = make_ll_model(args.model, d, c, args.hidden, seed=1)
         ul_model = Weights(n)
         problem = our_problem(args.model, Xtr, ytr, Xva, yva, ll_model)
         state = method.init(problem)
-        cfg = boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, T, args.solver_steps, dm, log_path)
+        cfg = boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, steps, args.solver_steps, dm, log_path)
         bp = boat_problem(cfg)
         boat_times, our_times = [], []
         dx = dy = 0.0

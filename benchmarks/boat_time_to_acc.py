@@ -23,7 +23,8 @@ frac × min(best accuracy of BOAT, best accuracy of ours) over the run, for each
 target is the cumulative step time at the first iteration whose test accuracy is >= target.
 Reported: median and minimum over ``--repeats`` of that time per side, and the ratio of medians
 (BOAT/ours > 1: ours reaches it sooner), the median step time of each side, and the largest
-difference of the two test-accuracy curves at equal iteration (same iterates: ~0). ``--json PATH`` saves the curves, ``--png PATH`` plots them,
+difference of the two test-accuracy curves at equal iteration (same iterates: ~0). ``--json PATH`` saves the curves,
+``--png PATH`` plots them,
 ``--from-json PATH`` re-summarises saved curves without running (e.g. with other ``--target-frac``).
 """
 
@@ -36,23 +37,21 @@ import statistics
 import tempfile
 import time
 
-import common  # noqa: F401  (puts src/ on sys.path)
 import torch
 
 import bilevel as bl
+import boat_compare as bc
+import common  # noqa: F401  (puts src/ on sys.path)
 from common import environment
 
-import boat_compare as bc  # noqa: E402  (imports boat_torch: BOAT venv only)
-
-NAMES = {"DM/sl-BAMM": "sl-BAMM ↔ DM", "RAD/ITD": "RHG (ITD) ↔ RAD", "CG/AID-CG": "AID-CG ↔ CG",
-         "NS/AID-Neumann": "AID-Neumann ↔ NS"}
+NAMES = {"DM/sl-BAMM": "sl-BAMM ↔ DM", "RAD/ITD": "RHG (ITD) ↔ RAD", "CG/AID-CG": "AID-CG ↔ CG", "NS/AID-Neumann": "AID-Neumann ↔ NS"}
 
 
 def load(args):
     if args.dataset == "random":
         gen = torch.Generator().manual_seed(0)
         n, d = args.n_train, 784
-        X = [torch.randn(n, d, generator=gen) / d ** 0.5 for _ in range(3)]
+        X = [torch.randn(n, d, generator=gen) / d**0.5 for _ in range(3)]
         Y = [torch.randint(0, 10, (n,), generator=gen) for _ in range(3)]
         return X[0], Y[0], X[1], Y[1], X[2], Y[2]
     data = bl.data.make_hyperclean_data(args.dataset, noise_rate=args.noise, seed=args.seed)
@@ -76,8 +75,10 @@ def run_pair(name, spec, args, D):
     cfg = bc.boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, T, args.solver_steps, dm, log_path)
     bp = bc.boat_problem(cfg)
     ll_feed, ul_feed = {"data": Xtr, "target": ytr}, {"data": Xva, "target": yva}
-    curves = {"boat": [(0.0, accuracy(ll_model.weight, ll_model.bias, Xte, yte))],
-              "ours": [(0.0, accuracy(state.y["weight"], state.y["bias"], Xte, yte))]}
+    curves = {
+        "boat": [(0.0, accuracy(ll_model.weight, ll_model.bias, Xte, yte))],
+        "ours": [(0.0, accuracy(state.y["weight"], state.y["bias"], Xte, yte))],
+    }
     tb = to = 0.0
     for k in range(args.iters):
         start = time.perf_counter()
@@ -124,12 +125,16 @@ def main(argv=None):
     torch.set_default_dtype(torch.float32)
     print(environment("cpu"), "| boat-torch 1.1.1 | load", os.getloadavg())
     D = load(args)
-    print(f"hyper-cleaning linear, {args.dataset} (noise {args.noise}), n_train={D[0].shape[0]}, "
-          f"n_val={D[2].shape[0]}, n_test={D[4].shape[0]}; T={args.lower_steps}, K={args.solver_steps}, "
-          f"β={args.lr_lower}, α={args.lr_upper}; {args.iters} iterations × {args.repeats} repeats; "
-          f"target = frac × min(best BOAT, best ours)")
-    header = (f"{'pair':<15} {'frac':>5} {'best BOAT':>9} {'best ours':>9} {'target':>7} {'it B':>5} {'it O':>5} "
-              f"{'BOAT s (med/min)':>17} {'ours s (med/min)':>17} {'BOAT/ours':>9} {'ms/it B':>8} {'ms/it O':>8} {'max|Δacc|':>8}")
+    print(
+        f"hyper-cleaning linear, {args.dataset} (noise {args.noise}), n_train={D[0].shape[0]}, "
+        f"n_val={D[2].shape[0]}, n_test={D[4].shape[0]}; T={args.lower_steps}, K={args.solver_steps}, "
+        f"β={args.lr_lower}, α={args.lr_upper}; {args.iters} iterations × {args.repeats} repeats; "
+        f"target = frac × min(best BOAT, best ours)"
+    )
+    header = (
+        f"{'pair':<15} {'frac':>5} {'best BOAT':>9} {'best ours':>9} {'target':>7} {'it B':>5} {'it O':>5} "
+        f"{'BOAT s (med/min)':>17} {'ours s (med/min)':>17} {'BOAT/ours':>9} {'ms/it B':>8} {'ms/it O':>8} {'max|Δacc|':>8}"
+    )
     print(header)
     specs = bc.pairs(args)
     if args.from_json:
@@ -142,11 +147,9 @@ def main(argv=None):
         runs = runs_by_pair.get(name) or [run_pair(name, specs[name], args, D) for _ in range(args.repeats)]
         best_b = max(a for r in runs for _, a in r["boat"])
         best_o = max(a for r in runs for _, a in r["ours"])
-        itb = statistics.median(
-            statistics.median(r["boat"][i][0] - r["boat"][i - 1][0] for i in range(1, len(r["boat"]))) for r in runs)
-        ito = statistics.median(
-            statistics.median(r["ours"][i][0] - r["ours"][i - 1][0] for i in range(1, len(r["ours"]))) for r in runs)
-        dacc = max(abs(a[1] - b[1]) for r in runs for a, b in zip(r["boat"], r["ours"]))
+        itb = statistics.median(statistics.median(r["boat"][i][0] - r["boat"][i - 1][0] for i in range(1, len(r["boat"]))) for r in runs)
+        ito = statistics.median(statistics.median(r["ours"][i][0] - r["ours"][i - 1][0] for i in range(1, len(r["ours"]))) for r in runs)
+        dacc = max(abs(a[1] - b[1]) for r in runs for a, b in zip(r["boat"], r["ours"], strict=True))
         out[name] = {"max_abs_acc_diff": dacc, "best_boat": best_b, "best_ours": best_o, "curves": runs, "targets": {}}
         for frac in args.target_frac:
             target = frac * min(best_b, best_o)
@@ -154,12 +157,18 @@ def main(argv=None):
             to = [time_to(r["ours"], target) for r in runs]
             mb, mo = statistics.median(t for t, _ in tb), statistics.median(t for t, _ in to)
             nb, no = min(t for t, _ in tb), min(t for t, _ in to)
-            print(f"{name:<15} {frac:5.2f} {best_b:9.4f} {best_o:9.4f} {target:7.4f} {tb[0][1]:5d} {to[0][1]:5d} "
-                  f"{mb:8.2f}/{nb:8.2f} {mo:8.2f}/{no:8.2f} {mb / mo:9.2f} {itb * 1e3:8.1f} {ito * 1e3:8.1f} {dacc:8.1e}",
-                  flush=True)
+            print(
+                f"{name:<15} {frac:5.2f} {best_b:9.4f} {best_o:9.4f} {target:7.4f} {tb[0][1]:5d} {to[0][1]:5d} "
+                f"{mb:8.2f}/{nb:8.2f} {mo:8.2f}/{no:8.2f} {mb / mo:9.2f} {itb * 1e3:8.1f} {ito * 1e3:8.1f} {dacc:8.1e}",
+                flush=True,
+            )
             out[name]["targets"][frac] = {
-                "target": target, "time_to_target_boat": [t for t, _ in tb], "time_to_target_ours": [t for t, _ in to],
-                "iter_to_target_boat": [i for _, i in tb], "iter_to_target_ours": [i for _, i in to]}
+                "target": target,
+                "time_to_target_boat": [t for t, _ in tb],
+                "time_to_target_ours": [t for t, _ in to],
+                "iter_to_target_boat": [i for _, i in tb],
+                "iter_to_target_ours": [i for _, i in to],
+            }
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": out}, f)
@@ -169,16 +178,18 @@ def main(argv=None):
 
 def plot(out, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, len(out), figsize=(3.2 * len(out), 2.8), squeeze=False)
-    for ax, (name, r) in zip(axes[0], out.items()):
+    for ax, (name, r) in zip(axes[0], out.items(), strict=False):
         for side, color in (("boat", "tab:orange"), ("ours", "tab:blue")):
             # the repeat with the median time to target
             first = next(iter(r["targets"].values()))
             times = first[f"time_to_target_{side}"]
             idx = sorted(range(len(times)), key=lambda i: times[i])[len(times) // 2]
-            t, a = zip(*r["curves"][idx][side])
+            t, a = zip(*r["curves"][idx][side], strict=True)
             ax.plot(t, a, color=color, label="BOAT" if side == "boat" else "ours", lw=1.2)
         for tg in r["targets"].values():
             ax.axhline(tg["target"], color="gray", ls="--", lw=0.8)

@@ -14,8 +14,6 @@ import argparse
 import time
 
 import common  # noqa: F401
-import torch
-
 from bilevel.compile import compiled
 from bilevel.oracles import Oracles
 from common import add_common_args, apply_common_args, environment, hyperclean_problem, methods, sync, timeit
@@ -53,8 +51,11 @@ def main(argv=None):
         t_rev = timeit(lambda: method.step(problem, se), args.repeats, device=args.device)
         t_fwd = timeit(lambda: fwd.step(problem, se), args.repeats, device=args.device)
         t_cmp = timeit(lambda: comp.step(problem, se), args.repeats, device=args.device)
-        print(f"{name:<12} {t_compile:9.1f} {t_rev * 1e3:10.2f} {t_fwd * 1e3:10.2f} {t_cmp * 1e3:11.2f} "
-              f"{t_rev / t_cmp:8.2f} {maxdiff(se.x, sc.x):9.2e}", flush=True)
+        print(
+            f"{name:<12} {t_compile:9.1f} {t_rev * 1e3:10.2f} {t_fwd * 1e3:10.2f} {t_cmp * 1e3:11.2f} "
+            f"{t_rev / t_cmp:8.2f} {maxdiff(se.x, sc.x):9.2e}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -26,10 +26,9 @@ def child(spec):
     sys.path.insert(0, HERE)
     import resource
 
-    import common
     import torch
 
-    import bilevel as bl
+    import common
 
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
@@ -53,7 +52,7 @@ def child(spec):
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         first = (base - start) * 1024
     for _ in range(spec["iters"]):
-        state, info = method.step(problem, state)
+        state, _info = method.step(problem, state)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
@@ -63,8 +62,12 @@ def child(spec):
 
 
 def run(spec):
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(HERE), "src")})
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(HERE), "src")},
+    )
     if out.returncode:
         raise RuntimeError(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -84,24 +87,37 @@ def main():
     if args.child:
         return child(json.loads(args.child))
     sys.path.insert(0, HERE)
-    import common
     import torch
+
+    import common
 
     torch.set_num_threads(args.threads)  # as in the children (the environment line says so)
     print(common.environment(args.device))
     what = "max RSS growth" if args.device == "cpu" else "max allocated - allocated at start"
     print(f"peak memory growth after the first step ({what}), hyperclean-{args.model}, n={args.n_train}")
     base = {"model": args.model, "n": args.n_train, "device": args.device, "threads": args.threads, "T": 10}
-    print("growth = peak after the first step − peak after it (must not grow with iterations);"
-          " first = peak of the first step − before it (ITD: its unrolled graph)")
+    print(
+        "growth = peak after the first step − peak after it (must not grow with iterations);"
+        " first = peak of the first step − before it (ITD: its unrolled graph)"
+    )
     for name in [m for m in ["GALET", "SlBAMM", "BAGDC"] if m in args.methods]:
         figures = [run({**base, "method": name, "iters": k}) for k in args.iters]
-        print(f"{name:<8} " + "  ".join(f"{k} iters: growth {f['peak_growth_mb']:7.1f} MB" for k, f in zip(args.iters, figures))
-              + f"   (first {figures[0]['first_step_mb']:.1f} MB)", flush=True)
+        print(
+            f"{name:<8} "
+            + "  ".join(f"{k} iters: growth {f['peak_growth_mb']:7.1f} MB" for k, f in zip(args.iters, figures, strict=True))
+            + f"   (first {figures[0]['first_step_mb']:.1f} MB)",
+            flush=True,
+        )
     if "ITD" in args.methods:
         figures = [run({**base, "method": "ITD", "iters": 2, "T": T}) for T in args.unroll]
-        print("ITD      " + "  ".join(f"T={T}: first {f['first_step_mb']:7.1f} MB, growth {f['peak_growth_mb']:5.1f} MB"
-                                      for T, f in zip(args.unroll, figures)), flush=True)
+        print(
+            "ITD      "
+            + "  ".join(
+                f"T={T}: first {f['first_step_mb']:7.1f} MB, growth {f['peak_growth_mb']:5.1f} MB"
+                for T, f in zip(args.unroll, figures, strict=True)
+            ),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

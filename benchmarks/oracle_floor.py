@@ -21,10 +21,8 @@ import argparse
 import json
 from dataclasses import dataclass, field
 
-import common  # noqa: F401  (sets sys.path)
-import torch
-
 import bilevel as bl
+import common  # noqa: F401  (sets sys.path)
 from bilevel.oracles import Linearization, Oracles
 from common import add_common_args, apply_common_args, environment, hyperclean_problem, logistic_problem, methods, timeit
 
@@ -127,8 +125,9 @@ def main(argv=None):
     dtype = apply_common_args(args)
     print(environment(args.device))
     if args.problem == "hyperclean":
-        problems = [(m, hyperclean_problem(m, n_train=args.n_train, n_val=args.n_train, device=args.device, dtype=dtype))
-                    for m in args.models]
+        problems = [
+            (m, hyperclean_problem(m, n_train=args.n_train, n_val=args.n_train, device=args.device, dtype=dtype)) for m in args.models
+        ]
     else:
         problems = [(f"d={d}", logistic_problem(d, device=args.device, dtype=dtype)) for d in args.dims]
     rows = []
@@ -138,8 +137,16 @@ def main(argv=None):
             if args.methods and name not in args.methods:
                 continue
             step_t, floor, counts = bench(problem, name, method, args.repeats, args.device, args.verbose)
-            rows.append({"problem": f"{args.problem}-{label}", "method": name, "step_ms": step_t * 1e3,
-                         "floor_ms": floor * 1e3, "ratio": step_t / floor, "counts": counts})
+            rows.append(
+                {
+                    "problem": f"{args.problem}-{label}",
+                    "method": name,
+                    "step_ms": step_t * 1e3,
+                    "floor_ms": floor * 1e3,
+                    "ratio": step_t / floor,
+                    "counts": counts,
+                }
+            )
             cstr = " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "(autograd unroll)"
             print(f"{label:<12} {name:<12} {step_t * 1e3:9.2f} {floor * 1e3:9.2f} {step_t / floor:6.3f}  {cstr}", flush=True)
     if args.json:

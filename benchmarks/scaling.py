@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 
-import common  # noqa: F401
 import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vmap
 
 import bilevel as bl
+import common  # noqa: F401
 from common import add_common_args, apply_common_args, environment, hyperclean_problem, timeit
 
 
@@ -33,8 +33,10 @@ def size_sweep(args, dtype):
         problem = hyperclean_problem("mlp", n_train=args.n_train, n_val=args.n_train, hidden=h, device=args.device, dtype=dtype)
         n_params = sum(t.numel() for t in problem.y_init.values())
         row = []
-        for method in (bl.BAGDC(lr_upper=0.01, lr_lower=0.1, lr_dual=0.1, stability_check="off"),
-                       bl.AID(lr_upper=0.1, lr_lower=0.1, lower_steps=10, solver=bl.CG(steps=10))):
+        for method in (
+            bl.BAGDC(lr_upper=0.01, lr_lower=0.1, lr_dual=0.1, stability_check="off"),
+            bl.AID(lr_upper=0.1, lr_lower=0.1, lower_steps=10, solver=bl.CG(steps=10)),
+        ):
             state = method.init(problem)
             row.append(timeit(lambda: method.step(problem, state), args.repeats, warmup=1, device=args.device))
         print(f"{h:7d} {n_params:10d} {row[0] * 1e3:10.2f} {row[1] * 1e3:10.2f}", flush=True)
@@ -45,7 +47,7 @@ def task_sweep(args, dtype):
     dev = args.device
 
     def lower(W, phi, labels):  # per-task ridge-regularised CE of a linear head on shared features
-        return F.cross_entropy(phi @ W, labels) + 0.5 * lam * (W ** 2).sum()
+        return F.cross_entropy(phi @ W, labels) + 0.5 * lam * (W**2).sum()
 
     def upper(W, phi, labels):
         return F.cross_entropy(phi @ W, labels)
@@ -73,12 +75,12 @@ def task_sweep(args, dtype):
         """Hand-batched: softmax-CE head Hessian applied with bmm, autograd only for P."""
         Pr = P.detach().requires_grad_(True)
         with torch.enable_grad():
-            phi_s, phi_q = torch.tanh(Xs @ Pr), torch.tanh(Xq @ Pr)          # (B, n, f), graph to P
+            phi_s, phi_q = torch.tanh(Xs @ Pr), torch.tanh(Xq @ Pr)  # (B, n, f), graph to P
         Yq = F.one_hot(yq, ways).to(dtype)
         Ys = F.one_hot(ys, ways).to(dtype)
         phq, phs = phi_q.detach(), phi_s.detach()
         pq = torch.softmax(phq @ W, -1)
-        gW = phq.transpose(1, 2) @ (pq - Yq) / pq.shape[1]                  # ∇_W f, per task
+        gW = phq.transpose(1, 2) @ (pq - Yq) / pq.shape[1]  # ∇_W f, per task
         ps = torch.softmax(phs @ W, -1)
 
         def hvp(V):  # ∇²_W g V for CE: Φᵀ (diag(p) − ppᵀ) Φ V / n + λ V, batched
@@ -102,13 +104,13 @@ def task_sweep(args, dtype):
             # mixed product ∂_P ⟨∇_W g(P), v⟩ = ∂_P ⟨Φ_sᵀ (p − Y)/n, v⟩ with p depending on Φ_s
             ps_g = torch.softmax(phi_s @ W, -1)
             inner = ((phi_s.transpose(1, 2) @ (ps_g - Ys) / ps.shape[1]) * v).sum()
-            return torch.autograd.grad(f - inner, Pr)[0]             # one backward for both terms
+            return torch.autograd.grad(f - inner, Pr)[0]  # one backward for both terms
 
     print(f"{'tasks':>6} {'loop ms':>9} {'vmap ms':>9} {'bmm ms':>9} {'loop/vmap':>9} {'loop/bmm':>9}  max|vmap-loop| max|bmm-loop|")
     gen = torch.Generator().manual_seed(0)
     for B in args.tasks:
         d = 784 if args.full else 128
-        P = (torch.randn(d, feats, generator=gen) / d ** 0.5).to(dev, dtype)
+        P = (torch.randn(d, feats, generator=gen) / d**0.5).to(dev, dtype)
         W = (0.1 * torch.randn(B, feats, ways, generator=gen)).to(dev, dtype)
         Xs = torch.randn(B, ways * shots, d, generator=gen).to(dev, dtype)
         Xq = torch.randn(B, ways * 15, d, generator=gen).to(dev, dtype)
@@ -119,8 +121,11 @@ def task_sweep(args, dtype):
         bm = lambda: bmm_version(P, W, Xs, ys, Xq, yq)
         ref, out_v, out_b = loop(), vm(), bm()
         tl, tv, tb = (timeit(f, args.repeats, device=dev) for f in (loop, vm, bm))
-        print(f"{B:6d} {tl * 1e3:9.2f} {tv * 1e3:9.2f} {tb * 1e3:9.2f} {tl / tv:9.2f} {tl / tb:9.2f}  "
-              f"{float((out_v - ref).abs().max()):.1e}        {float((out_b - ref).abs().max()):.1e}", flush=True)
+        print(
+            f"{B:6d} {tl * 1e3:9.2f} {tv * 1e3:9.2f} {tb * 1e3:9.2f} {tl / tv:9.2f} {tl / tb:9.2f}  "
+            f"{float((out_v - ref).abs().max()):.1e}        {float((out_b - ref).abs().max()):.1e}",
+            flush=True,
+        )
 
 
 def main(argv=None):

@@ -32,11 +32,11 @@ import argparse
 import time
 import warnings
 
-import common  # noqa: F401
 import torch
 from torch.func import grad
 
 import bilevel as bl
+import common  # noqa: F401
 from bilevel import tree as btree
 from bilevel.linsolve import CG
 from common import environment, hyperclean_problem, timeit
@@ -44,29 +44,28 @@ from common import environment, hyperclean_problem, timeit
 warnings.filterwarnings("ignore", category=FutureWarning, message=".*functorch")  # its functorch.vjp
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    import torchopt  # noqa: E402  (only in the TorchOpt venv)
+    import torchopt
 
 
 def torchopt_side(problem, T, K, lr_lower):
     names = list(problem.y_init)
 
     def lower(xt, yt):
-        return problem.lower({"logit": xt}, dict(zip(names, yt)), None)
+        return problem.lower({"logit": xt}, dict(zip(names, yt, strict=True)), None)
 
     def upper(xt, yt):
-        return problem.upper({"logit": xt}, dict(zip(names, yt)), None)
+        return problem.upper({"logit": xt}, dict(zip(names, yt, strict=True)), None)
 
     def optimality_fn(y, x):  # ∇_y g(x, y) = 0 at the root
         return grad(lower, argnums=1)(x, y)
 
-    @torchopt.diff.implicit.custom_root(optimality_fn, argnums=1,
-                                        solve=torchopt.linear_solve.solve_cg(maxiter=K, rtol=0.0))
+    @torchopt.diff.implicit.custom_root(optimality_fn, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=K, rtol=0.0))
     def inner(y, x):
         with torch.no_grad():
             x, y = x.detach(), tuple(t.detach() for t in y)
             for _ in range(T):
                 g = grad(lower, argnums=1)(x, y)
-                y = tuple(t - lr_lower * gt for t, gt in zip(y, g))
+                y = tuple(t - lr_lower * gt for t, gt in zip(y, g, strict=True))
         return y
 
     def hypergradient(x, y_start):
@@ -81,8 +80,7 @@ def torchopt_side(problem, T, K, lr_lower):
         y = inner_0(y_star, xr)
         return torch.autograd.grad(upper(xr, y), xr)[0]
 
-    @torchopt.diff.implicit.custom_root(optimality_fn, argnums=1,
-                                        solve=torchopt.linear_solve.solve_cg(maxiter=K, rtol=0.0))
+    @torchopt.diff.implicit.custom_root(optimality_fn, argnums=1, solve=torchopt.linear_solve.solve_cg(maxiter=K, rtol=0.0))
     def inner_0(y, x):
         return tuple(t.detach() for t in y)
 
@@ -126,7 +124,7 @@ def main(argv=None):
         t_ours.append(time.perf_counter() - start)
         if k < args.check_iters:
             dx = max(dx, float((state.x["logit"] - x).abs().max()))
-            dy = max(dy, max(float((state.y[n] - t).abs().max()) for n, t in zip(names, y)))
+            dy = max(dy, max(float((state.y[n] - t).abs().max()) for n, t in zip(names, y, strict=True)))
     moved = float(state.x["logit"].abs().max())
     to, tb = min(t_opt[2:]), min(t_ours[2:])
 
@@ -149,8 +147,10 @@ def main(argv=None):
 
     print(f"{'':<22} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'TorchOpt ms':>11} {'ours ms':>9} {'TorchOpt/ours':>13}")
     print(f"{'step (T lower + IFT)':<22} {dx:9.2e} {dy:9.2e} {moved:9.2e} {to * 1e3:11.2f} {tb * 1e3:9.2f} {to / tb:13.2f}")
-    print(f"{'hypergradient alone':<22} {float((d_opt - d_ours).abs().max()):9.2e} {'':>9} {float(d_ours.abs().max()):9.2e} "
-          f"{ti_opt * 1e3:11.2f} {ti_ours * 1e3:9.2f} {ti_opt / ti_ours:13.2f}")
+    print(
+        f"{'hypergradient alone':<22} {float((d_opt - d_ours).abs().max()):9.2e} {'':>9} {float(d_ours.abs().max()):9.2e} "
+        f"{ti_opt * 1e3:11.2f} {ti_ours * 1e3:9.2f} {ti_opt / ti_ours:13.2f}"
+    )
     print("(hypergradient row: max|Δd| between the two hypergradients, and max|d| in the |x-x0| column)")
 
 

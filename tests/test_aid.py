@@ -1,10 +1,10 @@
 import pytest
 import torch
-from helpers import RecordDirection
-from helpers import relative_error as _rel
 
 import bilevel as bl
 from bilevel.problems import T1, T2, T3, T1g
+from helpers import RecordDirection
+from helpers import relative_error as _rel
 
 F64 = torch.float64
 
@@ -48,7 +48,7 @@ def test_one_step_direction_is_the_exact_t1g_hypergradient_from_the_lower_soluti
 def test_one_step_direction_is_the_exact_t1g_hypergradient_after_many_lower_steps(solver):
     problem, x, _, lam = _t1g_point()
     method = bl.AID(lr_upper=RecordDirection(), lr_lower=1.0 / lam, lower_steps=80, solver=SOLVERS[solver](lam))
-    d, new, info = _direction(problem, method, x, problem.y_init)
+    d, _new, info = _direction(problem, method, x, problem.y_init)
     exact = problem.hypergradient(x)["x"]
     err = _rel(d, exact)
     print(f"\nAID-{solver} hypergradient relative error on T1g (80 lower steps from y_init): {err:.2e}")
@@ -71,8 +71,8 @@ def test_truncated_solvers_give_the_predicted_inexact_direction():
     A, B = problem.metadata["A"], problem.metadata["B"]
     s, K = 1.0 / lam, 3
     method = bl.AID(lr_upper=RecordDirection(), lr_lower=s, lower_steps=1, solver=bl.Neumann(steps=K, lr=s))
-    d, new, info = _direction(problem, method, x, y_star)
-    b = A @ y_star["y"]                                         # ∇_y f
+    d, new, _info = _direction(problem, method, x, y_star)
+    b = A @ y_star["y"]  # ∇_y f
     P = torch.eye(6, dtype=F64) - s * A
     v = s * sum(torch.linalg.matrix_power(P, i) @ b for i in range(K + 1))
     grad_x_f = problem.metadata["D"] @ (x["x"] - problem.metadata["x_hat"])
@@ -82,7 +82,7 @@ def test_truncated_solvers_give_the_predicted_inexact_direction():
 
 
 def test_step_reports_the_diagnostics_of_the_point_it_used():
-    problem, x, _, lam = _t1g_point()
+    problem, x, _, _lam = _t1g_point()
     A, B, D, x_hat = (problem.metadata[k] for k in ("A", "B", "D", "x_hat"))
     y0 = {"y": torch.linspace(-1, 1, 6, dtype=F64)}
     beta = 0.3
@@ -96,7 +96,7 @@ def test_step_reports_the_diagnostics_of_the_point_it_used():
     torch.testing.assert_close(info["lower_grad_sq"], gy @ gy, rtol=1e-12, atol=0)
     f = 0.5 * y @ A @ y + 0.5 * (x["x"] - x_hat) @ D @ (x["x"] - x_hat)
     torch.testing.assert_close(info["upper_loss"], f, rtol=1e-13, atol=0)
-    v = torch.linalg.solve(A, A @ y)                            # = y
+    v = torch.linalg.solve(A, A @ y)  # = y
     d = D @ (x["x"] - x_hat) + B @ v
     torch.testing.assert_close(new.x["x"], x["x"] - 0.01 * d, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(info["direction_sq"], d @ d, rtol=1e-9, atol=0)
@@ -115,17 +115,17 @@ def test_cost_per_iteration_in_oracle_calls():
     warm = method.replace(warm_start_v=True)
     state, _ = warm.step(problem, state)
     warm.step(problem, state)
-    assert oracles.counts["hvp"] == 2 * (4 + 1)                 # one more product for r₀ = b − H v₀
+    assert oracles.counts["hvp"] == 2 * (4 + 1)  # one more product for r₀ = b − H v₀
 
 
 def test_warm_started_multiplier_is_used():
-    problem, x, y_star, lam = _t1g_point()
+    problem, x, y_star, _lam = _t1g_point()
     A = problem.metadata["A"]
     v_exact = torch.linalg.solve(A, A @ y_star["y"])
     method = bl.AID(lr_upper=RecordDirection(), lr_lower=0.5, lower_steps=1, solver=bl.FixedPoint(steps=1, lr=0.5), warm_start_v=True)
     state = method.init(problem, x, y_star).replace(v={"y": v_exact.clone()})
-    new, info = method.step(problem, state)
-    assert _rel(new.v["y"], v_exact) <= 1e-12                   # started at the solution, stays there
+    new, _info = method.step(problem, state)
+    assert _rel(new.v["y"], v_exact) <= 1e-12  # started at the solution, stays there
     assert _rel(new.opt["d"]["x"], problem.hypergradient(x)["x"]) <= 1e-10
     cold, _ = method.replace(warm_start_v=False).step(problem, state)
     assert _rel(cold.v["y"], v_exact) > 1e-2
@@ -155,7 +155,7 @@ def test_aid_on_t2_stops_at_the_lower_only_limit(solver):
     result = bl.solve(problem, bl.AID(lr_upper=0.3, lr_lower=0.8, lower_steps=5, solver=solver), max_iters=40)
     assert float((result.x["x"] - 0.505).abs().max()) <= 1e-6
     assert float((result.x["x"] - 1.0).abs().max()) > 0.4
-    torch.testing.assert_close(result.y["y2"], problem.y_init["y2"], rtol=0, atol=0)   # y2 never moves
+    torch.testing.assert_close(result.y["y2"], problem.y_init["y2"], rtol=0, atol=0)  # y2 never moves
 
 
 def test_aid_with_a_box_projection_reaches_local_minima_of_t3():
@@ -168,7 +168,7 @@ def test_aid_with_a_box_projection_reaches_local_minima_of_t3():
     dist = (x[:, None] - minima[None, :]).abs().min(dim=1).values
     assert float(dist.max()) <= 1e-4, x.tolist()
     assert float(problem.hypergradient({"x": x})["x"].abs().max()) <= 1e-8
-    torch.testing.assert_close(result.y["y"], -x, rtol=0, atol=1e-8)       # y*(x) = −x
+    torch.testing.assert_close(result.y["y"], -x, rtol=0, atol=1e-8)  # y*(x) = −x
 
 
 def test_configuration_errors():
@@ -182,7 +182,15 @@ def test_configuration_errors():
         bl.AID(lr_upper=-0.1)
 
 
-BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+BAD_STEP_SIZES = [
+    (0.0, "0.0"),
+    (-2e-4, "-0.0002"),
+    (float("inf"), "inf"),
+    (float("nan"), "nan"),
+    (True, "True"),
+    ("1e-3", "'1e-3'"),
+    ([1, 2], r"\[1, 2\]"),
+]
 
 
 @pytest.mark.parametrize("field", ["lr_upper", "lr_lower"])

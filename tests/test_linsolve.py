@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -63,7 +65,7 @@ def test_cg_error_decreases_and_reported_residual_is_the_true_residual():
             torch.testing.assert_close(res.residual_sq, true_r @ true_r, rtol=1e-8, atol=0)
         # CG minimises the H-norm of the error over the Krylov space: monotone decrease
         errors.append(float((res.v - V_STAR) @ H @ (res.v - V_STAR)))
-    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert all(b < a for a, b in itertools.pairwise(errors))
     # bound of CG: ‖e_k‖_H ≤ 2 ((√κ−1)/(√κ+1))^k ‖e_0‖_H
     kappa = 10.0
     rho = (kappa**0.5 - 1) / (kappa**0.5 + 1)
@@ -87,7 +89,7 @@ def test_cg_on_a_dict_tree_equals_the_flat_solve():
 
 def test_cg_warm_start_is_used():
     exact = bl.CG(steps=1)(_mv(H), B, v0=V_STAR.clone())
-    assert _rel(exact.v, V_STAR) <= 1e-12            # r₀ = 0: nothing to correct
+    assert _rel(exact.v, V_STAR) <= 1e-12  # r₀ = 0: nothing to correct
     v0 = V_STAR + 0.1 * torch.ones(N, dtype=F64)
     one = bl.CG(steps=1)(_mv(H), B, v0=v0)
     r0 = B - H @ v0
@@ -113,8 +115,8 @@ def test_neumann_equals_the_truncated_series(K):
 
 
 def test_neumann_ignores_v0_and_converges_at_the_predicted_rate():
-    lr = 0.15                                       # < 2/λmax = 0.2
-    rho = max(abs(1 - lr * l) for l in EIGS)        # = 0.85 (from λ_min = 1)
+    lr = 0.15  # < 2/λmax = 0.2
+    rho = max(abs(1 - lr * l) for l in EIGS)  # = 0.85 (from λ_min = 1)
     errs = []
     for K in (20, 40, 60, 80):
         v = bl.Neumann(steps=K, lr=lr)(_mv(H), B, v0=torch.ones(N, dtype=F64)).v
@@ -122,12 +124,12 @@ def test_neumann_ignores_v0_and_converges_at_the_predicted_rate():
         err = float((V_STAR - v).norm())
         assert err <= rho ** (K + 1) * float(V_STAR.norm()) * (1 + 1e-9)
         errs.append(err)
-    ratios = [(b / a) ** (1 / 20) for a, b in zip(errs, errs[1:])]
+    ratios = [(b / a) ** (1 / 20) for a, b in itertools.pairwise(errs)]
     assert ratios[-1] == pytest.approx(rho, rel=1e-3)
 
 
 def test_neumann_diverges_above_the_stability_bound():
-    v = bl.Neumann(steps=40, lr=0.25)(_mv(H), B).v     # |1 − 0.25·10| = 1.5 > 1
+    v = bl.Neumann(steps=40, lr=0.25)(_mv(H), B).v  # |1 − 0.25·10| = 1.5 > 1
     assert _rel(v, V_STAR) > 1e3
 
 
@@ -160,7 +162,7 @@ def test_fixed_point_converges_to_the_solution():
 
 def test_normal_gd_reaches_the_minimum_norm_solution_of_a_singular_system():
     Hs = _matrix([0.0, 0.0, 0.0, 1.0, 1.3, 1.6, 1.8, 2.0], seed=3)
-    b = torch.randn(N, generator=torch.Generator().manual_seed(7), dtype=F64)    # not in Range(H)
+    b = torch.randn(N, generator=torch.Generator().manual_seed(7), dtype=F64)  # not in Range(H)
     lr = 1.0 / 2.0**2
     res = bl.NormalGD(steps=150, lr=lr)(_mv(Hs), b)
     v_min_norm = torch.linalg.pinv(Hs, hermitian=True) @ b
@@ -207,7 +209,7 @@ def test_line_search_steps_converge_like_steepest_descent():
 
 def test_line_search_falls_back_on_nonpositive_curvature():
     Hn = torch.diag(torch.tensor([-1.0, -2.0, 3.0], dtype=F64))
-    b = torch.tensor([1.0, 1.0, 0.0], dtype=F64)   # r = −b from 0: rᵀHr = −3 < 0
+    b = torch.tensor([1.0, 1.0, 0.0], dtype=F64)  # r = −b from 0: rᵀHr = −3 < 0
     res = bl.LineSearchStep(steps=1, fallback=0.05)(_mv(Hn), b)
     assert float(res.step) == 0.05
     torch.testing.assert_close(res.v, 0.05 * b, rtol=1e-15, atol=0)

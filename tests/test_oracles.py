@@ -4,7 +4,7 @@ import torch
 import bilevel as bl
 from bilevel import tree as T
 from bilevel.oracles import ORACLE_MODES, WeightedLinearization
-from bilevel.problems import T1g, T2, T3
+from bilevel.problems import T2, T3, T1g
 
 F64 = torch.float64
 MODES = list(ORACLE_MODES)
@@ -88,11 +88,13 @@ def _fd_function_grad(fn, x, y, batch, wrt, h=1e-4):
     for i, leaf in enumerate(T.leaves(base)):
         g = torch.zeros_like(leaf)
         for j in range(leaf.numel()):
+
             def at(s):
                 moved = [t.clone() for t in T.leaves(base)]
-                moved[i].view(-1)[j] += s
+                moved[i].view(-1)[j] += s  # noqa: B023 -- at() is called only within this iteration
                 tree = T.unflatten_like(moved, base)
                 return fn(tree, y, batch) if wrt == "x" else fn(x, tree, batch)
+
             g.view(-1)[j] = (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)
         out.append(g)
     return T.unflatten_like(out, base)
@@ -100,8 +102,10 @@ def _fd_function_grad(fn, x, y, batch, wrt, h=1e-4):
 
 def _fd_gradient_derivative(fn, x, y, batch, v, h=1e-3):
     """d/ds (∇_x h, ∇_y h)(x, y + s v) at s = 0, five-point stencil: (J v, H v)."""
+
     def grads(s):
         return _autograd_grads(fn, x, T.axpy(s, v, y), batch)
+
     pts = {s: grads(s * h) for s in (-2, -1, 1, 2)}
     combo = lambda idx: T.scale(
         1.0 / (12 * h),
@@ -161,7 +165,7 @@ def test_hvp_and_mixed_match_finite_differences_of_the_gradient(mode, case, whic
     lin = bl.Oracles(mode=mode).linearize(fn, x, y, batch)
     hv, jv = lin.hvp(v), lin.mixed(v)
     _assert_tree_close(hv, hv_ref, RTOL[mode])
-    if float(T.norm(jv_ref)) == 0.0:       # T1g's f has no x-y coupling: J_f = 0
+    if float(T.norm(jv_ref)) == 0.0:  # T1g's f has no x-y coupling: J_f = 0
         assert float(T.norm(jv)) <= 1e-9
     else:
         _assert_tree_close(jv, jv_ref, RTOL[mode])
@@ -188,8 +192,8 @@ def test_t1g_products_equal_the_closed_form(mode):
     A, B = problem.metadata["A"], problem.metadata["B"]
     lin = bl.Oracles(mode=mode).linearize(problem.lower, x, y, None, with_grad_x=True)
     tol = RTOL[mode]
-    _assert_tree_close(lin.hvp(v), {"y": A @ v["y"]}, tol)                     # H = A
-    _assert_tree_close(lin.mixed(v), {"x": -B @ v["y"]}, tol)                  # J v = -B v
+    _assert_tree_close(lin.hvp(v), {"y": A @ v["y"]}, tol)  # H = A
+    _assert_tree_close(lin.mixed(v), {"x": -B @ v["y"]}, tol)  # J v = -B v
     _assert_tree_close(lin.grad_y, {"y": A @ y["y"] - B.T @ x["x"]}, 1e-12)
     _assert_tree_close(lin.grad_x, {"x": -B @ y["y"]}, 1e-12)
     # the full matrices, column by column

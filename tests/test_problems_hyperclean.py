@@ -15,8 +15,17 @@ def tiny_data(n_train=4, n_val=3, n_test=3, noise=0.5, seed=0, dim=3):
     g = np.random.default_rng(seed)
     n = n_train + n_val + n_test
     return hyperclean_from_arrays(
-        g.random((n, dim)), g.integers(0, 3, n), num_classes=3, max_pixel=1.0, name="tiny",
-        noise_rate=noise, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test, dtype=torch.float64,
+        g.random((n, dim)),
+        g.integers(0, 3, n),
+        num_classes=3,
+        max_pixel=1.0,
+        name="tiny",
+        noise_rate=noise,
+        seed=seed,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        dtype=torch.float64,
     )
 
 
@@ -27,8 +36,17 @@ def blobs(n_per_split=200, noise=0.5, seed=0, classes=3, dim=5):
     labels = g.integers(0, classes, 3 * n_per_split)
     points = centers[labels] + g.normal(0, 1, (3 * n_per_split, dim))
     return hyperclean_from_arrays(
-        points, labels, num_classes=classes, max_pixel=1.0, name="blobs", noise_rate=noise, seed=seed,
-        n_train=n_per_split, n_val=n_per_split, n_test=n_per_split, dtype=torch.float64,
+        points,
+        labels,
+        num_classes=classes,
+        max_pixel=1.0,
+        name="blobs",
+        noise_rate=noise,
+        seed=seed,
+        n_train=n_per_split,
+        n_val=n_per_split,
+        n_test=n_per_split,
+        dtype=torch.float64,
     )
 
 
@@ -56,9 +74,9 @@ def test_losses_match_hand_computation(model):
         return [sum(hidden[j] * W2[j][c] for j in range(4)) + b2[c] for c in range(3)]
 
     weights = [1 / (1 + math.exp(-v)) for v in x["weights"].tolist()]
-    g_hand = sum(w * manual_ce(h(a), int(b)) for w, a, b in zip(weights, data.x_train, data.y_train_noisy)) / 4
+    g_hand = sum(w * manual_ce(h(a), int(b)) for w, a, b in zip(weights, data.x_train, data.y_train_noisy, strict=True)) / 4
     g_hand += 0.05 * sum(float((t * t).sum()) for t in y.values())
-    f_hand = sum(manual_ce(h(a), int(b)) for a, b in zip(data.x_val, data.y_val)) / 3
+    f_hand = sum(manual_ce(h(a), int(b)) for a, b in zip(data.x_val, data.y_val, strict=True)) / 3
     assert float(problem.g(x, y)) == pytest.approx(g_hand, rel=1e-10)
     assert float(problem.f(x, y)) == pytest.approx(f_hand, rel=1e-10)
 
@@ -82,9 +100,15 @@ def test_gradient_wrt_weight_logits():
     def grad_y_dot_v(xw):
         yy = {k: t.clone().requires_grad_(True) for k, t in y.items()}
         gr = torch.autograd.grad(problem.g({"weights": xw}, yy), list(yy.values()))
-        return sum(float((a * v[k]).sum()) for a, k in zip(gr, yy))
+        return sum(float((a * v[k]).sum()) for a, k in zip(gr, yy, strict=True))
 
-    fd = torch.tensor([(grad_y_dot_v(x["weights"].detach() + eps * e) - grad_y_dot_v(x["weights"].detach() - eps * e)) / (2 * eps) for e in torch.eye(4, dtype=torch.float64)], dtype=torch.float64)
+    fd = torch.tensor(
+        [
+            (grad_y_dot_v(x["weights"].detach() + eps * e) - grad_y_dot_v(x["weights"].detach() - eps * e)) / (2 * eps)
+            for e in torch.eye(4, dtype=torch.float64)
+        ],
+        dtype=torch.float64,
+    )
     assert torch.allclose(mixed, fd, atol=1e-6)
 
 
@@ -109,10 +133,14 @@ def test_bad_arguments_raise_clear_errors():
         hyperclean_problem({"x": 1})
 
 
-@pytest.mark.parametrize("method", [
-    bl.AID(lr_upper=bl.Adam(0.1), lr_lower=0.5, lower_steps=10, solver=bl.CG(steps=10)),
-    bl.GALET(lr_upper=bl.Adam(0.1), lr_lower=0.5, lower_steps=5, lr_shadow=0.1, shadow_steps=5, stability_check="off"),
-], ids=["AID-CG", "GALET"])
+@pytest.mark.parametrize(
+    "method",
+    [
+        bl.AID(lr_upper=bl.Adam(0.1), lr_lower=0.5, lower_steps=10, solver=bl.CG(steps=10)),
+        bl.GALET(lr_upper=bl.Adam(0.1), lr_lower=0.5, lower_steps=5, lr_shadow=0.1, shadow_steps=5, stability_check="off"),
+    ],
+    ids=["AID-CG", "GALET"],
+)
 def test_methods_clean_gaussian_blobs(method):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, much faster on a busy machine
@@ -145,8 +173,14 @@ def test_a_model_too_big_for_memory_is_refused_before_allocation(monkeypatch):
     with pytest.raises(MemoryError) as info:
         hyperclean_problem(tiny_data(), model="mlp", hidden=20_000_000)
     message = str(info.value)
-    assert message.startswith("the mlp hyper-cleaning model with hidden=20000000 (140,000,007 parameters in float64) needs about 13.4 GB but only 1.0 GB of memory is available: ")
-    assert message.endswith("reduce hidden or n_train (config: problem.hidden, problem.n_train), or use float32 (dtype=torch.float32; config: problem.dtype=float32) to halve it")
+    assert message.startswith(
+        "the mlp hyper-cleaning model with hidden=20000000 (140,000,007 parameters in float64) "
+        "needs about 13.4 GB but only 1.0 GB of memory is available: "
+    )
+    assert message.endswith(
+        "reduce hidden or n_train (config: problem.hidden, problem.n_train), "
+        "or use float32 (dtype=torch.float32; config: problem.dtype=float32) to halve it"
+    )
     assert "\n" not in message and isinstance(info.value, ValueError) and not allocated
     monkeypatch.setattr(validation, "available_memory", lambda: None)  # unknown: no refusal
     hyperclean_problem(tiny_data(), model="linear")

@@ -118,7 +118,7 @@ def test_operations_on_nested_dicts_and_lists(gen):
     assert len(T.leaves(a)) == 5
     rebuilt = T.unflatten_like(T.leaves(b), a)
     assert torch.equal(rebuilt["enc"]["b"], b["enc"]["b"]) and torch.equal(rebuilt["dec"][0], b["dec"][0])
-    for x, y in zip(T.leaves(a), T.leaves(a0)):
+    for x, y in zip(T.leaves(a), T.leaves(a0), strict=True):
         assert torch.equal(x, y)
 
 
@@ -135,5 +135,5 @@ def test_binary_operations_pair_dict_leaves_by_key_not_by_insertion_order():
     assert float(T.vdot(a, b)) == 1.0 * 20.0 + 2.0 * 10.0
     s = T.add(a, b)
     assert float(s["x"]) == 21.0 and float(s["y"]) == 12.0
-    mapped = T.tree_map(lambda p, q: p + q, a, b)   # tree_map already matches keys
+    mapped = T.tree_map(lambda p, q: p + q, a, b)  # tree_map already matches keys
     assert float(mapped["x"]) == 21.0

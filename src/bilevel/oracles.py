@@ -37,8 +37,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from torch.func import grad_and_value, jvp
@@ -46,7 +47,7 @@ from torch.func import grad_and_value, jvp
 from . import tree as T
 from .tree import Tree
 
-__all__ = ["Oracles", "Linearization", "WeightedLinearization", "CountingOracles", "ORACLE_MODES"]
+__all__ = ["ORACLE_MODES", "CountingOracles", "Linearization", "Oracles", "WeightedLinearization"]
 
 ORACLE_MODES = ("reverse", "forward", "finite_difference")
 
@@ -60,10 +61,10 @@ def _grads_or_zeros(outputs, inputs: list[torch.Tensor], cotangents=None, retain
     if isinstance(outputs, torch.Tensor):
         outputs = [outputs]
         cotangents = None if cotangents is None else [cotangents]
-    pairs = [(o, c) for o, c in zip(outputs, cotangents or [None] * len(outputs)) if o.requires_grad]
+    pairs = [(o, c) for o, c in zip(outputs, cotangents or [None] * len(outputs), strict=True) if o.requires_grad]
     if not pairs:
         return [torch.zeros_like(t) for t in inputs]
-    outs, cots = zip(*pairs)
+    outs, cots = zip(*pairs, strict=True)
     grads = torch.autograd.grad(
         outs,
         inputs,
@@ -87,7 +88,7 @@ class Linearization:
 
     value: torch.Tensor
     grad_y: Tree
-    grad_x: Optional[Tree] = None
+    grad_x: Tree | None = None
 
     def hvp(self, v: Tree) -> Tree:
         """``H v = ∇²_yy h · v`` (shaped like y)."""
@@ -176,7 +177,7 @@ def _gradients(fn, x, y, batch) -> tuple[Tree, Tree, torch.Tensor]:
     with torch.enable_grad():
         value = fn(xr, yr, batch)
         grads = _grads_or_zeros(value, xl + yl)
-    return T.unflatten_like(grads[: len(xl)], x), T.unflatten_like(grads[len(xl):], y), value.detach()
+    return T.unflatten_like(grads[: len(xl)], x), T.unflatten_like(grads[len(xl) :], y), value.detach()
 
 
 def _gradient_y(fn, x, y, batch) -> tuple[Tree, torch.Tensor]:

@@ -11,7 +11,8 @@ All functions are pure: they return new trees and never modify their inputs.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils import _pytree as pytree
@@ -20,22 +21,22 @@ Tree = Any
 
 __all__ = [
     "Tree",
+    "add",
+    "all_finite",
+    "axpy",
+    "clone",
+    "detach",
     "leaves",
     "leaves_like",
-    "unflatten_like",
-    "tree_map",
-    "add",
-    "sub",
-    "scale",
-    "axpy",
-    "vdot",
-    "sq_norm",
     "norm",
-    "zeros_like",
-    "detach",
-    "clone",
+    "scale",
+    "sq_norm",
     "structure_summary",
-    "all_finite",
+    "sub",
+    "tree_map",
+    "unflatten_like",
+    "vdot",
+    "zeros_like",
 ]
 
 
@@ -68,7 +69,7 @@ def unflatten_like(tensors: list[torch.Tensor] | tuple, like: Tree) -> Tree:
     if kind == 1 and len(tensors) == 1:
         return tensors[0]
     if kind == 2 and len(tensors) == len(like):
-        return dict(zip(like.keys(), tensors))
+        return dict(zip(like.keys(), tensors, strict=True))
     _, spec = pytree.tree_flatten(like)
     return pytree.tree_unflatten(list(tensors), spec)
 
@@ -137,7 +138,7 @@ def vdot(a: Tree, b: Tree) -> torch.Tensor:
     la, lb = leaves(a), leaves_like(b, a)
     if not la:
         raise ValueError("vdot of an empty tree: the variables hold no tensor")
-    products = [torch.sum(p * q) for p, q in zip(la, lb)]
+    products = [torch.sum(p * q) for p, q in zip(la, lb, strict=True)]
     return torch.stack(products).sum() if len(products) > 1 else products[0]
 
 
@@ -175,7 +176,7 @@ def all_finite(a: Tree) -> torch.Tensor:
 
 def structure_summary(tree: Tree) -> str:
     """A short human-readable description of a tree (keys, shapes, dtypes) for errors."""
-    flat, spec = pytree.tree_flatten_with_path(tree)
+    flat, _spec = pytree.tree_flatten_with_path(tree)
     parts = []
     for path, leaf in flat:
         name = "".join(str(k) for k in path) or "<tensor>"

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,15 @@ from ..problem import Problem
 from ..validation import check_count, check_nonnegative
 from ._init import check_model_memory, seeded_uniform
 
-__all__ = ["HYPERCLEAN_MODELS", "HypercleanProblem", "hyperclean_problem", "init_classifier", "classifier_logits", "classifier_sizes", "fit_lower"]
+__all__ = [
+    "HYPERCLEAN_MODELS",
+    "HypercleanProblem",
+    "classifier_logits",
+    "classifier_sizes",
+    "fit_lower",
+    "hyperclean_problem",
+    "init_classifier",
+]
 
 HYPERCLEAN_MODELS = ("linear", "mlp", "two_layer")
 
@@ -128,7 +136,7 @@ class HypercleanProblem(Problem):
         reg: the lower-level ridge weight (``(reg/2)‖y‖²``; 0 in the papers).
     """
 
-    data: Optional[HypercleanData] = None
+    data: HypercleanData | None = None
     model: str = "linear"
     reg: float = 0.0
 
@@ -197,7 +205,9 @@ def hyperclean_problem(
         4 * (n_train + n_val) * width,  # forward, backward and double-backward activations
         dtype,
         device,
-        "reduce hidden or n_train (config: problem.hidden, problem.n_train)" if model != "linear" else "reduce n_train (config: problem.n_train)",
+        "reduce hidden or n_train (config: problem.hidden, problem.n_train)"
+        if model != "linear"
+        else "reduce n_train (config: problem.n_train)",
     )
 
     def lower(x, y, batch):
@@ -236,5 +246,5 @@ def fit_lower(problem: Problem, x, y, batch=None, steps: int = 500, lr: float = 
         with torch.enable_grad():
             leaves = {k: v.requires_grad_(True) for k, v in y.items()}
             grads = torch.autograd.grad(problem.lower(x, leaves, batch), list(leaves.values()))
-        y = {k: (v - lr * gr).detach() for (k, v), gr in zip(leaves.items(), grads)}
+        y = {k: (v - lr * gr).detach() for (k, v), gr in zip(leaves.items(), grads, strict=True)}
     return y
