@@ -136,3 +136,75 @@ def test_progress_bar_names_the_run_and_keeps_the_latest_values(capsys):
     bar.on_end(None)
     err = capsys.readouterr().err
     assert "GALET seed 0 (1/6)" in err and "test_accuracy=81.26" in err and "upper_loss=0.4321" in err
+
+
+def test_csv_logger_on_resume_keeps_the_rows_up_to_the_resume_point(tmp_path):
+    problem, log = T1g(n=4), tmp_path / "run.csv"
+    ckpt20 = tmp_path / "at20.pt"
+    bl.solve(problem, _aid(), max_iters=20, checkpoint=ckpt20)
+    bl.solve(problem, _aid(), max_iters=30, resume=ckpt20, callbacks=[bl.CSVLogger(log)])
+    result = bl.solve(problem, _aid(), max_iters=25, resume=ckpt20, callbacks=[bl.CSVLogger(log)])
+    with log.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(row["iteration"]) for row in rows] == list(range(21, 26))  # 26..30 of the abandoned run are dropped
+    assert [float(row["stationarity"]) for row in rows] == [r["stationarity"] for r in result.history[20:]]
+
+
+def test_csv_logger_resuming_an_empty_file_writes_the_header_on_the_first_record(tmp_path):
+    log = tmp_path / "run.csv"
+    log.write_text("")
+    logger = bl.CSVLogger(log)
+    logger.on_start({"start": 5})
+    logger.on_log({"iteration": 6, "stationarity": 0.5})
+    logger.on_end(None)
+    assert log.read_text().splitlines() == ["iteration,stationarity", "6,0.5"]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: bl.ProgressBar(disable=True),
+        lambda p: bl.JSONLinesLogger(p / "log.jsonl"),
+        lambda p: bl.CSVLogger(p / "log.csv"),
+        lambda p: bl.TensorBoardLogger(p),
+    ],
+    ids=["progress", "jsonl", "csv", "tensorboard"],
+)
+def test_a_record_before_on_start_is_refused_naming_the_callback(tmp_path, make):
+    callback = make(tmp_path)
+    with pytest.raises(RuntimeError, match=rf"^{type(callback).__name__}\.on_start\(run\) must be called before on_log"):
+        callback.on_log({"iteration": 1, "stationarity": 1.0})
+    callback.on_end(None)  # ending a callback that never started is harmless
+
+
+def test_tensorboard_logger_writes_every_diagnostic_but_the_iteration(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, log_dir):
+            calls.append(("open", log_dir))
+
+        def add_scalar(self, key, value, step):
+            calls.append((key, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    logger = bl.TensorBoardLogger(tmp_path / "tb")
+    logger.on_start({"start": 0})
+    logger.on_log({"iteration": 3, "stationarity": 0.25, "upper_loss": 1.5})
+    logger.on_end(None)
+    assert calls == [("open", str(tmp_path / "tb")), ("stationarity", 0.25, 3), ("upper_loss", 1.5, 3), ("close",)]
+
+
+def test_python_dash_m_bilevel_runs_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "bilevel", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0
+    assert "usage: bilevel" in done.stdout
