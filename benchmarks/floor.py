@@ -27,11 +27,11 @@ import json
 import statistics
 import time
 
-import common  # noqa: F401  (sets sys.path)
 import torch
 import torch.nn.functional as F
 
 import bilevel as bl
+import common  # noqa: F401  (sets sys.path)
 from bilevel.linsolve import CG
 from common import environment
 
@@ -41,6 +41,7 @@ SIZES = {"1e3": (100, 10), "1e5": (1000, 100), "1e6": (10000, 100)}
 
 
 # --------------------------------------------------------------------------- problem
+
 
 class Data:
     """Linear hyper-cleaning data (features d, classes C, n_train + n_val examples)."""
@@ -73,6 +74,7 @@ class Data:
 
 # --------------------------------------------------------------------------- the library's configurations
 
+
 def library_methods():
     """The benchmarked configurations (benchmarks/common.py's), with their defaults."""
     off = {"stability_check": "off"}
@@ -88,12 +90,13 @@ def library_methods():
 # --------------------------------------------------------------------------- hand-written loops
 # state: (x, W, b, vW, vb, k); every function returns the next state.
 
+
 def _req(*ts):
     return [t.detach().requires_grad_(True) for t in ts]
 
 
 def _dot(a, b):
-    return sum((p * q).sum() for p, q in zip(a, b))
+    return sum((p * q).sum() for p, q in zip(a, b, strict=True))
 
 
 def _sq(a):
@@ -136,10 +139,10 @@ def hand_aid_cg(D, s, lr=0.1, beta=0.1, N=10, K=10):
     for _ in range(K):
         hp = grad(gy, (Wr, br), p, retain_graph=True)
         alpha = rr / _dot(p, hp)
-        v = [a + alpha * q for a, q in zip(v, p)]
-        r = [a - alpha * q for a, q in zip(r, hp)]
+        v = [a + alpha * q for a, q in zip(v, p, strict=True)]
+        r = [a - alpha * q for a, q in zip(r, hp, strict=True)]
         rr_new = _sq(r)
-        p = [a + (rr_new / rr) * q for a, q in zip(r, p)]
+        p = [a + (rr_new / rr) * q for a, q in zip(r, p, strict=True)]
         rr = rr_new
     (jv,) = grad(gy, xr, v)
     return x + lr * jv, W, b, v[0], v[1], k + 1
@@ -204,11 +207,11 @@ def hand_steps(D):
 
 def hand_init(D):
     z = torch.zeros
-    return (z(D.n, dtype=D.dtype), z(D.C, D.d, dtype=D.dtype), z(D.C, dtype=D.dtype),
-            z(D.C, D.d, dtype=D.dtype), z(D.C, dtype=D.dtype), 0)
+    return (z(D.n, dtype=D.dtype), z(D.C, D.d, dtype=D.dtype), z(D.C, dtype=D.dtype), z(D.C, D.d, dtype=D.dtype), z(D.C, dtype=D.dtype), 0)
 
 
 # --------------------------------------------------------------------------- check and timing
+
 
 def check(names, iters=12, d=30, C=5, n=200, tol=1e-12):
     """Iterates of library and hand loops equal in float64 after ``iters`` steps."""
@@ -235,7 +238,7 @@ def time_pair(lib_step, hand_step, rounds, block):
     """Interleaved blocks; returns per-round library and hand times (seconds per step)."""
     t_lib, t_hand = [], []
     for i in range(rounds):
-        for which in ((0, 1) if i % 2 == 0 else (1, 0)):
+        for which in (0, 1) if i % 2 == 0 else (1, 0):
             fn = lib_step if which == 0 else hand_step
             start = time.perf_counter()
             for _ in range(block):
@@ -257,14 +260,25 @@ def bench(size, names, rounds, block):
             state, _ = method.step(problem, state)
             hs = hand[name](hs)
         t_lib, t_hand = time_pair(lambda: method.step(problem, state), lambda: hand[name](hs), rounds, block)
-        ratios = sorted(a / b for a, b in zip(t_lib, t_hand))
+        ratios = sorted(a / b for a, b in zip(t_lib, t_hand, strict=True))
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
-        row = {"size": size, "params": d * C + C, "method": name, "lib_ms": 1e3 * min(t_lib), "hand_ms": 1e3 * min(t_hand),
-               "ratio_median": statistics.median(ratios), "ratio_q1": q[0], "ratio_q3": q[2],
-               "ratio_min_min": min(t_lib) / min(t_hand)}
+        row = {
+            "size": size,
+            "params": d * C + C,
+            "method": name,
+            "lib_ms": 1e3 * min(t_lib),
+            "hand_ms": 1e3 * min(t_hand),
+            "ratio_median": statistics.median(ratios),
+            "ratio_q1": q[0],
+            "ratio_q3": q[2],
+            "ratio_min_min": min(t_lib) / min(t_hand),
+        }
         rows.append(row)
-        print(f"{size:>5} {name:<8} {row['lib_ms']:9.3f} {row['hand_ms']:9.3f} {row['ratio_median']:7.3f} "
-              f"[{row['ratio_q1']:.3f}, {row['ratio_q3']:.3f}] {row['ratio_min_min']:7.3f}", flush=True)
+        print(
+            f"{size:>5} {name:<8} {row['lib_ms']:9.3f} {row['hand_ms']:9.3f} {row['ratio_median']:7.3f} "
+            f"[{row['ratio_q1']:.3f}, {row['ratio_q3']:.3f}] {row['ratio_min_min']:7.3f}",
+            flush=True,
+        )
     return rows
 
 

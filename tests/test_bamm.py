@@ -1,16 +1,16 @@
 import pytest
 import torch
-from helpers import random_state as _random_state
 
 import bilevel as bl
 from bilevel.problems import T1, T2, T1g
+from helpers import random_state as _random_state
 
 
 def _phi_parts(problem, mu):
     """Closed forms of T1g for φ_μ = μ f + (1 − μ) g: (H_φ, J_φ as a matrix, ∇_y φ(x, y))."""
     A, B, D, x_hat = (problem.metadata[k] for k in ("A", "B", "D", "x_hat"))
-    H_phi = A                                  # μ A + (1 − μ) A
-    J_phi = -(1 - mu) * B                      # ∇²_xy of −(1 − μ) xᵀBy
+    H_phi = A  # μ A + (1 − μ) A
+    J_phi = -(1 - mu) * B  # ∇²_xy of −(1 − μ) xᵀBy
     grad_y_phi = lambda x, y: mu * (A @ y) + (1 - mu) * (A @ y - B.T @ x)
     return A, B, D, x_hat, H_phi, J_phi, grad_y_phi
 
@@ -26,7 +26,7 @@ def test_one_iteration_equals_hand_written_step_on_t1g(order, dual_step):
     A, B, D, x_hat, H, J, grad_y_phi = _phi_parts(problem, mu0)
 
     def dual(z, y):
-        r = H @ z - A @ y                      # ∇_y f = A y
+        r = H @ z - A @ y  # ∇_y f = A y
         eta = (r @ r) / (r @ (H @ r)) if dual_step == "linesearch" else eta0
         return z - eta * r
 
@@ -140,7 +140,7 @@ def test_official_toy_reproduces_the_scripts_tensorwise_line_search_on_t2():
         steps.append(info["dual_step"].item())
     assert xs[1] == pytest.approx(0.0614053, abs=5e-8)
     assert xs[2] == pytest.approx(0.1032013, abs=5e-8)
-    assert steps[2] == pytest.approx(10.5865, abs=5e-5)          # the exact step would be 7.92
+    assert steps[2] == pytest.approx(10.5865, abs=5e-5)  # the exact step would be 7.92
     assert xs[9] == pytest.approx(0.3030346, abs=5e-8)
     exact = method.replace(line_search_numerator="residual").init(problem)
     for _ in range(3):
@@ -171,7 +171,12 @@ def test_t1_jacobi_bias_matches_closed_form_of_averaging():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"order": "parallel"}, "order"), ({"dual_step": "cg"}, "dual_step"), ({"freeze_phi_mu": 1.5}, "freeze_phi_mu"), ({"lr_lower": -1.0}, "lr_lower")],
+    [
+        ({"order": "parallel"}, "order"),
+        ({"dual_step": "cg"}, "dual_step"),
+        ({"freeze_phi_mu": 1.5}, "freeze_phi_mu"),
+        ({"lr_lower": -1.0}, "lr_lower"),
+    ],
 )
 def test_bad_options_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -179,14 +184,22 @@ def test_bad_options_fail_at_construction(kwargs, match):
 
 
 def test_stability_bound_of_the_averaged_hessian_is_checked():
-    problem = T1(n=3)                                  # ∇²_yy φ_μ = I
+    problem = T1(n=3)  # ∇²_yy φ_μ = I
     with pytest.raises(ValueError, match=r"SlBAMM\(lr_lower=2.5\).*φ_μ"):
         bl.SlBAMM(lr_lower=2.5, stability_check="error").init(problem)
     with pytest.warns(bl.StabilityWarning, match=r"lr_dual=3"):
         bl.SlBAMM(dual_step="fixed", lr_dual=3.0).init(problem)
 
 
-BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+BAD_STEP_SIZES = [
+    (0.0, "0.0"),
+    (-2e-4, "-0.0002"),
+    (float("inf"), "inf"),
+    (float("nan"), "nan"),
+    (True, "True"),
+    ("1e-3", "'1e-3'"),
+    ([1, 2], r"\[1, 2\]"),
+]
 
 
 @pytest.mark.parametrize("field", ["lr_upper", "lr_lower", "lr_dual", "dual_fallback", "max_dual_step"])

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bilevel as bl
-from bilevel.problems import T1, T1g, T3, T4, T3_LOCAL_MINIMA
+from bilevel.problems import T1, T3, T3_LOCAL_MINIMA, T4, T1g
 
 
 def _t1g_closed_forms(problem):
@@ -16,9 +16,7 @@ def test_one_iteration_equals_hand_written_step_on_t1g():
     problem = T1g(n=6, seed=3)
     A, B, D, x_hat = _t1g_closed_forms(problem)
     alpha, beta, rho, N, T = 0.05, 0.3, 0.2, 3, 4
-    method = bl.GALET(
-        lr_upper=alpha, lr_lower=beta, lower_steps=N, lr_shadow=rho, shadow_steps=T, stability_check="off", exact_metric=True
-    )
+    method = bl.GALET(lr_upper=alpha, lr_lower=beta, lower_steps=N, lr_shadow=rho, shadow_steps=T, stability_check="off", exact_metric=True)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.randn(6, generator=gen, dtype=torch.float64)
     y0 = torch.randn(6, generator=gen, dtype=torch.float64)
@@ -29,10 +27,10 @@ def test_one_iteration_equals_hand_written_step_on_t1g():
     for _ in range(N):
         y = y - beta * (A @ y - B.T @ x0)
     fy, fx = A @ y, D @ (x0 - x_hat)
-    w = torch.zeros(6, dtype=torch.float64)            # GALET's sign: w = -v
+    w = torch.zeros(6, dtype=torch.float64)  # GALET's sign: w = -v
     for _ in range(T):
         w = w - rho * A @ (fy + A @ w)
-    d = fx + (-B) @ w                                   # ∇_x f + J w with J = -B
+    d = fx + (-B) @ w  # ∇_x f + J w with J = -B
     x1 = x0 - alpha * d
     torch.testing.assert_close(new.y["y"], y, rtol=0, atol=1e-12)
     torch.testing.assert_close(new.v["y"], -w, rtol=0, atol=1e-12)
@@ -50,7 +48,7 @@ def test_warm_shadow_start_continues_from_previous_multiplier():
     state = method.init(problem).replace(v={"y": torch.full((4,), 0.3, dtype=torch.float64)})
     new, _ = method.step(problem, state)
     y1 = 2.0 + (2.0 - 2.0) * 0  # y0 = x0 = 2 is already the lower solution of T1
-    v_expected = 0.3 - 0.5 * (0.3 - y1)                  # H = I: v ← v − ρ (v − ∇_y f)
+    v_expected = 0.3 - 0.5 * (0.3 - y1)  # H = I: v ← v − ρ (v − ∇_y f)
     torch.testing.assert_close(new.v["y"], torch.full((4,), v_expected, dtype=torch.float64))
 
 
@@ -108,14 +106,15 @@ def test_t4_pl_lower_level_drives_metric_to_zero_and_x_to_optimistic_solution():
     P_null = torch.eye(20, dtype=torch.float64) - A.T @ torch.linalg.solve(A @ A.T, A)
     assert (P_null @ (result.y["y"] - problem.y_init["y"])).norm().item() < 1e-10
     grad_y_f = result.y["y"] - problem.metadata["y_ref"]
-    shadow_residual = grad_y_f - A.T @ (A @ result.v["y"])      # ∇_y f + H w with w = −v
+    shadow_residual = grad_y_f - A.T @ (A @ result.v["y"])  # ∇_y f + H w with w = −v
     assert shadow_residual.norm().item() > 0.1
 
 
 def test_t3_random_starts_reach_the_three_local_minima():
     problem = T3(copies=60, seed=0)
-    method = bl.GALET(lr_upper=0.05, lr_lower=0.1, lower_steps=10, lr_shadow=0.01, shadow_steps=20,
-                      shadow_start="warm", project_x=bl.Box(0.0, 3.0))
+    method = bl.GALET(
+        lr_upper=0.05, lr_lower=0.1, lower_steps=10, lr_shadow=0.01, shadow_steps=20, shadow_start="warm", project_x=bl.Box(0.0, 3.0)
+    )
     result = bl.solve(problem, method, max_iters=1500, log_every=100)
     ends = result.x["x"]
     nearest = torch.stack([(ends - m).abs() for m in T3_LOCAL_MINIMA]).min(dim=0)
@@ -129,7 +128,7 @@ def test_t3_random_starts_reach_the_three_local_minima():
 def test_stability_bound_on_shadow_step_warns_and_errors():
     problem = T3(copies=1)
     x0, y0 = {"x": torch.tensor([3.0], dtype=torch.float64)}, {"y": torch.tensor([-3.0], dtype=torch.float64)}
-    method = bl.GALET(lr_lower=0.1, lr_shadow=0.05)     # λ_max(H) = 8 at x = 3: bound 2/64
+    method = bl.GALET(lr_lower=0.1, lr_shadow=0.05)  # λ_max(H) = 8 at x = 3: bound 2/64
     with pytest.warns(bl.StabilityWarning, match=r"lr_shadow=0.05.*2/λ_max\(H\)²"):
         method.init(problem, x0, y0)
     with pytest.raises(ValueError, match="stability bound"):
@@ -159,7 +158,15 @@ def test_divergent_upper_step_raises_naming_iteration_and_quantity():
         bl.solve(T1(n=3), method, max_iters=200)
 
 
-BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+BAD_STEP_SIZES = [
+    (0.0, "0.0"),
+    (-2e-4, "-0.0002"),
+    (float("inf"), "inf"),
+    (float("nan"), "nan"),
+    (True, "True"),
+    ("1e-3", "'1e-3'"),
+    ([1, 2], r"\[1, 2\]"),
+]
 
 
 @pytest.mark.parametrize("field", ["lr_upper", "lr_lower", "lr_shadow"])

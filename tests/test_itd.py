@@ -1,10 +1,10 @@
 import pytest
 import torch
-from helpers import RecordDirection
-from helpers import relative_error as _rel
 
 import bilevel as bl
 from bilevel.problems import T1, T2, T1g
+from helpers import RecordDirection
+from helpers import relative_error as _rel
 
 F64 = torch.float64
 
@@ -33,7 +33,7 @@ def _unrolled_direction(problem, x, y0, beta, T, K=None, mu=0.0, beta_u=None):
     y = y0
     for _ in range(T):
         y = P @ y + c * B.T @ x
-    dy_dx = c * sum(torch.linalg.matrix_power(P, t) for t in range(K)) @ B.T      # ∂y_T/∂x
+    dy_dx = c * sum(torch.linalg.matrix_power(P, t) for t in range(K)) @ B.T  # ∂y_T/∂x
     return D @ (x - x_hat) + dy_dx.T @ (A @ y), y
 
 
@@ -45,17 +45,17 @@ def test_itd_with_many_lower_steps_gives_the_exact_t1g_hypergradient():
     print(f"\nITD hypergradient relative error on T1g (60 unrolled steps from y_init): {err:.2e}")
     assert err <= 1e-6
     assert float(info["lower_grad_sq"]) <= 1e-20
-    assert torch.equal(new.extra["unroll"].y_init["y"], problem.y_init["y"])     # the typed UnrollState
+    assert torch.equal(new.extra["unroll"].y_init["y"], problem.y_init["y"])  # the typed UnrollState
 
 
 @pytest.mark.parametrize("T, K", [(1, None), (3, None), (5, 2)])
 def test_itd_direction_is_the_derivative_of_the_unrolled_map(T, K):
-    problem, x, lam = _t1g()
+    problem, x, _lam = _t1g()
     beta = 0.4
     y0 = {"y": torch.linspace(-1.0, 2.0, 6, dtype=F64)}
     cls = bl.ITD if K is None else bl.TRHG
     method = cls(lr_upper=RecordDirection(), lr_lower=beta, lower_steps=T, truncate=K)
-    d, new, info = _direction(problem, method, x, y0)
+    d, new, _info = _direction(problem, method, x, y0)
     expected, y_T = _unrolled_direction(problem, x["x"], y0["y"], beta, T, K)
     torch.testing.assert_close(d, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(new.y["y"], y_T, rtol=1e-12, atol=1e-12)
@@ -66,7 +66,7 @@ def test_itd_direction_is_the_derivative_of_the_unrolled_map(T, K):
 
 
 def test_bda_direction_is_the_derivative_of_the_aggregated_unrolled_map():
-    problem, x, lam = _t1g()
+    problem, x, _lam = _t1g()
     y0 = {"y": torch.linspace(-1.0, 2.0, 6, dtype=F64)}
     beta, beta_u, mu, T = 0.4, 0.2, 0.3, 4
     method = bl.BDA(lr_upper=RecordDirection(), lr_lower=beta, lower_steps=T, mu=mu, lr_lower_upper=beta_u)
@@ -129,7 +129,7 @@ def test_warm_started_one_step_itd_converges_to_the_wrong_point_on_t1():
     result = bl.solve(T1(n=3), method, max_iters=100)
     assert float((result.x["x"] - 1 / 1.2).abs().max()) <= 1e-8
     assert float((result.y["y"] - 1 / 1.2).abs().max()) <= 1e-8
-    assert result.state.extra["unroll"] == bl.parts.EmptyState()                 # nothing kept when warm
+    assert result.state.extra["unroll"] == bl.parts.EmptyState()  # nothing kept when warm
 
 
 def test_configuration_errors():
@@ -145,7 +145,15 @@ def test_configuration_errors():
         bl.BDA(mu=-0.5)
 
 
-BAD_STEP_SIZES = [(0.0, "0.0"), (-2e-4, "-0.0002"), (float("inf"), "inf"), (float("nan"), "nan"), (True, "True"), ("1e-3", "'1e-3'"), ([1, 2], r"\[1, 2\]")]
+BAD_STEP_SIZES = [
+    (0.0, "0.0"),
+    (-2e-4, "-0.0002"),
+    (float("inf"), "inf"),
+    (float("nan"), "nan"),
+    (True, "True"),
+    ("1e-3", "'1e-3'"),
+    ([1, 2], r"\[1, 2\]"),
+]
 
 
 @pytest.mark.parametrize("field", ["lr_upper", "lr_lower"])

@@ -95,7 +95,11 @@ def test_box_projection_clamps_every_leaf():
 @pytest.mark.parametrize(
     "make, error, match",
     [
-        (lambda: bl.Adam(betas=(1.0, 0.999)), ValueError, r"Adam\(betas=\(1.0, 0.999\)\) must be a pair \(beta1, beta2\) of numbers in \[0, 1\)"),
+        (
+            lambda: bl.Adam(betas=(1.0, 0.999)),
+            ValueError,
+            r"Adam\(betas=\(1.0, 0.999\)\) must be a pair \(beta1, beta2\) of numbers in \[0, 1\)",
+        ),
         (lambda: bl.Adam(betas=(0.9, -0.1)), ValueError, r"Adam\(betas=\(0.9, -0.1\)\)"),
         (lambda: bl.Adam(betas=0.9), ValueError, r"Adam\(betas=0.9\) must be a pair"),
         (lambda: bl.Adam(eps=-1e-8), ValueError, r"Adam\(eps=-1e-08\) must be a number >= 0"),
