@@ -37,6 +37,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,12 +58,21 @@ def _requires_grad_copy(tree: Tree) -> Tree:
     return T.tree_map(lambda t: t.detach().requires_grad_(True), tree)
 
 
-def _grads_or_zeros(outputs, inputs: list[torch.Tensor], cotangents=None, retain_graph=False, create_graph=False):
+def _grads_or_zeros(
+    outputs: torch.Tensor | Sequence[torch.Tensor],
+    inputs: list[torch.Tensor],
+    cotangents: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    retain_graph: bool = False,
+    create_graph: bool = False,
+) -> list[torch.Tensor]:
     """``torch.autograd.grad`` that returns zeros for inputs the outputs do not depend on."""
-    if isinstance(outputs, torch.Tensor):
-        outputs = [outputs]
-        cotangents = None if cotangents is None else [cotangents]
-    pairs = [(o, c) for o, c in zip(outputs, cotangents or [None] * len(outputs), strict=True) if o.requires_grad]
+    output_list = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
+    cotangent_list: list[torch.Tensor | None] = []
+    if isinstance(cotangents, torch.Tensor):
+        cotangent_list = [cotangents]
+    elif cotangents:
+        cotangent_list = list(cotangents)
+    pairs = [(o, c) for o, c in zip(output_list, cotangent_list or [None] * len(output_list), strict=True) if o.requires_grad]
     if not pairs:
         return [torch.zeros_like(t) for t in inputs]
     outs, cots = zip(*pairs, strict=True)
@@ -104,7 +115,7 @@ class Linearization:
 
 
 class _ReverseLinearization(Linearization):
-    def __init__(self, fn, x, y, batch, with_grad_x):
+    def __init__(self, fn: Callable, x: Tree, y: Tree, batch: Any, with_grad_x: bool):
         self._x = _requires_grad_copy(x)
         self._y = _requires_grad_copy(y)
         self._xl, self._yl = T.leaves(self._x), T.leaves(self._y)
@@ -119,7 +130,7 @@ class _ReverseLinearization(Linearization):
         self.grad_x = T.unflatten_like([g.detach() for g in grads[:nx]], x) if with_grad_x else None
         self._x_like, self._y_like = x, y
 
-    def both(self, v, need_mixed=True, need_hvp=True):
+    def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
         inputs = (self._xl if need_mixed else []) + (self._yl if need_hvp else [])
         with torch.enable_grad():
             grads = _grads_or_zeros(self._gy, inputs, T.leaves(v), retain_graph=True)
@@ -130,7 +141,7 @@ class _ReverseLinearization(Linearization):
 
 
 class _ForwardLinearization(Linearization):
-    def __init__(self, fn, x, y, batch, with_grad_x):
+    def __init__(self, fn: Callable, x: Tree, y: Tree, batch: Any, with_grad_x: bool):
         self._fn, self._x, self._y, self._batch = fn, T.detach(x), T.detach(y), batch
         if with_grad_x:
             (gx, gy), value = grad_and_value(lambda xx, yy: fn(xx, yy, batch), argnums=(0, 1))(self._x, self._y)
@@ -140,25 +151,25 @@ class _ForwardLinearization(Linearization):
             self.grad_x = None
         self.value, self.grad_y = value.detach(), T.detach(gy)
 
-    def both(self, v, need_mixed=True, need_hvp=True):
+    def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
         fn, x, batch = self._fn, self._x, self._batch
         if need_mixed:
             grads = lambda yy: grad_and_value(lambda xx, yv: fn(xx, yv, batch), argnums=(0, 1))(x, yy)[0]
-            _, (jv, hv) = jvp(grads, (self._y,), (v,))
+            jv, hv = jvp(grads, (self._y,), (v,))[1]
             return jv, (hv if need_hvp else None)
         grad_y = lambda yy: grad_and_value(lambda yv: fn(x, yv, batch))(yy)[0]
-        _, hv = jvp(grad_y, (self._y,), (v,))
+        hv = jvp(grad_y, (self._y,), (v,))[1]
         return None, hv
 
 
 class _FiniteDifferenceLinearization(Linearization):
-    def __init__(self, fn, x, y, batch, with_grad_x, eps):
+    def __init__(self, fn: Callable, x: Tree, y: Tree, batch: Any, with_grad_x: bool, eps: float):
         self._fn, self._x, self._y, self._batch, self._eps = fn, T.detach(x), T.detach(y), batch, eps
         gx, gy, value = _gradients(fn, self._x, self._y, batch)
         self.value, self.grad_y = value, gy
         self.grad_x = gx if with_grad_x else None
 
-    def both(self, v, need_mixed=True, need_hvp=True):
+    def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
         v_norm = T.norm(v)
         # relative step: ε·max(1, ‖y‖)/‖v‖ keeps the perturbation at a fixed relative size
         step = self._eps * torch.clamp(T.norm(self._y), min=1.0) / torch.clamp(v_norm, min=torch.finfo(v_norm.dtype).tiny)
@@ -170,7 +181,7 @@ class _FiniteDifferenceLinearization(Linearization):
         return jv, hv
 
 
-def _gradients(fn, x, y, batch) -> tuple[Tree, Tree, torch.Tensor]:
+def _gradients(fn: Callable, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tree, torch.Tensor]:
     """``(∇_x h, ∇_y h, h)`` at ``(x, y)`` by one reverse pass (detached)."""
     xr, yr = _requires_grad_copy(x), _requires_grad_copy(y)
     xl, yl = T.leaves(xr), T.leaves(yr)
@@ -180,7 +191,7 @@ def _gradients(fn, x, y, batch) -> tuple[Tree, Tree, torch.Tensor]:
     return T.unflatten_like(grads[: len(xl)], x), T.unflatten_like(grads[len(xl) :], y), value.detach()
 
 
-def _gradient_y(fn, x, y, batch) -> tuple[Tree, torch.Tensor]:
+def _gradient_y(fn: Callable, x: Tree, y: Tree, batch: Any) -> tuple[Tree, torch.Tensor]:
     """``(∇_y h, h)`` at ``(x, y)``; ``x`` is treated as a constant."""
     yr = _requires_grad_copy(y)
     with torch.enable_grad():
@@ -202,7 +213,7 @@ class Oracles:
     mode: str = "reverse"
     fd_eps: float = 1e-6
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.mode not in ORACLE_MODES:
             raise ValueError(f"Oracles(mode={self.mode!r}) is not one of {ORACLE_MODES}")
         if not self.fd_eps > 0:
@@ -241,19 +252,19 @@ class WeightedLinearization(Linearization):
         if not terms:
             raise ValueError("WeightedLinearization needs at least one term with a nonzero weight")
         self.terms = terms
-        self.value = sum(c * lin.value for c, lin in terms)
+        self.value = functools.reduce(operator.add, [c * lin.value for c, lin in terms])
         self.grad_y = _weighted_sum([(c, lin.grad_y) for c, lin in terms])
         has_x = all(lin.grad_x is not None for _, lin in terms)
         self.grad_x = _weighted_sum([(c, lin.grad_x) for c, lin in terms]) if has_x else None
 
-    def both(self, v, need_mixed=True, need_hvp=True):
+    def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
         parts = [(c, lin.both(v, need_mixed=need_mixed, need_hvp=need_hvp)) for c, lin in self.terms]
         jv = _weighted_sum([(c, p[0]) for c, p in parts]) if need_mixed else None
         hv = _weighted_sum([(c, p[1]) for c, p in parts]) if need_hvp else None
         return jv, hv
 
 
-def _weighted_sum(terms):
+def _weighted_sum(terms: Sequence[tuple[float, Tree]]) -> Tree:
     (c0, first), rest = terms[0], terms[1:]
     out = T.scale(c0, first)
     for c, t in rest:
@@ -266,7 +277,7 @@ class _CountingLinearization(Linearization):
         self._inner, self._counts = inner, counts
         self.value, self.grad_y, self.grad_x = inner.value, inner.grad_y, inner.grad_x
 
-    def both(self, v, need_mixed=True, need_hvp=True):
+    def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
         key = "both" if (need_mixed and need_hvp) else ("mixed" if need_mixed else "hvp")
         self._counts[key] = self._counts.get(key, 0) + 1
         return self._inner.both(v, need_mixed=need_mixed, need_hvp=need_hvp)
@@ -282,20 +293,20 @@ class CountingOracles(Oracles):
 
     counts: dict = field(default_factory=dict, compare=False)
 
-    def _tick(self, key):
+    def _tick(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
 
-    def reset(self):
+    def reset(self) -> None:
         self.counts.clear()
 
-    def gradients(self, fn, x, y, batch):
+    def gradients(self, fn: Callable, x: Tree, y: Tree, batch: Any) -> tuple[Tree, Tree, torch.Tensor]:
         self._tick("gradients")
         return super().gradients(fn, x, y, batch)
 
-    def gradient_y(self, fn, x, y, batch):
+    def gradient_y(self, fn: Callable, x: Tree, y: Tree, batch: Any) -> tuple[Tree, torch.Tensor]:
         self._tick("gradient_y")
         return super().gradient_y(fn, x, y, batch)
 
-    def linearize(self, fn, x, y, batch, with_grad_x=False):
+    def linearize(self, fn: Callable, x: Tree, y: Tree, batch: Any, with_grad_x: bool = False) -> Linearization:
         self._tick("linearize")
         return _CountingLinearization(super().linearize(fn, x, y, batch, with_grad_x), self.counts)
