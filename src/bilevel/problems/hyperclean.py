@@ -90,7 +90,7 @@ def init_classifier(
     check_count("init_classifier", "hidden", hidden)
     generator = torch.Generator().manual_seed(int(seed))
 
-    def uniform(shape, fan_in):
+    def uniform(shape: tuple[int, ...], fan_in: int) -> torch.Tensor:
         # float64 draws (the same start for every dtype), converted block by block
         return seeded_uniform(shape, 1.0 / math.sqrt(fan_in), generator, dtype, device)
 
@@ -123,7 +123,8 @@ def classifier_logits(model: str, y: dict, inputs: torch.Tensor) -> torch.Tensor
 
 
 def _squared_norm(tree: dict) -> torch.Tensor:
-    return sum((t * t).sum() for t in tree.values())
+    total: torch.Tensor = sum((t * t).sum() for t in tree.values())
+    return total
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,10 @@ class HypercleanProblem(Problem):
         of the cleaner ``m_i = 1[x_i ≥ 0]`` (:func:`bilevel.data.cleaner_metrics`).
         """
         data = self.data
+        if data is None:
+            raise ValueError(
+                f"{self.name}: evaluate needs the problem's data (HypercleanProblem(data=...), as hyperclean_problem builds it)"
+            )
         with torch.no_grad():
             y = {k: v.detach() for k, v in y.items()}
             test_logits = self.logits(y, data.x_test)
@@ -210,14 +215,14 @@ def hyperclean_problem(
         else "reduce n_train (config: problem.n_train)",
     )
 
-    def lower(x, y, batch):
+    def lower(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         losses = F.cross_entropy(classifier_logits(model, y, x_train), labels_noisy, reduction="none")
         value = (torch.sigmoid(x["weights"]) * losses).mean()
         if reg:
             value = value + 0.5 * reg * _squared_norm(y)
         return value
 
-    def upper(x, y, batch):
+    def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
         return F.cross_entropy(classifier_logits(model, y, x_val), labels_val)
 
     x_init = {"weights": torch.zeros(len(labels_noisy), dtype=dtype, device=device)}
@@ -235,7 +240,9 @@ def hyperclean_problem(
     )
 
 
-def fit_lower(problem: Problem, x, y, batch=None, steps: int = 500, lr: float = 0.1) -> dict:
+def fit_lower(
+    problem: Problem, x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any = None, steps: int = 500, lr: float = 0.1
+) -> dict[str, torch.Tensor]:
     """``steps`` plain gradient steps on ``g(x, ·)`` from ``y`` (no graph); returns the new ``y``.
 
     Used for the no-cleaning baseline: with ``x = 0`` every example has weight ½, i.e. the
