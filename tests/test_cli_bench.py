@@ -199,3 +199,40 @@ def test_sigint_to_a_bench_subprocess_exits_130_and_resume_completes_it(tmp_path
     iterations = _logged_iterations(first)
     assert iterations == sorted(set(iterations)) and iterations[-1] == 300 and len(iterations) == 300 // 10 + 1
     assert "interrupted" not in (out / "table.md").read_text() and (out / "test_accuracy.png").is_file()
+
+
+def test_the_hyperclean_table_carries_the_validated_baselines_computed_once_per_seed(tiny_config, tmp_path, capsys, monkeypatch):
+    calls = []
+    original = runner.strong_baselines
+
+    def counting(config):
+        calls.append(config.run.seed)
+        return original(config)
+
+    monkeypatch.setattr(runner, "strong_baselines", counting)
+    out = tmp_path / "b"
+    assert main(["bench", tiny_config, "--methods", "CG,BAGDC", "--seeds", "0,1", "--out", str(out), "--no-progress"]) == 0
+    assert sorted(calls) == [0, 1]  # once per seed, not once per method and seed
+    table = (out / "table.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    for label in (
+        "baseline: validation set only",
+        "baseline: noisy train + validation",
+        "baseline: noisy train, early stopping on validation",
+        "baseline: no cleaning (x = 0), step count chosen on validation",
+        "baseline: oracle: truly clean train + validation",
+        "no cleaning (x = 0, fixed step count)",
+    ):
+        assert label in rows and " ± " in rows[label]
+    cached = json.loads((out / "baselines-seed1.json").read_text())
+    assert set(cached) == {"val_only", "noisy_plus_val", "noisy_early_stop", "no_cleaning", "oracle"}
+    assert all(0.0 <= row["test_accuracy"] <= 100.0 and row["lr"] > 0 for row in cached.values())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"baselines-seed0.json", "baselines-seed1.json"} <= set(manifest["files"])  # --overwrite may remove them
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["baselines"]["validated"][1] == cached
+    capsys.readouterr()
+    calls.clear()
+    assert main(["resume", str(out), "--no-progress"]) == 0  # the report is rebuilt from the cached baselines
+    assert calls == []
+    assert (out / "table.md").read_text() == table

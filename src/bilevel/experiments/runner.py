@@ -191,13 +191,13 @@ def build_method(section: dict, episodic: bool = False) -> Method:
     return method
 
 
-def _build_hyperclean(config: ResolvedConfig) -> Experiment:
+def _hyperclean_data(config: ResolvedConfig) -> Any:
+    """The hyper-cleaning instance of a configuration (split and noise seed ``problem.seed + run.seed``)."""
     from ..data import make_hyperclean_data
-    from ..problems.hyperclean import fit_lower, hyperclean_problem
 
     spec, seed = config.problem, config.run.seed
     assert isinstance(spec, HypercleanSpec)
-    data = make_hyperclean_data(
+    return make_hyperclean_data(
         spec.dataset,
         noise_rate=spec.noise_rate,
         seed=spec.seed + seed,
@@ -207,6 +207,34 @@ def _build_hyperclean(config: ResolvedConfig) -> Experiment:
         root=spec.data_dir,
         dtype=_dtype(spec.dtype),
     )
+
+
+def strong_baselines(config: dict | ResolvedConfig) -> dict[str, dict]:
+    """The non-bilevel baselines of a hyper-cleaning configuration's instance, for the bench table.
+
+    Validation only, noisy train + validation, noisy train with early stopping on
+    validation, no cleaning with its step count chosen on validation, and the oracle
+    (truly clean train + validation), each with a stable step ``1/L₀`` and its step count
+    chosen on validation data only; the baselines trained on the validation set choose
+    their step count on one held-out 20 % of it (``folds=1``) to keep a bench fast (see
+    :func:`bilevel.experiments.baselines.hyperclean_baselines` and ``docs/baselines.md``).
+    """
+    from .baselines import hyperclean_baselines
+
+    resolved = config if isinstance(config, ResolvedConfig) else resolve(config)
+    spec = resolved.problem
+    assert isinstance(spec, HypercleanSpec)
+    data = _hyperclean_data(resolved)
+    rows = _rng_neutral(lambda: hyperclean_baselines(data, spec.model, spec.reg, resolved.run.seed, hidden=spec.hidden, folds=1))
+    return {name: {k: row[k] for k in ("description", "test_accuracy", "best_step", "lr")} for name, row in rows.items()}
+
+
+def _build_hyperclean(config: ResolvedConfig) -> Experiment:
+    from ..problems.hyperclean import fit_lower, hyperclean_problem
+
+    spec, seed = config.problem, config.run.seed
+    assert isinstance(spec, HypercleanSpec)
+    data = _hyperclean_data(config)
     # the keys named as the builder's arguments (model, reg, hidden) are forwarded by name
     problem = hyperclean_problem(data, seed=seed, **spec.arguments_for(hyperclean_problem, exclude=("seed",)))
     method = build_method(config.data["method"])
@@ -1034,7 +1062,9 @@ def _status_note(summary: dict) -> str:
     return str(status)
 
 
-def format_bench_table(rows: dict, kind: str, baseline: Sequence[dict] | None = None, notes: dict | None = None) -> str:
+def format_bench_table(
+    rows: dict, kind: str, baseline: Sequence[dict] | None = None, notes: dict | None = None, strong: Sequence[dict] | None = None
+) -> str:
     """Markdown table of a bench: one row per method, mean ± std over its completed seeds.
 
     Runs that diverged or were interrupted do not enter the means (a 37-iteration run
@@ -1062,8 +1092,13 @@ def format_bench_table(rows: dict, kind: str, baseline: Sequence[dict] | None = 
         header = ["method", "test acc (%)", "F1", "time (s)", "iterations"]
     else:
         header = ["method", "meta-test acc (%)", "95% CI (%)", "time (s)", "iterations"]
+    # the non-bilevel baselines (one dict per seed: name -> row), mean ± std over seeds
+    for name in dict.fromkeys(key for per_seed in strong or () for key in per_seed):
+        values = [per_seed[name]["test_accuracy"] for per_seed in strong or () if name in per_seed]
+        description = next(per_seed[name]["description"] for per_seed in strong or () if name in per_seed)
+        body.append(([f"baseline: {description}", _pm(values, 2), "-", "-", "-"], ""))
     if baseline:
-        label = "no cleaning (x = 0)" if kind == "hyperclean" else "random features"
+        label = "no cleaning (x = 0, fixed step count)" if kind == "hyperclean" else "random features"
         cells = [
             label,
             _pm([b.get("test_accuracy") for b in baseline], 2),
@@ -1234,6 +1269,35 @@ def _bench_loop(
     return {**_bench_report(out, manifest), "interrupted": interrupted}
 
 
+def _baselines_file(seed: int) -> str:
+    return f"baselines-seed{seed}.json"
+
+
+def _strong_baselines(out: Path, manifest: dict, write_errors: list[str]) -> list[dict]:
+    """The non-bilevel baselines of each seed that has a completed run, computed once per
+    seed and kept in ``baselines-seed<s>.json`` (a resumed bench reads them back)."""
+    done = {e["seed"] for e in manifest["runs"] if e["status"] in COMPLETED}
+    overrides = list(manifest["overrides"])
+    result = []
+    for seed in manifest["seeds"]:
+        if seed not in done:
+            continue
+        path = out / _baselines_file(seed)
+        cached = _read_json(path) if path.is_file() else None
+        if not isinstance(cached, dict):
+            entry = next(e for e in manifest["runs"] if e["seed"] == seed)
+            cached = strong_baselines(resolve(apply_overrides(manifest["base_config"], _run_overrides(overrides, entry))))
+            if _baselines_file(seed) not in manifest["files"]:
+                manifest["files"].append(_baselines_file(seed))
+                write_manifest(out, manifest)
+            try:
+                _write_json(path, cached)
+            except OSError as err:
+                write_errors.append(f"could not write {path}: {err.strerror or err}")
+        result.append(cached)
+    return result
+
+
 def _bench_report(out: Path, manifest: dict) -> dict:
     """Table, bench.json and plots from the run directories' summaries and logs."""
     from ..plotting import plot_runs
@@ -1260,7 +1324,8 @@ def _bench_report(out: Path, manifest: dict) -> dict:
             with contextlib.suppress(RunDirError, ValueError):
                 logs.setdefault(entry["method"], []).append(read_log(out / entry["dir"]))
     baseline = [baselines[s] for s in manifest["seeds"] if s in baselines]
-    table = format_bench_table(rows, kind, baseline or None, notes)
+    strong = _strong_baselines(out, manifest, write_errors) if kind == "hyperclean" else []
+    table = format_bench_table(rows, kind, baseline or None, notes, strong)
     plots: list[Path] = []
     for metric in ["test_accuracy"] + (["f1"] if kind == "hyperclean" else []):
         try:
@@ -1283,6 +1348,7 @@ def _bench_report(out: Path, manifest: dict) -> dict:
         "complete": not unfinished,
         "status": {e["dir"]: e["status"] for e in manifest["runs"]},
         "runs": rows,
+        "baselines": {"fixed_step_no_cleaning": baseline, "validated": strong},
         "table": table,
         "plots": [str(p) for p in plots],
     }
