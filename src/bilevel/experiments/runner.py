@@ -1266,16 +1266,17 @@ def _bench_loop(
             output.undo()
             raise KeyboardInterrupt
         commit()
-    return {**_bench_report(out, manifest), "interrupted": interrupted}
+    return {**_bench_report(out, manifest, configs), "interrupted": interrupted}
 
 
 def _baselines_file(seed: int) -> str:
     return f"baselines-seed{seed}.json"
 
 
-def _strong_baselines(out: Path, manifest: dict, write_errors: list[str]) -> list[dict]:
+def _strong_baselines(out: Path, manifest: dict, write_errors: list[str], configs: dict | None = None) -> list[dict]:
     """The non-bilevel baselines of each seed that has a completed run, computed once per
-    seed and kept in ``baselines-seed<s>.json`` (a resumed bench reads them back)."""
+    seed and kept in ``baselines-seed<s>.json`` (a resumed bench reads them back);
+    ``configs`` are the runs' resolved configurations when the bench has them already."""
     done = {e["seed"] for e in manifest["runs"] if e["status"] in COMPLETED}
     overrides = list(manifest["overrides"])
     result = []
@@ -1286,7 +1287,10 @@ def _strong_baselines(out: Path, manifest: dict, write_errors: list[str]) -> lis
         cached = _read_json(path) if path.is_file() else None
         if not isinstance(cached, dict):
             entry = next(e for e in manifest["runs"] if e["seed"] == seed)
-            cached = strong_baselines(resolve(apply_overrides(manifest["base_config"], _run_overrides(overrides, entry))))
+            config = (configs or {}).get(entry["dir"]) or resolve(
+                apply_overrides(manifest["base_config"], _run_overrides(overrides, entry))
+            )
+            cached = strong_baselines(config)
             if _baselines_file(seed) not in manifest["files"]:
                 manifest["files"].append(_baselines_file(seed))
                 write_manifest(out, manifest)
@@ -1298,7 +1302,7 @@ def _strong_baselines(out: Path, manifest: dict, write_errors: list[str]) -> lis
     return result
 
 
-def _bench_report(out: Path, manifest: dict) -> dict:
+def _bench_report(out: Path, manifest: dict, configs: dict | None = None) -> dict:
     """Table, bench.json and plots from the run directories' summaries and logs."""
     from ..plotting import plot_runs
 
@@ -1324,7 +1328,7 @@ def _bench_report(out: Path, manifest: dict) -> dict:
             with contextlib.suppress(RunDirError, ValueError):
                 logs.setdefault(entry["method"], []).append(read_log(out / entry["dir"]))
     baseline = [baselines[s] for s in manifest["seeds"] if s in baselines]
-    strong = _strong_baselines(out, manifest, write_errors) if kind == "hyperclean" else []
+    strong = _strong_baselines(out, manifest, write_errors, configs) if kind == "hyperclean" else []
     table = format_bench_table(rows, kind, baseline or None, notes, strong)
     plots: list[Path] = []
     for metric in ["test_accuracy"] + (["f1"] if kind == "hyperclean" else []):
