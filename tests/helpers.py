@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from bilevel.updates import UpperOptimizer
@@ -31,3 +32,21 @@ def random_state(method, problem, seed=0):
     rnd = lambda: torch.randn(n, generator=gen, dtype=torch.float64)
     x0, y0, v0 = rnd(), rnd(), rnd()
     return method.init(problem, {"x": x0}, {"y": y0}).replace(v={"y": v0}), x0, y0, v0
+
+
+#: step sizes every method must refuse at construction, with how the message shows them.
+BAD_STEP_SIZES = [
+    (0.0, "0.0"),
+    (-2e-4, "-0.0002"),
+    (float("inf"), "inf"),
+    (float("nan"), "nan"),
+    (True, "True"),
+    ("1e-3", "'1e-3'"),
+    ([1, 2], r"\[1, 2\]"),
+]
+
+
+def assert_rejects_step_size(cls, field, value, shown):
+    """``cls(field=value)`` fails with one line naming the class, the argument and the value."""
+    with pytest.raises(ValueError, match=rf"^{cls.__name__}\({field}={shown}\) must be a positive number"):
+        cls(**{field: value})

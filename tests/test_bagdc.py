@@ -3,6 +3,7 @@ import torch
 
 import bilevel as bl
 from bilevel.problems import T1, T1g
+from helpers import BAD_STEP_SIZES, assert_rejects_step_size
 from helpers import random_state as _random_state
 
 
@@ -167,23 +168,11 @@ def test_stability_bounds_on_lower_and_dual_steps_warn_and_error():
         bl.solve(problem, bl.BAGDC(lr_dual=2.5, stability_check="off"), max_iters=3000)
 
 
-BAD_STEP_SIZES = [
-    (0.0, "0.0"),
-    (-2e-4, "-0.0002"),
-    (float("inf"), "inf"),
-    (float("nan"), "nan"),
-    (True, "True"),
-    ("1e-3", "'1e-3'"),
-    ([1, 2], r"\[1, 2\]"),
-]
-
-
 @pytest.mark.parametrize("field", ["lr_upper", "lr_lower", "lr_dual", "dual_fallback", "max_dual_step"])
 @pytest.mark.parametrize("value, shown", BAD_STEP_SIZES)
 def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value, shown):
     """Every step size fails at construction with one line naming the class, the argument and the value."""
-    with pytest.raises(ValueError, match=rf"^BAGDC\({field}={shown}\) must be a positive number"):
-        bl.BAGDC(**{field: value})
+    assert_rejects_step_size(bl.BAGDC, field, value, shown)
 
 
 @pytest.mark.parametrize(

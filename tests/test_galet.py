@@ -5,6 +5,7 @@ import torch
 
 import bilevel as bl
 from bilevel.problems import T1, T3, T3_LOCAL_MINIMA, T4, T1g
+from helpers import BAD_STEP_SIZES, assert_rejects_step_size
 
 
 def _t1g_closed_forms(problem):
@@ -158,23 +159,11 @@ def test_divergent_upper_step_raises_naming_iteration_and_quantity():
         bl.solve(T1(n=3), method, max_iters=200)
 
 
-BAD_STEP_SIZES = [
-    (0.0, "0.0"),
-    (-2e-4, "-0.0002"),
-    (float("inf"), "inf"),
-    (float("nan"), "nan"),
-    (True, "True"),
-    ("1e-3", "'1e-3'"),
-    ([1, 2], r"\[1, 2\]"),
-]
-
-
 @pytest.mark.parametrize("field", ["lr_upper", "lr_lower", "lr_shadow"])
 @pytest.mark.parametrize("value, shown", BAD_STEP_SIZES)
 def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value, shown):
     """Every step size fails at construction with one line naming the class, the argument and the value."""
-    with pytest.raises(ValueError, match=rf"^GALET\({field}={shown}\) must be a positive number"):
-        bl.GALET(**{field: value})
+    assert_rejects_step_size(bl.GALET, field, value, shown)
 
 
 @pytest.mark.parametrize(
