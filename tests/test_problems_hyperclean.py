@@ -66,12 +66,12 @@ def test_losses_match_hand_computation(model):
         a = a.tolist()
         if model == "linear":
             W, b = y["W"].tolist(), y["b"].tolist()
-            return [sum(a[i] * W[i][c] for i in range(3)) + b[c] for c in range(3)]
+            return [sum(a[i] * W[c][i] for i in range(3)) + b[c] for c in range(3)]  # W is [out, in]
         W1, b1, W2, b2 = (y[k].tolist() for k in ("W1", "b1", "W2", "b2"))
-        hidden = [sum(a[i] * W1[i][j] for i in range(3)) + b1[j] for j in range(4)]
+        hidden = [sum(a[i] * W1[j][i] for i in range(3)) + b1[j] for j in range(4)]
         if model == "mlp":
             hidden = [1 / (1 + math.exp(-v)) for v in hidden]
-        return [sum(hidden[j] * W2[j][c] for j in range(4)) + b2[c] for c in range(3)]
+        return [sum(hidden[j] * W2[c][j] for j in range(4)) + b2[c] for c in range(3)]
 
     weights = [1 / (1 + math.exp(-v)) for v in x["weights"].tolist()]
     g_hand = sum(w * manual_ce(h(a), int(b)) for w, a, b in zip(weights, data.x_train, data.y_train_noisy, strict=True)) / 4
@@ -87,7 +87,7 @@ def test_gradient_wrt_weight_logits():
     y = {"W": torch.randn(3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)), "b": torch.zeros(3, dtype=torch.float64)}
     x = {"weights": torch.tensor([0.5, -0.5, 1.0, 0.0], dtype=torch.float64, requires_grad=True)}
     (grad,) = torch.autograd.grad(problem.g(x, y), [x["weights"]])
-    ce = torch.nn.functional.cross_entropy(data.x_train @ y["W"] + y["b"], data.y_train_noisy, reduction="none")
+    ce = torch.nn.functional.cross_entropy(data.x_train @ y["W"].T + y["b"], data.y_train_noisy, reduction="none")
     s = torch.sigmoid(x["weights"].detach())
     expected = s * (1 - s) * ce / 4  # d/dx_i of mean_i σ(x_i) CE_i
     assert torch.allclose(grad, expected, atol=1e-12)
@@ -120,7 +120,8 @@ def test_initialisation_is_seeded_and_follows_dtype():
     assert a["W1"].abs().max() <= 1 / math.sqrt(5) and a["W1"].dtype == torch.float64
     assert all(float(t.abs().sum()) == 0 for t in init_classifier("linear", 5, 3).values())
     problem = hyperclean_problem(tiny_data(), model="two_layer", hidden=4)
-    assert problem.x_init["weights"].dtype == torch.float64 and problem.y_init["W1"].shape == (3, 4)
+    assert problem.x_init["weights"].dtype == torch.float64 and problem.y_init["W1"].shape == (4, 3)  # [out, in]
+    assert problem.y_init["W2"].shape == (3, 4) and init_classifier("linear", 5, 3)["W"].shape == (3, 5)
     assert classifier_logits("two_layer", problem.y_init, tiny_data().x_val).shape == (3, 3)
 
 
@@ -196,6 +197,8 @@ def test_hidden_layer_start_is_the_float64_draw_in_every_dtype(monkeypatch):
     expected = {}
     for name, shape, fan_in in (("W1", (5, 4), 5), ("b1", (4,), 5), ("W2", (4, 3), 4), ("b2", (3,), 4)):
         expected[name] = (torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * (1.0 / math.sqrt(fan_in))
+        if name.startswith("W"):
+            expected[name] = expected[name].T  # drawn [in, out], stored [out, in]
     for name, value in expected.items():
         assert torch.equal(y32[name], value.to(torch.float32))
     y64 = init_classifier("mlp", 5, 3, hidden=4, seed=3, dtype=torch.float64)
@@ -207,3 +210,18 @@ def test_bad_hidden_names_the_argument():
         hyperclean_problem(tiny_data(), model="mlp", hidden=0)
     with pytest.raises(ValueError, match=r"^hyperclean_problem\(reg=-1\) must be a number >= 0"):
         hyperclean_problem(tiny_data(), reg=-1)
+
+
+def test_the_seeded_start_is_bilevel_0_1_s_in_out_draw_transposed():
+    """Weights are stored [out, in] (F.linear); the numbers are the [in, out] draws of bilevel 0.1."""
+    from bilevel.problems._init import seeded_uniform
+
+    generator = torch.Generator().manual_seed(4)
+    w1 = seeded_uniform((5, 7), 1 / math.sqrt(5), generator, torch.float64, None)
+    b1 = seeded_uniform((7,), 1 / math.sqrt(5), generator, torch.float64, None)
+    w2 = seeded_uniform((7, 3), 1 / math.sqrt(7), generator, torch.float64, None)
+    y = init_classifier("mlp", 5, 3, hidden=7, seed=4, dtype=torch.float64)
+    assert torch.equal(y["W1"], w1.T) and torch.equal(y["b1"], b1) and torch.equal(y["W2"], w2.T)
+    inputs = torch.rand(6, 5, dtype=torch.float64)
+    expected = torch.sigmoid(inputs @ w1 + b1) @ w2 + y["b2"]
+    assert torch.allclose(classifier_logits("mlp", y, inputs), expected, atol=1e-14)

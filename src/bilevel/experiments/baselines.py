@@ -119,7 +119,7 @@ def _loss_and_grad(
 ) -> tuple[float, dict]:
     if model == "linear":  # closed form, no graph: the same values, about 3x faster on a CPU
         with torch.no_grad():
-            logits = torch.addmm(params["b"], inputs, params["W"])
+            logits = F.linear(inputs, params["W"], params["b"])
             log_probs = torch.log_softmax(logits, dim=1)
             losses = -log_probs.gather(1, labels.unsqueeze(1)).squeeze(1)
             residual = torch.exp(log_probs)
@@ -127,7 +127,7 @@ def _loss_and_grad(
             scale = (weights if weights is not None else torch.ones_like(losses)) / len(labels)
             residual = residual * scale.unsqueeze(1)
             value = float((losses * scale).sum())
-            grads = {"W": inputs.T @ residual, "b": residual.sum(0)}
+            grads = {"W": residual.T @ inputs, "b": residual.sum(0)}
             if reg:
                 value += 0.5 * reg * float(sum((t * t).sum() for t in params.values()))
                 grads = {k: g + reg * params[k] for k, g in grads.items()}
