@@ -96,3 +96,17 @@ def test_aid_solvers_are_named_aid_cg_aid_neumann_aid_fixedpoint_and_the_old_nam
         method = C.resolve_config(apply_overrides(demo, [f"method.name={given}"]))["method"]
         assert method["name"] == "AID-CG" and method["solver_steps"] == 5
     assert C.resolve_config(dict(TINY))["method"]["name"] == "CG"  # a configuration's own preset named CG is kept
+
+
+def test_the_corruption_rule_is_a_configuration_key():
+    """problem.exclude_true_class: false (default) redraws among all classes, true among the others only."""
+    from bilevel.data.hyperclean import wrong_label_fraction
+    from bilevel.experiments.config import apply_overrides
+
+    base = {**TINY, "problem": {**TINY["problem"], "n_train": 200, "noise_rate": 0.5}}
+    default = runner._hyperclean_data(C.resolve(base))
+    excluded = runner._hyperclean_data(C.resolve(apply_overrides(base, ["problem.exclude_true_class=true"])))
+    assert wrong_label_fraction(excluded) == 0.5
+    assert wrong_label_fraction(default) < 0.5  # some redraws land on the true class
+    with pytest.raises(C.ConfigError, match=r"problem.exclude_true_class='yes' must be true or false"):
+        C.resolve(apply_overrides(base, ["problem.exclude_true_class=yes"]))

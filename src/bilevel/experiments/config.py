@@ -203,6 +203,10 @@ class HypercleanSpec(Spec):
     model: str = key(builder_default(hyperclean_problem, "model"), _choice("linear", "mlp", "two_layer"))
     hidden: int = key(builder_default(hyperclean_problem, "hidden"), _COUNT)
     noise_rate: float = key(0.5, _number("a number in [0, 1]", lambda v: 0 <= v <= 1))
+    #: False (default, the PBGD code's rule): a corrupted label is redrawn from all classes, the
+    #: true one included (a 50 % rate leaves 45 % wrong labels with 10 classes); True: from the
+    #: other classes only (exactly noise_rate wrong, Franceschi et al.'s intent)
+    exclude_true_class: bool = key(False, _BOOL)
     seed: int = key(0, _SEED)
     n_train: int | None = key(None, _integer(1, optional=True))
     n_val: int | None = key(None, _integer(1, optional=True))

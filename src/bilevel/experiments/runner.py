@@ -200,6 +200,7 @@ def _hyperclean_data(config: ResolvedConfig) -> Any:
     return make_hyperclean_data(
         spec.dataset,
         noise_rate=spec.noise_rate,
+        exclude_true_class=spec.exclude_true_class,
         seed=spec.seed + seed,
         n_train=spec.n_train,
         n_val=spec.n_val,
