@@ -377,7 +377,9 @@ def solve(
     shows NaN/Inf or a runaway value, the iterations since the previous record are
     replayed from its state (deterministically, one check each) to find the first bad
     one, and the message says whether the step or the objective produced it (a NaN that
-    ``f`` or ``g`` returns at finite variables names the objective).
+    ``f`` or ``g`` returns at finite variables names the objective). For this the state of
+    the last record is kept until the next one: with ``log_every > 1`` that is one extra
+    copy of the variables and the optimizer state in memory, and no work per step.
 
     Example:
         >>> import bilevel as bl
