@@ -34,3 +34,15 @@ def preserve_rng():
         torch.set_rng_state(states[0])
         np.random.set_state(states[1])
         random.setstate(states[2])
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A tiny hyper-cleaning configuration (``test_experiments.TINY``) written to a YAML file."""
+    import yaml
+
+    from test_experiments import TINY
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return str(path)

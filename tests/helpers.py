@@ -50,3 +50,11 @@ def assert_rejects_step_size(cls, field, value, shown):
     """``cls(field=value)`` fails with one line naming the class, the argument and the value."""
     with pytest.raises(ValueError, match=rf"^{cls.__name__}\({field}={shown}\) must be a positive number"):
         cls(**{field: value})
+
+
+def log_records(run_dir):
+    """The records of ``run_dir/log.jsonl`` without their timing field (equal between two runs)."""
+    import json
+
+    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "time"} for r in lines]

@@ -3,22 +3,9 @@
 import json
 
 import pytest
-import yaml
 
 from bilevel.cli import main
-from test_experiments import TINY
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return str(path)
-
-
-def records(run_dir):
-    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time"} for r in lines]
+from helpers import log_records as records
 
 
 def test_run_prints_summary_and_writes_run_dir(tiny_config, tmp_path, capsys):

@@ -9,26 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 import bilevel.experiments.runner as runner
 from bilevel.cli import main
 from bilevel.experiments.runner import format_bench_table
-from test_experiments import TINY
+from helpers import log_records as records
 
 pytestmark = pytest.mark.usefixtures("preserve_rng")
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return str(path)
-
-
-def records(run_dir):
-    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time"} for r in lines]
 
 
 def statuses(out):

@@ -15,16 +15,9 @@ import yaml
 
 import bilevel.experiments.runner as runner
 from bilevel.cli import main
-from test_experiments import TINY
+from helpers import log_records as records
 
 pytestmark = pytest.mark.usefixtures("preserve_rng")
-
-
-@pytest.fixture
-def tiny_config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return str(path)
 
 
 def snapshot(folder):
@@ -32,11 +25,6 @@ def snapshot(folder):
     if not folder.exists():
         return None
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def records(run_dir):
-    lines = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "time"} for r in lines]
 
 
 def one_line(err):
