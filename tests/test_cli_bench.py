@@ -127,14 +127,15 @@ def _logged_iterations(run_dir):
 def test_sigint_to_a_bench_subprocess_exits_130_and_resume_completes_it(tmp_path):
     """A real Ctrl-C (SIGINT) to `python -m bilevel bench`, then `bilevel resume BENCH_DIR`."""
     out = tmp_path / "bench"
+    n = 2000  # about 3 s of steps: the interrupt lands well inside the run, however fast the machine
     sizes = [
         "problem.n_train=200",
         "problem.n_val=100",
         "problem.n_test=200",
         "problem.baseline_steps=20",
-        "run.max_iters=300",
+        f"run.max_iters={n}",
         "run.log_every=10",
-        "run.eval_every=100",
+        "run.eval_every=500",
         "run.checkpoint_every=0",
     ]
     env = {**os.environ, "PYTHONPATH": str(Path(runner.__file__).parents[2])}
@@ -175,16 +176,16 @@ def test_sigint_to_a_bench_subprocess_exits_130_and_resume_completes_it(tmp_path
     assert "seed 0: interrupted at iteration" in stdout and "seed 1: not run" in stdout
     summary = json.loads((first / "summary.json").read_text())
     stopped_at = summary["iterations"]
-    assert summary["status"] == "interrupted" and 0 < stopped_at < 300
+    assert summary["status"] == "interrupted" and 0 < stopped_at < n
     assert json.loads((out / "bench.json").read_text())["status"] == {"BAGDC-seed0": "interrupted", "BAGDC-seed1": "pending"}
     assert "interrupted at iteration" in (out / "table.md").read_text()
 
     assert main(["resume", str(out), "--no-progress"]) == 0
     bench = json.loads((out / "bench.json").read_text())
     assert bench["complete"] is True and set(bench["status"].values()) == {"max_iters"}
-    assert [s["iterations"] for s in bench["runs"]["BAGDC"]] == [300, 300]
+    assert [s["iterations"] for s in bench["runs"]["BAGDC"]] == [n, n]
     iterations = _logged_iterations(first)
-    assert iterations == sorted(set(iterations)) and iterations[-1] == 300 and len(iterations) == 300 // 10 + 1
+    assert iterations == sorted(set(iterations)) and iterations[-1] == n and len(iterations) == n // 10 + 1
     assert "interrupted" not in (out / "table.md").read_text() and (out / "test_accuracy.png").is_file()
 
 
