@@ -8,6 +8,7 @@ folder byte for byte as it was; a write that fails keeps the result and exits 3.
 import errno
 import json
 import sys
+import tempfile
 from types import SimpleNamespace
 
 import pytest
@@ -178,7 +179,7 @@ def test_an_unwritable_output_folder_fails_before_the_run_with_exit_3(tiny_confi
     def refuse(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(runner.tempfile, "mkstemp", refuse)  # the write probe (root ignores chmod)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)  # the write probe (root ignores chmod)
     out = tmp_path / "new" / "run"
     assert main(["run", tiny_config, "--out", str(out), "--no-progress"]) == 3
     err = capsys.readouterr().err

@@ -524,3 +524,26 @@ def test_a_checkpoint_of_an_older_format_resumes_despite_options_added_since(tmp
     payload["meta"]["method_spec"]["lr_dual"] = 0.5
     with pytest.raises(bl.CheckpointError, match=r"line_search_numerator: '<absent>'"):
         bl.solve(T1g(n=4), method, max_iters=5, resume=payload)
+
+
+def test_a_failure_the_replay_does_not_reproduce_is_reported_without_blaming_a_point():
+    """A data source that is not a pure function of the iteration: bad once, good on replay."""
+
+    class BadOnce:
+        def __init__(self):
+            self.served = set()
+
+        def batch_at(self, k):
+            first = k not in self.served
+            self.served.add(k)
+            return float("nan") if (k == 2 and first) else 1.0
+
+    problem = bl.Problem(
+        upper=lambda x, y, b: 0.5 * ((y["y"] - b) ** 2).sum(),
+        lower=lambda x, y, b: 0.5 * ((y["y"] - x["x"]) ** 2).sum(),
+    )
+    x0, y0 = {"x": torch.zeros(2, dtype=F64)}, {"y": torch.zeros(2, dtype=F64)}
+    result = bl.solve(problem, _aid(), x0, y0, data=BadOnce(), max_iters=20, log_every=5, on_divergence="status")
+    assert result.status is bl.Status.DIVERGED and result.iterations == 5
+    assert "replaying from iteration 0 did not reproduce it" in result.message
+    assert "objective" not in result.message

@@ -184,6 +184,15 @@ def save_checkpoint(path: str | os.PathLike, state: State, history: list, meta: 
     return path
 
 
+def probe_writable(folder: str | os.PathLike) -> None:
+    """Create and remove a temporary file in ``folder``: raises the ``OSError`` that a write
+    there would (permissions, read-only file system, a file where the folder should be),
+    before a run spends any time."""
+    fd, probe = tempfile.mkstemp(prefix=".bilevel-write-test-", dir=folder)
+    os.close(fd)
+    os.unlink(probe)
+
+
 def _numpy_array_globals() -> list:
     """The globals numpy's pickles of plain arrays need: array reconstruction and dtypes.
 

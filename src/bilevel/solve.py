@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-import os
-import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import torch
 from torch.utils import _pytree as pytree
 
 from . import tree as T
-from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
+from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, probe_writable, restore_rng, save_checkpoint
 from .methods.base import Method, State
 from .problem import Problem
 from .tree import Tree
@@ -129,12 +127,6 @@ def as_data_source(data: Any) -> Any:
     return FixedBatch(data)
 
 
-def _to_floats(info: dict) -> dict:
-    """The diagnostics as Python floats, with one device-to-host transfer for all of them."""
-    values, _ = _transfer(info, ())
-    return values
-
-
 def _transfer(info: dict, flags: Sequence[torch.Tensor]) -> tuple[dict, list[bool]]:
     """``info`` as floats and the 0-d boolean ``flags`` as bools, in one host transfer.
 
@@ -239,28 +231,45 @@ def variables_spec(state_or_tree: Any) -> list:
     ]
 
 
-def _flatten_spec(spec: Any, prefix: str = "") -> dict:
-    if isinstance(spec, dict):
-        out = {}
-        for key, value in spec.items():
-            out.update(_flatten_spec(value, f"{prefix}.{key}" if prefix else str(key)))
-        return out
-    return {prefix: spec}
+_ABSENT = "<absent>"
+
+
+def flatten_spec(spec: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested dict (``{"a": {"b": 1}}`` → ``{"a.b": 1}``); a non-empty dict is
+    entered, anything else — an empty dict too — is a value."""
+    if not isinstance(spec, dict):
+        return {prefix: spec}
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            out.update(flatten_spec(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def spec_changes(
+    saved: Any, current: Any, *, ignore: Callable[[str], bool] | None = None, new_keys_ok: bool = False
+) -> list[tuple[str, Any, Any]]:
+    """``(key, saved value, current value)`` for every dotted key whose value differs
+    (``"<absent>"`` for a missing key), sorted by key.
+
+    ``ignore``: keys allowed to differ; ``new_keys_ok``: keys the saved spec does not have
+    (options added by a later bilevel version) are not differences.
+    """
+    a, b = flatten_spec(saved), flatten_spec(current)
+    return [
+        (key, a.get(key, _ABSENT), b.get(key, _ABSENT))
+        for key in sorted(set(a) | set(b))
+        if a.get(key, _ABSENT) != b.get(key, _ABSENT) and not (new_keys_ok and key not in a) and not (ignore and ignore(key))
+    ]
 
 
 def spec_differences(saved: Any, current: Any, new_fields_ok: bool = False) -> list[str]:
-    """``key: saved → current`` for every key whose value differs between two specs.
-
-    ``new_fields_ok``: ignore keys the saved spec does not have (options added by a later
-    bilevel version, at their defaults when the checkpoint was written).
-    """
-    a, b = _flatten_spec(saved), _flatten_spec(current)
-    keys = sorted(set(b) if new_fields_ok else set(a) | set(b))
-    return [
-        f"{key}: {a.get(key, '<absent>')!r} → {b.get(key, '<absent>')!r}"
-        for key in keys
-        if a.get(key, "<absent>") != b.get(key, "<absent>") and not (new_fields_ok and key not in a)
-    ]
+    """``key: saved → current`` for every key whose value differs between two method specs
+    (:func:`spec_changes`)."""
+    return [f"{key}: {old!r} → {new!r}" for key, old, new in spec_changes(saved, current, new_keys_ok=new_fields_ok)]
 
 
 def _check_resumable(payload: dict, method: Method, problem: Problem, x0: Tree, y0: Tree, where: str) -> None:
@@ -292,9 +301,7 @@ def _check_writable(path: Path) -> None:
     """Fail before the first iteration if the checkpoint's folder cannot be written."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".bilevel-write-test-", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
+        probe_writable(path.parent)
     except OSError as err:
         raise OSError(err.errno, f"cannot write the checkpoint {path}: {err.strerror or err}; choose a writable folder") from None
 
@@ -539,7 +546,8 @@ def _locate(
     at the objectives at the last finite point to tell a step that blew up from an
     objective that returned NaN/Inf by itself.
     """
-    before, bad_state, bad_record, (quantity, description) = last_good, state, record, found
+    before: State | None = last_good
+    bad_state, bad_record, (quantity, description) = state, record, found
     if state.k - last_good.k > 1:
         current = last_good
         elapsed = record["time"]
@@ -552,10 +560,17 @@ def _locate(
                 bad_record = {"iteration": nxt.k, "time": elapsed, **values}
                 break
             current = nxt
+        else:  # the replay did not reproduce it (a step that is not deterministic): the point before is unknown
+            before = None
     k = bad_state.k
     message = f"{method.name} diverged at iteration {k}: {description}"
-    blame = _blame_objective(problem, before, source.batch_at(k - 1))
-    if blame is not None:
+    blame = _blame_objective(problem, before, source.batch_at(k - 1)) if before is not None else None
+    if before is None:
+        message += (
+            f"; replaying from iteration {last_good.k} did not reproduce it (the steps are not deterministic), so it happened "
+            f"after iteration {last_good.k}: reduce the step sizes (e.g. lr_upper/lr_lower) or check the problem"
+        )
+    elif blame is not None:
         message += (
             f"; {blame} at the finite x, y of iteration {k - 1}: the objective is undefined or overflows there "
             "(log/sqrt/division out of its domain); check the objective, or reduce the step sizes if the last step moved x or y far"

@@ -50,7 +50,6 @@ import random
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -65,9 +64,9 @@ import yaml
 import bilevel
 
 from ..callbacks import ProgressBar, TensorBoardLogger
-from ..checkpoint import CheckpointError, capture_rng, load_checkpoint
+from ..checkpoint import CheckpointError, capture_rng, load_checkpoint, probe_writable
 from ..methods.base import Method, State
-from ..solve import CheckpointWriteWarning, DivergenceError, Result, Status, solve
+from ..solve import CheckpointWriteWarning, DivergenceError, Result, Status, solve, spec_changes
 from .config import (
     DEFAULT_UPPER,
     METHOD_COMMON_KEYS,
@@ -497,9 +496,7 @@ class OutputDir:
             for folder in reversed(missing):
                 folder.mkdir()
                 self.created.append(folder)
-            fd, probe = tempfile.mkstemp(prefix=".bilevel-write-test-", dir=self.path)
-            os.close(fd)
-            os.unlink(probe)
+            probe_writable(self.path)
         except OSError as err:
             self.undo()
             raise OSError(
@@ -558,19 +555,6 @@ def _bytes_needed(state: State, config: dict) -> int:
 # resuming: what may change between a checkpoint and the configuration resuming it
 # --------------------------------------------------------------------------------------
 
-_ABSENT = "<absent>"
-
-
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, name))
-        else:
-            out[name] = value
-    return out
-
 
 def _may_change(key: str) -> bool:
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_CHANGES)
@@ -578,12 +562,7 @@ def _may_change(key: str) -> bool:
 
 def config_differences(saved: dict, current: dict) -> list[str]:
     """``key old → new`` for every key outside :data:`RESUMABLE_CHANGES` whose value differs."""
-    a, b = _flat(saved), _flat(current)
-    return [
-        f"{key} {a.get(key, _ABSENT)!r} → {b.get(key, _ABSENT)!r}"
-        for key in sorted(set(a) | set(b))
-        if not _may_change(key) and a.get(key, _ABSENT) != b.get(key, _ABSENT)
-    ]
+    return [f"{key} {old!r} → {new!r}" for key, old, new in spec_changes(saved, current, ignore=_may_change)]
 
 
 # --------------------------------------------------------------------------------------
