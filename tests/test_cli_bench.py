@@ -80,6 +80,7 @@ def test_ctrl_c_stops_the_bench_and_resume_finishes_it(tiny_config, tmp_path, mo
     assert not (out / "CG-slow-seed0").exists()
     bench = json.loads((out / "bench.json").read_text())
     assert bench["complete"] is False and bench["status"]["BAGDC-seed0"] == "interrupted"
+    assert not (out / "baselines-seed0.json").exists()  # Ctrl-C exits at once: the baselines wait for the resume
 
     monkeypatch.setattr(runner._Recorder, "on_log", real)
     assert main(["resume", str(out), "--no-progress"]) == 0
@@ -88,6 +89,7 @@ def test_ctrl_c_stops_the_bench_and_resume_finishes_it(tiny_config, tmp_path, mo
         assert records(out / name) == records(full / name), name
     done, reference = json.loads((out / "bench.json").read_text()), json.loads((full / "bench.json").read_text())
     assert done["complete"] is True
+    assert (out / "baselines-seed0.json").read_text() == (full / "baselines-seed0.json").read_text()
     for method in ("CG", "BAGDC", "CG-slow"):
         assert done["runs"][method][0]["metrics"] == reference["runs"][method][0]["metrics"]
     assert main(["resume", str(out), "--max-iters", "9"]) == 2

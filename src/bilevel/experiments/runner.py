@@ -1246,17 +1246,19 @@ def _bench_loop(
             output.undo()
             raise KeyboardInterrupt
         commit()
-    return {**_bench_report(out, manifest, configs), "interrupted": interrupted}
+    return {**_bench_report(out, manifest, configs, interrupted), "interrupted": interrupted}
 
 
 def _baselines_file(seed: int) -> str:
     return f"baselines-seed{seed}.json"
 
 
-def _strong_baselines(out: Path, manifest: dict, write_errors: list[str], configs: dict | None = None) -> list[dict]:
+def _strong_baselines(out: Path, manifest: dict, write_errors: list[str], configs: dict | None = None, compute: bool = True) -> list[dict]:
     """The non-bilevel baselines of each seed that has a completed run, computed once per
     seed and kept in ``baselines-seed<s>.json`` (a resumed bench reads them back);
-    ``configs`` are the runs' resolved configurations when the bench has them already."""
+    ``configs`` are the runs' resolved configurations when the bench has them already.
+    ``compute=False`` (a bench stopped by Ctrl-C, which should exit at once) uses only the
+    kept ones; the resumed bench computes the others."""
     done = {e["seed"] for e in manifest["runs"] if e["status"] in COMPLETED}
     overrides = list(manifest["overrides"])
     result = []
@@ -1266,6 +1268,8 @@ def _strong_baselines(out: Path, manifest: dict, write_errors: list[str], config
         path = out / _baselines_file(seed)
         cached = _read_json(path) if path.is_file() else None
         if not isinstance(cached, dict):
+            if not compute:
+                continue
             entry = next(e for e in manifest["runs"] if e["seed"] == seed)
             config = (configs or {}).get(entry["dir"]) or resolve(
                 apply_overrides(manifest["base_config"], _run_overrides(overrides, entry))
@@ -1282,7 +1286,7 @@ def _strong_baselines(out: Path, manifest: dict, write_errors: list[str], config
     return result
 
 
-def _bench_report(out: Path, manifest: dict, configs: dict | None = None) -> dict:
+def _bench_report(out: Path, manifest: dict, configs: dict | None = None, interrupted: bool = False) -> dict:
     """Table, bench.json and plots from the run directories' summaries and logs."""
     from ..plotting import plot_runs
 
@@ -1308,7 +1312,7 @@ def _bench_report(out: Path, manifest: dict, configs: dict | None = None) -> dic
             with contextlib.suppress(RunDirError, ValueError):
                 logs.setdefault(entry["method"], []).append(read_log(out / entry["dir"]))
     baseline = [baselines[s] for s in manifest["seeds"] if s in baselines]
-    strong = _strong_baselines(out, manifest, write_errors, configs) if kind == "hyperclean" else []
+    strong = _strong_baselines(out, manifest, write_errors, configs, compute=not interrupted) if kind == "hyperclean" else []
     table = format_bench_table(rows, kind, baseline or None, notes, strong)
     plots: list[Path] = []
     for metric in ["test_accuracy"] + (["f1"] if kind == "hyperclean" else []):
