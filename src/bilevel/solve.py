@@ -329,6 +329,7 @@ def solve(
     validate: bool = True,
     meta: dict | None = None,
     compile: bool = False,
+    distributed: bool | None = None,
 ) -> Result:
     """Run ``method`` on ``problem`` from ``(x0, y0)`` and return a :class:`Result`.
 
@@ -379,6 +380,15 @@ def solve(
         compile: opt-in: run the method with :class:`bilevel.compile.CompiledOracles`
             (``torch.compile`` of the forward-mode oracles of ``problem``); same iterates
             within float tolerance, pays the compile time on the first steps.
+        distributed: data-parallel over the ``torch.distributed`` process group
+            (:mod:`bilevel.distributed`): ``True``, ``False``, or ``None`` (default) to use
+            it when a group of more than one process is initialised. Every process passes
+            its own equal shard of the batch as ``data`` (:class:`~bilevel.distributed.ShardedSource`)
+            and runs the single-process iteration on the global batch; rank 0 alone writes
+            the checkpoint, every process reads it on resume, and a process that dies makes
+            the others raise :class:`~bilevel.distributed.DistributedError` within the
+            group's timeout. Call it with the same arguments on every process (callbacks
+            excepted: give loggers to rank 0 only).
 
     Divergence is reported at the exact iteration where it first happened: when a record
     shows NaN/Inf or a runaway value, the iterations since the previous record are
@@ -411,12 +421,18 @@ def solve(
         raise ValueError(f"solve(stop_on={stop_on!r}) must be the name of a diagnostic, e.g. 'stationarity'")
     source = as_data_source(data)
     spec = method_spec(method)
+    dp = _data_parallel(distributed)
+    if dp is not None:
+        if compile:
+            raise ValueError("solve(compile=True) cannot be combined with a distributed run: pass compile=False")
+        problem = dp.problem(problem)
+    writer = dp is None or dp.rank == 0
     if compile:
         from .compile import compiled
 
         method = compiled(method, problem)
     checkpoint = Path(checkpoint) if checkpoint is not None else None
-    if checkpoint is not None:
+    if checkpoint is not None and writer:
         _check_writable(checkpoint)
 
     history: list = []
@@ -437,6 +453,8 @@ def solve(
     else:
         state = method.init(problem, x0, y0, source.batch_at(0), validate=validate)
     check = _DivergenceCheck(divergence_threshold, divergence_factor, divergence_keys, reference)
+    if dp is not None:
+        dp.agree("(iteration, Σx, Σy)", [state.k, *(float(sum(t.double().sum() for t in T.leaves(v))) for v in (state.x, state.y))])
 
     run = {"problem": problem, "method": method, "state": state, "max_iters": max_iters, "start": state.k}
     for cb in callbacks:
@@ -447,7 +465,7 @@ def solve(
 
     def save(st: State, status: str) -> None:
         nonlocal checkpoint_error
-        if checkpoint is None:
+        if checkpoint is None or not writer:
             return
         info = {
             **(meta or {}),
@@ -457,6 +475,7 @@ def solve(
             "method_spec": spec,
             "variables": variables_spec(st),
             "divergence_reference": dict(check.reference),
+            **({"world_size": dp.world_size} if dp is not None else {}),
         }
         try:
             save_checkpoint(checkpoint, st, history, info)
@@ -507,6 +526,8 @@ def solve(
                     break
             else:
                 elapsed += time.perf_counter() - start
+            if max_time is not None and dp is not None:  # every process stops at the same iteration
+                elapsed = float(dp.all_reduce_scalar(torch.tensor(elapsed, dtype=torch.float64), "max"))
             if max_time is not None and elapsed >= max_time:
                 status, message = Status.MAX_TIME, f"time budget of {max_time} s spent"
                 break
@@ -519,6 +540,8 @@ def solve(
     if status is not Status.DIVERGED:
         # a diverged state must not overwrite the last good checkpoint
         save(state, status.value)
+    if dp is not None and status is not Status.INTERRUPTED:
+        dp.barrier()  # the checkpoint rank 0 wrote exists when solve returns on any process
     result = Result(
         status=status,
         state=state,
@@ -534,6 +557,27 @@ def solve(
     if status is Status.DIVERGED and failure is not None and on_divergence == "raise":
         raise DivergenceError(message, iteration=state.k, quantity=failure["quantity"], result=result)
     return result
+
+
+def _data_parallel(distributed: bool | None) -> Any:
+    """The :class:`~bilevel.distributed.DataParallel` a run uses, or ``None``."""
+    if distributed is not None and not isinstance(distributed, bool):
+        raise TypeError(f"solve(distributed={distributed!r}) must be True, False or None (use it when a process group is initialised)")
+    if distributed is False:
+        return None
+    from . import distributed as dist_module
+
+    if distributed is None and not dist_module.is_active():
+        return None
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        raise ValueError(
+            "solve(distributed=True) needs an initialised process group: launch with torchrun and call "
+            "torch.distributed.init_process_group() first (or pass distributed=False)"
+        )
+    dist_module.check_world_size()
+    return dist_module.DataParallel()
 
 
 def _locate(

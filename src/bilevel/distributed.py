@@ -1,0 +1,332 @@
+"""Data-parallel bilevel optimisation on ``torch.distributed`` (launched with ``torchrun``).
+
+Every process holds the same ``x``, ``y`` and multiplier ``v`` (replicated) and evaluates
+the objectives on its own shard of the batch. For ``P`` processes with equal shards ``B_r``
+of a global batch ``B``, the objectives the methods see are the global ones,
+
+    f(x, y; B) = (1/P) Σ_r f(x, y; B_r),      g(x, y; B) = (1/P) Σ_r g(x, y; B_r),
+
+exactly when ``f`` and ``g`` are means over their batch (plus terms that do not depend on
+it, such as a ridge penalty). :class:`DataParallel` rewrites the two objectives of a
+:class:`~bilevel.Problem` so that *every derivative of them is already reduced*:
+
+    f̄(x, y) = R( f(I(x), I(y); B_r) ) / P
+
+where ``I`` is the identity whose backward sums the cotangents of all processes
+(``all_reduce``), and ``R`` sums its input over the processes and passes its cotangent
+back unchanged. Both are :class:`torch.autograd.Function` s whose backward is the other
+one, so derivatives of any order go through them: the gradient ``∇_y ḡ``, the Hessian
+product ``H v = ∇²_yy ḡ v``, the mixed product ``J v``, and the back-propagation through
+unrolled lower steps (ITD, T-RHG, BDA) all come out as the global quantities, identical on
+every process. Norms, line-search inner products and stopping measures are computed from
+those replicated tensors, so they agree on every process without a reduction of their own,
+and every method — the presets and any method assembled from :mod:`bilevel.parts` —
+runs the single-process iteration on the global batch with no change to its code.
+Communication: one ``all_reduce`` of the loss value per evaluation and one of the x or y
+sized buffer per backward pass (the leaves are flattened into one buffer per dtype).
+
+:func:`bilevel.solve` applies it when ``distributed=True``, or when a process group of
+more than one process is initialised (``distributed=None``, the default). Checkpoints are
+written by rank 0 only (atomically, :func:`bilevel.checkpoint.save_checkpoint`) and read
+by every process; a failed collective (a process died, or the group's timeout passed)
+raises :class:`DistributedError` naming the rank and the fix instead of hanging.
+
+Example:
+    >>> import torch, bilevel as bl
+    >>> from bilevel.distributed import DataParallel, shard
+    >>> batch = {"a": torch.arange(6.0)}
+    >>> shard(batch, rank=1, world_size=2)["a"]           # the second half of dim 0
+    tensor([3., 4., 5.])
+    >>> DataParallel().world_size                          # no process group: one process
+    1
+
+References:
+    Li et al., "PyTorch Distributed: Experiences on Accelerating Data Parallel Training",
+    VLDB 2020 (the all-reduce data parallelism this follows); Shoeybi et al.,
+    "Megatron-LM", 2019 (the identity / all-reduce pair of conjugate operators).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import tree as T
+from .problem import Objective, Problem
+from .tree import Tree
+
+__all__ = [
+    "DataParallel",
+    "DistributedError",
+    "ShardedSource",
+    "data_parallel",
+    "is_active",
+    "shard",
+]
+
+
+class DistributedError(RuntimeError):
+    """A collective operation failed: a process died, or the group's timeout passed."""
+
+
+def is_active(group: Any = None) -> bool:
+    """``True`` when a process group of more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _collective(what: str, fn: Callable[[], Any], group: Any = None) -> Any:
+    """Run one collective; turn the backend's failure into a :class:`DistributedError`."""
+    try:
+        return fn()
+    except (RuntimeError, ValueError) as err:
+        if isinstance(err, DistributedError):
+            raise
+        rank = dist.get_rank(group) if dist.is_initialized() else 0
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DistributedError(
+            f"rank {rank}: the {what} across processes failed ({first}): another process died or did not reach "
+            f"the same step within the process group's timeout; see that process's error, then restart the run "
+            f"(a checkpoint resumes it)"
+        ) from err
+
+
+def _all_reduce_flat(tensors: Sequence[torch.Tensor], group: Any, what: str) -> list[torch.Tensor]:
+    """The sums over processes of ``tensors``, one ``all_reduce`` per dtype (new tensors)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault((t.dtype, t.device), []).append(i)
+    for idx in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        _collective(what, lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group), group)
+        for i, piece in zip(idx, torch.split(flat, [tensors[i].numel() for i in idx]), strict=True):
+            out[i] = piece.view_as(tensors[i])
+    return [t for t in out if t is not None]
+
+
+class _Identity(torch.autograd.Function):
+    """``I``: identity forward; backward sums the cotangents of every process (``R``)."""
+
+    @staticmethod
+    def forward(group: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.group = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return (None, *_SumOverProcesses.apply(ctx.group, *grads))
+
+    @staticmethod
+    def jvp(ctx: Any, _group: Any, *tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(t.view_as(t) for t in tangents)
+
+
+class _SumOverProcesses(torch.autograd.Function):
+    """``R``: the sum over processes forward; backward passes the cotangent on (``I``)."""
+
+    @staticmethod
+    def forward(group: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(_all_reduce_flat(tensors, group, "sum of derivatives"))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        ctx.group = inputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        return (None, *_Identity.apply(ctx.group, *grads))
+
+    @staticmethod
+    def jvp(ctx: Any, _group: Any, *tangents: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(_all_reduce_flat(tangents, ctx.group, "sum of derivatives"))
+
+
+def _replicated(tree: Tree, group: Any) -> Tree:
+    """``I(tree)``: the same values, with the backward that reduces over processes."""
+    leaves = T.leaves(tree)
+    if not any(t.requires_grad for t in leaves) or not torch.is_grad_enabled():
+        return tree
+    return T.unflatten_like(list(_Identity.apply(group, *leaves)), tree)
+
+
+def _global_sum(value: torch.Tensor, group: Any) -> torch.Tensor:
+    """``R(value)``: the sum over processes (differentiable when ``value`` needs a gradient)."""
+    if value.requires_grad and torch.is_grad_enabled():
+        return _SumOverProcesses.apply(group, value)[0]
+    total = value.detach().clone()
+    _collective("sum of objective values", lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group), group)
+    return total
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """Data parallelism over a ``torch.distributed`` process group.
+
+    Args:
+        group: the process group (``None``: the default group, or a single process when
+            none is initialised).
+
+    Each process passes its own shard of every batch to the objectives (see :func:`shard`
+    and :class:`ShardedSource`); the shards must have equal sizes for the average of the
+    shard means to be the global mean.
+    """
+
+    group: Any = None
+
+    @property
+    def world_size(self) -> int:
+        """P, the number of processes (1 without an initialised group)."""
+        return dist.get_world_size(self.group) if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        """This process's rank (0 without an initialised group)."""
+        return dist.get_rank(self.group) if dist.is_available() and dist.is_initialized() else 0
+
+    def objective(self, fn: Objective) -> Objective:
+        """``(x, y, batch) ↦ (1/P) Σ_r fn(x, y, batch_r)`` with reduced derivatives (module docstring)."""
+        world, group = self.world_size, self.group
+        if world == 1:
+            return fn
+
+        def reduced(x: Tree, y: Tree, batch: Any) -> torch.Tensor:
+            value = fn(_replicated(x, group), _replicated(y, group), batch)
+            if not isinstance(value, torch.Tensor):
+                return value  # Problem.validate reports the type
+            return _global_sum(value, group) / world
+
+        reduced.__qualname__ = getattr(fn, "__qualname__", "objective")
+        reduced.__wrapped__ = fn  # type: ignore[attr-defined]
+        return reduced
+
+    def problem(self, problem: Problem) -> Problem:
+        """``problem`` with both objectives reduced over the processes (same class and fields)."""
+        if self.world_size == 1 or problem.metadata.get("data_parallel"):
+            return problem
+        return dataclasses.replace(
+            problem,
+            upper=self.objective(problem.upper),
+            lower=self.objective(problem.lower),
+            metadata={**problem.metadata, "data_parallel": self.world_size},
+        )
+
+    def all_reduce_scalar(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """A 0-d tensor reduced over the processes (``"sum"``, ``"max"`` or ``"min"``); for
+        quantities a user's code computes from *unreduced* local data."""
+        reduce_ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        if op not in reduce_ops:
+            raise ValueError(f"DataParallel.all_reduce_scalar(op={op!r}) must be one of {sorted(reduce_ops)}")
+        if self.world_size == 1:
+            return value
+        out = value.detach().clone()
+        _collective(f"{op} of a scalar", lambda: dist.all_reduce(out, op=reduce_ops[op], group=self.group), self.group)
+        return out
+
+    def agree(self, what: str, values: Sequence[float]) -> None:
+        """Check that every process holds the same ``values`` (one ``all_gather``); raise a
+        :class:`DistributedError` naming the first process that differs."""
+        if self.world_size == 1:
+            return
+        mine = torch.tensor([float(v) for v in values], dtype=torch.float64)
+        if dist.get_backend(self.group) == "nccl":
+            mine = mine.cuda()
+        gathered = [torch.empty_like(mine) for _ in range(self.world_size)]
+        _collective(f"check of {what}", lambda: dist.all_gather(gathered, mine, group=self.group), self.group)
+        for rank, theirs in enumerate(gathered):
+            if not torch.equal(theirs, gathered[0]):
+                raise DistributedError(
+                    f"rank {rank} has {what} {theirs.tolist()} but rank 0 has {gathered[0].tolist()}: every process must "
+                    f"start from the same point (resume the same checkpoint on every process, or none)"
+                )
+
+    def barrier(self) -> None:
+        """Wait for every process (a :class:`DistributedError` if one is gone)."""
+        if self.world_size > 1:
+            _collective("barrier", lambda: dist.barrier(group=self.group), self.group)
+
+
+def data_parallel(problem: Problem, group: Any = None) -> Problem:
+    """``DataParallel(group).problem(problem)``: the problem whose objectives are reduced."""
+    return DataParallel(group).problem(problem)
+
+
+def check_world_size(group: Any = None) -> None:
+    """Refuse a process group whose size differs from torchrun's ``WORLD_SIZE`` (one line)."""
+    expected = os.environ.get("WORLD_SIZE")
+    if expected is None or not (dist.is_available() and dist.is_initialized()):
+        return
+    actual = dist.get_world_size(group)
+    if int(expected) != actual:
+        raise DistributedError(
+            f"the process group has {actual} processes but WORLD_SIZE={expected}: initialise the group with "
+            f"torch.distributed.init_process_group() under torchrun (it reads WORLD_SIZE and RANK), not with a fixed size"
+        )
+
+
+def _split(value: torch.Tensor, dim: int, rank: int, world_size: int, where: str) -> torch.Tensor:
+    size = value.shape[dim]
+    if size < world_size or size % world_size:
+        raise ValueError(
+            f"{where} has {size} entries along dim {dim}, which cannot be split into {world_size} equal shards: "
+            f"use a number of processes that divides {size} (at most {size}), or a batch size divisible by {world_size}"
+        )
+    step = size // world_size
+    return value.narrow(dim, rank * step, step)
+
+
+def shard(batch: Any, rank: int | None = None, world_size: int | None = None, dims: int | Mapping[str, int | None] = 0) -> Any:
+    """This process's equal shard of ``batch`` (a tensor, or a dict / list / tuple of tensors).
+
+    Args:
+        batch: the global batch.
+        rank, world_size: default: the default process group's (0 and 1 without one).
+        dims: the dimension split for every tensor (an int), or for each key of a dict
+            batch (``None``: the entry is not split, e.g. a lookup table).
+
+    Raises ``ValueError`` naming the entry when it cannot be split into equal shards.
+    """
+    group = DataParallel()
+    rank = group.rank if rank is None else rank
+    world_size = group.world_size if world_size is None else world_size
+    if world_size == 1:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        if not isinstance(dims, int):
+            raise TypeError("shard(dims=...) must be an int for a tensor batch")
+        return _split(batch, dims, rank, world_size, "the batch")
+    if isinstance(batch, Mapping):
+        out = {}
+        for key, value in batch.items():
+            dim = dims.get(key, 0) if isinstance(dims, Mapping) else dims
+            split = isinstance(value, torch.Tensor) and dim is not None
+            out[key] = _split(value, dim, rank, world_size, f"batch[{key!r}]") if split else value
+        return out
+    if isinstance(batch, (list, tuple)):
+        if isinstance(dims, Mapping):
+            raise TypeError("shard(dims=...) must be an int for a list or tuple batch")
+        return type(batch)(_split(v, dims, rank, world_size, f"batch[{i}]") for i, v in enumerate(batch))
+    raise TypeError(f"shard() splits tensors and dicts / lists / tuples of tensors, got {type(batch).__name__}")
+
+
+@dataclass(frozen=True)
+class ShardedSource:
+    """A data source for :func:`bilevel.solve` that gives this process its shard of
+    ``source.batch_at(k)`` (:func:`shard` with ``dims``); ``source`` may also be a fixed batch."""
+
+    source: Any
+    dims: int | Mapping[str, int | None] = 0
+    rank: int | None = None
+    world_size: int | None = None
+
+    def batch_at(self, k: int) -> Any:
+        batch = self.source.batch_at(k) if hasattr(self.source, "batch_at") else self.source
+        return shard(batch, self.rank, self.world_size, self.dims)

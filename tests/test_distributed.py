@@ -1,0 +1,238 @@
+"""Data-parallel runs (bilevel.distributed): 2 gloo processes on CPU, 127.0.0.1 only.
+
+Each distributed test spawns its processes once and runs every scenario in them (a
+spawn costs ~2 s of imports); every wait is bounded by a timeout.
+"""
+
+import datetime
+import os
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import bilevel as bl
+from bilevel.distributed import DataParallel, DistributedError, ShardedSource, shard
+from bilevel.problems.fewshot import fewshot_problem
+from bilevel.problems.hyperclean import classifier_logits
+
+F64 = torch.float64
+ITERS = 3
+SPAWN_TIMEOUT = 60.0
+
+pytestmark = pytest.mark.usefixtures("preserve_rng")
+
+
+# -- the problems and methods compared ---------------------------------------------------------
+def hyperclean():
+    """Hyper-cleaning of a linear classifier, its data in the batch (16 training, 8 validation
+    examples, 4 features, 3 classes); x weighs the training examples by their index."""
+    g = torch.Generator().manual_seed(0)
+    a_tr, a_val = torch.randn(16, 4, generator=g, dtype=F64), torch.randn(8, 4, generator=g, dtype=F64)
+    b_tr, b_val = torch.randint(0, 3, (16,), generator=g), torch.randint(0, 3, (8,), generator=g)
+    batch = {"a": a_tr, "b": b_tr, "i": torch.arange(16), "a_val": a_val, "b_val": b_val}
+
+    def lower(x, y, bt):
+        losses = F.cross_entropy(classifier_logits("linear", y, bt["a"]), bt["b"], reduction="none")
+        return (torch.sigmoid(x["weights"][bt["i"]]) * losses).mean() + 0.05 * ((y["W"] ** 2).sum() + (y["b"] ** 2).sum())
+
+    def upper(x, y, bt):
+        return F.cross_entropy(classifier_logits("linear", y, bt["a_val"]), bt["b_val"])
+
+    y0 = {"W": 0.1 * torch.randn(3, 4, generator=g, dtype=F64), "b": torch.zeros(3, dtype=F64)}
+    problem = bl.Problem(upper, lower, x_init={"weights": torch.zeros(16, dtype=F64)}, y_init=y0, name="hyperclean")
+    return problem, batch, 0
+
+
+def fewshot():
+    """The few-shot problem (MLP backbone, 2 tasks of 2-way 4-shot, 2 queries per class);
+    the shots of every task are split between the processes (dim 1)."""
+    problem = fewshot_problem(n_way=2, meta_batch=2, image_shape=(1, 4, 4), hidden=8, features=4, reg=0.5, dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    batch = {
+        "support_x": torch.rand(2, 8, 1, 4, 4, generator=g, dtype=F64),
+        "support_y": torch.tensor([[0, 1] * 4] * 2),
+        "query_x": torch.rand(2, 4, 1, 4, 4, generator=g, dtype=F64),
+        "query_y": torch.tensor([[0, 1] * 2] * 2),
+    }
+    return problem, batch, 1
+
+
+PROBLEMS = {"hyperclean": hyperclean, "fewshot": fewshot}
+
+
+def methods():
+    off = {"stability_check": "off"}
+    return {
+        "GALET": bl.GALET(lr_upper=0.1, lr_lower=0.2, lower_steps=2, shadow_steps=2, lr_shadow=0.1, **off),
+        "SlBAMM": bl.SlBAMM(lr_upper=0.1, lr_lower=0.2, dual_step="linesearch", **off),
+        "BAGDC": bl.BAGDC(lr_upper=0.1, lr_lower=0.2, lower_steps=2, dual_step="periodic", period=2, **off),
+        "AID-CG": bl.AID(lr_upper=0.1, lr_lower=0.2, lower_steps=2, solver=bl.CG(steps=3)),
+        "ITD": bl.ITD(lr_upper=0.1, lr_lower=0.2, lower_steps=3),
+    }
+
+
+def run_one(problem_name, method_name, world_size=1, rank=0, checkpoint=None):
+    problem, batch, dim = PROBLEMS[problem_name]()
+    data = ShardedSource(batch, dims=dim, rank=rank, world_size=world_size) if world_size > 1 else batch
+    result = bl.solve(problem, methods()[method_name], data=data, max_iters=ITERS, checkpoint=checkpoint)
+    return {"x": result.x, "y": result.y, "v": result.v, "history": result.history}
+
+
+def close(a, b, tol=1e-10):
+    fa = [t for t in torch.utils._pytree.tree_leaves(a) if isinstance(t, torch.Tensor)]
+    fb = [t for t in torch.utils._pytree.tree_leaves(b) if isinstance(t, torch.Tensor)]
+    assert len(fa) == len(fb)
+    return max((float((s - t).abs().max()) for s, t in zip(fa, fb, strict=True)), default=0.0) <= tol
+
+
+# -- spawning -----------------------------------------------------------------------------------
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world_size, port, out_dir, scenario, timeout_s):
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        out = SCENARIOS[scenario](rank, world_size, Path(out_dir))
+        torch.save(out, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        if scenario == "dead":
+            os._exit(0)  # the group lost a member: skip its teardown, which waits out the timeout
+        dist.destroy_process_group()
+
+
+def spawn(scenario, tmp_path, world_size=2, timeout_s=5.0):
+    """Run ``SCENARIOS[scenario]`` on ``world_size`` processes; their outputs by rank."""
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, str(tmp_path), scenario, timeout_s)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + SPAWN_TIMEOUT
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} process(es) still running after {SPAWN_TIMEOUT} s: a collective hung"
+    return {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size) if (tmp_path / f"rank{r}.pt").exists()}
+
+
+def _scenario_iterates(rank, world_size, out_dir):
+    out = {}
+    for problem_name in PROBLEMS:
+        for method_name in methods():
+            ckpt = out_dir / "galet.ckpt" if (problem_name, method_name) == ("hyperclean", "GALET") else None
+            out[problem_name, method_name] = run_one(problem_name, method_name, world_size, rank, checkpoint=ckpt)
+    # processes that start from different points are refused, on every process, with one line
+    problem, batch, _ = hyperclean()
+    x0 = {"weights": torch.full((16,), float(rank), dtype=F64)}
+    try:
+        bl.solve(problem, methods()["AID-CG"], x0=x0, data=ShardedSource(batch), max_iters=1)
+        out["mismatch"] = None
+    except DistributedError as err:
+        out["mismatch"] = str(err)
+    return out
+
+
+def _scenario_dead(rank, world_size, out_dir):
+    """Rank 1 dies in the middle of iteration 2; rank 0 must fail with a clear error."""
+    problem, batch, _ = hyperclean()
+    calls = {"n": 0}
+    lower = problem.lower
+
+    def dying_lower(x, y, bt):
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 12:
+            os._exit(3)
+        return lower(x, y, bt)
+
+    start = time.monotonic()
+    try:
+        bl.solve(problem.replace(lower=dying_lower), methods()["AID-CG"], data=ShardedSource(batch), max_iters=50)
+        return {"error": None, "seconds": time.monotonic() - start}
+    except DistributedError as err:
+        return {"error": str(err), "seconds": time.monotonic() - start}
+
+
+SCENARIOS = {"iterates": _scenario_iterates, "dead": _scenario_dead}
+
+
+# -- tests --------------------------------------------------------------------------------------
+def test_two_processes_give_the_single_process_iterates(tmp_path):
+    outs = spawn("iterates", tmp_path)
+    assert sorted(outs) == [0, 1]
+    for problem_name in PROBLEMS:
+        for method_name in methods():
+            ref = run_one(problem_name, method_name)
+            for rank in (0, 1):
+                got = outs[rank][problem_name, method_name]
+                for key in ("x", "y", "v"):
+                    assert close(got[key], ref[key]), (problem_name, method_name, rank, key)
+                for mine, theirs in zip(got["history"], ref["history"], strict=True):
+                    for key, value in theirs.items():
+                        if key != "time":
+                            assert mine[key] == pytest.approx(value, rel=1e-10, abs=1e-12), (problem_name, method_name, key)
+            # the iterates moved (a run that does nothing would match trivially)
+            assert not close(ref["x"], PROBLEMS[problem_name]()[0].x_init, tol=1e-6)
+    # rank 0 wrote the checkpoint; one process resumes it to the same point as an uninterrupted run
+    payload = bl.load_checkpoint(tmp_path / "galet.ckpt")
+    assert payload["meta"]["world_size"] == 2 and payload["state"].k == ITERS
+    problem, batch, _ = hyperclean()
+    resumed = bl.solve(problem, methods()["GALET"], data=batch, max_iters=ITERS + 2, resume=tmp_path / "galet.ckpt")
+    straight = bl.solve(problem, methods()["GALET"], data=batch, max_iters=ITERS + 2)
+    assert close(resumed.x, straight.x) and close(resumed.y, straight.y)
+    for rank in (0, 1):
+        assert "rank 1 has (iteration, Σx, Σy)" in outs[rank]["mismatch"]
+
+
+def test_a_dead_process_makes_the_others_fail_clearly(tmp_path):
+    outs = spawn("dead", tmp_path, timeout_s=5.0)
+    assert list(outs) == [0]  # rank 1 died without writing
+    error = outs[0]["error"]
+    assert error is not None and error.startswith("rank 0: the ") and "another process died" in error
+    assert outs[0]["seconds"] < 10.0
+
+
+# -- single-process checks (no group) -----------------------------------------------------------
+def test_without_a_group_data_parallel_is_the_identity():
+    problem, batch, _ = hyperclean()
+    dp = DataParallel()
+    assert dp.world_size == 1 and dp.rank == 0 and dp.problem(problem) is problem
+    assert shard(batch) is batch
+    assert dp.all_reduce_scalar(torch.tensor(2.0)) == 2.0
+
+
+def test_shard_splits_equal_parts_and_refuses_uneven_ones():
+    batch = {"a": torch.arange(12).view(6, 2), "table": torch.arange(5)}
+    part = shard(batch, rank=2, world_size=3, dims={"a": 0, "table": None})
+    assert part["a"].tolist() == [[8, 9], [10, 11]] and part["table"] is batch["table"]
+    assert shard((torch.arange(4),), rank=1, world_size=2)[0].tolist() == [2, 3]
+    with pytest.raises(ValueError, match=r"batch\['a'\] has 6 entries along dim 0, which cannot be split into 4 equal shards"):
+        shard(batch, rank=0, world_size=4, dims={"a": 0, "table": None})
+    with pytest.raises(ValueError, match="at most 6"):
+        ShardedSource({"a": torch.arange(6)}, rank=0, world_size=8).batch_at(0)
+
+
+def test_solve_distributed_true_without_a_group_says_how_to_start_one():
+    problem, batch, _ = hyperclean()
+    with pytest.raises(ValueError, match="needs an initialised process group: launch with torchrun"):
+        bl.solve(problem, methods()["AID-CG"], data=batch, max_iters=1, distributed=True)
+    with pytest.raises(TypeError, match="must be True, False or None"):
+        bl.solve(problem, methods()["AID-CG"], data=batch, max_iters=1, distributed="yes")
