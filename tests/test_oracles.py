@@ -3,7 +3,7 @@ import torch
 
 import bilevel as bl
 from bilevel import tree as T
-from bilevel.oracles import ORACLE_MODES, WeightedLinearization
+from bilevel.oracles import ORACLE_MODES, WeightedLinearization, scaled_products
 from bilevel.problems import T2, T3, T1g
 
 F64 = torch.float64
@@ -321,3 +321,41 @@ def test_finite_difference_step_controls_its_bias():
     fine = bl.Oracles(mode="finite_difference").linearize(problem.lower, x, y, None).hvp(v)
     assert _rel_err(coarse, exact) > 1e-6
     assert _rel_err(fine, exact) < 1e-7
+
+
+def test_scaled_products_one_backward_pass_equals_separate_products(monkeypatch):
+    """The products of several reverse-mode linearizations come from one backward pass and
+    equal the separate, scaled products (float64); each request gets only what it asks for."""
+    gen = torch.Generator().manual_seed(3)
+    A, B = torch.randn(4, 4, generator=gen, dtype=torch.float64), torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    f = lambda x, y, b: ((A @ y["y"]) ** 3).sum() + (x["x"] ** 2 * y["y"][:3]).sum()
+    g = lambda x, y, b: 0.5 * (y["y"] ** 2 * (1 + (B @ x["x"]) ** 2)).sum()
+    x, y = {"x": torch.randn(3, generator=gen, dtype=torch.float64)}, {"y": torch.randn(4, generator=gen, dtype=torch.float64)}
+    v = {"y": torch.randn(4, generator=gen, dtype=torch.float64)}
+    oracles = bl.Oracles()
+    lf, lg = oracles.linearize(f, x, y, None), oracles.linearize(g, x, y, None)
+    expected_f, expected_g = lf.both(v), lg.both(v)
+    calls = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real_grad(*a, **k))
+    (jf, hf), (jg, hg) = scaled_products([(lf, 0.3, True, False), (lg, None, True, True)], v)
+    assert len(calls) == 1
+    assert hf is None
+    torch.testing.assert_close(jf["x"], 0.3 * expected_f[0]["x"], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(jg["x"], expected_g[0]["x"], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(hg["y"], expected_g[1]["y"], rtol=1e-13, atol=1e-13)
+
+
+def test_weighted_linearization_keeps_the_last_terms_hessian_product():
+    """φ = μ f + (1 − μ) g: H_φ v from one pass, and H_g v handed out again for that very v."""
+    f = lambda x, y, b: (x["x"] * y["y"] ** 3).sum()
+    g = lambda x, y, b: 0.5 * (x["x"] ** 2 * y["y"] ** 2).sum()
+    x, y = {"x": torch.tensor([1.0, 2.0], dtype=torch.float64)}, {"y": torch.tensor([0.5, -1.0], dtype=torch.float64)}
+    oracles, mu = bl.Oracles(), 0.25
+    phi = WeightedLinearization([(mu, oracles.linearize(f, x, y, None)), (1 - mu, oracles.linearize(g, x, y, None))])
+    v = {"y": torch.tensor([1.0, 3.0], dtype=torch.float64)}
+    h_f = 6 * x["x"] * y["y"] * v["y"]  # ∇²_yy f = diag(6 x y)
+    h_g = x["x"] ** 2 * v["y"]  # ∇²_yy g = diag(x²)
+    torch.testing.assert_close(phi.hvp(v)["y"], mu * h_f + (1 - mu) * h_g, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(phi.term_hvp(v)["y"], h_g, rtol=1e-14, atol=1e-14)
+    assert phi.term_hvp({"y": v["y"].clone()}) is None  # an equal tree that was not multiplied

@@ -72,6 +72,8 @@ class LinearSolveResult:
             correction: its ``v'`` is the previous multiplier), else ``None``.
         hv: ``H v`` at the returned ``v`` when it came for free (the line-search dual
             correction: ``H v_k − η H r``), else ``None``.
+        previous: the iterate ``v'`` whose residual was formed, when a solver keeps it (the
+            dual correction: the previous multiplier ``v_k``), else ``None``.
     """
 
     v: Tree
@@ -80,6 +82,7 @@ class LinearSolveResult:
     normal_residual_sq: torch.Tensor | None = None
     residual: Tree | None = None
     hv: Tree | None = None
+    previous: Tree | None = None
 
 
 class LinearSolver:

@@ -49,7 +49,7 @@ from torch.func import grad_and_value, jvp
 from . import tree as T
 from .tree import Tree
 
-__all__ = ["ORACLE_MODES", "CountingOracles", "Linearization", "Oracles", "WeightedLinearization"]
+__all__ = ["ORACLE_MODES", "CountingOracles", "Linearization", "Oracles", "WeightedLinearization", "scaled_products"]
 
 ORACLE_MODES = ("reverse", "forward", "finite_difference")
 
@@ -131,13 +131,59 @@ class _ReverseLinearization(Linearization):
         self._x_like, self._y_like = x, y
 
     def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
-        inputs = (self._xl if need_mixed else []) + (self._yl if need_hvp else [])
-        with torch.enable_grad():
-            grads = _grads_or_zeros(self._gy, inputs, T.leaves(v), retain_graph=True)
+        return scaled_products([(self, None, need_mixed, need_hvp)], v)[0]
+
+    def _inputs(self, need_mixed: bool, need_hvp: bool) -> list[torch.Tensor]:
+        return (self._xl if need_mixed else []) + (self._yl if need_hvp else [])
+
+    def _split(self, grads: list[torch.Tensor], need_mixed: bool, need_hvp: bool) -> tuple[Tree, Tree]:
         nx = len(self._xl) if need_mixed else 0
         jv = T.unflatten_like(grads[:nx], self._x_like) if need_mixed else None
         hv = T.unflatten_like(grads[nx:], self._y_like) if need_hvp else None
         return jv, hv
+
+
+Request = tuple[Linearization, float | None, bool, bool]
+
+
+def scaled_products(requests: Sequence[Request], v: Tree) -> list[tuple[Tree, Tree]]:
+    """``[(c_i J_i v, c_i H_i v)]`` for requests ``(linearization_i, c_i, need_mixed, need_hvp)``.
+
+    ``c_i = None`` means 1 (no scaling). When every linearization is a reverse-mode one,
+    all products come from **one** backward pass: the gradient graphs are disjoint (each
+    linearization holds its own copies of x and y), so back-propagating the outputs
+    ``∇_y h_i`` with cotangents ``c_i v`` into the inputs each request asks for gives
+    every product at once, with no work for products not asked for. This is how the
+    products of ``φ_μ = μ f + (1 − μ) g`` cost what one graph of ``∇_y φ_μ`` costs.
+    Otherwise each product is formed on its own and scaled.
+    """
+    if all(type(lin) is _ReverseLinearization for lin, *_ in requests):
+        leaves_v = T.leaves(v)
+        outputs: list[torch.Tensor] = []
+        cotangents: list[torch.Tensor] = []
+        inputs: list[torch.Tensor] = []
+        for lin, c, need_mixed, need_hvp in requests:
+            assert isinstance(lin, _ReverseLinearization)
+            outputs += lin._gy
+            cotangents += leaves_v if c is None else [c * t for t in leaves_v]
+            inputs += lin._inputs(need_mixed, need_hvp)
+        with torch.enable_grad():
+            grads = _grads_or_zeros(outputs, inputs, cotangents, retain_graph=True)
+        results, start = [], 0
+        for lin, _, need_mixed, need_hvp in requests:
+            assert isinstance(lin, _ReverseLinearization)
+            count = len(lin._inputs(need_mixed, need_hvp))
+            results.append(lin._split(grads[start : start + count], need_mixed, need_hvp))
+            start += count
+        return results
+    results = []
+    for lin, c, need_mixed, need_hvp in requests:
+        jv, hv = lin.both(v, need_mixed=need_mixed, need_hvp=need_hvp)
+        if c is not None:
+            jv = None if jv is None else T.scale(c, jv)
+            hv = None if hv is None else T.scale(c, hv)
+        results.append((jv, hv))
+    return results
 
 
 class _ForwardLinearization(Linearization):
@@ -252,16 +298,39 @@ class WeightedLinearization(Linearization):
         if not terms:
             raise ValueError("WeightedLinearization needs at least one term with a nonzero weight")
         self.terms = terms
+        self._last_term_hvps: list[tuple[Tree, Tree]] = []
         self.value = functools.reduce(operator.add, [c * lin.value for c, lin in terms])
         self.grad_y = _weighted_sum([(c, lin.grad_y) for c, lin in terms])
         has_x = all(lin.grad_x is not None for _, lin in terms)
         self.grad_x = _weighted_sum([(c, lin.grad_x) for c, lin in terms]) if has_x else None
 
     def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
-        parts = [(c, lin.both(v, need_mixed=need_mixed, need_hvp=need_hvp)) for c, lin in self.terms]
-        jv = _weighted_sum([(c, p[0]) for c, p in parts]) if need_mixed else None
-        hv = _weighted_sum([(c, p[1]) for c, p in parts]) if need_hvp else None
+        # the last term's products come unscaled (c_last enters the final axpy), so that its
+        # Hessian product can be handed out again by term_hvp at no cost
+        *others, (c_last, lin_last) = self.terms
+        requests: list[Request] = [(lin, c, need_mixed, need_hvp) for c, lin in others]
+        *parts, (j_last, h_last) = scaled_products([*requests, (lin_last, None, need_mixed, need_hvp)], v)
+        jv = _combine(c_last, j_last, [p[0] for p in parts]) if need_mixed else None
+        hv = _combine(c_last, h_last, [p[1] for p in parts]) if need_hvp else None
+        if need_hvp and not need_mixed:
+            self._last_term_hvps.append((v, h_last))
         return jv, hv
+
+    def term_hvp(self, v: Tree) -> Tree | None:
+        """``H_last v`` — the Hessian product of the **last** term alone (unweighted) — when
+        ``hvp(v)`` was formed for this very ``v`` (the same object), else ``None``.
+
+        For ``φ_μ = μ f + (1 − μ) g`` this is ``H_g v``: the g-parts of sl-BAMM's KKT
+        residual come free from the products its dual step made.
+        """
+        return next((h for u, h in self._last_term_hvps if u is v), None)
+
+
+def _combine(c_last: float, last: Tree, scaled: Sequence[Tree]) -> Tree:
+    """``Σ scaled + c_last · last``."""
+    if not scaled:
+        return T.scale(c_last, last)
+    return T.axpy(c_last, last, functools.reduce(T.add, scaled))
 
 
 def _weighted_sum(terms: Sequence[tuple[float, Tree]]) -> Tree:

@@ -23,7 +23,7 @@ import torch
 
 from .. import tree as T
 from ..linsolve import LinearSolveResult
-from ..oracles import Linearization, Oracles, WeightedLinearization
+from ..oracles import Linearization, Oracles, WeightedLinearization, scaled_products
 from ..problem import Problem
 from ..tree import Tree
 from ..validation import check_bool
@@ -52,13 +52,39 @@ class Point(NamedTuple):
     mu: float
 
     def products(self, v: Tree) -> tuple[Tree, Tree, Tree, Tree]:
-        """``(J_φ v, H_φ v, J_g v, H_g v)`` with one pass per objective."""
-        jg, hg = self.g.both(v)
+        """``(J_φ v, H_φ v, J_g v, H_g v)`` from one backward pass (reverse mode)."""
         if self.f is None:
+            jg, hg = self.g.both(v)
             return jg, hg, jg, hg
-        jf, hf = self.f.both(v)
-        mu = self.mu
-        return T.axpy(mu, jf, T.scale(1.0 - mu, jg)), T.axpy(mu, hf, T.scale(1.0 - mu, hg)), jg, hg
+        (jf, hf), (jg, hg) = scaled_products([(self.f, self.mu, True, True), (self.g, None, True, True)], v)
+        one_minus_mu = 1.0 - self.mu
+        return T.axpy(one_minus_mu, jg, jf), T.axpy(one_minus_mu, hg, hf), jg, hg
+
+    def direction_products(self, v: Tree, need_hvp_g: bool = True) -> tuple[Tree, Tree, Tree | None]:
+        """``(J_φ v, J_g v, H_g v)`` from one backward pass (reverse mode): the direction's
+        product and the g-parts of the KKT residual, never ``H_f v`` (``H_g v`` is ``None``
+        with ``need_hvp_g=False``)."""
+        assert self.f is not None, "direction_products needs μ > 0 (φ_μ ≠ g)"
+        (jf, _), (jg, hg) = scaled_products([(self.f, self.mu, True, False), (self.g, None, True, need_hvp_g)], v)
+        return T.axpy(1.0 - self.mu, jg, jf), jg, hg
+
+    def recorded_hvp_g(self, solve: LinearSolveResult) -> tuple[Tree | None, bool]:
+        """``H_g`` times the multiplier from the products a dual correction formed, free.
+
+        Returns ``(H_g v_{k+1}, True)`` after a line search (``H_g v_k − η H_g r``),
+        ``(H_g v_k, False)`` after a fixed step, ``(None, False)`` when the products were
+        not recorded (another estimator, or oracles that are not a plain weighted sum).
+        """
+        phi = self.phi
+        if not isinstance(phi, WeightedLinearization) or solve.previous is None:
+            return None, False
+        h_prev = phi.term_hvp(solve.previous)
+        if h_prev is None or solve.hv is None or solve.residual is None or solve.step is None:
+            return h_prev, False
+        h_r = phi.term_hvp(solve.residual)
+        if h_r is None:
+            return h_prev, False
+        return T.axpy(-solve.step, h_r, h_prev), True
 
 
 def linearize(oracles: Oracles, problem: Problem, mu: float, x: Tree, y: Tree, batch: Any) -> Point:
@@ -169,10 +195,13 @@ class KKTResidual:
             at hand when the line search formed ``H_φ r``; with a fixed step (or a kept
             periodic step) the terms that need ``H_φ v`` are reported at the previous
             multiplier ``v_k`` from the residual ``r = H_φ v_k − ∇_y f`` the step formed
-            (as the linear solvers report theirs). With μ > 0, ``kkt_multiplier`` and
-            ``kkt_upper`` need the g-parts: ``(J_g v, H_g v)`` is one pass and ``J_f v``
-            a mixed product. Without a solve result (the Jacobi order, where ``H_φ v_k``
-            feeds the dual step anyway) ``exact`` makes no difference.
+            (as the linear solvers report theirs). With μ > 0 the g-parts are free too:
+            the products of φ_μ keep ``H_g`` separately (one backward pass gives the f- and
+            g-parts), so ``kkt_multiplier`` uses ``H_g v_{k+1} = H_g v_k − η H_g r`` after
+            a line search and ``H_g v_k`` after a fixed step, and ``kkt_upper`` takes
+            ``J_g v_{k+1}`` from the direction's own x-only pass (``J_φ = μ J_f + (1 − μ)
+            J_g``). Without a solve result (the Jacobi order, where ``H_φ v_k`` feeds the
+            dual step anyway) ``exact`` makes no difference.
     """
 
     exact: bool = False
@@ -190,8 +219,9 @@ class KKTResidual:
             j_g = j_phi = point.g.mixed(v)
             h_g = None
         else:
-            j_g, h_g = point.g.both(v)
-            j_phi = T.axpy(point.mu, point.f.mixed(v), T.scale(1.0 - point.mu, j_g))
+            h_g, _ = point.recorded_hvp_g(solve)
+            j_phi, j_g, h_formed = point.direction_products(v, need_hvp_g=h_g is None)
+            h_g = h_formed if h_g is None else h_g
         direction = T.sub(grad_x_f, j_phi)
         direction_sq = T.sq_norm(direction)
         if solve.hv is not None:  # H_φ v_{k+1}, free after a line search

@@ -210,7 +210,7 @@ class DualCorrection:
         if hv is not None:  # the Jacobi order: H v_k from the caller, nothing to hand back
             r = T.sub(hv, b)
             eta, state, r_sq = self.step(r, matvec, k, state)
-            return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta, residual=r), state
+            return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta, residual=r, previous=v), state
         hv = matvec(v)
         r = T.sub(hv, b)
         seen: list = []
@@ -224,4 +224,4 @@ class DualCorrection:
         eta, state, r_sq = self.step(r, recording, k, state)
         # H v_{k+1} = H v_k − η H r: free when H r was formed, for the measure's diagnostics
         hv_next = T.axpy(-eta, seen[0], hv) if seen else None
-        return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta, residual=r, hv=hv_next), state
+        return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta, residual=r, hv=hv_next, previous=v), state
