@@ -17,9 +17,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import bilevel as bl
-from bilevel.distributed import DataParallel, DistributedError, ShardedSource, shard
-from bilevel.problems.fewshot import fewshot_problem
-from bilevel.problems.hyperclean import classifier_logits
+from bilevel.data import EpisodeSampler, hyperclean_from_arrays
+from bilevel.distributed import DataParallel, DistributedError, ShardedSource, _shard_hyperclean, shard
+from bilevel.problems.fewshot import EpisodeSource, fewshot_problem
+from bilevel.problems.hyperclean import classifier_logits, hyperclean_problem
 
 F64 = torch.float64
 ITERS = 3
@@ -64,6 +65,30 @@ def fewshot():
 
 
 PROBLEMS = {"hyperclean": hyperclean, "fewshot": fewshot}
+
+
+def builtin(name):
+    """The library's own problems and sources, which solve splits by itself: hyper-cleaning
+    (its data inside the problem) and few-shot episodes from an EpisodeSource."""
+    g = torch.Generator().manual_seed(2)
+    if name == "hyperclean":
+        images = torch.rand(48, 5, generator=g)
+        labels = (images[:, 0] > 0.5).long()
+        data = hyperclean_from_arrays(
+            images.numpy(), labels.numpy(), num_classes=2, max_pixel=1.0, name="blobs", n_train=16, n_val=8, n_test=8, dtype=F64
+        )
+        return hyperclean_problem(data, model="mlp", hidden=3, reg=0.01), None
+    classes = {c: torch.rand(6, 1, 4, 4, generator=g) + c for c in range(4)}
+    sampler = EpisodeSampler(classes, n_way=2, k_shot=2, q_query=2, meta_batch=2, seed=0)
+    problem = fewshot_problem(n_way=2, meta_batch=2, image_shape=(1, 4, 4), hidden=8, features=4, dtype=F64)
+    return problem, EpisodeSource(sampler, dtype=F64)
+
+
+def run_builtin(name):
+    problem, data = builtin(name)
+    method = bl.AID(lr_upper=0.5, lr_lower=0.2, lower_steps=2, solver=bl.CG(steps=3))
+    result = bl.solve(problem, method, data=data, max_iters=ITERS)
+    return {"x": result.x, "y": result.y, "v": result.v}
 
 
 def methods():
@@ -117,21 +142,24 @@ def _worker(rank, world_size, port, out_dir, scenario, timeout_s):
         dist.destroy_process_group()
 
 
-def spawn(scenario, tmp_path, world_size=2, timeout_s=5.0):
-    """Run ``SCENARIOS[scenario]`` on ``world_size`` processes; their outputs by rank."""
+def spawn(scenario, tmp_path, world_size=2, timeout_s=5.0, meanwhile=None):
+    """Run ``SCENARIOS[scenario]`` on ``world_size`` processes; their outputs by rank (and
+    the value of ``meanwhile()``, called here while they run)."""
     ctx = mp.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, str(tmp_path), scenario, timeout_s)) for r in range(world_size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + SPAWN_TIMEOUT
+    here = meanwhile() if meanwhile is not None else None
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
     alive = [p for p in procs if p.is_alive()]
     for p in alive:
         p.kill()
     assert not alive, f"{len(alive)} process(es) still running after {SPAWN_TIMEOUT} s: a collective hung"
-    return {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size) if (tmp_path / f"rank{r}.pt").exists()}
+    outs = {r: torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size) if (tmp_path / f"rank{r}.pt").exists()}
+    return outs if meanwhile is None else (outs, here)
 
 
 def _scenario_iterates(rank, world_size, out_dir):
@@ -140,6 +168,8 @@ def _scenario_iterates(rank, world_size, out_dir):
         for method_name in methods():
             ckpt = out_dir / "galet.ckpt" if (problem_name, method_name) == ("hyperclean", "GALET") else None
             out[problem_name, method_name] = run_one(problem_name, method_name, world_size, rank, checkpoint=ckpt)
+    for name in ("hyperclean", "fewshot"):
+        out["builtin", name] = run_builtin(name)
     # processes that start from different points are refused, on every process, with one line
     problem, batch, _ = hyperclean()
     x0 = {"weights": torch.full((16,), float(rank), dtype=F64)}
@@ -176,11 +206,15 @@ SCENARIOS = {"iterates": _scenario_iterates, "dead": _scenario_dead}
 
 # -- tests --------------------------------------------------------------------------------------
 def test_two_processes_give_the_single_process_iterates(tmp_path):
-    outs = spawn("iterates", tmp_path)
+    def references():
+        runs = {(p, m): run_one(p, m) for p in PROBLEMS for m in methods()}
+        return runs, {name: run_builtin(name) for name in ("hyperclean", "fewshot")}
+
+    outs, (refs, builtin_refs) = spawn("iterates", tmp_path, meanwhile=references)
     assert sorted(outs) == [0, 1]
     for problem_name in PROBLEMS:
         for method_name in methods():
-            ref = run_one(problem_name, method_name)
+            ref = refs[problem_name, method_name]
             for rank in (0, 1):
                 got = outs[rank][problem_name, method_name]
                 for key in ("x", "y", "v"):
@@ -191,6 +225,11 @@ def test_two_processes_give_the_single_process_iterates(tmp_path):
                             assert mine[key] == pytest.approx(value, rel=1e-10, abs=1e-12), (problem_name, method_name, key)
             # the iterates moved (a run that does nothing would match trivially)
             assert not close(ref["x"], PROBLEMS[problem_name]()[0].x_init, tol=1e-6)
+    for name in ("hyperclean", "fewshot"):
+        ref = builtin_refs[name]
+        assert not close(ref["x"], builtin(name)[0].x_init, tol=1e-6)
+        for rank in (0, 1):
+            assert all(close(outs[rank]["builtin", name][key], ref[key]) for key in ("x", "y", "v")), (name, rank)
     # rank 0 wrote the checkpoint; one process resumes it to the same point as an uninterrupted run
     payload = bl.load_checkpoint(tmp_path / "galet.ckpt")
     assert payload["meta"]["world_size"] == 2 and payload["state"].k == ITERS
@@ -228,6 +267,12 @@ def test_shard_splits_equal_parts_and_refuses_uneven_ones():
         shard(batch, rank=0, world_size=4, dims={"a": 0, "table": None})
     with pytest.raises(ValueError, match="at most 6"):
         ShardedSource({"a": torch.arange(6)}, rank=0, world_size=8).batch_at(0)
+
+
+def test_builtin_hyperclean_refuses_shards_of_unequal_size():
+    problem, _ = builtin("hyperclean")
+    with pytest.raises(ValueError, match=r"n_train=16 cannot be split into 3 equal shards: run on a number of processes \(--nproc\)"):
+        _shard_hyperclean(problem, 0, 3)
 
 
 def test_solve_distributed_true_without_a_group_says_how_to_start_one():

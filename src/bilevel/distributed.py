@@ -49,6 +49,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ def _all_reduce_flat(tensors: Sequence[torch.Tensor], group: Any, what: str) -> 
         by_dtype.setdefault((t.dtype, t.device), []).append(i)
     for idx in by_dtype.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in idx])
-        _collective(what, lambda flat=flat: dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group), group)
+        _collective(what, functools.partial(dist.all_reduce, flat, op=dist.ReduceOp.SUM, group=group), group)
         for i, piece in zip(idx, torch.split(flat, [tensors[i].numel() for i in idx]), strict=True):
             out[i] = piece.view_as(tensors[i])
     return [t for t in out if t is not None]
@@ -114,7 +115,7 @@ class _Identity(torch.autograd.Function):
     """``I``: identity forward; backward sums the cotangents of every process (``R``)."""
 
     @staticmethod
-    def forward(group: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(group: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(t.view_as(t) for t in tensors)
 
     @staticmethod
@@ -122,7 +123,7 @@ class _Identity(torch.autograd.Function):
         ctx.group = inputs[0]
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         return (None, *_SumOverProcesses.apply(ctx.group, *grads))
 
     @staticmethod
@@ -134,7 +135,7 @@ class _SumOverProcesses(torch.autograd.Function):
     """``R``: the sum over processes forward; backward passes the cotangent on (``I``)."""
 
     @staticmethod
-    def forward(group: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def forward(group: Any, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(_all_reduce_flat(tensors, group, "sum of derivatives"))
 
     @staticmethod
@@ -142,7 +143,7 @@ class _SumOverProcesses(torch.autograd.Function):
         ctx.group = inputs[0]
 
     @staticmethod
-    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
         return (None, *_Identity.apply(ctx.group, *grads))
 
     @staticmethod
@@ -161,7 +162,8 @@ def _replicated(tree: Tree, group: Any) -> Tree:
 def _global_sum(value: torch.Tensor, group: Any) -> torch.Tensor:
     """``R(value)``: the sum over processes (differentiable when ``value`` needs a gradient)."""
     if value.requires_grad and torch.is_grad_enabled():
-        return _SumOverProcesses.apply(group, value)[0]
+        summed: torch.Tensor = _SumOverProcesses.apply(group, value)[0]
+        return summed
     total = value.detach().clone()
     _collective("sum of objective values", lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group), group)
     return total
@@ -219,6 +221,28 @@ class DataParallel:
             metadata={**problem.metadata, "data_parallel": self.world_size},
         )
 
+    def prepare(self, problem: Problem, source: Any) -> tuple[Problem, Any]:
+        """The problem with reduced objectives and the data source of this process.
+
+        The built-in problems and sources are split here: a
+        :class:`~bilevel.problems.hyperclean.HypercleanProblem` (its data live in the
+        problem) gets the equal shard ``r`` of its training and validation sets, x staying
+        the whole weight vector; an :class:`~bilevel.problems.fewshot.EpisodeSource` gives
+        every task's shard of its support and query examples. Any other problem or source
+        is taken to be this process's shard already (:class:`ShardedSource`).
+        """
+        if self.world_size == 1 or problem.metadata.get("data_parallel"):
+            return problem, source
+        from .problems.fewshot import EpisodeSource
+        from .problems.hyperclean import HypercleanProblem
+
+        if isinstance(problem, HypercleanProblem):
+            problem = _shard_hyperclean(problem, self.rank, self.world_size)
+        if isinstance(source, EpisodeSource):
+            dims = {"support_x": 1, "support_y": 1, "query_x": 1, "query_y": 1}
+            source = _EpisodeShards(source, dims, self.rank, self.world_size)
+        return self.problem(problem), source
+
     def all_reduce_scalar(self, value: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """A 0-d tensor reduced over the processes (``"sum"``, ``"max"`` or ``"min"``); for
         quantities a user's code computes from *unreduced* local data."""
@@ -252,6 +276,58 @@ class DataParallel:
         """Wait for every process (a :class:`DistributedError` if one is gone)."""
         if self.world_size > 1:
             _collective("barrier", lambda: dist.barrier(group=self.group), self.group)
+
+
+def _shard_hyperclean(problem: Any, rank: int, world_size: int) -> Problem:
+    """Hyper-cleaning on shard ``rank`` of the training and validation sets (x stays whole)."""
+    from .problems.hyperclean import hyperclean_problem
+
+    data = problem.data
+    n_train, n_val = len(data.y_train_noisy), len(data.y_val)
+    for what, n in (("n_train", n_train), ("n_val", n_val)):
+        if n < world_size or n % world_size:
+            raise ValueError(
+                f"hyper-cleaning's {what}={n} cannot be split into {world_size} equal shards: run on a number of "
+                f"processes (--nproc) that divides {n} (at most {n}), or change problem.{what}"
+            )
+    lo, hi = rank * (n_train // world_size), (rank + 1) * (n_train // world_size)
+    vlo, vhi = rank * (n_val // world_size), (rank + 1) * (n_val // world_size)
+    part = dataclasses.replace(
+        data,
+        x_train=data.x_train[lo:hi],
+        y_train_noisy=data.y_train_noisy[lo:hi],
+        y_train_true=data.y_train_true[lo:hi],
+        clean_mask=data.clean_mask[lo:hi],
+        x_val=data.x_val[vlo:vhi],
+        y_val=data.y_val[vlo:vhi],
+    )
+    inner = hyperclean_problem(part, model=problem.model, reg=problem.reg, hidden=1)  # hidden: only the unused start
+
+    def lower(x: Tree, y: Tree, batch: Any) -> torch.Tensor:
+        return inner.lower({**x, "weights": x["weights"][lo:hi]}, y, batch)
+
+    def upper(x: Tree, y: Tree, batch: Any) -> torch.Tensor:
+        return inner.upper(x, y, batch)
+
+    return dataclasses.replace(problem, upper=upper, lower=lower)
+
+
+@dataclass(frozen=True)
+class _EpisodeShards:
+    """Every task's shard of the support and query examples of ``source.batch_at(k)``."""
+
+    source: Any
+    dims: Mapping[str, int | None]
+    rank: int
+    world_size: int
+
+    @property
+    def sampler(self) -> Any:
+        return self.source.sampler
+
+    def batch_at(self, k: int) -> Any:
+        batch = self.source.batch_at(k)
+        return shard(batch, self.rank, self.world_size, {key: self.dims.get(key) for key in batch})
 
 
 def data_parallel(problem: Problem, group: Any = None) -> Problem:
@@ -308,7 +384,7 @@ def shard(batch: Any, rank: int | None = None, world_size: int | None = None, di
         for key, value in batch.items():
             dim = dims.get(key, 0) if isinstance(dims, Mapping) else dims
             split = isinstance(value, torch.Tensor) and dim is not None
-            out[key] = _split(value, dim, rank, world_size, f"batch[{key!r}]") if split else value
+            out[key] = _split(value, int(dim or 0), rank, world_size, f"batch[{key!r}]") if split else value
         return out
     if isinstance(batch, (list, tuple)):
         if isinstance(dims, Mapping):

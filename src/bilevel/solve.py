@@ -425,7 +425,7 @@ def solve(
     if dp is not None:
         if compile:
             raise ValueError("solve(compile=True) cannot be combined with a distributed run: pass compile=False")
-        problem = dp.problem(problem)
+        problem, source = dp.prepare(problem, source)
     writer = dp is None or dp.rank == 0
     if compile:
         from .compile import compiled
