@@ -128,8 +128,9 @@ def scale(c: float | torch.Tensor, a: Tree) -> Tree:
 
 def axpy(c: float | torch.Tensor, x: Tree, y: Tree) -> Tree:
     """``y + c * x`` (BLAS naming)."""
-    if isinstance(c, torch.Tensor):
-        return unflatten_like(torch._foreach_add(leaves(y), torch._foreach_mul(leaves_like(x, y), c)), y)
+    if isinstance(c, torch.Tensor):  # one fused kernel per leaf: y + x·c (alpha= takes Python numbers only)
+        ys = leaves(y)
+        return unflatten_like(torch._foreach_addcmul(ys, leaves_like(x, y), [c] * len(ys)), y)
     return unflatten_like(torch._foreach_add(leaves(y), leaves_like(x, y), alpha=c), y)
 
 
