@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import ClassVar
 
+from ..finite_difference import HessianFree
 from ..linsolve import CG, LinearSolver, check_solver
+from ..oracles import Oracles
 from ..parts import DirectionNorm, LinearSolve, LowerGD, Parts
 from ..validation import check_bool, check_count, check_positive
 from .alternating import Alternating
@@ -40,6 +43,11 @@ class AID(Alternating):
             :class:`~bilevel.FixedPoint`, :class:`~bilevel.NormalGD` or
             :class:`~bilevel.LineSearchStep`.
         warm_start_v: start the solver from the previous ``v`` instead of 0.
+        hessian_free: r, to form every ``H v`` and ``J v`` by central differences of
+            gradients at ``y ± (r/‖v‖) v`` (DARTS's Hessian-free products,
+            :class:`bilevel.finite_difference.HessianFree`; 2 gradients per product, error
+            O(r²)); ``None`` (default): exact products from ``oracles``. With
+            ``solver=bilevel.finite_difference.OneTerm(τ)`` it is the DARTS approximation.
         project_x: optional projection of x.
 
     Cost: N gradients of g, one gradient of f, one gradient of g with a graph, the
@@ -61,6 +69,15 @@ class AID(Alternating):
     lower_steps: int = option(10, check_count)
     solver: LinearSolver = field(default=CG(steps=10), metadata={"check": (check_solver, {})})
     warm_start_v: bool = option(False, check_bool)
+    hessian_free: float | None = option(None, check_positive, allow_none=True)
+
+    @cached_property
+    def derivatives(self) -> Oracles:
+        """``oracles``; with ``hessian_free=r``, central differences of their gradients."""
+        base = self.oracles if self.oracles is not None else Oracles()
+        if self.hessian_free is None:
+            return base
+        return HessianFree(r=self.hessian_free, gradients_from=base.gradients_from if isinstance(base, HessianFree) else base)
 
     def build_parts(self) -> Parts:
         return Parts(
