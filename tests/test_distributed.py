@@ -281,3 +281,58 @@ def test_solve_distributed_true_without_a_group_says_how_to_start_one():
         bl.solve(problem, methods()["AID-CG"], data=batch, max_iters=1, distributed=True)
     with pytest.raises(TypeError, match="must be True, False or None"):
         bl.solve(problem, methods()["AID-CG"], data=batch, max_iters=1, distributed="yes")
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_cli_nproc_relaunches_itself_through_torchrun_on_loopback(monkeypatch, tiny_config, tmp_path):
+    import subprocess
+
+    from bilevel.cli import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append((command, env)) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["run", tiny_config, "run.max_iters=2", "--nproc", "2", "--out", str(tmp_path / "r"), "--no-progress"]) == 0
+    ((command, env),) = calls
+    assert command[1:4] == ["-m", "torch.distributed.run", "--nnodes=1"] and "--nproc_per_node=2" in command
+    assert "--master_addr=127.0.0.1" in command
+    assert command[command.index("bilevel") :] == [
+        "bilevel",
+        "run",
+        tiny_config,
+        "run.max_iters=2",
+        "--out",
+        str(tmp_path / "r"),
+        "--no-progress",
+    ]
+    assert env["BILEVEL_DISTRIBUTED_WORKER"] == "1"
+
+
+def test_cli_nproc_refuses_a_bad_count(capsys, tiny_config, monkeypatch):
+    from bilevel.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert main(["run", tiny_config, "--nproc", "0"]) == 2
+    assert "--nproc=0 must be a positive number of processes" in capsys.readouterr().err
+
+
+def test_cli_nproc_2_gives_the_run_of_one_process(tiny_config, tmp_path):
+    """End to end: `bilevel run CONFIG --nproc 2` through torchrun (a few seconds of imports)."""
+    import json
+    import subprocess
+    import sys
+
+    from bilevel.cli import main
+
+    args = [tiny_config, "run.max_iters=2", "run.eval_every=2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BILEVEL_DIST_TIMEOUT": "30"}
+    proc = subprocess.Popen([sys.executable, "-m", "bilevel", "run", *args, "--nproc", "2", "--out", str(tmp_path / "two")], env=env)
+    assert main(["run", *args, "--out", str(tmp_path / "one")]) == 0
+    assert proc.wait(timeout=SPAWN_TIMEOUT) == 0
+    one, two = ([json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    assert len(one) == len(two) > 1
+    for a, b in zip(one, two, strict=True):
+        for key in ("upper_loss", "stationarity"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5)  # float32 configuration
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny.yaml", "two"]

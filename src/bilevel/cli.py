@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="reuse a non-empty --out: remove the files bilevel wrote there (only those)")
     p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--nproc", type=int, default=1, help="data-parallel processes on this machine, launched with torchrun (docs/distributed.md)"
+    )
 
     p = sub.add_parser("bench", help="run several methods × seeds, print a table, write plots")
     p.add_argument("config", metavar="CONFIG_OR_NAME", help="a YAML file or a built-in configuration (bilevel list)")
@@ -207,10 +210,21 @@ def _run(args: argparse.Namespace) -> int:
         print(format_report(report(args.data_dir)))
         return EXIT_OK
     if args.command == "run":
+        from . import distributed
         from .experiments import load_config
         from .experiments.runner import data_dir_override, run_experiment
 
         overrides = list(args.overrides) + ([data_dir_override(args.data_dir)] if args.data_dir is not None else [])
+        if args.nproc != 1 or distributed.launched_by_torchrun():
+            return distributed.run_command(
+                args,
+                overrides,
+                lambda out, progress: run_experiment(
+                    load_config(args.config), out, overrides, progress=progress, overwrite=args.overwrite, on_divergence="status"
+                ),
+                _print_summary,
+                _run_status,
+            )
         summary = run_experiment(
             load_config(args.config), args.out, overrides, progress=not args.no_progress, overwrite=args.overwrite, on_divergence="status"
         )

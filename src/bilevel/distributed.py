@@ -53,6 +53,7 @@ import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -309,7 +310,8 @@ def _shard_hyperclean(problem: Any, rank: int, world_size: int) -> Problem:
     def upper(x: Tree, y: Tree, batch: Any) -> torch.Tensor:
         return inner.upper(x, y, batch)
 
-    return dataclasses.replace(problem, upper=upper, lower=lower)
+    sharded: Problem = dataclasses.replace(problem, upper=upper, lower=lower)
+    return sharded
 
 
 @dataclass(frozen=True)
@@ -406,3 +408,95 @@ class ShardedSource:
     def batch_at(self, k: int) -> Any:
         batch = self.source.batch_at(k) if hasattr(self.source, "batch_at") else self.source
         return shard(batch, self.rank, self.world_size, self.dims)
+
+
+# -- the command line: `bilevel run CONFIG --nproc N` -----------------------------------------------
+WORKER_ENV = "BILEVEL_DISTRIBUTED_WORKER"
+TIMEOUT_ENV = "BILEVEL_DIST_TIMEOUT"
+
+
+def launched_by_torchrun() -> bool:
+    """``True`` in a process started by ``torchrun`` with more than one process in all."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def launch(nproc: int, args: Sequence[str]) -> int:
+    """Run ``python -m bilevel ARGS`` in ``nproc`` processes on this machine through
+    ``torchrun`` (rendezvous on 127.0.0.1); returns its exit status."""
+    import socket
+    import subprocess
+    import sys
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise ValueError(f"--nproc={nproc!r} must be a positive number of processes")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "bilevel",
+        *args,
+    ]
+    return subprocess.call(command, env={**os.environ, WORKER_ENV: "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+
+
+def init_from_environment(device: str | None = None) -> DataParallel:
+    """Initialise the default process group from torchrun's environment (``gloo`` on CPU,
+    ``nccl`` for CUDA tensors) with the timeout ``$BILEVEL_DIST_TIMEOUT`` seconds (default
+    300): a process that dies makes the others fail within it."""
+    import datetime
+
+    if not dist.is_initialized():
+        timeout = float(os.environ.get(TIMEOUT_ENV, "300"))
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() and device != "cpu" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    check_world_size()
+    return DataParallel()
+
+
+def run_command(
+    args: Any,
+    overrides: Sequence[str],
+    run: Callable[[Any, bool], dict],
+    report: Callable[[dict], None],
+    status: Callable[[dict], int],
+) -> int:
+    """``bilevel run --nproc N``: launch through torchrun, or — in a process torchrun
+    started — join the group and ``run(out, progress)``. Rank 0 writes the run directory
+    and prints the summary; the others run into a scratch folder removed at the end."""
+    import shutil
+    import tempfile
+
+    if not launched_by_torchrun():
+        relaunch = ["run", args.config, *overrides]
+        if args.out is not None:
+            relaunch += ["--out", args.out]
+        if args.overwrite:
+            relaunch.append("--overwrite")
+        if args.no_progress:
+            relaunch.append("--no-progress")
+        return launch(args.nproc, relaunch)
+    world = int(os.environ["WORLD_SIZE"])
+    if args.nproc not in (1, world):
+        raise ValueError(f"--nproc={args.nproc} differs from torchrun's WORLD_SIZE={world}: drop --nproc under torchrun")
+    dp = init_from_environment()
+    try:
+        if dp.rank == 0:
+            summary = run(args.out, not args.no_progress)
+            report(summary)
+            return status(summary)
+        scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{dp.rank}-")
+        try:
+            return status(run(str(Path(scratch) / "run"), False))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
