@@ -9,6 +9,7 @@ on a functional core: pure ``init``/``step`` functions over an explicit state.
 
 from . import parts, problems, schedules, tree
 from .callbacks import CSVLogger, JSONLinesLogger, ProgressBar, TensorBoardLogger
+from .check import HypergradientCheck, check_hypergradient
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .linsolve import CG, FixedPoint, LinearSolveResult, LineSearchStep, Neumann, NormalGD
 from .methods import AID, BAGDC, BDA, GALET, ITD, TRHG, LowerAggregated, LowerGD, Method, SlBAMM, StabilityWarning, State
@@ -40,6 +41,7 @@ __all__ = [
     "Exponential",
     "FixedBatch",
     "FixedPoint",
+    "HypergradientCheck",
     "JSONLinesLogger",
     "LineSearchStep",
     "Linear",
@@ -63,6 +65,7 @@ __all__ = [
     "TensorBoardLogger",
     "__version__",
     "bamm_schedules",
+    "check_hypergradient",
     "load_checkpoint",
     "parts",
     "problems",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, cast
@@ -88,6 +89,10 @@ def upper_option(default: Any) -> Any:
     return option(default, check_upper, kw_only=True)
 
 
+# set by Method.direction while it runs ``step``: Assembled.update_x appends the estimate it is given
+_DIRECTION_PROBE: ContextVar[list | None] = ContextVar("bilevel_direction_probe", default=None)
+
+
 class StabilityWarning(UserWarning):
     """A step size violates a stability bound estimated at the initial point."""
 
@@ -129,6 +134,30 @@ class Method:
     def replace(self, **changes: Any) -> Any:
         """A copy with some options changed (its parts are built again)."""
         return dataclasses.replace(self, **changes)
+
+    def direction(self, problem: Problem, state: State, batch: Any = None) -> tuple[Tree, dict]:
+        """``(ĥ, info)``: the hypergradient estimate ``step`` moves x with from ``state``, and
+        ``step``'s diagnostics (``info["lower_grad_sq"]`` is ‖∇_y g‖² where ĥ was formed).
+
+        ĥ is the estimate before the direction estimator, the upper optimizer and the
+        projection (``∇_x f − J v``, or the derivative of the unrolled map), the quantity
+        :func:`bilevel.check_hypergradient` compares with ∇Φ(x). The default runs ``step``
+        once and records the estimate it hands to :meth:`Assembled.update_x`, so every
+        method assembled from parts has it; a method whose ``step`` moves x otherwise
+        overrides this (docs/check.md#supporting-a-new-method). Pure: ``state`` is unchanged.
+        """
+        probe: list = []
+        token = _DIRECTION_PROBE.set(probe)
+        try:
+            _, info = self.step(problem, state, batch)
+        finally:
+            _DIRECTION_PROBE.reset(token)
+        if not probe:
+            raise NotImplementedError(
+                f"{self.name}.step does not move x through Assembled.update_x, so its direction cannot be recorded: "
+                f"implement {type(self).__name__}.direction(problem, state, batch) (docs/check.md#supporting-a-new-method)"
+            )
+        return probe[0], info
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,6 +257,9 @@ class Assembled(Method):
     def update_x(self, x: Tree, estimate: Tree, state: State) -> tuple[Tree, Any, Any]:
         """``(x_next, optimizer state, direction state)``: the direction estimator, the upper
         optimizer and the projection, ``x ← Proj_X(update(x, d))``."""
+        probe = _DIRECTION_PROBE.get()
+        if probe is not None:  # Method.direction is recording the estimate
+            probe.append(estimate)
         parts, k = self.parts, state.k
         direction, direction_state = parts.direction.update(estimate, state.extra.get("direction", EmptyState()), k)
         x_next, opt = cast(UpperOptimizer, parts.upper).update(x, direction, state.opt, k)
