@@ -218,8 +218,8 @@ class SOBA(SingleLoop):
 
     Example:
         >>> import bilevel as bl
-        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=64, dim_x=3, dim_y=3, seed=0)
-        >>> r = bl.solve(p, bl.SOBA(lr_lower=0.5, lr_upper=0.5), data=None, max_iters=500)   # full batch
+        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
+        >>> r = bl.solve(p, bl.SOBA(lr_lower=0.5, lr_upper=0.5), data=None, max_iters=200)   # full batch
         >>> float((r.x["x"] - p.x_star["x"]).norm()) < 1e-8
         True
 
@@ -259,8 +259,8 @@ class MASOBA(SingleLoop):
 
     Example:
         >>> import bilevel as bl
-        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=64, dim_x=3, dim_y=3, seed=0)
-        >>> r = bl.solve(p, bl.MASOBA(lr_lower=0.5, lr_upper=0.1, theta=0.5), max_iters=1500)
+        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
+        >>> r = bl.solve(p, bl.MASOBA(lr_lower=0.5, lr_upper=0.2, theta=0.5), max_iters=300)
         >>> float((r.x["x"] - p.x_star["x"]).norm()) < 1e-8
         True
 
@@ -301,8 +301,8 @@ class SABA(SingleLoop):
 
     Example:
         >>> import bilevel as bl
-        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, seed=0)
-        >>> r = bl.solve(p, bl.SABA(lr_lower=0.5, lr_upper=0.5), data=p.streams(batch_size=8, seed=1), max_iters=3000)
+        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
+        >>> r = bl.solve(p, bl.SABA(lr_lower=0.3, lr_upper=0.3), data=p.streams(batch_size=16, seed=1), max_iters=600)
         >>> float((r.x["x"] - p.x_star["x"]).norm()) < 1e-8
         True
 
@@ -342,8 +342,8 @@ class SRBA(SingleLoop):
 
     Example:
         >>> import bilevel as bl
-        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, seed=0)
-        >>> r = bl.solve(p, bl.SRBA(lr_lower=0.5, lr_upper=0.5), data=p.streams(batch_size=8, seed=1), max_iters=1500)
+        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
+        >>> r = bl.solve(p, bl.SRBA(lr_lower=0.3, lr_upper=0.3), data=p.streams(batch_size=16, seed=1), max_iters=300)
         >>> float((r.x["x"] - p.x_star["x"]).norm()) < 1e-8
         True
 
@@ -366,7 +366,7 @@ class DoubleLoop(Stochastic):
     product on one more fresh batch, one upper step. Lower draws of iteration k:
     0 … T−1 (y steps), T … T+K−1 (Hessian products), T+K (J v)."""
 
-    lr_lower: float = option(0.1, check_positive)
+    lr_lower: ScheduleLike = option(0.1, check_step_size)
     lower_steps: int = option(10, check_count)
 
     def build_multiplier(self) -> Any:  # pragma: no cover - implemented by the presets
@@ -379,7 +379,7 @@ class DoubleLoop(Stochastic):
         state = super().initial_state(x, y)
         return state.replace(v=T.zeros_like(y), extra={**state.extra, "multiplier": EmptyState()})
 
-    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree) -> Tree:  # pragma: no cover - presets
+    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int) -> Tree:  # pragma: no cover - presets
         raise NotImplementedError
 
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
@@ -395,7 +395,7 @@ class DoubleLoop(Stochastic):
         def matvec_at(q: int) -> Any:
             return oracles.linearize(problem.lower, x, y, draws.lower(first + q)).hvp
 
-        v = self.multiplier_of(matvec_at, grad_y_f, state.v)
+        v = self.multiplier_of(matvec_at, grad_y_f, state.v, k)
         jv = oracles.linearize(problem.lower, x, y, draws.lower(first + self.hessian_draws)).mixed(v)
         direction = T.sub(grad_x_f, jv)
         info = self.report(value, grad_y_g, x, direction)
@@ -434,15 +434,15 @@ class StocBiO(DoubleLoop):
     batches and 1 upper batch.
 
     Args:
-        lr_lower: β (default 0.1).  lower_steps: T (default 10).
-        neumann_steps: K (default 10).  lr_neumann: η (default β, as the benchmark).
+        lr_lower: β, a number or a schedule (default 0.1).  lower_steps: T (default 10).
+        neumann_steps: K (default 10).  lr_neumann: η (default β_k, as the benchmark).
         lr_upper: α (default 0.1).
 
     Example:
         >>> import bilevel as bl
-        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=64, dim_x=3, dim_y=3, seed=0)
-        >>> r = bl.solve(p, bl.StocBiO(lr_lower=0.5, neumann_steps=60, lr_upper=0.5), max_iters=200)
-        >>> float((r.x["x"] - p.x_star["x"]).norm()) < 1e-6
+        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
+        >>> r = bl.solve(p, bl.StocBiO(lr_lower=0.5, lower_steps=2, neumann_steps=40, lr_upper=0.5), max_iters=60)
+        >>> float((r.x["x"] - p.x_star["x"]).norm()) < 1e-4                # the (1 − ημ)^{K+1} bias
         True
 
     Reference: K. Ji, J. Yang, Y. Liang, "Bilevel optimization: convergence analysis and
@@ -456,8 +456,8 @@ class StocBiO(DoubleLoop):
     def build_multiplier(self) -> Any:
         return StochasticNeumann(steps=self.neumann_steps, lr=self.lr_neumann)
 
-    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree) -> Tree:
-        eta = self.lr_lower if self.lr_neumann is None else self.lr_neumann
+    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int) -> Tree:
+        eta = cast(LowerSGD, self.parts.lower).schedule(k) if self.lr_neumann is None else self.lr_neumann
         return cast(StochasticNeumann, self.parts.multiplier).solve(matvec_at, b, eta)
 
 
@@ -481,14 +481,14 @@ class AmIGO(DoubleLoop):
     Cost per iteration: ``T Gy + 1 Gf + N H + 1 J``; T + N + 1 lower batches, 1 upper.
 
     Args:
-        lr_lower: β (default 0.1).  lower_steps: T (default 10).
-        dual_steps: N (default 10).  lr_dual: η (default β, as the benchmark).
+        lr_lower: β, a number or a schedule (default 0.1).  lower_steps: T (default 10).
+        dual_steps: N (default 10).  lr_dual: η (default β_k, as the benchmark).
         lr_upper: α (default 0.1).
 
     Example:
         >>> import bilevel as bl
-        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=64, dim_x=3, dim_y=3, seed=0)
-        >>> r = bl.solve(p, bl.AmIGO(lr_lower=0.5, lr_upper=0.5), max_iters=200)
+        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
+        >>> r = bl.solve(p, bl.AmIGO(lr_lower=0.5, lower_steps=2, dual_steps=2, lr_upper=0.5), max_iters=100)
         >>> float((r.x["x"] - p.x_star["x"]).norm()) < 1e-8
         True
 
@@ -503,8 +503,8 @@ class AmIGO(DoubleLoop):
     def build_multiplier(self) -> Any:
         return DualSteps(steps=self.dual_steps, lr=self.lr_dual)
 
-    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree) -> Tree:
-        eta = self.lr_lower if self.lr_dual is None else self.lr_dual
+    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int) -> Tree:
+        eta = cast(LowerSGD, self.parts.lower).schedule(k) if self.lr_dual is None else self.lr_dual
         return cast(DualSteps, self.parts.multiplier).solve(matvec_at, b, eta, v)
 
 
@@ -539,9 +539,9 @@ class F2SA(Stochastic):
 
     Example:
         >>> import bilevel as bl
-        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=64, dim_x=3, dim_y=3, seed=0)
-        >>> r = bl.solve(p, bl.F2SA(lr_lower=0.02, lr_shadow=0.5, lr_upper=0.5, lambda0=20.0, delta0=0.0), max_iters=300)
-        >>> float((r.x["x"] - p.x_star["x"]).norm()) < 0.05              # the O(1/λ) bias
+        >>> p = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
+        >>> r = bl.solve(p, bl.F2SA(lr_lower=0.04, lr_shadow=0.5, lr_upper=0.5, lambda0=20.0, delta0=0.0, lower_steps=5), max_iters=100)
+        >>> 0.005 < float((r.x["x"] - p.x_star["x"]).norm()) < 0.05      # the O(1/λ) bias
         True
 
     Reference: J. Kwon, D. Kwon, S. Wright, R. Nowak, "A fully first-order method for

@@ -1,6 +1,7 @@
 """Built-in bilevel problems: toys with closed-form answers and the papers' experiments."""
 
 from .fewshot import EpisodeSource, EpisodicLower, FewshotProblem, fewshot_problem
+from .finite_sum import FiniteSumQuadratic, finite_sum_quadratic
 from .hyperclean import HypercleanProblem, hyperclean_problem
 from .toys import T1, T2, T3, T3_LOCAL_MINIMA, T4, T1g, ToyProblem
 
@@ -13,9 +14,11 @@ __all__ = [
     "EpisodeSource",
     "EpisodicLower",
     "FewshotProblem",
+    "FiniteSumQuadratic",
     "HypercleanProblem",
     "T1g",
     "ToyProblem",
     "fewshot_problem",
+    "finite_sum_quadratic",
     "hyperclean_problem",
 ]

@@ -32,10 +32,10 @@ to the first draw of their own stream, so every method of the library runs on
 
 Example:
     >>> import torch, bilevel as bl
-    >>> problem = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, seed=0)
+    >>> problem = bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
     >>> float(problem.hypergradient(problem.x_star)["x"].norm()) < 1e-10
     True
-    >>> result = bl.solve(problem, bl.SABA(lr_lower=0.5, lr_upper=0.5), data=problem.streams(batch_size=8), max_iters=3000)
+    >>> result = bl.solve(problem, bl.SABA(lr_lower=0.3, lr_upper=0.3), data=problem.streams(batch_size=16, seed=1), max_iters=600)
     >>> float((result.x["x"] - problem.x_star["x"]).norm()) < 1e-8
     True
 """
@@ -186,7 +186,8 @@ def finite_sum_quadratic(
             full: torch.Tensor = 0.5 * yv @ (m["A"] @ yv) + xv @ (m["C"] @ yv) + m["a"] @ yv
             return full
         bu, bc, be, ba = batch
-        return (0.5 * (bu @ yv) ** 2 + (bc @ xv) * (be @ yv) + ba @ yv).mean()
+        sampled: torch.Tensor = (0.5 * (bu @ yv) ** 2 + (bc @ xv) * (be @ yv) + ba @ yv).mean()
+        return sampled
 
     def upper(x: dict, y: dict, batch: Any) -> torch.Tensor:
         batch = upper_batch(batch)
@@ -197,7 +198,8 @@ def finite_sum_quadratic(
             value: torch.Tensor = 0.5 * yv @ (m["P"] @ yv) + 0.5 * xv @ (m["Q"] @ xv) + xv @ (m["D"] @ yv) + m["p"] @ yv + m["q"] @ xv
             return value
         br, bs, bh, bw, bp, bq = batch
-        return (0.5 * (br @ yv) ** 2 + 0.5 * (bs @ xv) ** 2 + (bh @ xv) * (bw @ yv) + bp @ yv + bq @ xv).mean()
+        result: torch.Tensor = (0.5 * (br @ yv) ** 2 + 0.5 * (bs @ xv) ** 2 + (bh @ xv) * (bw @ yv) + bp @ yv + bq @ xv).mean()
+        return result
 
     def y_star(xv: torch.Tensor) -> torch.Tensor:
         solution: torch.Tensor = torch.linalg.solve(means["A"], means["C"].T @ xv + means["a"])
