@@ -265,6 +265,132 @@ def test_from_modules_rejects_bad_arguments():
         bl.Problem.from_modules(torch.nn.ReLU(), _upper_loss, _lower_loss, hyper={"a": torch.zeros(1)})
 
 
+class _BNConvNet(torch.nn.Module):
+    """A small ConvNet with BatchNorm (the TorchOpt pitfalls #144, #161)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 3, 3, dtype=F64)
+        self.bn = torch.nn.BatchNorm2d(3, dtype=F64)
+        self.head = torch.nn.Linear(3 * 4 * 4, 2, dtype=F64)
+
+    def forward(self, images):
+        return self.head(torch.relu(self.bn(self.conv(images))).flatten(1))
+
+
+def _bn_problem(net):
+    def lower(model, h, b):
+        return torch.nn.functional.cross_entropy(model(b["xt"]), b["yt"]) + h["log_l2"].exp() * (model.params["head.weight"] ** 2).sum()
+
+    def upper(model, h, b):
+        return torch.nn.functional.cross_entropy(model(b["xv"]), b["yv"])
+
+    return bl.Problem.from_modules(net, upper, lower, hyper={"log_l2": torch.tensor(-2.0, dtype=F64)})
+
+
+def _bn_data(gen):
+    return {
+        "xt": torch.randn(8, 1, 6, 6, generator=gen, dtype=F64),
+        "yt": torch.randint(0, 2, (8,), generator=gen),
+        "xv": torch.randn(6, 1, 6, 6, generator=gen, dtype=F64),
+        "yv": torch.randint(0, 2, (6,), generator=gen),
+    }
+
+
+def _reference_loss(net, y, images, labels):
+    """The loss of a copy of ``net`` holding ``y`` (in the copy's train/eval mode)."""
+    import copy
+
+    twin = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, value in y.items():
+            twin.get_parameter(name).copy_(value)
+    return torch.nn.functional.cross_entropy(twin(images), labels)
+
+
+def test_from_modules_batchnorm_follows_train_and_eval_and_never_writes_the_running_statistics(gen):
+    net = _BNConvNet()
+    with torch.no_grad():
+        net.bn.running_mean.copy_(torch.tensor([0.3, -0.2, 0.1], dtype=F64))
+        net.bn.running_var.copy_(torch.tensor([2.0, 0.5, 1.5], dtype=F64))
+    before = {k: b.clone() for k, b in net.named_buffers()}
+    problem, data = _bn_problem(net), _bn_data(gen)
+    assert set(problem.y_init) == {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "head.weight", "head.bias"}
+    y = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in problem.y_init.items()}
+    train_value = problem.f(problem.x_init, y, data)
+    torch.testing.assert_close(train_value, _reference_loss(net, y, data["xv"], data["yv"]), rtol=1e-13, atol=0)
+    # torch.func transforms (forward-mode oracles) work in training mode: no in-place update of a buffer
+    lin_forward = bl.Oracles(mode="forward").linearize(problem.lower, problem.x_init, y, data, with_grad_x=True)
+    lin_reverse = bl.Oracles().linearize(problem.lower, problem.x_init, y, data, with_grad_x=True)
+    v = {k: torch.randn(t.shape, generator=gen, dtype=F64) for k, t in y.items()}
+    for a, b in zip(bl.tree.leaves(lin_forward.both(v)), bl.tree.leaves(lin_reverse.both(v)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    result = bl.solve(problem, bl.AID(lr_upper=0.1, lr_lower=0.1, lower_steps=2, solver=bl.CG(steps=2)), data=data, max_iters=3)
+    assert not torch.equal(result.y["bn.weight"], problem.y_init["bn.weight"])
+    for name, buffer in net.named_buffers():  # hundreds of evaluations, the statistics untouched
+        assert torch.equal(buffer, before[name]), name
+    # eval() after the problem was built: the running statistics are used from then on
+    net.eval()
+    eval_value = problem.f(problem.x_init, y, data)
+    torch.testing.assert_close(eval_value, _reference_loss(net, y, data["xv"], data["yv"]), rtol=1e-13, atol=0)
+    assert abs(float(eval_value - train_value)) > 1e-3
+    net.train()
+    torch.testing.assert_close(problem.f(problem.x_init, y, data), train_value, rtol=0, atol=0)
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(4, 3, bias=False, dtype=F64)
+        self.dec = torch.nn.Linear(3, 4, bias=True, dtype=F64)
+        self.out = torch.nn.Linear(3, 1, bias=False, dtype=F64)
+        self.out.weight = torch.nn.Parameter(self.enc.weight[:1].detach().clone())
+        self.tied = torch.nn.Linear(4, 3, bias=False, dtype=F64)
+        self.tied.weight = self.enc.weight  # one parameter under two names
+
+    def forward(self, inputs):
+        return self.dec(self.enc(inputs)) + self.tied(inputs).sum(1, keepdim=True)
+
+
+def test_from_modules_tied_parameters_are_one_variable(gen):
+    net = _Tied()
+    data = {"xt": torch.randn(5, 4, generator=gen, dtype=F64)}
+
+    def lower(model, h, b):
+        return ((model(b["xt"]) - b["xt"]) ** 2).mean() + h["c"] * sum((p**2).sum() for p in model.params.values())
+
+    problem = bl.Problem.from_modules(net, lower, lower, hyper={"c": torch.tensor(0.01, dtype=F64)})
+    assert set(problem.y_init) == {"enc.weight", "dec.weight", "dec.bias", "out.weight"}  # tied.weight is enc.weight
+    y = {k: v + 0.1 * torch.randn(v.shape, generator=gen, dtype=F64) for k, v in problem.y_init.items()}
+    W, D, c = y["enc.weight"], y["dec.weight"], y["dec.bias"]
+    hand = lambda W: (((data["xt"] @ W.T) @ D.T + c + (data["xt"] @ W.T).sum(1, keepdim=True) - data["xt"]) ** 2).mean()
+    value = problem.g(problem.x_init, y, data)
+    torch.testing.assert_close(value, hand(W) + 0.01 * sum((p**2).sum() for p in y.values()), rtol=1e-13, atol=0)
+    # the gradient of the tied variable sums both uses
+    grad_y, _ = bl.Oracles().gradient_y(problem.lower, problem.x_init, y, data)
+    W_req = W.detach().requires_grad_(True)
+    (expected,) = torch.autograd.grad(hand(W_req) + 0.01 * (W_req**2).sum(), W_req)
+    torch.testing.assert_close(grad_y["enc.weight"], expected, rtol=1e-12, atol=1e-14)
+
+
+def test_from_modules_frozen_parameters_stay_out_of_y(gen):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3, dtype=F64), torch.nn.Tanh(), torch.nn.Linear(3, 1, dtype=F64))
+    net[0].requires_grad_(False)
+    data = _data(gen)
+    problem = bl.Problem.from_modules(
+        net, _upper_loss, lambda m, h, b: _upper_loss(m, h, b) * h["s"], hyper={"s": torch.tensor(1.0, dtype=F64)}
+    )
+    assert set(problem.y_init) == {"2.weight", "2.bias"}
+    y = {k: v + 0.1 for k, v in problem.y_init.items()}
+    hidden = torch.tanh(data["xv"] @ net[0].weight.T + net[0].bias)
+    hand = ((hidden @ y["2.weight"].T + y["2.bias"] - data["yv"]) ** 2).mean()
+    torch.testing.assert_close(problem.f(problem.x_init, y, data), hand, rtol=1e-13, atol=0)
+    grad_y, _ = bl.Oracles().gradient_y(problem.lower, problem.x_init, y, data)
+    assert set(grad_y) == {"2.weight", "2.bias"}
+    with pytest.raises(ValueError, match=r"the model has only frozen parameters \(requires_grad=False\).*unfreeze"):
+        bl.Problem.from_modules(net[0], _upper_loss, _lower_loss, hyper={"s": torch.zeros(())})
+
+
 def test_meta_tensors_are_rejected_naming_the_leaf_and_the_fix():
     x = {"w": torch.empty(3, device="meta", dtype=F64)}
     with pytest.raises(

@@ -29,14 +29,52 @@ Objective = Callable[[Any, Any, Any], torch.Tensor]
 __all__ = ["Objective", "Problem", "check_scalar_loss", "check_variables"]
 
 
-class _Bound:
-    """``module`` called functionally with ``params`` (and its buffers); ``.params`` holds them."""
+class _ModuleParts:
+    """How ``module`` is called functionally: its trainable parameters (the variable), its
+    frozen parameters and buffers (constants, the module's own tensors, never written), and
+    the running statistics of its normalisation layers."""
 
-    def __init__(self, module: torch.nn.Module, buffers: dict[str, torch.Tensor], params: dict[str, torch.Tensor]):
-        self.module, self.buffers, self.params = module, buffers, params
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+        # named_parameters lists a tied parameter once, under its first name; functional_call
+        # (tie_weights=True) makes every alias follow it
+        named = list(module.named_parameters())
+        self.trainable = [k for k, p in named if p.requires_grad]
+        self.frozen = {k: p.detach() for k, p in named if not p.requires_grad}
+        self.buffers = {k: b.detach() for k, b in module.named_buffers()}
+        self.norms = [
+            (sub, [f"{prefix}.{b}" if prefix else b for b in ("running_mean", "running_var", "num_batches_tracked")])
+            for prefix, sub in module.named_modules()
+            if isinstance(sub, torch.nn.modules.batchnorm._NormBase) and sub.track_running_stats
+        ]
+
+    def initial(self) -> dict[str, torch.Tensor]:
+        """Detached copies of the trainable parameters (the starting point)."""
+        params = dict(self.module.named_parameters())
+        return {k: params[k].detach().clone() for k in self.trainable}
+
+    def constants(self) -> dict[str, torch.Tensor | None]:
+        """Frozen parameters and buffers for one call, following ``train()``/``eval()`` now:
+        a normalisation layer in training mode gets no running statistics (batch statistics,
+        nothing updated in place: pure, so every derivative and ``torch.func`` transform
+        applies); in evaluation mode it uses its running statistics."""
+        constants: dict[str, torch.Tensor | None] = {**self.buffers, **self.frozen}
+        for sub, names in self.norms:
+            if sub.training:
+                constants.update(dict.fromkeys(names))
+        return constants
+
+
+class _Bound:
+    """``module`` called functionally with ``params`` (and its constants); ``.params`` holds them."""
+
+    def __init__(self, parts: _ModuleParts, params: dict[str, torch.Tensor]):
+        self.parts, self.params = parts, params
+        self.module = parts.module
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return torch.func.functional_call(self.module, {**self.buffers, **self.params}, args, kwargs)
+        values: dict[str, Any] = {**self.parts.constants(), **self.params}  # a None statistic: batch statistics
+        return torch.func.functional_call(self.module, values, args, kwargs)
 
 
 def _describe_leaf_path(path: Sequence[Any]) -> str:
@@ -223,6 +261,23 @@ class Problem:
         ``hyper`` is a dict of tensors. ``x_init``/``y_init`` are detached copies of the
         current parameters, so the modules themselves are never modified.
 
+        Modules as users write them:
+
+        * **frozen parameters** (``requires_grad=False``) stay out of ``y`` (and ``x``):
+          they are constants, read from the module at every call;
+        * **tied parameters** (one ``nn.Parameter`` under several names, e.g. a decoder
+          sharing its embedding) are one entry of ``y``, under the first name
+          ``named_parameters()`` gives; every alias follows it;
+        * **buffers** are the module's own, read at every call and never written, and
+          normalisation layers follow the module's ``train()``/``eval()`` *at the time of
+          the call*: in training mode BatchNorm normalises with the batch statistics and
+          does not update its running statistics (an objective that changed a buffer at
+          each of the many evaluations of an iteration would not be a function of
+          ``(x, y)``, and ``torch.func`` transforms refuse the in-place update); in
+          evaluation mode it uses the running statistics. To refresh them after training,
+          run the model once in training mode with the final ``y``:
+          ``torch.func.functional_call(model, result.y, inputs)``.
+
         Example:
             >>> import torch, bilevel as bl
             >>> net = torch.nn.Linear(4, 1)
@@ -238,23 +293,25 @@ class Problem:
         """
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"from_modules(model=...) must be a torch.nn.Module, got {type(model).__name__}")
-        y_init = {k: p.detach().clone() for k, p in model.named_parameters()}
+        model_parts = _ModuleParts(model)
+        y_init = model_parts.initial()
         if not y_init:
-            raise ValueError("the model has no parameters: there is no lower-level variable to optimize")
-        buffers = dict(model.named_buffers())
-        if isinstance(hyper, torch.nn.Module):
-            x_init = {k: p.detach().clone() for k, p in hyper.named_parameters()}
-            hyper_buffers = dict(hyper.named_buffers())
+            what = "only frozen parameters (requires_grad=False)" if model_parts.frozen else "no parameters"
+            raise ValueError(f"the model has {what}: there is no lower-level variable to optimize; unfreeze the ones y should hold")
+        hyper_parts = _ModuleParts(hyper) if isinstance(hyper, torch.nn.Module) else None
+        if hyper_parts is not None:
+            x_init = hyper_parts.initial()
+            if not x_init:
+                raise ValueError("the hyper module has no trainable parameters: there is no upper-level variable to optimize")
         elif isinstance(hyper, Mapping):
             x_init = {k: torch.as_tensor(v).detach().clone() for k, v in hyper.items()}
-            hyper_buffers = {}
         else:
             raise TypeError("from_modules(hyper=...) must be an nn.Module or a dict of tensors holding the upper-level variables")
 
         def bind(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor]) -> tuple[_Bound, _Bound | dict[str, torch.Tensor]]:
-            model_fn = _Bound(model, buffers, y)
-            if isinstance(hyper, torch.nn.Module):
-                return model_fn, _Bound(hyper, hyper_buffers, x)
+            model_fn = _Bound(model_parts, y)
+            if hyper_parts is not None:
+                return model_fn, _Bound(hyper_parts, x)
             return model_fn, x
 
         def upper(x: dict[str, torch.Tensor], y: dict[str, torch.Tensor], batch: Any) -> torch.Tensor:
