@@ -375,3 +375,47 @@ def test_docstring_examples_run():
 
     failures, attempted = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert attempted >= 7 and failures == 0, failures
+
+
+# -- bilevel check CONFIG ---------------------------------------------------------------------
+
+CHECK_CONFIG = {
+    "name": "tiny-check",
+    "problem": {"kind": "hyperclean", "dataset": "mnist5k", "n_train": 40, "n_val": 30, "n_test": 30, "reg": 0.1, "dtype": "float64"},
+    "method": {"name": "CG"},
+    "methods": {
+        "CG": {"solver": "CG", "solver_steps": 30, "lr_lower": 0.5, "lower_steps": 3},
+        "BAGDC": {"lr_lower": 0.5, "lr_dual": 0.5},
+        "BadNeumann": {"method": "AID", "solver": "Neumann", "solver_steps": 30, "solver_lr": 40.0, "lr_lower": 0.5},
+    },
+    "run": {"max_iters": 6, "threads": 1, "progress": False},
+}
+
+
+@pytest.fixture
+def check_config(tmp_path):
+    import yaml
+
+    path = tmp_path / "check.yaml"
+    path.write_text(yaml.safe_dump(CHECK_CONFIG))
+    return str(path)
+
+
+def test_cli_check_prints_a_verdict_per_method_and_fails_on_a_broken_one(check_config, capsys):
+    from bilevel.cli import main
+
+    assert main(["check", check_config, "--methods", "CG,BadNeumann", "--warmup", "0"]) == 1
+    captured = capsys.readouterr()
+    out = captured.out.splitlines()
+    assert out[0].startswith("reference: implicit at the initial x") and "0 warm-up iterations" in out[0]
+    assert out[1].startswith("CG: pass — relative error") and out[2].startswith("BadNeumann: fail — relative error")
+    assert captured.err.strip() == "bilevel: 1 of 2 methods failed the hypergradient check: BadNeumann"
+
+
+def test_cli_check_bad_input_is_one_line_with_status_2(check_config, capsys):
+    from bilevel.cli import main
+
+    assert main(["check", check_config, "--warmup", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "bilevel: error: --warmup must be an integer >= 0, got -1"
+    assert main(["check", check_config, "--methods", "NoSuchMethod"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

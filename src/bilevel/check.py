@@ -65,7 +65,16 @@ from .state import State
 from .tree import Tree
 from .validation import ArgumentTypeError, check_bool, check_choice, check_count, check_positive
 
-__all__ = ["REFERENCES", "VERDICTS", "HypergradientCheck", "Reference", "check_hypergradient", "reference_hypergradient"]
+__all__ = [
+    "REFERENCES",
+    "VERDICTS",
+    "HypergradientCheck",
+    "Reference",
+    "check_experiment",
+    "check_hypergradient",
+    "reference_hypergradient",
+    "solve_lower",
+]
 
 REFERENCES = ("auto", "implicit", "finite_difference")
 VERDICTS = ("pass", "warn", "fail")
@@ -516,3 +525,53 @@ def _hints(method: Method, state: State, warmup: int, lower_residual: float, ref
     if warmup == 0 and multiplier is not None and not solved_anew:
         hints.append("if the multiplier improves across iterations (a single-loop method), give warmup=200")
     return hints
+
+
+def check_experiment(
+    config: str | dict,
+    methods: list[str] | None = None,
+    overrides: list[str] | tuple = (),
+    *,
+    warmup: int = 200,
+    solve_y: bool = True,
+    reference: str = "auto",
+    rtol: float = 0.05,
+    fail_rtol: float = 0.5,
+) -> tuple[Reference, list[tuple[str, HypergradientCheck]]]:
+    """Check the methods of an experiment configuration at its initial point (``bilevel check``).
+
+    The configuration (a built-in name, a YAML file or a dict, plus ``section.key=value``
+    overrides) is resolved as ``bilevel run`` resolves it; the problem is built once, the
+    reference computed once at ``x = problem.x_init`` (the lower solve from
+    ``problem.y_init``), and each method — the names of the configuration's ``methods``
+    presets by default, else its ``method`` — is checked there with ``warmup`` iterations
+    at fixed x, started from ŷ(x) (``solve_y=True``) or from ``problem.y_init``.
+
+    Returns:
+        ``(reference, [(method name as configured, HypergradientCheck), ...])``.
+    """
+    import copy
+
+    from .experiments.config import apply_overrides, load_config, resolve
+    from .experiments.runner import build_experiment, build_method
+
+    base = load_config(config) if not isinstance(config, dict) else copy.deepcopy(config)
+    base = apply_overrides(base, list(overrides))
+    if not methods:
+        section = base.get("method") or {}
+        methods = list(base.get("methods") or [section if isinstance(section, str) else section.get("name", "")])
+    configs = [resolve(apply_overrides(base, [f"method.name={name}"])) for name in methods]
+    experiment = build_experiment(configs[0])
+    problem, data = experiment.problem, experiment.data
+    batch = data.batch_at(0) if data is not None else None
+    episodic = configs[0].data["problem"]["kind"] == "fewshot"
+    ref = reference_hypergradient(problem, problem.x_init, problem.y_init, batch, kind=reference)
+    results = []
+    for name, resolved in zip(methods, configs, strict=True):
+        method = experiment.method if resolved is configs[0] else build_method(resolved.data["method"], episodic=episodic)
+        check = check_hypergradient(
+            problem, method, problem.x_init, problem.y_init, batch, reference=ref, warmup=warmup, rtol=rtol, fail_rtol=fail_rtol,
+            solve_y=solve_y,
+        )  # fmt: skip
+        results.append((name, check))
+    return ref, results

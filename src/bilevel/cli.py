@@ -4,6 +4,7 @@
     bilevel bench CONFIG_OR_NAME [--methods GALET,CG] [--seeds 0,1,2] [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
     bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE
     bilevel resume RUN_DIR|BENCH_DIR [--max-iters N] [--data-dir DIR]
+    bilevel check CONFIG_OR_NAME [--methods GALET,CG] [--warmup N] [section.key=value ...] [--data-dir DIR]
     bilevel data [--data-dir DIR]
     bilevel list
 
@@ -11,7 +12,8 @@ CONFIG_OR_NAME is a YAML file or the name of a built-in configuration (``bilevel
 Every error prints one line ``bilevel: ...`` on stderr. Exit status (docs/experiments.md):
 
     0    done
-    1    a run diverged (a bench: after finishing the others and printing the table)
+    1    a run diverged (a bench: after finishing the others and printing the table);
+         ``check``: a method's hypergradient failed the check (docs/check.md)
     2    bad input or configuration: unknown config, bad override, missing dataset,
          a checkpoint that does not match, an output folder that is not empty
     3    environment: an output folder that cannot be written, disk full, out of memory,
@@ -108,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, default=None, help="new total number of iterations (a run directory only)")
     p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("check", help="check each method's hypergradient at the experiment's initial point (docs/check.md)")
+    p.add_argument("config", metavar="CONFIG_OR_NAME", help="a YAML file or a built-in configuration (bilevel list)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="section.key=value", help=_OVERRIDES_HELP)
+    p.add_argument("--methods", default=None, help="comma-separated method names (default: every preset of the config)")
+    p.add_argument("--warmup", type=int, default=200, help="iterations at fixed x before the direction is taken (default 200)")
+    p.add_argument("--from-initial-y", action="store_true", help="start the methods at the config's initial y, not at the lower solution")
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
 
     p = sub.add_parser("data", help="show which datasets are available and how to install the others")
     p.add_argument("--data-dir", default=None, help="directory searched first")
@@ -255,6 +265,8 @@ def _run(args: argparse.Namespace) -> int:
         return _bench_status(
             bench(args.config, methods, seeds, overrides, args.out, progress=not args.no_progress, overwrite=args.overwrite)
         )
+    if args.command == "check":
+        return _check(args)
     if args.command == "plot":
         from .experiments import read_log
         from .plotting import plot_runs
@@ -276,6 +288,31 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {', '.join(map(str, paths))}")
         return EXIT_OK
     raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+
+
+def _check(args: argparse.Namespace) -> int:
+    """``bilevel check``: one line per method; status 1 when any fails (a warn passes)."""
+    from .check import check_experiment
+    from .experiments.runner import data_dir_override
+
+    if args.warmup < 0:
+        raise CLIError(f"--warmup must be an integer >= 0, got {args.warmup}")
+    methods = _parse_list(args.methods, "methods") if args.methods is not None else None
+    overrides = list(args.overrides) + ([data_dir_override(args.data_dir)] if args.data_dir is not None else [])
+    ref, results = check_experiment(args.config, methods, overrides, warmup=args.warmup, solve_y=not args.from_initial_y)
+    where = "the lower solution" if not args.from_initial_y else "the initial y"
+    print(
+        f"reference: {ref.kind} at the initial x (lower solve ‖∇_y g‖ = {ref.lower_residual:.2g}, estimated error {ref.error:.2g}"
+        + (f"; {ref.note}" if ref.note else "")
+        + f"); methods start at {where}, {args.warmup} warm-up iterations"
+    )
+    for name, check in results:
+        print(f"{name}: {check.verdict} — {check.reason}")
+    failed = [name for name, check in results if check.verdict == "fail"]
+    if failed:
+        _err(f"{len(failed)} of {len(results)} methods failed the hypergradient check: {', '.join(failed)}")
+        return EXIT_DIVERGED
+    return EXIT_OK
 
 
 def _print_summary(summary: dict) -> None:
