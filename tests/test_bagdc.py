@@ -97,7 +97,7 @@ def test_periodic_line_search_keeps_its_step_between_searches():
 def test_oracle_calls_per_iteration_match_the_cost_table():
     counting = bl.CountingOracles()
     problem = T1(n=3)
-    method = bl.BAGDC(oracles=counting)
+    method = bl.BAGDC(lr_upper=0.01, lr_lower=0.2, lr_dual=0.5, oracles=counting)
     state = method.init(problem)
     counting.reset()
     method.step(problem, state)

@@ -102,7 +102,7 @@ def test_line_search_guard_falls_back_on_nonpositive_curvature():
 def test_oracle_calls_per_iteration():
     counting = bl.CountingOracles()
     problem = T1(n=3)
-    seq = bl.SlBAMM(oracles=counting)
+    seq = bl.SlBAMM(lr_lower=0.1, oracles=counting)
     state = seq.init(problem)
     counting.reset()
     seq.step(problem, state)

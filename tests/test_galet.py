@@ -65,7 +65,7 @@ def test_cheap_metric_reports_shadow_term_at_previous_inner_iterate():
 def test_oracle_calls_per_iteration_match_the_cost_table():
     counting = bl.CountingOracles()
     N, T = 3, 4
-    method = bl.GALET(lower_steps=N, shadow_steps=T, oracles=counting, stability_check="off")
+    method = bl.GALET(lr_upper=0.1, lr_lower=0.5, lower_steps=N, lr_shadow=0.25, shadow_steps=T, oracles=counting, stability_check="off")
     problem = T1(n=3)
     state = method.init(problem)
     counting.reset()
@@ -171,7 +171,7 @@ def test_step_sizes_reject_zero_negative_nonfinite_and_non_numbers(field, value,
     [
         ({"lower_steps": 2.0}, r"^GALET\(lower_steps=2.0\) must be an integer >= 1, not a float$"),
         ({"shadow_steps": True}, r"^GALET\(shadow_steps=True\) must be an integer >= 1, not a bool$"),
-        ({"shadow_start": "cold"}, r"^GALET\(shadow_start='cold'\) must be one of 'zero', 'warm'$"),
+        ({"shadow_start": "cold"}, r"^GALET\(shadow_start='cold'\) must be one of 'auto', 'zero', 'warm'$"),
         ({"exact_metric": "yes"}, r"^GALET\(exact_metric='yes'\) must be true or false, not a str$"),
         ({"stability_check": "on"}, r"^GALET\(stability_check='on'\) must be one of 'warn', 'error', 'off'$"),
         ({"project_x": 3.0}, r"^GALET\(project_x=3.0\) must be a projection such as bilevel.Box"),

@@ -331,7 +331,7 @@ def test_parts_validate_their_arguments(make, match):
 
 PRESET_PARTS = [
     (
-        bl.GALET(lr_lower=0.3, lower_steps=2, lr_shadow=0.1, shadow_steps=4, shadow_start="warm", exact_metric=False),
+        bl.GALET(lr_upper=0.1, lr_lower=0.3, lower_steps=2, lr_shadow=0.1, shadow_steps=4, shadow_start="warm", exact_metric=False),
         dict(
             lower=LowerGD(0.3, 2),
             multiplier=LinearSolve(bl.NormalGD(steps=4, lr=0.1), warm_start=True),
@@ -343,7 +343,7 @@ PRESET_PARTS = [
         dict(lower=LowerGD(0.2, 3), multiplier=LinearSolve(bl.Neumann(steps=5, lr=0.3), warm_start=True), measure=DirectionNorm()),
     ),
     (
-        bl.BAGDC(lr_lower=0.3, lower="bda", lower_mu=0.2, dual_step="periodic", period=4, order="jacobi"),
+        bl.BAGDC(lr_upper=0.01, lr_lower=0.3, lower="bda", lower_mu=0.2, dual_step="periodic", period=4, order="jacobi"),
         dict(
             lower=LowerAggregated(0.3, 1, mu=0.2, index="outer"),
             multiplier=DualCorrection(Periodic(4, LineSearch())),
@@ -352,7 +352,7 @@ PRESET_PARTS = [
         ),
     ),
     (
-        bl.SlBAMM(lr_lower=0.2, mu=0.5, dual_step="fixed", lr_dual=0.4),
+        bl.SlBAMM(lr_upper=0.1, lr_lower=0.2, mu=0.5, dual_step="fixed", lr_dual=0.4),
         dict(lower=LowerAggregated(0.2, 1, mu=0.5, index="outer"), multiplier=DualCorrection(FixedStep(0.4)), measure=KKTResidual()),
     ),
     (

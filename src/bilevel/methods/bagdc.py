@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
+from ..auto import AdaptiveLower, AutoSteps, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
 from ..parts import KKTResidual, LowerAggregated, LowerGD, Parts
 from ..schedules import ScheduleLike
 from ..updates import UpperOptimizer
-from ..validation import check_choice, check_count, check_fraction, check_positive
+from ..validation import check_choice, check_count, check_fraction
 from .alternating import Alternating
-from .base import StabilityChecked, option, upper_option
+from .base import StabilityChecked, option
 from .dual import DualOptions
 
 __all__ = ["BAGDC"]
 
 
 @dataclass(frozen=True)
-class BAGDC(StabilityChecked, DualOptions, Alternating):
+class BAGDC(AutoSteps, StabilityChecked, DualOptions, Alternating):
     """BAGDC (Liu, Liu, Yao, Zeng & Zhang, arXiv:2205.10054): alternating gradient steps
     with the dual multiplier as a variable and one dual-correction step per iteration.
 
@@ -93,19 +94,29 @@ class BAGDC(StabilityChecked, DualOptions, Alternating):
     name: ClassVar[str] = "BAGDC"
     stationarity_doc: ClassVar[str] = "KKT residual ‖∇_x f − Jv‖² + ‖∇_y f − Hv‖² + ‖∇_y g‖²"
 
-    lr_upper: ScheduleLike | UpperOptimizer = upper_option(0.01)
-    lr_lower: float = option(0.2, check_positive)
+    lr_upper: ScheduleLike | UpperOptimizer | str = option("auto", check_auto_upper, kw_only=True)  # type: ignore[assignment]
+    lr_lower: float | str = option("auto", check_auto_positive)
+    lr_dual: ScheduleLike | str = option("auto", check_auto_step_size, kw_only=True)  # type: ignore[assignment]
     lower_steps: int = option(1, check_count)
     lower: str = option("gd", check_choice, choices=("gd", "bda"))
     lower_mu: float = option(0.1, check_fraction, low_open=True)
 
     def build_parts(self) -> Parts:
-        if self.lower == "bda":
-            lower: LowerGD = LowerAggregated(lr=self.lr_lower, steps=self.lower_steps, mu=self.lower_mu, index="outer")
+        lower: LowerGD | AdaptiveLower
+        if is_auto(self.lr_lower):
+            lower = AdaptiveLower(steps=self.lower_steps, mu=self.lower_mu if self.lower == "bda" else 0.0)
+        elif self.lower == "bda":
+            lower = LowerAggregated(lr=cast(float, self.lr_lower), steps=self.lower_steps, mu=self.lower_mu, index="outer")
         else:
-            lower = LowerGD(lr=self.lr_lower, steps=self.lower_steps)
-        return Parts(lower=lower, multiplier=self.dual_correction(), measure=KKTResidual(exact=self.exact_kkt), order=self.order)
+            lower = LowerGD(lr=cast(float, self.lr_lower), steps=self.lower_steps)
+        return Parts(
+            lower=lower,
+            multiplier=self.auto_dual_correction(),
+            measure=KKTResidual(exact=self.exact_kkt),
+            order=self.order,
+            upper=auto_upper(self.lr_upper),
+        )
 
     def stability_steps(self) -> list[tuple[str, float, int]]:
         """β and a fixed η_0 below ``2/λ_max`` of the Hessian of g (or φ_μ)."""
-        return [("lr_lower", self.lr_lower, 1), *self.dual_stability_steps()]
+        return self.given_steps([("lr_lower", self.lr_lower, 1), *([] if is_auto(self.lr_dual) else self.dual_stability_steps())])

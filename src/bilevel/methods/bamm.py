@@ -4,18 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
-from ..parts import KKTResidual, LowerAggregated, Parts
+from ..auto import AdaptiveLower, AutoSteps, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
+from ..parts import KKTResidual, LowerAggregated, LowerGD, Parts
 from ..problem import Problem
 from ..schedules import Schedule, ScheduleLike, as_schedule, bamm_schedules
 from ..state import State
 from ..updates import UpperOptimizer
-from ..validation import check_choice, check_fraction, check_positive, check_step_size
+from ..validation import check_choice, check_fraction
 from .alternating import Alternating
-from .base import StabilityChecked, check_weight, option, upper_option
+from .base import StabilityChecked, check_weight, option
 from .dual import DUAL_RULES, DualOptions
 
 __all__ = ["SlBAMM"]
@@ -24,7 +25,7 @@ _MU, _ALPHA, _ETA = bamm_schedules(s=0.1, mu0=0.9, p=10.0, tau=1 / 40, strategy=
 
 
 @dataclass(frozen=True)
-class SlBAMM(StabilityChecked, DualOptions, Alternating):
+class SlBAMM(AutoSteps, StabilityChecked, DualOptions, Alternating):
     """sl-BAMM (Liu, Liu, Yao, Zeng & Zhang, ICML 2023) for a merely convex lower level.
 
     The lower objective is averaged with the upper one, ``φ_μ = μ f + (1 − μ) g``, with
@@ -99,11 +100,11 @@ class SlBAMM(StabilityChecked, DualOptions, Alternating):
     name: ClassVar[str] = "sl-BAMM"
     stationarity_doc: ClassVar[str] = "KKT residual ‖∇_x f − Jz‖² + ‖∇_y f − Hz‖² + ‖∇_y g‖²"
 
-    lr_upper: ScheduleLike | UpperOptimizer = upper_option(_ALPHA)
-    lr_lower: float = option(0.1, check_positive)
+    lr_upper: ScheduleLike | UpperOptimizer | str = option("auto", check_auto_upper, kw_only=True)  # type: ignore[assignment]
+    lr_lower: float | str = option("auto", check_auto_positive)
     mu: ScheduleLike = option(_MU, check_weight)
     dual_step: str = option("linesearch", check_choice, choices=DUAL_RULES, kw_only=True)
-    lr_dual: ScheduleLike = option(_ETA, check_step_size, kw_only=True)
+    lr_dual: ScheduleLike | str = option(_ETA, check_auto_step_size, kw_only=True)  # type: ignore[assignment]
     freeze_phi_mu: float | None = option(None, check_fraction, allow_none=True)
 
     @classmethod
@@ -131,12 +132,20 @@ class SlBAMM(StabilityChecked, DualOptions, Alternating):
 
     def build_parts(self) -> Parts:
         mu = self.mu if self.freeze_phi_mu is None else self.freeze_phi_mu
-        lower = LowerAggregated(lr=self.lr_lower, steps=1, mu=mu, index="outer")
-        return Parts(lower=lower, multiplier=self.dual_correction(), measure=KKTResidual(exact=self.exact_kkt), order=self.order)
+        lower: LowerGD | AdaptiveLower
+        auto = is_auto(self.lr_lower)
+        lower = AdaptiveLower(steps=1, mu=mu) if auto else LowerAggregated(lr=cast(float, self.lr_lower), steps=1, mu=mu, index="outer")
+        return Parts(
+            lower=lower,
+            multiplier=self.auto_dual_correction(),
+            measure=KKTResidual(exact=self.exact_kkt),
+            order=self.order,
+            upper=auto_upper(self.lr_upper),
+        )
 
     def stability_steps(self) -> list[tuple[str, float, int]]:
         """β and a fixed η_0 below ``2/λ_max(∇²_yy φ_μ0)``."""
-        return [("lr_lower", self.lr_lower, 1), *self.dual_stability_steps()]
+        return self.given_steps([("lr_lower", self.lr_lower, 1), *([] if is_auto(self.lr_dual) else self.dual_stability_steps())])
 
     def averaging_weight(self, k: int) -> float:
         """μ used inside φ at iteration k (``freeze_phi_mu`` if set, else μ_k)."""

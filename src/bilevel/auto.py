@@ -1,0 +1,595 @@
+"""``"auto"`` step sizes: the parts that let a method run with no step size given.
+
+Every step-size argument of GALET, sl-BAMM, BAGDC and AID accepts ``"auto"`` (their
+default). Each choice below is a part with a typed state (:mod:`bilevel.state`), so a
+checkpoint resumes an auto run exactly; docs/auto.md gives the evidence for each.
+
+==========================  ===============================================================  ==========================
+step                        rule                                                             extra oracle calls
+==========================  ===============================================================  ==========================
+lower β (``lr_lower``)      :class:`AdaptiveLower`: adaptive gradient descent without descent  none (the secant reuses
+                            (Malitsky & Mishchenko 2020) with the secant at fixed ``x_k``,     the gradient the
+                            ``β₀ = 1/λ̂`` from 30 power products at ``init``                   linearization makes)
+GALET's shadow ρ            :class:`CGLS` on ``min ½‖H v − ∇_y f‖²``: no step at all,        2 H-products more per
+(``lr_shadow``)             warm-started from the previous multiplier                        iteration than ``NormalGD``
+dual η (``lr_dual``)        :class:`MonitoredLineSearch`: the exact line search every         1 H-product every
+                            ``period`` iterations, its step kept in between and halved        ``period`` iterations
+                            while the residual grows
+upper α (``lr_upper``)      :class:`DoG` (distance over gradients, Ivgi, Hinder & Carmon      none
+                            2023): ``α_k = r̄_k / √Σ‖d_i‖²``
+guard                       a blow-up (non-finite values, or ``‖∇_y φ‖`` growing more than    none
+                            ``growth`` times over one lower step) restores the state before
+                            the iteration and halves β; at most ``max_retries`` in a row
+==========================  ===============================================================  ==========================
+
+The auto step sizes are diagnostics of every record: ``lr_lower`` (β), ``lr_upper``
+(α), ``lr_dual`` (η, sl-BAMM and BAGDC) and ``rollbacks`` (guard restores so far).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TextIO
+
+import torch
+
+from . import tree as T
+from .linsolve import LinearSolver, LinearSolveResult, _safe_divide, estimate_spectral_norm, line_search_step_size
+from .oracles import Oracles
+from .parts.base import MatVec, check_weight
+from .parts.measure import linearize
+from .problem import Problem
+from .schedules import ScheduleLike, as_schedule
+from .state import EmptyState, State, part_state
+from .tree import Tree
+from .updates import as_upper_optimizer
+from .validation import ArgumentTypeError, check_count, check_number, check_positive, check_step_size, describe
+
+__all__ = [
+    "AUTO",
+    "CGLS",
+    "AdaptiveLower",
+    "AdaptiveLowerState",
+    "AutoStepReporter",
+    "AutoSteps",
+    "DoG",
+    "DoGState",
+    "MonitoredLineSearch",
+    "MonitoredState",
+    "auto_upper",
+    "check_auto_positive",
+    "check_auto_step_size",
+    "check_auto_upper",
+    "is_auto",
+]
+
+#: the value of a step-size argument that asks for an automatic step
+AUTO = "auto"
+
+
+def is_auto(value: Any) -> bool:
+    """Whether a step-size argument is ``"auto"``."""
+    return isinstance(value, str) and value == AUTO
+
+
+def _check_string(owner: str, name: str, value: Any) -> bool:
+    if isinstance(value, str):
+        if value != AUTO:
+            raise ArgumentTypeError(f"{describe(owner, name, value)} must be a positive number or 'auto'")
+        return True
+    return False
+
+
+def check_auto_positive(owner: str, name: str, value: Any) -> Any:
+    """A positive number, or ``"auto"``."""
+    if not _check_string(owner, name, value):
+        check_positive(owner, name, value)
+    return value
+
+
+def check_auto_step_size(owner: str, name: str, value: Any) -> Any:
+    """A positive number or a schedule, or ``"auto"``."""
+    if not _check_string(owner, name, value):
+        check_step_size(owner, name, value)
+    return value
+
+
+def check_auto_upper(owner: str, name: str, value: Any) -> Any:
+    """``lr_upper``: ``"auto"`` (:class:`DoG`), a positive step, a schedule or an upper optimizer."""
+    if not _check_string(owner, name, value):
+        as_upper_optimizer(value, name, owner)
+    return value
+
+
+def auto_upper(value: Any) -> Any:
+    """The upper optimizer of an ``lr_upper`` that may be ``"auto"`` (``None`` otherwise: the
+    method's parts then take it from ``lr_upper`` as usual)."""
+    return DoG() if is_auto(value) else None
+
+
+def _like(tree: Tree) -> torch.Tensor:
+    return T.leaves(tree)[0]
+
+
+def _scalar(value: float, like: Tree) -> torch.Tensor:
+    leaf = _like(like)
+    return torch.tensor(value, dtype=leaf.dtype, device=leaf.device)
+
+
+def _select(keep_old: torch.Tensor, old: Any, new: Any) -> Any:
+    """``old`` where ``keep_old`` else ``new``, through tensors, trees and part states (no host sync)."""
+    if isinstance(new, torch.Tensor):
+        return torch.where(keep_old, old, new)
+    if isinstance(new, tuple) and hasattr(new, "_fields"):
+        return type(new)(*(_select(keep_old, a, b) for a, b in zip(old, new, strict=True)))
+    if isinstance(new, (list, tuple)):
+        return type(new)(_select(keep_old, a, b) for a, b in zip(old, new, strict=True))
+    if isinstance(new, dict):
+        return {key: _select(keep_old, old[key], item) for key, item in new.items()}
+    return new
+
+
+# --------------------------------------------------------------------------- lower β
+
+
+@part_state
+class AdaptiveLowerState(NamedTuple):
+    """The state of :class:`AdaptiveLower` (0-d tensors): the step ``beta``, the ratio
+    ``theta`` of the last two steps, ``retries`` (guard restores in a row) and
+    ``rollbacks`` (guard restores in all)."""
+
+    beta: torch.Tensor
+    theta: torch.Tensor
+    retries: torch.Tensor
+    rollbacks: torch.Tensor
+
+
+@dataclass(frozen=True)
+class AdaptiveLower:
+    """Lower dynamics with an adaptive step: adaptive gradient descent without descent
+    (AdGD, Malitsky & Mishchenko 2020) on ``φ_μ = μ f + (1 − μ) g`` (g when μ = 0).
+
+    With ``∇_t = ∇_y φ_μ(x_k, y_t)`` at the fixed upper point ``x_k``::
+
+        L_t     = ‖∇_t − ∇_{t−1}‖ / ‖y_t − y_{t−1}‖            (a local curvature estimate)
+        β_t     = min(√(1 + θ_{t−1}) β_{t−1}, 1/(2 L_t)),   θ_t = β_t / β_{t−1}
+        y_{t+1} = y_t − β_t ∇_t
+
+    The secant never mixes two upper points: inside an iteration it uses consecutive lower
+    steps, and after the last one the gradient at ``(x_k, y_{k+1})`` that the linearization
+    of the iteration computes anyway (:meth:`observe`), so the rule costs no oracle call.
+    β₀ is ``1/λ̂`` with λ̂ from 30 power-iteration products at ``init``
+    (:meth:`AutoSteps.init`); AdGD needs only local smoothness, so β follows the curvature
+    when it changes with x.
+
+    Guard: a lower step after which ``‖∇_{t+1}‖ > growth ‖∇_t‖`` (or a non-finite value) is
+    undone, β halved and θ reset (at most ``max_retries`` in a row; the counters are in the
+    state). AdGD is not monotone: the guard is deliberately loose (10×).
+
+    Args:
+        steps: N, lower steps per upper iteration.
+        mu: μ, a number in [0, 1) or a schedule of the upper iteration k (sl-BAMM's μ_k).
+        growth: the gradient growth over one step that counts as a blow-up.
+        max_retries: restores in a row before the guard gives up (the run then diverges
+            and :func:`bilevel.solve` reports it).
+
+    Reference: Yura Malitsky, Konstantin Mishchenko, "Adaptive Gradient Descent without
+    Descent", ICML 2020, arXiv:1910.09529.
+    """
+
+    steps: int = 1
+    mu: ScheduleLike = 0.0
+    growth: float = 10.0
+    max_retries: int = 5
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        check_count(owner, "steps", self.steps)
+        check_weight(owner, "mu", self.mu)
+        check_number(owner, "growth", self.growth, low=1.0, low_open=True)
+        check_count(owner, "max_retries", self.max_retries)
+
+    def init(self, y: Tree, beta: float = 1.0) -> AdaptiveLowerState:
+        zero = _scalar(0.0, y)
+        return AdaptiveLowerState(beta=_scalar(beta, y), theta=_scalar(1e9, y), retries=zero, rollbacks=zero.clone())
+
+    def averaging(self, k: int) -> float:
+        return float(as_schedule(self.mu)(k))
+
+    def gradient(self, problem: Problem, x: Tree, y: Tree, batch: Any, oracles: Oracles, k: int) -> Tree:
+        """``∇_y φ_{μ_k}(x, y)`` (one backward pass)."""
+        mu = self.averaging(k)
+        if mu == 0.0:
+            return oracles.gradient_y(problem.lower, x, y, batch)[0]
+
+        def phi(xx: Tree, yy: Tree, bb: Any) -> torch.Tensor:
+            return mu * problem.upper(xx, yy, bb) + (1.0 - mu) * problem.lower(xx, yy, bb)
+
+        return oracles.gradient_y(phi, x, y, batch)[0]
+
+    def adapt(self, state: AdaptiveLowerState, y0: Tree, g0: Tree, y1: Tree, g1: Tree) -> tuple[AdaptiveLowerState, torch.Tensor]:
+        """The AdGD step after the secant ``(y0, g0) → (y1, g1)`` at one upper point, and
+        whether the step ``y0 → y1`` blew up (a 0-d bool: undo it, the state then holds β/2)."""
+        beta, theta = state.beta, state.theta
+        g1_norm, g0_norm = T.norm(g1), T.norm(g0)
+        dy, dg = T.norm(T.sub(y1, y0)), T.norm(T.sub(g1, g0))
+        # a step below rounding (10 eps ‖y‖) carries no curvature information (and no blow-up)
+        moved = dy > 10.0 * torch.finfo(dy.dtype).eps * T.norm(y1)
+        bound = _safe_divide(dy, 2.0 * dg)
+        grown = torch.sqrt(1.0 + theta) * beta
+        candidate = torch.where(moved & (bound > 0), torch.minimum(grown, bound), beta)
+        bad = ~torch.isfinite(g1_norm) | (moved & (g1_norm > self.growth * g0_norm))
+        can_retry = state.retries < self.max_retries
+        undo = bad & can_retry
+        new_beta = torch.where(undo, 0.5 * beta, candidate)
+        new_theta = torch.where(undo, torch.zeros_like(theta), torch.where(moved, new_beta / beta, theta))
+        retries = torch.where(undo, state.retries + 1, torch.zeros_like(state.retries))
+        return AdaptiveLowerState(new_beta, new_theta, retries, state.rollbacks + undo.to(state.rollbacks.dtype)), undo
+
+    def run_tracked(
+        self, problem: Problem, x: Tree, y: Tree, batch: Any, oracles: Oracles, state: AdaptiveLowerState, k: int
+    ) -> tuple[Tree, AdaptiveLowerState, Tree, Tree]:
+        """N steps: ``(y_N, state, y_{N−1}, ∇_{N−1})`` (the start of the last step, for :meth:`observe`)."""
+        prev_y: Tree = None
+        prev_g: Tree = None
+        for _ in range(self.steps):
+            g = self.gradient(problem, x, y, batch, oracles, k)
+            if prev_y is not None:
+                state, undo = self.adapt(state, prev_y, prev_g, y, g)
+                y, g = _select(undo, prev_y, y), _select(undo, prev_g, g)
+            prev_y, prev_g = y, g
+            y = T.axpy(-state.beta, g, y)
+        return y, state, prev_y, prev_g
+
+    def run(
+        self, problem: Problem, x: Tree, y: Tree, batch: Any, oracles: Oracles, state: AdaptiveLowerState, k: int = 0
+    ) -> tuple[Tree, Tree, AdaptiveLowerState]:
+        """All steps (the :class:`~bilevel.parts.LowerDynamics` protocol): ``(y_N, last direction, state)``."""
+        y, state, _, g = self.run_tracked(problem, x, y, batch, oracles, state, k)
+        return y, g, state
+
+    def _stateful(self) -> TypeError:
+        return TypeError(
+            "AdaptiveLower keeps its step in its state: it runs through run()/run_tracked() in the sequential "
+            "alternating template; give lr_lower a number for the Jacobi order or an unrolled method"
+        )
+
+    def step(self, problem: Problem, x: Tree, y: Tree, batch: Any, t: int, oracles: Oracles, k: int = 0) -> tuple[Tree, Tree]:
+        """Not available: the step lives in the state (raises ``TypeError``)."""
+        raise self._stateful()
+
+    def differentiable_step(self, problem: Problem, x: Tree, y: Tree, batch: Any, t: int, k: int = 0) -> tuple[Tree, Tree]:
+        """Not available: the step lives in the state (raises ``TypeError``)."""
+        raise self._stateful()
+
+    def apply(self, y: Tree, gradient: Tree) -> Tree:
+        """Not available: the step lives in the state (raises ``TypeError``)."""
+        raise self._stateful()
+
+    def observe(self, state: AdaptiveLowerState, y0: Tree, g0: Tree, y1: Tree, g1: Tree) -> tuple[AdaptiveLowerState, torch.Tensor]:
+        """Adapt β from the last step's secant, with ``g1 = ∇_y φ(x_k, y_{k+1})`` from the
+        linearization; returns the state and whether the iteration must be undone."""
+        return self.adapt(state, y0, g0, y1, g1)
+
+
+# --------------------------------------------------------------------------- GALET's shadow
+
+
+@dataclass(frozen=True)
+class CGLS(LinearSolver):
+    """CGLS (conjugate gradient on the normal equations ``H² v = H b``, Hestenes & Stiefel
+    1952; Paige & Saunders 1982) for ``min_v ½‖H v − b‖²`` with H symmetric: no step size.
+
+    From ``v₀ = 0`` every iterate lies in the range of H, so on a singular H the limit is
+    the minimum-norm least-squares solution, the point GALET's shadow gradient descent
+    converges to (``w = −v``). Per iteration, with ``r = b − Hv``, ``s = H r``::
+
+        q = H p,  a = ‖s‖²/‖q‖²,  v ← v + a p,  r ← r − a q,
+        s' = H r,  p ← s' + (‖s'‖²/‖s‖²) p
+
+    2T Hessian products (2T + 1 warm-started), like :class:`~bilevel.NormalGD` (2T − 1,
+    2T); divisions by zero give a zero step (no host sync). ``residual_sq`` and
+    ``normal_residual_sq`` (``‖Hv − b‖²``, ``‖H(Hv − b)‖²``) are the free values at the
+    iterate before the last, as for ``NormalGD``.
+
+    Args:
+        steps: iterations.
+
+    Example:
+        >>> import torch, bilevel as bl
+        >>> H = torch.diag(torch.tensor([2.0, 0.0], dtype=torch.float64)); b = torch.ones(2, dtype=torch.float64)
+        >>> bl.auto.CGLS(steps=2)(lambda v: H @ v, b).v       # min-norm LS solution of a singular system
+        tensor([0.5000, 0.0000], dtype=torch.float64)
+
+    Reference: Christopher C. Paige, Michael A. Saunders, "LSQR: An Algorithm for Sparse
+    Linear Equations and Sparse Least Squares", ACM TOMS 8(1), 1982.
+    """
+
+    steps: int = 10
+
+    def __post_init__(self) -> None:
+        check_count("CGLS", "steps", self.steps)
+
+    def hvps(self) -> int:
+        return 2 * self.steps
+
+    def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
+        if v0 is None:
+            v, r = T.zeros_like(b), b
+        else:
+            v, r = v0, T.sub(b, matvec(v0))
+        s = matvec(r)
+        p = s
+        gamma = T.sq_norm(s)
+        residual_sq = T.sq_norm(r)
+        for t in range(self.steps):
+            q = matvec(p)
+            a = _safe_divide(gamma, T.sq_norm(q))
+            v = T.axpy(a, p, v)
+            if t == self.steps - 1:  # the next H r would only serve the next direction
+                break
+            r = T.axpy(-a, q, r)
+            residual_sq = T.sq_norm(r)
+            s = matvec(r)
+            gamma_next = T.sq_norm(s)
+            p = T.axpy(_safe_divide(gamma_next, gamma), p, s)
+            gamma = gamma_next
+        return LinearSolveResult(v=v, residual_sq=residual_sq, normal_residual_sq=gamma)
+
+
+# --------------------------------------------------------------------------- dual η
+
+
+@part_state
+class MonitoredState(NamedTuple):
+    """The state of :class:`MonitoredLineSearch` (0-d tensors): the step ``eta`` in use, the
+    squared residual ``r_sq`` of the previous iteration and ``safe``, the step taken when
+    the residual grows (the method sets it to its lower step β, stable for the same Hessian)."""
+
+    eta: torch.Tensor
+    r_sq: torch.Tensor
+    safe: torch.Tensor
+
+
+@dataclass(frozen=True)
+class MonitoredLineSearch:
+    """A dual step rule: the exact line search ``η = ‖r‖²/(rᵀHr)`` every ``period``-th
+    iteration; in between its step is kept, and replaced by ``min(η, safe)`` (for the rest
+    of the period) on an iteration whose residual ``‖r_k‖`` exceeds ``‖r_{k−1}‖``; ``safe``
+    (in the state) is the lower step β of the same Hessian, which :class:`AutoSteps` keeps
+    current (otherwise ``fallback``).
+
+    Reusing a line-search step (BAGDC's self-governed rule) is fast but can grow the
+    residual without bound on ill-conditioned systems; the free residual monitor keeps
+    it bounded. No host sync: the period is a Python test on k, the monitor a
+    ``torch.where``. Cost: one Hessian product every ``period`` iterations.
+
+    Args:
+        period: iterations between line searches.
+        fallback: the step when ``rᵀHr ≤ 0`` at a line search.
+    """
+
+    period: int = 5
+    fallback: float = 0.1
+
+    def __post_init__(self) -> None:
+        check_count("MonitoredLineSearch", "period", self.period)
+        check_positive("MonitoredLineSearch", "fallback", self.fallback)
+
+    def init(self, v: Tree) -> MonitoredState:
+        return MonitoredState(eta=_scalar(self.fallback, v), r_sq=_scalar(math.inf, v), safe=_scalar(self.fallback, v))
+
+    def __call__(self, r: Tree, matvec: MatVec, k: int, state: MonitoredState) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
+        r_sq = T.sq_norm(r)
+        if k % self.period == 0:
+            eta = line_search_step_size(r_sq, T.vdot(r, matvec(r)), self.fallback, None)
+        else:
+            eta = torch.where(r_sq > state.r_sq, torch.minimum(state.eta, state.safe), state.eta)
+        return eta, MonitoredState(eta=eta, r_sq=r_sq, safe=state.safe), r_sq
+
+
+# --------------------------------------------------------------------------- upper α
+
+
+@part_state
+class DoGState(NamedTuple):
+    """The state of :class:`DoG`: the start ``x0`` (a tree), ``rbar`` (the largest distance
+    from it so far) and ``gsum`` (``Σ‖d_i‖²``), 0-d tensors."""
+
+    x0: Tree
+    rbar: torch.Tensor
+    gsum: torch.Tensor
+
+
+@dataclass(frozen=True)
+class DoG:
+    """Distance over gradients (DoG, Ivgi, Hinder & Carmon 2023), a parameter-free upper step::
+
+        r̄_k = max(r_ε, max_{i≤k} ‖x_i − x_0‖),   G_k = Σ_{i≤k} ‖d_i‖²,
+        x_{k+1} = x_k − (r̄_k / √G_k) d_k,          r_ε = r_rel (1 + ‖x_0‖)
+
+    Scale-free in f and in x: the step grows geometrically while x travels and shrinks
+    with the accumulated gradients, so no Lipschitz constant is needed. An upper optimizer
+    (``init``/``update``, :mod:`bilevel.updates`) with the typed state :class:`DoGState`.
+
+    Args:
+        r_rel: the initial movement relative to ``1 + ‖x_0‖``.
+
+    Example:
+        >>> import torch, bilevel as bl
+        >>> dog = bl.auto.DoG()
+        >>> x = torch.tensor([3.0], dtype=torch.float64)
+        >>> state = dog.init(x)
+        >>> for k in range(200):
+        ...     x, state = dog.update(x, 1e3 * (x - 1.0), state, k)   # f = 500 (x − 1)²
+        >>> round(float(x), 6)
+        1.0
+
+    Reference: Maor Ivgi, Oliver Hinder, Yair Carmon, "DoG is SGD's Best Friend: A
+    Parameter-Free Dynamic Step Size Schedule", ICML 2023, arXiv:2302.12022.
+    """
+
+    r_rel: float = 1e-6
+
+    def __post_init__(self) -> None:
+        check_positive("DoG", "r_rel", self.r_rel)
+
+    def init(self, x: Tree) -> DoGState:
+        x0 = T.clone(x)
+        rbar = self.r_rel * (1.0 + T.norm(x0))
+        return DoGState(x0=x0, rbar=rbar, gsum=torch.zeros_like(rbar))
+
+    def step_size(self, state: DoGState) -> torch.Tensor:
+        """``r̄ / √G`` (0 before any gradient)."""
+        return _safe_divide(state.rbar, torch.sqrt(state.gsum))
+
+    def update(self, x: Tree, d: Tree, state: DoGState, k: int) -> tuple[Tree, DoGState]:
+        rbar = torch.maximum(state.rbar, T.norm(T.sub(x, state.x0)))
+        gsum = state.gsum + T.sq_norm(d)
+        state = DoGState(x0=state.x0, rbar=rbar, gsum=gsum)
+        return T.axpy(-self.step_size(state), d, x), state
+
+
+# --------------------------------------------------------------------------- the template
+
+
+class AutoSteps:
+    """Mixin of :class:`~bilevel.methods.Alternating` methods with auto step sizes.
+
+    ``init`` starts :class:`AdaptiveLower` at ``β₀ = 1/λ̂`` (30 power products on the
+    Hessian of φ_μ at the start, one host sync; the stability check of user-given steps is
+    unchanged). ``step`` runs the sequential alternating iteration with the adaptive lower
+    part, adapts β from the secant the linearization makes free, and restores the whole
+    state of the iteration (x, y, v, every part state), β halved, when the guard detects a
+    blow-up. A method whose lower step is given runs the template's own step, bit for bit.
+    """
+
+    def check_parts(self, owner: str, parts: Any) -> None:
+        super().check_parts(owner, parts)  # type: ignore[misc]
+        if isinstance(parts.lower, AdaptiveLower) and parts.order != "sequential":
+            raise ValueError(
+                f"{owner}(lr_lower='auto') needs order='sequential' (its secant is taken at a fixed x_k); "
+                f"give lr_lower a number for order={parts.order!r}"
+            )
+
+    @staticmethod
+    def given_steps(steps: list[tuple[str, Any, int]]) -> list[tuple[str, float, int]]:
+        """The steps of ``stability_steps`` that the user gave (auto steps are not checked)."""
+        return [(name, float(step), power) for name, step, power in steps if not is_auto(step)]
+
+    def auto_dual_correction(self) -> Any:
+        """The dual correction of ``dual_step``/``lr_dual`` (:class:`MonitoredLineSearch`
+        when ``dual_step="fixed"`` and ``lr_dual="auto"``)."""
+        if getattr(self, "dual_step", None) == "fixed" and is_auto(getattr(self, "lr_dual", None)):
+            from .parts import DualCorrection
+
+            return DualCorrection(MonitoredLineSearch(fallback=self.dual_fallback))  # type: ignore[attr-defined]
+        return self.dual_correction()  # type: ignore[attr-defined]
+
+    def init(self, problem: Problem, x0: Tree = None, y0: Tree = None, batch: Any = None, validate: bool = True) -> State:
+        state: State = super().init(problem, x0, y0, batch, validate)  # type: ignore[misc]
+        lower = self.parts.lower  # type: ignore[attr-defined]
+        if not isinstance(lower, AdaptiveLower):
+            return state
+        point = linearize(self.derivatives, problem, lower.averaging(0), state.x, state.y, batch)  # type: ignore[attr-defined]
+        lam = estimate_spectral_norm(point.phi.hvp, state.y)
+        beta = 1.0 / lam if lam > 0 and math.isfinite(lam) else 1.0
+        return state.replace(extra={**state.extra, "lower": lower.init(state.y, beta)})
+
+    def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
+        parts = self.parts  # type: ignore[attr-defined]
+        lower = parts.lower
+        if not isinstance(lower, AdaptiveLower):
+            new_state: State
+            new_state, info = super().step(problem, state, batch)  # type: ignore[misc]
+            return new_state, {**info, **self._auto_info(new_state, info)}
+        oracles = self.derivatives  # type: ignore[attr-defined]
+        x, k, extra = state.x, state.k, state.extra
+        mu = lower.averaging(k)
+        y, lower_state, y_prev, g_prev = lower.run_tracked(problem, x, state.y, batch, oracles, extra["lower"], k)
+        point = linearize(oracles, problem, mu, x, y, batch)
+        lower_state, undo = lower.observe(lower_state, y_prev, g_prev, y, point.phi.grad_y)
+        multiplier_state = extra.get("multiplier", EmptyState())
+        if isinstance(multiplier_state, MonitoredState):
+            multiplier_state = multiplier_state._replace(safe=lower_state.beta)
+        solve, multiplier_state = parts.multiplier.update(point.phi.hvp, point.grad_y_f, state.v, multiplier_state, k)
+        estimate, info, _ = parts.measure.evaluate(point, solve.v, solve, x, parts.projection)
+        info.update(parts.measure.report(solve))
+        x_next, opt, direction_state = self.update_x(x, estimate, state)  # type: ignore[attr-defined]
+        blown = ~torch.isfinite(info["direction_sq"]) & (lower_state.retries < lower.max_retries)
+        undo = undo | blown
+        lower_state = lower_state._replace(
+            beta=torch.where(blown, 0.5 * lower_state.beta, lower_state.beta),
+            rollbacks=lower_state.rollbacks + blown.to(lower_state.rollbacks.dtype),
+            retries=torch.where(blown, lower_state.retries + 1, lower_state.retries),
+        )
+        new_extra = {**extra, "lower": lower_state, "multiplier": multiplier_state, "direction": direction_state}
+        old_extra = {**extra, "multiplier": extra.get("multiplier", EmptyState())}
+        kept = {key: value for key, value in new_extra.items() if key != "lower"}
+        kept = _select(undo, {key: old_extra[key] for key in kept}, kept)
+        new_state = State(
+            x=_select(undo, x, x_next),
+            y=_select(undo, state.y, y),
+            v=_select(undo, state.v, solve.v),
+            opt=_select(undo, state.opt, opt),
+            k=k + 1,
+            extra={**kept, "lower": lower_state},
+        )
+        info = {**info, **self._auto_info(new_state, info), "lr_lower": lower_state.beta, "rollbacks": lower_state.rollbacks}
+        return new_state, info
+
+    def _auto_info(self, state: State, info: dict) -> dict:
+        """The auto steps in use as diagnostics: ``lr_upper`` (DoG) and ``lr_dual`` (monitored)."""
+        out: dict = {}
+        upper = self.parts.upper  # type: ignore[attr-defined]
+        if isinstance(upper, DoG):
+            out["lr_upper"] = upper.step_size(state.opt)
+        multiplier_state = state.extra.get("multiplier")
+        if isinstance(multiplier_state, MonitoredState):
+            out["lr_dual"] = multiplier_state.eta
+        return out
+
+
+# --------------------------------------------------------------------------- the CLI report
+
+
+class AutoStepReporter:
+    """A :func:`bilevel.solve` callback that prints the auto step sizes (and the constants
+    they estimate, ``L ≈ 1/β``) at the first record and whenever one changed by more than
+    ``factor`` since it was last printed.
+
+    Args:
+        factor: the change that is reported.
+        stream: where to print (default ``sys.stderr``).
+    """
+
+    KEYS = ("lr_lower", "lr_dual", "lr_upper")
+
+    def on_end(self, result: Any) -> None:
+        """Nothing to close."""
+
+    def __init__(self, factor: float = 2.0, stream: TextIO | None = None) -> None:
+        check_number("AutoStepReporter", "factor", factor, low=1.0, low_open=True)
+        self.factor = factor
+        self.stream = stream
+        self.printed: dict[str, float] = {}
+
+    def on_start(self, run: dict) -> None:
+        self.printed = {}
+
+    def on_log(self, record: dict) -> None:
+        values = {key: float(record[key]) for key in self.KEYS if key in record}
+        changed = {
+            key: value
+            for key, value in values.items()
+            if key not in self.printed or not (self.printed[key] / self.factor <= value <= self.printed[key] * self.factor)
+        }
+        if not changed:
+            return
+        self.printed.update(changed)
+        parts = [f"{key}={value:.3g}" for key, value in values.items()]
+        if values.get("lr_lower", 0.0) > 0:
+            parts.append(f"(L_lower ≈ {1.0 / values['lr_lower']:.3g})")
+        print(f"auto steps at iteration {record.get('iteration', '?')}: " + " ".join(parts), file=self.stream or sys.stderr)
