@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..parts import LowerAggregated, LowerGD, Parts, Unroll
+from ..parts.unroll import check_checkpoint
 from ..schedules import ScheduleLike
 from ..validation import check_bool, check_count, check_positive
 from .base import check_weight, option
@@ -42,6 +43,10 @@ class ITD(Unrolled):
         truncate: K, number of differentiated steps (``None`` = all, full RHG).
         warm_start: start the lower iterations from the previous ``y_T`` instead of the
             initial ``y``.
+        checkpoint: gradient checkpointing of the differentiated steps: ``None`` (keep every
+            step's graph, memory O(K)), ``"sqrt"`` (segments of ⌈√K⌉ steps, memory O(√K)
+            for about one extra gradient evaluation per step) or a segment length
+            (:class:`~bilevel.parts.Unroll`).
         project_x: optional projection of x (e.g. :class:`~bilevel.Box`).
 
     Stationarity reported: ``‖d‖²`` (projected if ``project_x``).
@@ -62,9 +67,11 @@ class ITD(Unrolled):
     lower_steps: int = option(100, check_count)
     truncate: int | None = option(None, check_count, allow_none=True)
     warm_start: bool = option(False, check_bool)
+    checkpoint: int | str | None = option(None, check_checkpoint)
 
     def build_parts(self) -> Parts:
-        return Parts(lower=self.lower_dynamics(), unroll=Unroll(truncate=self.differentiated_steps(), warm_start=self.warm_start))
+        unroll = Unroll(truncate=self.differentiated_steps(), warm_start=self.warm_start, checkpoint=self.checkpoint)
+        return Parts(lower=self.lower_dynamics(), unroll=unroll)
 
     def lower_dynamics(self) -> LowerGD:
         """The lower steps that are unrolled."""

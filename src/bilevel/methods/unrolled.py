@@ -7,7 +7,8 @@ with it, then
 
     ĥ_k = d/dx f(x, y_T(x)) |_{x = x_k},     x_{k+1} = Proj_X(P.upper.update(x_k, P.direction.update(ĥ_k)))
 
-Memory grows as O(K · dim y). Stationarity reported: ``‖x − Proj(x − ĥ)‖²``.
+Memory grows as O(K · dim y), or O(√K · dim y) with gradient checkpointing
+(``Unroll(checkpoint="sqrt")``). Stationarity reported: ``‖x − Proj(x − ĥ)‖²``.
 """
 
 from __future__ import annotations
@@ -61,9 +62,7 @@ class Unrolled(Assembled):
         x_leaves = T.leaves(x_req)
         with torch.enable_grad():
             y = _requires_grad_copy(y)
-            grad_g = None
-            for t in range(steps - differentiated, steps):
-                y, grad_g = lower.differentiable_step(problem, x_req, y, batch, t, k)
+            y, grad_g = unroll.differentiate(lower, problem, x_req, y, batch, steps - differentiated, steps, k)
             upper_loss = problem.upper(x_req, y, batch)
             estimate = T.unflatten_like(_grads_or_zeros(upper_loss, x_leaves), state.x)
         direction_sq = T.sq_norm(estimate)
