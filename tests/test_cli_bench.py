@@ -42,7 +42,8 @@ def test_a_diverging_method_is_marked_and_the_others_reported(tiny_config, tmp_p
     table = (out / "table.md").read_text()
     assert table.strip() in printed
     lines = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    assert lines["BAGDC"].startswith("| BAGDC | - | - | - | - | seed 0: diverged at iteration 1; seed 1: diverged at iteration 1 |")
+    # no completed run: no accuracy, and no retrained accuracy either (the last "-" before the notes)
+    assert lines["BAGDC"].startswith("| BAGDC | - | - | - | - | - | seed 0: diverged at iteration 1; seed 1: diverged at iteration 1 |")
     assert " ± " in lines["CG"] and "| 6 |" in lines["CG"]
     assert err.count("\n") == 1 and "2 of 4 runs diverged" in err and "BAGDC seed 0 at iteration 1" in err
     assert statuses(out) == {"CG-seed0": "max_iters", "CG-seed1": "max_iters", "BAGDC-seed0": "diverged", "BAGDC-seed1": "diverged"}
@@ -225,4 +226,41 @@ def test_the_hyperclean_table_carries_the_validated_baselines_computed_once_per_
     calls.clear()
     assert main(["resume", str(out), "--no-progress"]) == 0  # the report is rebuilt from the cached baselines
     assert calls == []
+    assert (out / "table.md").read_text() == table
+
+
+def test_the_hyperclean_table_reports_the_accuracy_retrained_with_each_runs_learned_weights(tiny_config, tmp_path, capsys, monkeypatch):
+    import yaml
+
+    from bilevel.checkpoint import load_checkpoint
+    from bilevel.experiments.baselines import retrain_with_weights
+    from bilevel.experiments.config import resolve
+
+    out = tmp_path / "b"
+    assert main(["bench", tiny_config, "--methods", "CG,BAGDC", "--seeds", "0", "--out", str(out), "--no-progress"]) == 0
+    table = (out / "table.md").read_text()
+    header, _, *lines = table.splitlines()
+    assert header == "| method | test acc (%) | F1 | time (s) | iterations | retrained acc (%) |"
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in lines}
+    for method in ("CG", "BAGDC"):
+        cached = json.loads((out / f"retrained-{method}-seed0.json").read_text())
+        # the same as retraining by hand on the run's final weights (steps chosen on validation)
+        config = resolve(yaml.safe_load((out / f"{method}-seed0" / "config.yaml").read_text()))
+        x = load_checkpoint(out / f"{method}-seed0" / "checkpoint.pt")["state"].x
+        direct = retrain_with_weights(runner._hyperclean_data(config), x, "linear", 0.0, 0)
+        assert cached["test_accuracy"] == direct["test_accuracy"] and cached["iterations"] == 6
+        assert rows[method][4] == f"{direct['test_accuracy']:.2f}"
+    # the baselines are trained that way already: their retrained cell repeats their accuracy
+    assert rows["baseline: validation set only"][0] == rows["baseline: validation set only"][4]
+    assert rows["no cleaning (x = 0, fixed step count)"][4] == "-"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"retrained-CG-seed0.json", "retrained-BAGDC-seed0.json"} <= set(manifest["files"])
+    assert json.loads((out / "bench.json").read_text())["retrained_test_accuracy"]["BAGDC"] == [direct["test_accuracy"]]
+
+    def refuse(*args):
+        raise AssertionError("a kept retraining was recomputed")
+
+    monkeypatch.setattr(runner, "retrained_accuracy", refuse)
+    capsys.readouterr()
+    assert main(["resume", str(out), "--no-progress"]) == 0
     assert (out / "table.md").read_text() == table

@@ -163,6 +163,11 @@ def test_each_bad_value_gets_one_line_naming_key_value_and_expectation(override,
             "problem.num_train_classes=2 must be >= problem.n_way=3 (each training episode draws n_way classes)",
         ),
         ("problem.per_class=0", "problem.per_class=0 must be an integer >= 1 or null"),
+        ("problem.num_val_classes=-1", "problem.num_val_classes=-1 must be an integer >= 0"),
+        (
+            "problem.num_val_classes=2",
+            "problem.num_val_classes=2 must be 0 or >= problem.n_way=3 (each meta-validation task draws n_way classes)",
+        ),
     ],
 )
 def test_fewshot_bad_values(override, message):

@@ -144,6 +144,23 @@ def test_split_classes_disjoint_and_seeded():
         split_classes(classes, 20)
 
 
+def test_split_meta_classes_keeps_the_meta_train_classes_and_cuts_the_rest_in_two():
+    from bilevel.data.fewshot import split_meta_classes
+
+    classes = {c: torch.zeros(1, 2, 2) for c in range(10)}
+    for seed in range(6):
+        train, val, test = split_meta_classes(classes, 5, 2, seed=seed)
+        assert (len(train), len(val), len(test)) == (5, 2, 3)
+        assert set(train) | set(val) | set(test) == set(range(10)) and set(val).isdisjoint(test)
+        plain_train, plain_test = split_classes(classes, 5, seed=seed)
+        assert train.keys() == plain_train.keys() and set(val) | set(test) == set(plain_test)
+        assert split_meta_classes(classes, 5, 0, seed=seed)[2].keys() == plain_test.keys()
+    # five seeds give five different meta-test sets (the few-shot demo averages over them)
+    assert len({tuple(split_meta_classes(classes, 5, 2, seed=s)[2]) for s in range(5)}) == 5
+    with pytest.raises(ValueError, match="at least one meta-test class"):
+        split_meta_classes(classes, 5, 5)
+
+
 def test_classes_from_arrays_groups_and_truncates():
     images = np.arange(12, dtype=np.uint8).reshape(12, 1, 1).repeat(2, axis=1)
     labels = np.array([0, 1, 2] * 4)

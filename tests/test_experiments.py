@@ -91,4 +91,27 @@ def test_fewshot_experiment_builds_an_episodic_method():
     config = load_config("fewshot_demo")
     exp = build_experiment(apply_overrides(config, ["problem.eval_tasks=5"]))
     assert type(exp.method).__name__ == "EpisodicLower" and exp.problem.meta_batch == 4
-    assert exp.data.batch_at(0)["support_x"].shape[:2] == (4, 3)
+    assert exp.data.batch_at(0)["support_x"].shape[:2] == (4, 2)  # 2-way 1-shot
+
+
+def test_fewshot_meta_validation_classes_are_scored_apart_and_the_split_follows_the_seed():
+    from bilevel.experiments.config import resolve
+    from bilevel.experiments.runner import fewshot_classes, fewshot_samplers
+
+    base = apply_overrides(
+        load_config("fewshot_demo"), ["problem.eval_tasks=5", "problem.n_way=2", "problem.num_train_classes=5", "problem.num_val_classes=2"]
+    )
+    exp = build_experiment(base)
+    metrics = exp.evaluate(exp.method.init(exp.problem, batch=exp.data.batch_at(0)))
+    assert {"test_accuracy", "val_accuracy", "val_ci95"} <= set(metrics)
+    config = resolve(base)
+    train, val, test = fewshot_classes(config.problem, config.run.seed)
+    assert (len(train), len(val), len(test)) == (5, 2, 3)
+    _, val_sampler, test_sampler = fewshot_samplers(config)
+    assert set(val_sampler.sample(0)["classes"].flatten().tolist()) <= set(val)
+    assert set(test_sampler.sample(0)["classes"].flatten().tolist()) <= set(test)
+    # run.seed moves the class split (problem.seed + run.seed), so a bench over seeds covers several splits
+    splits = {tuple(fewshot_classes(resolve(apply_overrides(base, [f"run.seed={s}"])).problem, s)[2]) for s in range(5)}
+    assert len(splits) == 5
+    without = build_experiment(apply_overrides(load_config("fewshot_demo"), ["problem.eval_tasks=5", "problem.num_val_classes=0"]))
+    assert "val_accuracy" not in without.baseline()

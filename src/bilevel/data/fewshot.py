@@ -127,6 +127,36 @@ def split_classes(classes: ClassDataset, num_train_classes: int, seed: int = 0) 
     return {c: classes[c] for c in train_ids}, {c: classes[c] for c in test_ids}
 
 
+def split_meta_classes(
+    classes: ClassDataset, num_train_classes: int, num_val_classes: int, seed: int = 0
+) -> tuple[ClassDataset, ClassDataset, ClassDataset]:
+    """Split a collection into disjoint meta-train, meta-validation and meta-test classes.
+
+    The meta-train classes are those of :func:`split_classes` with the same seed; the
+    meta-validation classes are the next ``num_val_classes`` of the same seeded permutation
+    and the meta-test classes the rest. Every choice (step sizes, iteration counts) should
+    look at the meta-validation classes only: the meta-test classes are for the final number.
+    ``num_val_classes=0`` gives an empty meta-validation collection and the meta-test classes
+    of :func:`split_classes`.
+
+    Example:
+        >>> tr, va, te = split_meta_classes({c: torch.zeros(1, 2, 2) for c in range(10)}, 5, 2, seed=0)
+        >>> len(tr), len(va), len(te), set(tr).isdisjoint(va) and set(va).isdisjoint(te)
+        (5, 2, 3, True)
+    """
+    class_ids = sorted(classes)
+    if num_val_classes < 0 or not 1 <= num_train_classes < len(class_ids) - num_val_classes:
+        raise ValueError(
+            f"num_train_classes={num_train_classes} and num_val_classes={num_val_classes} must leave at least one "
+            f"meta-test class of the {len(class_ids)} in the collection (num_train_classes >= 1, num_val_classes >= 0)"
+        )
+    order = np.random.default_rng(seed).permutation(len(class_ids))
+    cut = num_train_classes + num_val_classes
+    parts = (order[:num_train_classes], order[num_train_classes:cut], order[cut:])
+    train, val, test = ({class_ids[i]: classes[class_ids[i]] for i in sorted(part, key=lambda i: class_ids[i])} for part in parts)
+    return train, val, test
+
+
 def episode_seed(seed: int, step: int) -> int:
     """Seed of episode ``step`` of a run seeded ``seed``: a stable 63-bit integer.
 

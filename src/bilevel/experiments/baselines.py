@@ -582,30 +582,17 @@ def retrain_with_weights(
 def fewshot_test_sampler(config: dict) -> Any:
     """The meta-test :class:`~bilevel.data.EpisodeSampler` a few-shot configuration is scored on.
 
-    Rebuilds the runner's held-out sampler: the class split of ``problem.seed``, 25 tasks
-    per batch, seed ``10_000 + problem.seed`` (independent of the run seed).
+    The runner's held-out sampler (:func:`bilevel.experiments.runner.fewshot_samplers`): the
+    meta-test classes of the split seeded ``problem.seed + run.seed``, 25 tasks per batch,
+    seed ``10_000 + problem.seed + run.seed``.
     """
-    from ..data import EpisodeSampler, build_embedded_classes, build_mnist_fashion_classes, load_omniglot, split_classes
-    from .config import resolve_config
+    from .config import resolve
+    from .runner import fewshot_samplers
 
-    config = resolve_config(config)
-    p = config["problem"]
-    if p["kind"] != "fewshot":
-        raise ValueError(f"fewshot_test_sampler needs a few-shot configuration, got kind {p['kind']!r}")
-    dataset = p["dataset"]
-    if dataset == "mnist5k":
-        _, test = split_classes(build_embedded_classes(p["per_class"]), int(p["num_train_classes"]), seed=int(p["seed"]))
-    elif dataset == "mnist_fashion":
-        classes = build_mnist_fashion_classes(p["data_dir"], "train", p["per_class"])
-        _, test = split_classes(classes, int(p["num_train_classes"]), seed=int(p["seed"]))
-    elif dataset == "omniglot":
-        train = load_omniglot(p["data_dir"], background=True)
-        test = load_omniglot(p["data_dir"], background=False, first_class_id=len(train))
-    else:
-        raise ValueError(f"problem.dataset={dataset!r} for few-shot must be one of mnist5k, mnist_fashion, omniglot")
-    return EpisodeSampler(
-        test, meta_batch=25, seed=10_000 + int(p["seed"]), n_way=int(p["n_way"]), k_shot=int(p["k_shot"]), q_query=int(p["q_query"])
-    )
+    resolved = resolve(config)
+    if resolved.data["problem"]["kind"] != "fewshot":
+        raise ValueError(f"fewshot_test_sampler needs a few-shot configuration, got kind {resolved.data['problem']['kind']!r}")
+    return fewshot_samplers(resolved)[2]
 
 
 def fewshot_raw_pixel_baseline(

@@ -225,7 +225,9 @@ class FewshotSpec(Spec):
     The keys named as arguments of :func:`~bilevel.problems.fewshot.fewshot_problem` take
     its defaults, except ``feature_scale``: 3.0 here (features on the sphere of radius 3,
     bounded head curvature; the configuration requires a positive radius), where the
-    Python builder's 0.0 means no normalisation.
+    Python builder's 0.0 means no normalisation. ``seed`` plus ``run.seed`` seeds the class
+    split (meta-train / meta-validation / meta-test) and the held-out tasks, as the data seed
+    of hyper-cleaning: a bench over seeds is a bench over class splits.
     """
 
     section: ClassVar[str] = "problem"
@@ -238,6 +240,10 @@ class FewshotSpec(Spec):
     q_query: int = key(15, _COUNT)
     meta_batch: int = key(4, _COUNT)
     num_train_classes: int = key(6, _COUNT)
+    #: meta-validation classes (0: none), taken after the meta-train classes from the same
+    #: seeded permutation; runs then also report val_accuracy on them, and every choice
+    #: (step size, iteration count) should look at those only
+    num_val_classes: int = key(0, _integer(0))
     per_class: int | None = key(None, _integer(1, optional=True))
     channels: int = key(builder_default(fewshot_problem, "channels"), _COUNT)
     blocks: int = key(builder_default(fewshot_problem, "blocks"), _COUNT)
@@ -318,6 +324,13 @@ METHOD_ALIASES: dict[str, tuple[str, dict]] = {
     "TRHG": ("TRHG", {}),
     "T-RHG": ("TRHG", {}),
     "BDA": ("BDA", {}),
+    "BOME": ("BOME", {}),
+    "PBGD": ("PBGD", {}),
+    "V-PBGD": ("PBGD", {"variant": "value"}),
+    "G-PBGD": ("PBGD", {"variant": "gradient"}),
+    "MEHA": ("MEHA", {}),
+    "IAPTTGM": ("IAPTTGM", {}),
+    "IAPTT-GM": ("IAPTTGM", {}),
 }
 
 #: the names of bilevel 0.1 for AID with a solver, still read (configurations and run
@@ -555,6 +568,12 @@ def resolve_config(config: dict) -> dict:
         raise ConfigError(
             f"problem.num_train_classes={p['num_train_classes']!r} must be >= problem.n_way={p['n_way']!r} "
             f"(each training episode draws n_way classes)"
+        )
+    if kind == "fewshot" and 0 < config["problem"]["num_val_classes"] < config["problem"]["n_way"]:
+        p = config["problem"]
+        raise ConfigError(
+            f"problem.num_val_classes={p['num_val_classes']!r} must be 0 or >= problem.n_way={p['n_way']!r} "
+            f"(each meta-validation task draws n_way classes)"
         )
     run = config.get("run") or {}
     if not isinstance(run, dict):

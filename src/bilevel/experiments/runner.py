@@ -42,6 +42,7 @@ import contextlib
 import copy
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -229,6 +230,39 @@ def strong_baselines(config: dict | ResolvedConfig) -> dict[str, dict]:
     return {name: {k: row[k] for k in ("description", "test_accuracy", "best_step", "lr")} for name, row in rows.items()}
 
 
+def _val_accuracy(problem: Any, data: Any, y: dict) -> float:
+    """Accuracy (%) of the classifier ``y`` on the clean validation set."""
+    with torch.no_grad():
+        logits = problem.logits({k: v.detach() for k, v in y.items()}, data.x_val)
+        return 100.0 * float((logits.argmax(1) == data.y_val).double().mean())
+
+
+def retrained_accuracy(config: dict | ResolvedConfig, run_dir: str | Path) -> dict:
+    """Test accuracy of a fresh classifier retrained with a finished run's learned weights.
+
+    The run's final upper variable ``x`` (from ``RUN_DIR/checkpoint.pt``) weights the noisy
+    training examples by ``σ(x_i)``; a classifier is trained from its initialisation on that
+    lower objective with the stable step ``1/L₀`` and its step count chosen on the validation
+    set (:func:`bilevel.experiments.baselines.retrain_with_weights`; no test data is looked
+    at). Test accuracy "as trained" mixes how well a method cleans with how long it trained
+    its own classifier; this number keeps only the first.
+
+    Returns:
+        ``{"iterations", "description", "test_accuracy", "val_accuracy", "best_step", "lr",
+        "kept_fraction"}`` (``iterations``: the run's iteration count the weights come from).
+    """
+    from .baselines import retrain_with_weights
+
+    resolved = config if isinstance(config, ResolvedConfig) else resolve(config)
+    spec = resolved.problem
+    assert isinstance(spec, HypercleanSpec)
+    state = load_checkpoint(Path(run_dir) / "checkpoint.pt", map_location="cpu")["state"]
+    data = _hyperclean_data(resolved)
+    row = _rng_neutral(lambda: retrain_with_weights(data, state.x, spec.model, spec.reg, resolved.run.seed, hidden=spec.hidden))
+    kept = ("description", "test_accuracy", "best_step", "lr", "kept_fraction")
+    return {"iterations": int(state.k), **{k: row[k] for k in kept}, "val_accuracy": row["selection_accuracy"]}
+
+
 def _build_hyperclean(config: ResolvedConfig) -> Experiment:
     from ..problems.hyperclean import fit_lower, hyperclean_problem
 
@@ -240,57 +274,95 @@ def _build_hyperclean(config: ResolvedConfig) -> Experiment:
     method = build_method(config.data["method"])
 
     def evaluate(state: State) -> dict:
-        return problem.evaluate(state.x, state.y)
+        # validation accuracy too: presets and step counts are chosen on it, never on test accuracy
+        return {**problem.evaluate(state.x, state.y), "val_accuracy": _val_accuracy(problem, data, state.y)}
 
     def baseline() -> dict:
         steps = spec.baseline_steps
         y = fit_lower(problem, problem.x_init, problem.y_init, steps=steps, lr=spec.baseline_lr)
-        metrics = problem.evaluate(problem.x_init, y)
+        metrics = {**problem.evaluate(problem.x_init, y), "val_accuracy": _val_accuracy(problem, data, y)}
         return {"description": f"no cleaning: x = 0 (equal weights), {steps} GD steps on the noisy labels", **metrics}
 
     return Experiment(config=config.data, problem=problem, method=method, data=None, evaluate=evaluate, baseline=baseline)
 
 
-def _fewshot_classes(spec: FewshotSpec) -> tuple[Any, Any]:
-    from ..data import build_embedded_classes, build_mnist_fashion_classes, load_omniglot, split_classes
+def fewshot_classes(spec: FewshotSpec, run_seed: int = 0) -> tuple[Any, Any, Any]:
+    """Meta-train, meta-validation (empty unless ``problem.num_val_classes``) and meta-test
+    classes of a few-shot configuration; the split is seeded by ``problem.seed + run.seed``
+    (Omniglot: its background / evaluation sets, no meta-validation classes)."""
+    from ..data import build_embedded_classes, build_mnist_fashion_classes, load_omniglot
+    from ..data.fewshot import split_meta_classes
 
-    dataset = spec.dataset
-    if dataset == "mnist5k":
-        return split_classes(build_embedded_classes(spec.per_class), spec.num_train_classes, seed=spec.seed)
-    if dataset == "mnist_fashion":
-        classes = build_mnist_fashion_classes(spec.data_dir, "train", spec.per_class)
-        return split_classes(classes, spec.num_train_classes, seed=spec.seed)
+    dataset, seed = spec.dataset, spec.seed + run_seed
+    if dataset in ("mnist5k", "mnist_fashion"):
+        if dataset == "mnist5k":
+            classes = build_embedded_classes(spec.per_class)
+        else:
+            classes = build_mnist_fashion_classes(spec.data_dir, "train", spec.per_class)
+        try:
+            train, val, test = split_meta_classes(classes, spec.num_train_classes, spec.num_val_classes, seed=seed)
+        except ValueError as err:
+            raise ConfigError(f"problem.num_train_classes / problem.num_val_classes: {err}") from None
+        if len(test) < spec.n_way:
+            raise ConfigError(
+                f"problem.n_way={spec.n_way} needs at least {spec.n_way} meta-test classes; {dataset} has {len(classes)} classes, "
+                f"{spec.num_train_classes} meta-train and {spec.num_val_classes} meta-validation leave {len(test)}: use fewer"
+            )
+        return train, val, test
     if dataset == "omniglot":
+        if spec.num_val_classes:
+            raise ConfigError("problem.num_val_classes is not supported for omniglot (fixed background / evaluation sets): set it to 0")
         train = load_omniglot(spec.data_dir, background=True)
         test = load_omniglot(spec.data_dir, background=False, first_class_id=len(train))
-        return train, test
+        return train, {}, test
     raise ConfigError(f"problem.dataset={dataset!r} for few-shot must be one of mnist5k, mnist_fashion, omniglot")
 
 
-def _build_fewshot(config: ResolvedConfig) -> Experiment:
+def fewshot_samplers(config: ResolvedConfig) -> tuple[Any, Any, Any]:
+    """The meta-training, meta-validation (``None`` without meta-validation classes) and
+    meta-test :class:`~bilevel.data.EpisodeSampler` of a few-shot configuration.
+
+    The held-out samplers draw 25 tasks per batch, seeded ``10_000 + s`` (meta-test) and
+    ``20_000 + s`` (meta-validation) with ``s = problem.seed + run.seed``, the split seed:
+    every method of a seed is scored on the same tasks.
+    """
     from ..data import EpisodeSampler
+
+    spec, seed = config.problem, config.run.seed
+    assert isinstance(spec, FewshotSpec)
+    train, val, test = fewshot_classes(spec, seed)
+    shape = dict(n_way=spec.n_way, k_shot=spec.k_shot, q_query=spec.q_query)
+    sampler = EpisodeSampler(train, meta_batch=spec.meta_batch, seed=seed, **shape)
+    test_sampler = EpisodeSampler(test, meta_batch=25, seed=10_000 + spec.seed + seed, **shape)
+    val_sampler = EpisodeSampler(val, meta_batch=25, seed=20_000 + spec.seed + seed, **shape) if val else None
+    return sampler, val_sampler, test_sampler
+
+
+def _build_fewshot(config: ResolvedConfig) -> Experiment:
     from ..problems.fewshot import EpisodeSource, fewshot_problem
 
     spec, seed = config.problem, config.run.seed
     assert isinstance(spec, FewshotSpec)
     dtype = _dtype(spec.dtype)
-    train, test = _fewshot_classes(spec)
-    shape = dict(n_way=spec.n_way, k_shot=spec.k_shot, q_query=spec.q_query)
-    sampler = EpisodeSampler(train, meta_batch=spec.meta_batch, seed=seed, **shape)
-    # meta-test tasks do not depend on the run seed: every run is scored on the same tasks
-    test_sampler = EpisodeSampler(test, meta_batch=25, seed=10_000 + spec.seed, **shape)
+    sampler, val_sampler, test_sampler = fewshot_samplers(config)
     # the keys named as the builder's arguments (n_way, meta_batch, backbone, reg, ...) are forwarded by name
     problem = fewshot_problem(
         image_shape=sampler.image_shape, seed=seed, dtype=dtype, **spec.arguments_for(fewshot_problem, exclude=("seed", "dtype"))
     )
     method = build_method(config.data["method"], episodic=True)
 
+    def scores(x: Any) -> dict:
+        metrics = problem.meta_test(x, test_sampler, num_tasks=spec.eval_tasks, steps=spec.eval_steps)
+        if val_sampler is not None:
+            val = problem.meta_test(x, val_sampler, num_tasks=spec.eval_tasks, steps=spec.eval_steps)
+            metrics.update(val_accuracy=val["test_accuracy"], val_ci95=val["test_ci95"])
+        return metrics
+
     def evaluate(state: State) -> dict:
-        return problem.meta_test(state.x, test_sampler, num_tasks=spec.eval_tasks, steps=spec.eval_steps)
+        return scores(state.x)
 
     def baseline() -> dict:
-        metrics = problem.meta_test(problem.x_init, test_sampler, num_tasks=spec.eval_tasks, steps=spec.eval_steps)
-        return {"description": "untrained (random) feature extractor", **metrics}
+        return {"description": "untrained (random) feature extractor", **scores(problem.x_init)}
 
     return Experiment(
         config=config.data, problem=problem, method=method, data=EpisodeSource(sampler, dtype=dtype), evaluate=evaluate, baseline=baseline
@@ -1043,9 +1115,19 @@ def _status_note(summary: dict) -> str:
 
 
 def format_bench_table(
-    rows: dict, kind: str, baseline: Sequence[dict] | None = None, notes: dict | None = None, strong: Sequence[dict] | None = None
+    rows: dict,
+    kind: str,
+    baseline: Sequence[dict] | None = None,
+    notes: dict | None = None,
+    strong: Sequence[dict] | None = None,
+    retrained: dict | None = None,
 ) -> str:
     """Markdown table of a bench: one row per method, mean ± std over its completed seeds.
+
+    ``retrained`` (hyper-cleaning: method -> the test accuracies of a fresh classifier
+    retrained with each completed run's learned weights, :func:`retrained_accuracy`) adds a
+    column "retrained acc (%)" after "iterations" (the baselines' cells repeat their test
+    accuracy there: they are trained that way already).
 
     Runs that diverged or were interrupted do not enter the means (a 37-iteration run
     averaged with 200-iteration ones would mean nothing); they are named in a last
@@ -1067,16 +1149,24 @@ def format_bench_table(
         times = [s["time"] for s in done]
         iters = sorted({s["iterations"] for s in done})
         cells = [method, _pm(acc, 2), _pm(second, second_digits), _pm(times, 1), ",".join(map(str, iters)) or "-"]
+        if retrained is not None:
+            cells.append(_pm(list(retrained.get(method, [])), 2))
         body.append((cells, "; ".join(row_notes)))
     if kind == "hyperclean":
         header = ["method", "test acc (%)", "F1", "time (s)", "iterations"]
     else:
         header = ["method", "meta-test acc (%)", "95% CI (%)", "time (s)", "iterations"]
+    extra = 0
+    if retrained is not None:
+        header.append("retrained acc (%)")
+        extra = 1
     # the non-bilevel baselines (one dict per seed: name -> row), mean ± std over seeds
     for name in dict.fromkeys(key for per_seed in strong or () for key in per_seed):
         values = [per_seed[name]["test_accuracy"] for per_seed in strong or () if name in per_seed]
         description = next(per_seed[name]["description"] for per_seed in strong or () if name in per_seed)
-        body.append(([f"baseline: {description}", _pm(values, 2), "-", "-", "-"], ""))
+        second = [per_seed[name].get(second_key) for per_seed in strong or () if name in per_seed]
+        second_cell = _pm(second, second_digits) if any(v is not None for v in second) else "-"
+        body.append(([f"baseline: {description}", _pm(values, 2), second_cell, "-", "-"] + [_pm(values, 2)] * extra, ""))
     if baseline:
         label = "no cleaning (x = 0, fixed step count)" if kind == "hyperclean" else "random features"
         cells = [
@@ -1085,7 +1175,7 @@ def format_bench_table(
             _pm([b.get(second_key) for b in baseline], second_digits),
             "-",
             "-",
-        ]
+        ] + ["-"] * extra
         body.append((cells, ""))
     if any_note:
         header.append("notes")
@@ -1286,6 +1376,75 @@ def _strong_baselines(out: Path, manifest: dict, write_errors: list[str], config
     return result
 
 
+def _entry_config(manifest: dict, entry: dict, configs: dict | None) -> ResolvedConfig:
+    """A bench run's resolved configuration (the one the bench holds, or rebuilt from the manifest)."""
+    known = (configs or {}).get(entry["dir"])
+    if isinstance(known, ResolvedConfig):
+        return known
+    return resolve(apply_overrides(manifest["base_config"], _run_overrides(list(manifest["overrides"]), entry)))
+
+
+def _cached_json(out: Path, manifest: dict, name: str, write_errors: list[str], compute: Callable[[], dict]) -> dict:
+    """``out/name`` read back, or ``compute()`` written there (and listed in the manifest's files)."""
+    path = out / name
+    if name not in manifest["files"]:
+        manifest["files"].append(name)
+        write_manifest(out, manifest)
+    value = compute()
+    try:
+        _write_json(path, value)
+    except OSError as err:
+        write_errors.append(f"could not write {path}: {err.strerror or err}")
+    return value
+
+
+def _retrained(
+    out: Path, manifest: dict, write_errors: list[str], configs: dict | None = None, compute: bool = True
+) -> dict[str, list[float]]:
+    """Method -> the retrained test accuracies of its completed runs (:func:`retrained_accuracy`),
+    computed once per run and kept in ``retrained-<run>.json`` (recomputed when the run has
+    gone on since: a resumed bench to more iterations). ``compute=False`` (Ctrl-C) uses only
+    the kept ones."""
+    result: dict[str, list[float]] = {}
+    for entry in manifest["runs"]:
+        if entry["status"] not in COMPLETED:
+            continue
+        name = f"retrained-{entry['dir']}.json"
+        cached = _read_json(out / name) if (out / name).is_file() else None
+        if not isinstance(cached, dict) or cached.get("iterations") != entry.get("iterations"):
+            if not compute or not (out / entry["dir"] / "checkpoint.pt").is_file():
+                continue
+            config = _entry_config(manifest, entry, configs)
+            cached = _cached_json(out, manifest, name, write_errors, functools.partial(retrained_accuracy, config, out / entry["dir"]))
+        result.setdefault(entry["method"], []).append(float(cached["test_accuracy"]))
+    return result
+
+
+def _raw_pixel_row(config: ResolvedConfig) -> dict:
+    from .baselines import fewshot_raw_pixel_baseline
+
+    return {"raw_pixels": _rng_neutral(fewshot_raw_pixel_baseline, config.data)}
+
+
+def _raw_pixels(out: Path, manifest: dict, write_errors: list[str], configs: dict | None = None, compute: bool = True) -> list[dict]:
+    """The few-shot raw-pixel baseline of each seed (class split) that has a completed run
+    (:func:`bilevel.experiments.baselines.fewshot_raw_pixel_baseline`: the same held-out
+    tasks, normalisation and ridge heads on the flattened pixels), kept in
+    ``baselines-raw-pixels-seed<s>.json``."""
+    result = []
+    for seed in manifest["seeds"]:
+        done = [e for e in manifest["runs"] if e["seed"] == seed and e["status"] in COMPLETED]
+        name = f"baselines-raw-pixels-seed{seed}.json"
+        cached = _read_json(out / name) if (out / name).is_file() else None
+        if not isinstance(cached, dict):
+            if not compute or not done:
+                continue
+            config = _entry_config(manifest, done[0], configs)
+            cached = _cached_json(out, manifest, name, write_errors, functools.partial(_raw_pixel_row, config))
+        result.append(cached)
+    return result
+
+
 def _bench_report(out: Path, manifest: dict, configs: dict | None = None, interrupted: bool = False) -> dict:
     """Table, bench.json and plots from the run directories' summaries and logs."""
     from ..plotting import plot_runs
@@ -1312,8 +1471,13 @@ def _bench_report(out: Path, manifest: dict, configs: dict | None = None, interr
             with contextlib.suppress(RunDirError, ValueError):
                 logs.setdefault(entry["method"], []).append(read_log(out / entry["dir"]))
     baseline = [baselines[s] for s in manifest["seeds"] if s in baselines]
-    strong = _strong_baselines(out, manifest, write_errors, configs, compute=not interrupted) if kind == "hyperclean" else []
-    table = format_bench_table(rows, kind, baseline or None, notes, strong)
+    retrained = None
+    if kind == "hyperclean":
+        strong = _strong_baselines(out, manifest, write_errors, configs, compute=not interrupted)
+        retrained = _retrained(out, manifest, write_errors, configs, compute=not interrupted)
+    else:
+        strong = _raw_pixels(out, manifest, write_errors, configs, compute=not interrupted)
+    table = format_bench_table(rows, kind, baseline or None, notes, strong, retrained)
     plots: list[Path] = []
     for metric in ["test_accuracy"] + (["f1"] if kind == "hyperclean" else []):
         try:
@@ -1337,6 +1501,7 @@ def _bench_report(out: Path, manifest: dict, configs: dict | None = None, interr
         "status": {e["dir"]: e["status"] for e in manifest["runs"]},
         "runs": rows,
         "baselines": {"fixed_step_no_cleaning": baseline, "validated": strong},
+        "retrained_test_accuracy": retrained,
         "table": table,
         "plots": [str(p) for p in plots],
     }
