@@ -22,6 +22,10 @@ Examples::
     PYTHONPATH=src python benchmarks/baselines.py --seeds 0,1,2
     PYTHONPATH=src python benchmarks/baselines.py --configs hyperclean_demo --seeds 0 problem.n_val=200
     PYTHONPATH=src python benchmarks/baselines.py --no-baselines --runs runs/demo-bench/*-seed*
+    PYTHONPATH=src python benchmarks/baselines.py --select runs/grid-lr0.1 runs/grid-lr0.03 runs/grid-lr0.3
+
+5. with ``--select BENCH ...`` (only that): the choice of a grid on validation data, per
+   method the bench (setting) and iteration count with the best mean ``val_accuracy``.
 """
 
 from __future__ import annotations
@@ -256,6 +260,45 @@ def fewshot_rows(names, record: dict) -> None:
         record.setdefault("fewshot", {})[name] = row
 
 
+def select_on_validation(bench_dirs, metric: str, record: dict) -> None:
+    """Choose, per method, the bench (a setting of the grid) and the iteration count with the
+    highest ``metric`` (a validation metric: ``val_accuracy``) averaged over the seeds; the
+    test accuracy of the chosen point is printed next to it but plays no part in the choice.
+    Only completed runs count, and a (bench, iteration) is a candidate only when every seed
+    of the bench has it."""
+    values: dict = defaultdict(lambda: defaultdict(list))
+    tests: dict = defaultdict(lambda: defaultdict(list))
+    for bench in bench_dirs:
+        manifest = json.loads((Path(bench) / "manifest.json").read_text())
+        for entry in manifest["runs"]:
+            if entry["status"] not in ("max_iters", "converged", "max_time"):
+                continue
+            for line in (Path(bench) / entry["dir"] / "log.jsonl").read_text().splitlines():
+                rec = json.loads(line) if line.strip() else {}
+                if metric in rec and rec["iteration"] > 0:
+                    values[entry["method"]][(bench, rec["iteration"])].append(rec[metric])
+                    tests[entry["method"]][(bench, rec["iteration"])].append(rec.get("test_accuracy"))
+    print(f"\n## Selection on {metric} (mean over seeds; test accuracy shown, not used)")
+    print("\n| method | bench | iteration | " + f"{metric} | test acc (%) | seeds | chosen |")
+    print("|---|---|---|---|---|---|---|")
+    for method, points in values.items():
+        full = max(len(v) for v in points.values())
+        candidates = {key: v for key, v in points.items() if len(v) == full}
+        best = max(candidates, key=lambda key: (statistics.fmean(candidates[key]), -key[1]))
+        for key in sorted(candidates):
+            mark = "**yes**" if key == best else ""
+            print(
+                f"| {method} | {Path(key[0]).name} | {key[1]} | {mean_std(candidates[key])} | {mean_std(tests[method][key])} | "
+                f"{len(candidates[key])} | {mark} |"
+            )
+        record.setdefault("selection", {})[method] = {
+            "bench": str(best[0]),
+            "iteration": best[1],
+            metric: candidates[best],
+            "test_accuracy": tests[method][best],
+        }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides applied to every configuration")
@@ -280,6 +323,13 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--fewshot", default="fewshot_demo", help="comma-separated few-shot configurations for the raw-pixel row ('' for none)"
     )
+    parser.add_argument(
+        "--select",
+        nargs="*",
+        default=[],
+        help="bench folders of a grid (one setting each): print the choice on --select-metric per method, and nothing else",
+    )
+    parser.add_argument("--select-metric", default="val_accuracy", help="validation metric of the logs that --select maximises")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write every number to this JSON file")
     args = parser.parse_args(argv)
@@ -289,6 +339,11 @@ def main(argv=None) -> None:
     print(f"command: python benchmarks/baselines.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     record: dict = {}
     start = time.perf_counter()
+    if args.select:
+        select_on_validation(args.select, args.select_metric, record)
+        if args.json:
+            Path(args.json).write_text(json.dumps(record, indent=1, default=float))
+        return
     if not args.no_baselines:
         for name in [c for c in args.configs.split(",") if c.strip()]:
             baselines_table(name.strip(), args.overrides, seeds, args, record)
