@@ -12,7 +12,11 @@ F64 = torch.float64
 
 
 def _streams(n_lower=12, b=4, seed=0, **kw):
-    return bl.Streams(upper=bl.Stream(torch.arange(8.0), batch_size=4, **kw), lower=bl.Stream(torch.arange(100.0, 100.0 + n_lower), batch_size=b, **kw), seed=seed)
+    return bl.Streams(
+        upper=bl.Stream(torch.arange(8.0), batch_size=4, **kw),
+        lower=bl.Stream(torch.arange(100.0, 100.0 + n_lower), batch_size=b, **kw),
+        seed=seed,
+    )
 
 
 def test_draws_are_a_pure_function_of_seed_iteration_and_index():
