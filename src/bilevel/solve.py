@@ -18,6 +18,7 @@ from torch.utils import _pytree as pytree
 from . import tree as T
 from .checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, probe_writable, restore_rng, save_checkpoint
 from .methods.base import Method, State
+from .precision import as_precision, check_autocast_variables
 from .problem import Problem
 from .tree import Tree
 from .validation import check_choice, check_count, check_nonnegative, check_number, check_positive
@@ -330,6 +331,7 @@ def solve(
     meta: dict | None = None,
     compile: bool = False,
     distributed: bool | None = None,
+    precision: Any = None,
 ) -> Result:
     """Run ``method`` on ``problem`` from ``(x0, y0)`` and return a :class:`Result`.
 
@@ -389,6 +391,10 @@ def solve(
             the others raise :class:`~bilevel.distributed.DistributedError` within the
             group's timeout. Call it with the same arguments on every process (callbacks
             excepted: give loggers to rank 0 only).
+        precision: ``None`` (default) or ``"bf16"``: evaluate the objectives under
+            ``torch.autocast`` in bfloat16 while the variables, the multiplier, the products
+            as vectors and the linear solves stay float32 (:mod:`bilevel.precision`;
+            float64 variables are refused in one line).
 
     Divergence is reported at the exact iteration where it first happened: when a record
     shows NaN/Inf or a runaway value, the iterations since the previous record are
@@ -427,6 +433,11 @@ def solve(
             raise ValueError("solve(compile=True) cannot be combined with a distributed run: pass compile=False")
         problem, source = dp.prepare(problem, source)
     writer = dp is None or dp.rank == 0
+    autocast = as_precision(precision)
+    if autocast is not None:
+        if resume is None:
+            check_autocast_variables(*problem.initial_point(x0, y0), autocast.dtype)
+        problem = autocast.problem(problem)
     if compile:
         from .compile import compiled
 
