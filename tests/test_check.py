@@ -419,3 +419,15 @@ def test_cli_check_bad_input_is_one_line_with_status_2(check_config, capsys):
     assert capsys.readouterr().err.strip() == "bilevel: error: --warmup must be an integer >= 0, got -1"
     assert main(["check", check_config, "--methods", "NoSuchMethod"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_docs_page_examples_run():
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "check.md").read_text(encoding="utf-8")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL) if ">>>" in b]
+    test = doctest.DocTestParser().get_doctest("\n".join(blocks), {}, "docs/check.md", "docs/check.md", 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.summarize(verbose=False).attempted >= 8 and runner.failures == 0

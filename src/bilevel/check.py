@@ -368,21 +368,21 @@ class HypergradientCheck:
 def _verdict(
     rel: float, cos: float, reference: Reference, lower_residual: float, rtol: float, fail_rtol: float, hints: list[str]
 ) -> tuple[str, str]:
-    measured = f"relative error {rel:.2g}, cosine {cos:.4f}, at ‖∇_y g‖ = {lower_residual:.2g}"
+    where = f"cosine {cos:.4f}, ‖∇_y g‖ = {lower_residual:.2g} where measured, {reference.kind} reference"
     trusted = reference.lower_converged and reference.error <= rtol / 4
     caveat = (
         f"the reference is inexact ({reference.note or f'its estimated relative error is {reference.error:.2g}'})" if not trusted else ""
     )
     if not math.isfinite(rel) or not math.isfinite(cos):
-        return "fail", f"the method's direction is not finite ({measured})"
+        return "fail", f"the method's direction is not finite (relative error {rel:.2g}; {where})"
     if rel <= rtol:
         if caveat:
-            return "warn", f"{measured} ≤ {rtol:g}, but {caveat}"
-        return "pass", f"{measured} ≤ rtol = {rtol:g} ({reference.kind} reference)"
+            return "warn", f"relative error {rel:.2g} ≤ rtol = {rtol:g} ({where}), but {caveat}"
+        return "pass", f"relative error {rel:.2g} ≤ rtol = {rtol:g} ({where})"
     if rel <= fail_rtol or (not trusted and rel <= fail_rtol + reference.error):
-        why = f"{measured}: above rtol = {rtol:g}, below fail_rtol = {fail_rtol:g}; an inexact estimate"
+        why = f"relative error {rel:.2g} is above rtol = {rtol:g} but below fail_rtol = {fail_rtol:g} ({where}): an inexact estimate"
         return "warn", "; ".join([why, *hints, caveat] if caveat else [why, *hints])
-    why = f"{measured}: above fail_rtol = {fail_rtol:g}"
+    why = f"relative error {rel:.2g} is above fail_rtol = {fail_rtol:g} ({where})"
     if cos < 0:
         why += "; the direction points away from ∇Φ (x would move uphill)"
     return "fail", "; ".join([why, *hints, caveat] if caveat else [why, *hints])
