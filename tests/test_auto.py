@@ -1,0 +1,329 @@
+"""``"auto"`` step sizes (bilevel.auto): each rule against its mathematics, the scaled toy
+zoo, a problem whose lower curvature grows with x, the guard, the cost, and exact resume."""
+
+import doctest
+import warnings
+
+import pytest
+import torch
+
+import bilevel as bl
+from bilevel.auto import CGLS, DoG, MonitoredLineSearch, MonitoredState
+from bilevel.problems.toys import T1, T4, ToyProblem
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------- problems
+
+
+def scaled(problem, s):
+    """f and g multiplied by s: the same x*, every curvature times s."""
+    return ToyProblem(
+        upper=lambda x, y, b: s * problem.upper(x, y, b),
+        lower=lambda x, y, b: s * problem.lower(x, y, b),
+        x_init=problem.x_init,
+        y_init=problem.y_init,
+        name=f"{problem.name}*{s:g}",
+        x_star=problem.x_star,
+    )
+
+
+def diagonal(n=10, kappa=100.0):
+    """g = ½ yᵀAy − xᵀy, A = diag(1 … κ) (log-spaced), f = ½‖y − c‖² + ½‖x‖²:
+    y*(x) = A⁻¹x and x* = (A⁻¹c)/(A⁻² + I) coordinatewise; lower condition number κ."""
+    a = torch.logspace(0.0, float(torch.log10(torch.tensor(kappa))), n, dtype=F64)
+    c = torch.linspace(-1.0, 1.0, n, dtype=F64)
+    return ToyProblem(
+        upper=lambda x, y, _: 0.5 * ((y["y"] - c) ** 2).sum() + 0.5 * (x["x"] ** 2).sum(),
+        lower=lambda x, y, _: 0.5 * (a * y["y"] ** 2).sum() - (x["x"] * y["y"]).sum(),
+        x_init={"x": torch.ones(n, dtype=F64)},
+        y_init={"y": torch.zeros(n, dtype=F64)},
+        name=f"Q{kappa:g}",
+        x_star={"x": (c / a) / (1.0 / a**2 + 1.0)},
+    )
+
+
+def growing(n=5, rho=1.0, x_hat=5.0):
+    """Learned log-penalties: g = ½ Σ e^{x_i} y_i² − bᵀy, f = ½‖y − c‖² + ½ρ‖x − x̂‖².
+    The lower Hessian diag(e^x) grows from I at x₀ = 0 to about 148 I at x* (Newton on Φ')."""
+    b, c = torch.linspace(1.0, 2.0, n, dtype=F64), torch.linspace(0.01, 0.02, n, dtype=F64)
+    x = torch.full((n,), x_hat, dtype=F64)
+    for _ in range(60):  # Φ'(x) = −b e^{−x}(b e^{−x} − c) + ρ(x − x̂), coordinatewise
+        u = torch.exp(-x)
+        x = x - (-b * u * (b * u - c) + rho * (x - x_hat)) / (b * u * (b * u - c) + (b * u) ** 2 + rho)
+    return ToyProblem(
+        upper=lambda x, y, _: 0.5 * ((y["y"] - c) ** 2).sum() + 0.5 * rho * ((x["x"] - x_hat) ** 2).sum(),
+        lower=lambda x, y, _: 0.5 * (torch.exp(x["x"]) * y["y"] ** 2).sum() - (b * y["y"]).sum(),
+        x_init={"x": torch.zeros(n, dtype=F64)},
+        y_init={"y": torch.zeros(n, dtype=F64)},
+        name="growing",
+        x_star={"x": x},
+    )
+
+
+def rel_error(x, problem):
+    return float(torch.linalg.norm(x["x"] - problem.x_star["x"]) / torch.linalg.norm(problem.x_star["x"]))
+
+
+def run_until(problem, method, max_iters, target=1e-6, every=25):
+    """Steps until the relative error of x is below ``target`` at two checks in a row."""
+    state = method.init(problem)
+    below = 0
+    for k in range(1, max_iters + 1):
+        state, _ = method.step(problem, state)
+        if k % every == 0:
+            below = below + 1 if rel_error(state.x, problem) <= target else 0
+            if below == 2:
+                break
+    return rel_error(state.x, problem), state
+
+
+AUTO = {
+    "GALET": lambda: bl.GALET(),
+    "AID": lambda: bl.AID(),
+    "BAGDC": lambda: bl.BAGDC(),
+    # μ_k is not a step size: its default 0.9 (k+1)^{-1/10} biases x by O(μ_k) on these
+    # strongly convex toys, so the zoo uses a fast-decaying μ_k
+    "SlBAMM": lambda: bl.SlBAMM(mu=lambda k: 0.9 / (k + 1) ** 3),
+}
+# the runnable examples' hand-tuned steps
+PRESETS = {
+    "GALET": lambda: bl.GALET(lr_upper=0.1, lr_lower=0.5, lower_steps=5, lr_shadow=0.5, shadow_steps=5, stability_check="off"),
+    "AID": lambda: bl.AID(lr_upper=0.5, lr_lower=0.5, lower_steps=30),
+    "BAGDC": lambda: bl.BAGDC(lr_upper=0.5, lr_lower=0.5, lr_dual=0.5, stability_check="off"),
+    "SlBAMM": lambda: bl.SlBAMM(lr_upper=0.5, lr_lower=0.5, mu=lambda k: 0.9 / (k + 1) ** 3, stability_check="off"),
+}
+ZOO = {"T1": (lambda: T1(n=5), 600), "Q100": (lambda: diagonal(10, 100.0), 2500), "T4": (lambda: T4(), 600)}
+CASES = [(p, m) for p in ZOO for m in AUTO if p != "T4" or m == "GALET"]  # T4's singular H: GALET's class
+
+
+# --------------------------------------------------------------------------- the zoo
+
+
+# every (problem, method) at curvature × 1; each method at × 1e-3, × 1 and × 1e3 on the
+# problem of its class (benchmarks/auto_steps.py runs the full grid)
+SCALED = [("T4", "GALET"), ("T1", "AID"), ("Q100", "BAGDC"), ("Q100", "SlBAMM")]
+ZOO_RUNS = [(p, m, s) for p, m in SCALED for s in (1e-3, 1.0, 1e3)] + [(p, m, 1.0) for p, m in CASES if (p, m) not in SCALED]
+
+
+@pytest.mark.parametrize("problem_name, method_name, s", ZOO_RUNS)
+def test_every_method_with_no_step_size_reaches_x_star_at_every_curvature_scale(problem_name, method_name, s):
+    make, iters = ZOO[problem_name]
+    problem = scaled(make(), s)
+    err, state = run_until(problem, AUTO[method_name](), iters)
+    assert err <= 1e-6, f"{method_name} on {problem.name}: relative error {err:.2e}"
+    assert int(state.extra["lower"].rollbacks) <= 2  # the guard is rarely needed
+
+
+@pytest.mark.parametrize("method_name", ["GALET", "AID", "BAGDC", "SlBAMM"])
+def test_the_hand_tuned_steps_fail_on_the_scaled_problems(method_name):
+    problem = T1(n=5)
+    # curvature × 1e3: the explicit steps are far above 2/λ_max, the run diverges
+    big = bl.solve(scaled(problem, 1e3), PRESETS[method_name](), max_iters=200, on_divergence="status")
+    assert big.status is bl.Status.DIVERGED
+    # curvature × 1e-3: they are 1000 times too small (auto reaches 1e-6 in this budget)
+    small = bl.solve(scaled(problem, 1e-3), PRESETS[method_name](), max_iters=300, log_every=300)
+    assert rel_error(small.x, problem) > 1e-2
+
+
+# --------------------------------------------------------------------------- moving curvature
+
+
+@pytest.mark.parametrize(
+    "method_name, fixed",
+    [
+        ("GALET", lambda: bl.GALET(lr_upper=0.05, lr_lower=1.0, lr_shadow=1.0)),
+        ("BAGDC", lambda: bl.BAGDC(lr_upper=0.05, lr_lower=1.0, lr_dual=1.0)),
+        ("AID", lambda: bl.AID(lr_upper=0.05, lr_lower=1.0)),
+    ],
+)
+def test_auto_converges_where_steps_fixed_at_init_diverge_as_the_curvature_grows(method_name, fixed):
+    problem = growing()
+    # λ_max(H) = 1 at the start: β = 1/λ_max, ρ = 1/λ_max² pass the stability check ...
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.StabilityWarning)
+        fixed_method = fixed()
+        fixed_method.init(problem)
+    # ... but H = diag(e^x) grows to 148 I along the path: the fixed steps diverge
+    assert bl.solve(problem, fixed_method, max_iters=300, on_divergence="status").status is bl.Status.DIVERGED
+    err, state = run_until(problem, AUTO[method_name](), 800)
+    assert err <= 1e-6
+    # β followed the curvature: at x* it is below 2/λ_max(H(x*)) ≈ 2/148
+    assert float(state.extra["lower"].beta) < 2.0 / float(torch.exp(problem.x_star["x"]).max())
+
+
+# --------------------------------------------------------------------------- the rules
+
+
+def test_cgls_gives_the_minimum_norm_least_squares_solution_of_a_singular_incompatible_system():
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=gen, dtype=F64))
+    H = q @ torch.diag(torch.tensor([10.0, 5.0, 2.0, 1.0, 0.5, 0.1, 0.0, 0.0], dtype=F64)) @ q.T
+    b = torch.randn(8, generator=gen, dtype=F64)  # not in the range of H
+    result = CGLS(steps=30)(lambda v: H @ v, b)
+    assert torch.allclose(result.v, torch.linalg.pinv(H) @ b, atol=1e-10)
+    null = q[:, 6:]
+    assert float((null.T @ result.v).norm()) < 1e-12  # no component in Null(H)
+    assert float(result.normal_residual_sq) < 1e-20  # ‖H(Hv − b)‖² at the iterate before the last
+
+
+def test_the_monitored_dual_step_keeps_the_residual_bounded_on_an_ill_conditioned_system():
+    # κ = 10⁴: reusing the line-search step for 10 iterations unmonitored lets ‖r‖ grow by
+    # orders of magnitude; the monitor (min(η, safe) on growth) keeps it near ‖b‖
+    H = torch.diag(torch.logspace(0.0, 4.0, 20, dtype=F64))
+    b = torch.ones(20, dtype=F64)
+    matvec = lambda v: H @ v
+
+    def peak(rule, steps=400):
+        part = bl.parts.DualCorrection(rule)
+        v, state, worst = torch.zeros(20, dtype=F64), part.init(torch.zeros(20, dtype=F64)), 0.0
+        for k in range(steps):
+            if isinstance(state, MonitoredState):
+                state = state._replace(safe=torch.tensor(1e-4, dtype=F64))  # 1/λ_max, as β would be
+            result, state = part.update(matvec, b, v, state, k)
+            v, worst = result.v, max(worst, float(result.residual.norm()))
+        return worst / float(b.norm()), float((H @ v - b).norm() / b.norm())
+
+    monitored_peak, monitored_final = peak(MonitoredLineSearch(period=10))
+    periodic_peak, _ = peak(bl.parts.Periodic(10, bl.parts.LineSearch()))
+    assert monitored_peak <= 10.0 < periodic_peak
+    assert monitored_final < 0.5  # and it keeps converging
+
+
+def test_dog_is_scale_free():
+    dog = DoG()
+    finals = []
+    for s in (1e-3, 1.0, 1e3):  # f = s/2 (x − 1)²
+        x, state = torch.tensor([3.0], dtype=F64), dog.init(torch.tensor([3.0], dtype=F64))
+        for k in range(300):
+            x, state = dog.update(x, s * (x - 1.0), state, k)
+        finals.append(float(x))
+    assert finals == pytest.approx([1.0, 1.0, 1.0], abs=1e-10)
+
+
+def test_the_guard_restores_the_iteration_and_halves_the_lower_step():
+    problem = T1(n=5)
+    method = bl.BAGDC()
+    state = method.init(problem, y0={"y": torch.zeros(5, dtype=F64)})
+    assert float(state.extra["lower"].beta) == pytest.approx(1.0)  # 1/λ_max(I)
+    lower = state.extra["lower"]._replace(beta=torch.tensor(64.0, dtype=F64))  # far above 2/λ_max
+    state = state.replace(extra={**state.extra, "lower": lower})
+    after, info = method.step(problem, state)
+    assert int(info["rollbacks"]) == 1 and float(info["lr_lower"]) == 32.0  # ‖∇g‖ grew 63×
+    for a, b in ((after.x, state.x), (after.y, state.y), (after.v, state.v)):
+        assert torch.equal(a["x" if "x" in a else "y"], b["x" if "x" in b else "y"])
+    assert after.k == 1
+    for _ in range(600):
+        after, info = method.step(problem, after)
+    assert rel_error(after.x, problem) < 1e-6 and int(info["rollbacks"]) == 3 and float(info["lr_lower"]) <= 1.0
+
+
+def test_auto_and_user_steps_mix_per_argument():
+    method = bl.GALET(lr_lower=0.5)
+    assert isinstance(method.parts.lower, bl.parts.LowerGD) and isinstance(method.parts.multiplier.solver, CGLS)
+    assert isinstance(method.parts.upper, DoG)
+    result = bl.solve(T1(n=5), method, max_iters=300, log_every=300)
+    assert rel_error(result.x, T1(n=5)) < 1e-6 and "lr_upper" in result.history[-1] and "lr_lower" not in result.history[-1]
+
+
+def test_auto_steps_are_diagnostics_in_every_record():
+    for method, keys in (
+        (bl.GALET(), {"lr_lower", "lr_upper", "rollbacks"}),
+        (bl.BAGDC(), {"lr_lower", "lr_upper", "lr_dual", "rollbacks"}),
+        (bl.SlBAMM(), {"lr_lower", "lr_upper", "rollbacks"}),
+        (bl.AID(), {"lr_lower", "lr_upper", "rollbacks"}),
+    ):
+        result = bl.solve(T1(n=3), method, max_iters=4, log_every=1)
+        assert all(keys <= set(record) for record in result.history), method.name
+    explicit = bl.solve(T1(n=3), bl.BAGDC(lr_upper=0.1, lr_lower=0.5, lr_dual=0.5), max_iters=2)
+    assert not {"lr_lower", "lr_upper", "lr_dual", "rollbacks"} & set(explicit.history[-1])
+
+
+def test_stability_warnings_stay_for_user_steps_only():
+    problem = T1(n=3)
+    with pytest.warns(bl.StabilityWarning, match="lr_lower"):
+        bl.GALET(lr_lower=3.0).init(problem)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", bl.StabilityWarning)
+        bl.GALET().init(scaled(problem, 1e3))
+        bl.BAGDC().init(scaled(problem, 1e3))
+
+
+def test_bad_auto_arguments_fail_with_one_line():
+    with pytest.raises(TypeError, match=r"^GALET\(lr_lower='fast'\) must be a positive number or 'auto'$"):
+        bl.GALET(lr_lower="fast")
+    with pytest.raises(ValueError, match=r"^BAGDC\(lr_lower='auto'\) needs order='sequential'"):
+        bl.BAGDC(order="jacobi")
+    bl.BAGDC(order="jacobi", lr_lower=0.5)  # a given step runs the Jacobi order as before
+
+
+# --------------------------------------------------------------------------- cost
+
+
+def _counts(method, problem, iters):
+    counting = bl.CountingOracles()
+    method = method.replace(oracles=counting)
+    state = method.init(problem)
+    counting.reset()
+    for _ in range(iters):
+        state, _ = method.step(problem, state)
+    return counting.counts
+
+
+def _gradient_units(counts):
+    # a Hessian-vector or mixed product ≈ two gradients; a linearization ≈ one gradient
+    return sum(n * (2 if kind in ("hvp", "mixed", "both") else 1) for kind, n in counts.items())
+
+
+@pytest.mark.parametrize(
+    "auto, explicit",
+    [
+        (bl.GALET(), bl.GALET(lr_upper=0.1, lr_lower=0.5, lr_shadow=0.25)),
+        (bl.BAGDC(), bl.BAGDC(lr_upper=0.01, lr_lower=0.2, lr_dual=0.5)),
+        (bl.AID(), bl.AID(lr_upper=0.1, lr_lower=0.1)),
+        (bl.SlBAMM(), bl.SlBAMM(lr_lower=0.1)),
+    ],
+    ids=lambda m: m.name,
+)
+def test_auto_costs_at_most_15_percent_more_oracle_calls_per_iteration(auto, explicit):
+    problem = T1(n=3)
+    a, e = _counts(auto, problem, 10), _counts(explicit, problem, 10)
+    assert _gradient_units(a) <= 1.15 * _gradient_units(e), (a, e)
+    assert a["gradient_y"] == e["gradient_y"] and a["linearize"] == e["linearize"]  # the secant is free
+
+
+# --------------------------------------------------------------------------- resume
+
+
+@pytest.mark.parametrize("method", [bl.GALET(), bl.BAGDC(), bl.AID(lower_steps=3)], ids=lambda m: m.name)
+def test_a_checkpointed_auto_run_resumes_exactly(tmp_path, method):
+    problem = T1(n=4)
+    full = bl.solve(problem, method, max_iters=40)
+    path = tmp_path / "ckpt.pt"
+    bl.solve(problem, method, max_iters=20, checkpoint=path)
+    resumed = bl.solve(problem, method, max_iters=40, resume=path)
+    strip = lambda h: [{k: v for k, v in rec.items() if k != "time"} for rec in h]
+    assert strip(resumed.history) == strip(full.history)
+    assert torch.equal(resumed.x["x"], full.x["x"]) and torch.equal(resumed.state.opt.rbar, full.state.opt.rbar)
+
+
+def test_a_resume_during_rollbacks_is_exact(tmp_path):
+    problem = T1(n=4)
+    method = bl.BAGDC()
+    state = method.init(problem, y0={"y": torch.zeros(4, dtype=F64)})
+    state = state.replace(extra={**state.extra, "lower": state.extra["lower"]._replace(beta=torch.tensor(64.0, dtype=F64))})
+    state, _ = method.step(problem, state)  # one rollback done, more to come
+    path = tmp_path / "state.pt"
+    torch.save(state.to_dict(), path)
+    restored = bl.State.from_dict(torch.load(path, weights_only=True))
+    for _ in range(8):
+        state, info = method.step(problem, state)
+        restored, info2 = method.step(problem, restored)
+    assert int(info["rollbacks"]) == int(info2["rollbacks"]) >= 3
+    assert torch.equal(state.x["x"], restored.x["x"]) and torch.equal(state.extra["lower"].beta, restored.extra["lower"].beta)
+
+
+def test_docstring_examples_of_the_auto_module():
+    failures, attempted = doctest.testmod(bl.auto, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert attempted > 0 and failures == 0
