@@ -81,8 +81,8 @@ def test_yaml_and_python_agree_on_the_upper_optimizer(upper, expected):
     assert method.parts.upper == expected
     if upper != "adam":
         assert method.parts.upper == bl.GALET(lr_upper=0.1).parts.upper  # a number is plain gradient steps in Python too
-    adam_default = runner.build_method(C.resolve_config({"method": {"name": "SlBAMM", "upper": "adam"}})["method"])
-    assert adam_default.parts.upper == bl.Adam(lr=bl.SlBAMM().lr_upper)  # upper: adam alone keeps the method's own α
+    with pytest.raises(C.ConfigError, match=r"upper: adam needs method.lr_upper"):  # SlBAMM's own α is "auto" (DoG)
+        runner.build_method(C.resolve_config({"method": {"name": "SlBAMM", "upper": "adam"}})["method"])
 
 
 def test_aid_solvers_are_named_aid_cg_aid_neumann_aid_fixedpoint_and_the_old_names_still_read():

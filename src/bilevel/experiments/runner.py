@@ -170,6 +170,8 @@ def build_method(section: dict, episodic: bool = False) -> Method:
     if given is not None or upper != DEFAULT_UPPER:
         # a number is plain gradient steps, as in Python; upper: adam without lr_upper uses the method's own α
         lr: Any = float(given) if given is not None else next(f.default for f in dataclasses.fields(cls) if f.name == "lr_upper")
+        if lr == "auto":  # the method's own upper step is the parameter-free DoG (bilevel.auto): no α to hand to Adam/SGD
+            raise ConfigError(f"method {section['name']}: upper: {upper} needs method.lr_upper (without upper, the step is 'auto')")
         kwargs["lr_upper"] = bilevel.Adam(lr=lr) if upper == "adam" else bilevel.SGD(lr=lr)
     if "solver" in section:
         solvers = {"CG": bilevel.CG, "Neumann": bilevel.Neumann, "FixedPoint": bilevel.FixedPoint}
