@@ -70,6 +70,7 @@ __all__ = [
     "data_parallel",
     "is_active",
     "shard",
+    "traffic",
 ]
 
 
@@ -80,6 +81,24 @@ class DistributedError(RuntimeError):
 def is_active(group: Any = None) -> bool:
     """``True`` when a process group of more than one process is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+_TRAFFIC = {"all_reduces": 0, "bytes": 0}
+
+
+def traffic(reset: bool = False) -> dict[str, int]:
+    """The ``all_reduce`` calls and the bytes each process contributed to them since the
+    last reset (the communication volume: a ring all-reduce of b bytes sends about
+    ``2 b (P − 1)/P`` bytes per process)."""
+    out = dict(_TRAFFIC)
+    if reset:
+        _TRAFFIC.update(all_reduces=0, bytes=0)
+    return out
+
+
+def _count(*tensors: torch.Tensor) -> None:
+    _TRAFFIC["all_reduces"] += 1
+    _TRAFFIC["bytes"] += sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _collective(what: str, fn: Callable[[], Any], group: Any = None) -> Any:
@@ -106,6 +125,7 @@ def _all_reduce_flat(tensors: Sequence[torch.Tensor], group: Any, what: str) -> 
         by_dtype.setdefault((t.dtype, t.device), []).append(i)
     for idx in by_dtype.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        _count(flat)
         _collective(what, functools.partial(dist.all_reduce, flat, op=dist.ReduceOp.SUM, group=group), group)
         for i, piece in zip(idx, torch.split(flat, [tensors[i].numel() for i in idx]), strict=True):
             out[i] = piece.view_as(tensors[i])
@@ -166,6 +186,7 @@ def _global_sum(value: torch.Tensor, group: Any) -> torch.Tensor:
         summed: torch.Tensor = _SumOverProcesses.apply(group, value)[0]
         return summed
     total = value.detach().clone()
+    _count(total)
     _collective("sum of objective values", lambda: dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group), group)
     return total
 
@@ -253,6 +274,7 @@ class DataParallel:
         if self.world_size == 1:
             return value
         out = value.detach().clone()
+        _count(out)
         _collective(f"{op} of a scalar", lambda: dist.all_reduce(out, op=reduce_ops[op], group=self.group), self.group)
         return out
 
