@@ -7,7 +7,8 @@ first step over the state after the problem is built (ITD: the memory of its unr
 graph, which grows with T), ``growth`` = the peak of the next ``iters`` steps over the peak
 after the first step (must be ~0 for the single-loop methods, whatever ``iters``).
 
-    PYTHONPATH=src python benchmarks/memory.py                  # iterations 10 vs 200, ITD T=10/50/200
+    PYTHONPATH=src python benchmarks/memory.py                  # iterations 10 vs 200, ITD T=10/50/200/1000
+    PYTHONPATH=src python benchmarks/memory.py --methods ITD --checkpoint none sqrt   # O(T) vs O(√T)
     PYTHONPATH=src python benchmarks/memory.py --model mlp --device cuda
 """
 
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,6 +37,8 @@ def child(spec):
     device = spec["device"]
     problem = common.hyperclean_problem(spec["model"], n_train=spec["n"], n_val=spec["n"], device=device)
     method = common.methods(itd_steps=spec["T"])[spec["method"]]
+    if spec.get("checkpoint") is not None:
+        method = method.replace(checkpoint=spec["checkpoint"])
     state = method.init(problem)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -42,6 +46,7 @@ def child(spec):
         start = torch.cuda.memory_allocated()
     else:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tick = time.perf_counter()
     state, _ = method.step(problem, state)  # first step: allocator pools, lazy init, ITD's unrolled graph
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -51,6 +56,7 @@ def child(spec):
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         first = (base - start) * 1024
+    step_s = time.perf_counter() - tick
     for _ in range(spec["iters"]):
         state, _info = method.step(problem, state)
     if device.startswith("cuda"):
@@ -58,7 +64,7 @@ def child(spec):
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
-    print(json.dumps({"peak_growth_mb": peak / 2**20, "first_step_mb": first / 2**20}))
+    print(json.dumps({"peak_growth_mb": peak / 2**20, "first_step_mb": first / 2**20, "step_s": step_s}))
 
 
 def run(spec):
@@ -79,7 +85,13 @@ def main():
     p.add_argument("--model", default="linear", choices=["linear", "mlp"])
     p.add_argument("--n-train", type=int, default=5000)
     p.add_argument("--iters", nargs="+", type=int, default=[10, 200])
-    p.add_argument("--unroll", nargs="+", type=int, default=[10, 50, 200])
+    p.add_argument("--unroll", nargs="+", type=int, default=[10, 50, 200, 1000])
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=["none", "sqrt"],
+        help="ITD's gradient checkpointing: none, sqrt or a segment length (one row each)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=["GALET", "SlBAMM", "BAGDC", "ITD"])
@@ -109,15 +121,18 @@ def main():
             flush=True,
         )
     if "ITD" in args.methods:
-        figures = [run({**base, "method": "ITD", "iters": 2, "T": T}) for T in args.unroll]
-        print(
-            "ITD      "
-            + "  ".join(
-                f"T={T}: first {f['first_step_mb']:7.1f} MB, growth {f['peak_growth_mb']:5.1f} MB"
-                for T, f in zip(args.unroll, figures, strict=True)
-            ),
-            flush=True,
-        )
+        for checkpoint in args.checkpoint:
+            ck = None if checkpoint == "none" else (checkpoint if checkpoint == "sqrt" else int(checkpoint))
+            rows = []
+            for T in args.unroll:
+                start = time.perf_counter()
+                figures = run({**base, "method": "ITD", "iters": 2, "T": T, "checkpoint": ck})
+                rows.append((T, figures, time.perf_counter() - start))
+            print(
+                f"ITD checkpoint={checkpoint:<5} "
+                + "  ".join(f"T={T}: first {f['first_step_mb']:7.1f} MB ({f['step_s']:.2f} s/step)" for T, f, _ in rows),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -79,3 +79,15 @@ def test_bad_precision_requests_are_one_line_each():
     with pytest.raises(ValueError, match="float16 needs dynamic loss scaling"):
         Autocast(torch.float16)
     assert as_precision(None) is None and as_precision(torch.bfloat16) == Autocast()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_hypergradient_error_is_bounded_and_the_vectors_stay_float32():
+    reference, problem32, x, y = _points("hyperclean")
+    exact = _hypergradient(reference, x, y)
+    cuda = lambda tree: {k: v.float().cuda() for k, v in tree.items()}
+    data = problem32.data.to("cuda")
+    problem_cuda = Autocast().problem(hyperclean_problem(data, model="linear", reg=0.01))
+    direction = _hypergradient(problem_cuda, cuda(x), cuda(y))
+    assert all(t.dtype == F32 and t.is_cuda for t in bl.tree.leaves(direction))
+    assert 1e-4 < _relative_error({k: v.cpu() for k, v in direction.items()}, exact) < 3e-2

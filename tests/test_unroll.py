@@ -106,3 +106,26 @@ def test_segment_lengths_and_bad_values():
         bl.ITD(checkpoint=0)
     with pytest.raises((TypeError, ValueError), match="checkpoint"):
         Unroll(checkpoint=2.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_checkpointed_unrolling_lowers_the_peak_memory():
+    n, steps = 4096, 64
+    problem = T1(n=n, dtype=torch.float32, device="cuda")
+
+    def peak(checkpoint):
+        x = {"x": torch.ones(n, device="cuda", requires_grad=True)}
+        y = {"y": torch.zeros(n, device="cuda", requires_grad=True)}
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.enable_grad():
+            y_T, _ = Unroll(checkpoint=checkpoint).differentiate(LowerGD(lr=0.5, steps=steps), problem, x, y, None, 0, steps)
+            (dx,) = torch.autograd.grad(y_T["y"].sum(), x["x"])
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, dx
+
+    full, dx_full = peak(None)
+    kept, dx_kept = peak("sqrt")
+    torch.testing.assert_close(dx_kept, dx_full)
+    assert kept * 3 < full
