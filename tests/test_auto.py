@@ -327,3 +327,21 @@ def test_a_resume_during_rollbacks_is_exact(tmp_path):
 def test_docstring_examples_of_the_auto_module():
     failures, attempted = doctest.testmod(bl.auto, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert attempted > 0 and failures == 0
+
+
+def test_the_reporter_prints_the_auto_steps_at_the_start_and_on_changes_over_2x():
+    import io
+
+    from bilevel.auto import AutoStepReporter
+
+    stream = io.StringIO()
+    result = bl.solve(growing(), bl.BAGDC(), max_iters=300, log_every=1, callbacks=[AutoStepReporter(stream=stream)])
+    lines = stream.getvalue().splitlines()
+    assert lines[0].startswith("auto steps at iteration 1: lr_lower=") and "L_lower ≈" in lines[0]
+    assert 2 <= len(lines) < 60  # β falls about 150× along the path: reported on each halving, not every record
+    betas = [r["lr_lower"] for r in result.history]
+    printed = [float(line.split("lr_lower=")[1].split()[0]) for line in lines]
+    assert max(printed) / min(printed) > 50 and max(betas) / min(betas) > 50
+    quiet = io.StringIO()
+    bl.solve(T1(n=3), bl.BAGDC(lr_upper=0.1, lr_lower=0.5, lr_dual=0.5), max_iters=5, callbacks=[AutoStepReporter(stream=quiet)])
+    assert quiet.getvalue() == ""  # given steps: nothing to report

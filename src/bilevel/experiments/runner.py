@@ -64,6 +64,7 @@ import yaml
 
 import bilevel
 
+from ..auto import AutoStepReporter
 from ..callbacks import ProgressBar, TensorBoardLogger
 from ..checkpoint import CheckpointError, capture_rng, load_checkpoint, probe_writable
 from ..methods.base import Method, State
@@ -836,7 +837,7 @@ def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label:
                 exp.method,
                 data=exp.data,
                 max_iters=n,
-                callbacks=[recorder],
+                callbacks=[recorder, AutoStepReporter()],  # prints auto steps (none for given steps)
                 log_every=math.gcd(cadence["log_every"], cadence["eval_every"]),
                 checkpoint=run_dir / "checkpoint.pt",
                 checkpoint_every=int(run["checkpoint_every"]),
