@@ -1,7 +1,5 @@
 """Unrolled differentiation with gradient checkpointing (bilevel.parts.Unroll(checkpoint=...))."""
 
-import math
-
 import pytest
 import torch
 
@@ -54,44 +52,48 @@ def test_checkpointed_unrolling_gives_the_same_iterates(make):
             assert mine["stationarity"] == pytest.approx(theirs["stationarity"], rel=1e-10)
 
 
-def _graph_bytes(checkpoint, steps, n=50, lower=None):
-    """Bytes the unrolled graph holds between the forward and the backward pass (every tensor
-    autograd saves outside a checkpointed segment), and the derivative d y_T / dx."""
-    problem = T1(n=n)
-    saved = [0]
+class _Counting(LowerGD):
+    """LowerGD that counts its differentiated steps."""
 
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
+    calls = 0
 
-    x = {"x": torch.ones(n, dtype=F64, requires_grad=True)}
-    y = {"y": torch.zeros(n, dtype=F64, requires_grad=True)}
-    lower = lower or LowerGD(lr=0.5, steps=steps)
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def differentiable_step(self, *args, **kwargs):
+        type(self).calls += 1
+        return super().differentiable_step(*args, **kwargs)
+
+
+def _unrolled_dx(checkpoint, steps, lower=None, problem=None):
+    """d(Σ y_T)/dx through ``steps`` differentiated steps, and the steps evaluated for it."""
+    problem = problem or _classifier_problem()
+    x = {k: v.clone().requires_grad_(True) for k, v in problem.x_init.items()}
+    y = {k: v.clone().requires_grad_(True) for k, v in problem.y_init.items()}
+    lower = lower or _Counting(lr=0.3, steps=steps)
+    _Counting.calls = 0
+    with torch.enable_grad():
         y_T, _ = Unroll(checkpoint=checkpoint).differentiate(lower, problem, x, y, None, 0, steps)
-    (dx,) = torch.autograd.grad(y_T["y"].sum(), x["x"])
-    return saved[0], dx
+        forward = _Counting.calls
+        (dx,) = torch.autograd.grad(sum(t.sum() for t in y_T.values()), list(x.values()))
+    return dx, forward, _Counting.calls
 
 
-def test_memory_of_the_graph_is_linear_without_and_square_root_with_checkpointing():
-    y_bytes = 50 * 8
-    full16, dx16 = _graph_bytes(None, 16)
-    full64, dx64 = _graph_bytes(None, 64)
-    assert full64 == 4 * full16  # O(K)
-    for steps, full, dx in ((16, full16, dx16), (64, full64, dx64)):
-        kept, dx_ck = _graph_bytes("sqrt", steps)
-        assert kept == math.ceil(steps / math.ceil(math.sqrt(steps))) * y_bytes  # one y per segment: O(√K)
-        assert kept * 10 < full
-        torch.testing.assert_close(dx_ck, dx, rtol=0, atol=0)
-        torch.testing.assert_close(dx, torch.full((50,), 1 - 0.5**steps, dtype=F64), rtol=1e-14, atol=0)  # d y_K/dx for g = ½‖y‖² − xᵀy
-    kept, _ = _graph_bytes(5, 64)
-    assert kept == math.ceil(64 / 5) * y_bytes
+def test_checkpointed_steps_cost_one_extra_evaluation_each_and_give_the_same_derivative():
+    for steps in (16, 64):
+        dx, forward, total = _unrolled_dx(None, steps)
+        assert forward == total == steps
+        for checkpoint in ("sqrt", 5, 1):
+            dx_ck, forward, total = _unrolled_dx(checkpoint, steps)
+            assert forward == steps and total == 2 * steps  # each step recomputed once, in the backward pass
+            torch.testing.assert_close(dx_ck, dx, rtol=1e-13, atol=1e-15)
+    # T1 (g = ½‖y‖² − xᵀy): d y_K / dx = 1 − (1 − β)^K, through the segments too
+    dx, _, _ = _unrolled_dx("sqrt", 16, lower=LowerGD(lr=0.5, steps=16), problem=T1(n=3))
+    torch.testing.assert_close(dx, torch.full((3,), 1 - 0.5**16, dtype=F64), rtol=1e-14, atol=0)
 
 
 def test_checkpointed_aggregated_steps_match():
     lower = LowerAggregated(lr=0.3, steps=9, mu=0.4)
-    _, plain = _graph_bytes(None, 9, lower=lower)
-    _, ck = _graph_bytes(2, 9, lower=lower)
+    plain, _, _ = _unrolled_dx(None, 9, lower=lower)
+    ck, _, _ = _unrolled_dx(2, 9, lower=lower)
+    assert not torch.equal(plain, torch.zeros_like(plain))
     torch.testing.assert_close(ck, plain, rtol=1e-14, atol=1e-15)
 
 

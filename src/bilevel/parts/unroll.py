@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from .. import tree as T
 from ..problem import Problem
@@ -49,7 +48,8 @@ class Unroll:
     reaches it. Memory is then O((K/S + S) · dim y · c) — O(√K) at ``S = ⌈√K⌉``
     (``checkpoint="sqrt"``) — for about one extra forward per step (each differentiated
     ``∇_y g`` is evaluated twice). The hypergradient is the same up to rounding (exactly
-    the same operations, recomputed).
+    the same operations, recomputed). The segments are differentiated once (the
+    hypergradient's backward pass); a second differentiation through them is not supported.
 
     Args:
         truncate: K, the number of differentiated steps (``None``: all of them, full RHG;
@@ -118,17 +118,64 @@ class Unroll:
                 y, grad = lower.differentiable_step(problem, x, y, batch, t, k)
             return y, grad
         grad = None
+        x_leaves = T.leaves(x)
         for start in range(first, last, size):
-            stop = min(start + size, last)
-            leaves = T.leaves(y)
-
-            def run(*ys: torch.Tensor, start: int = start, stop: int = stop, like: Tree = y) -> tuple[torch.Tensor, ...]:
-                current, g = T.unflatten_like(list(ys), like), None
-                for t in range(start, stop):
-                    current, g = lower.differentiable_step(problem, x, current, batch, t, k)
-                return (*T.leaves(current), *T.leaves(g))
-
-            out = _checkpoint(run, *leaves, use_reentrant=False)
-            y = T.unflatten_like(list(out[: len(leaves)]), y)
-            grad = T.unflatten_like(list(out[len(leaves) :]), y)
+            segment = _SegmentSpec(lower, problem, batch, k, start, min(start + size, last), x, y)
+            y_leaves = T.leaves(y)
+            out = _Segment.apply(segment, len(x_leaves), *x_leaves, *y_leaves)
+            y = T.unflatten_like(list(out[: len(y_leaves)]), y)
+            grad = T.unflatten_like(list(out[len(y_leaves) :]), y)
         return y, grad
+
+
+class _SegmentSpec:
+    """Steps ``start, …, stop − 1`` of ``lower`` (the trees give the leaves their structure)."""
+
+    def __init__(self, lower: Any, problem: Problem, batch: Any, k: int, start: int, stop: int, x_like: Tree, y_like: Tree):
+        self.lower, self.problem, self.batch, self.k = lower, problem, batch, k
+        self.start, self.stop, self.x_like, self.y_like = start, stop, x_like, y_like
+
+    def run(self, x_leaves: list[torch.Tensor], y_leaves: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``(y_stop leaves, ∇_y g leaves of the last step)`` with the graph of the steps."""
+        x, y = T.unflatten_like(x_leaves, self.x_like), T.unflatten_like(y_leaves, self.y_like)
+        grad: Tree = None
+        for t in range(self.start, self.stop):
+            y, grad = self.lower.differentiable_step(self.problem, x, y, self.batch, t, self.k)
+        return T.leaves(y), T.leaves(grad)
+
+
+class _Segment(torch.autograd.Function):
+    """A checkpointed segment: forward keeps only its inputs; backward recomputes the steps
+    with their graph and back-propagates through them (one extra forward per step).
+
+    The steps differentiate g inside (``create_graph``), so the segment cannot run under
+    :func:`torch.utils.checkpoint.checkpoint`: its saved-tensor hooks would discard the
+    tensors that inner gradient needs and recompute the segment at every step.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, spec: _SegmentSpec, nx: int, *leaves: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.spec, ctx.nx = spec, nx
+        ctx.save_for_backward(*leaves)
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
+            y_out, grad = spec.run(inputs[:nx], inputs[nx:])
+        outputs = [t.detach() for t in y_out] + [g.detach() for g in grad]
+        ctx.mark_non_differentiable(*outputs[len(y_out) :])
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: torch.Tensor) -> tuple[Any, ...]:
+        leaves = ctx.saved_tensors
+        ny = len(leaves) - ctx.nx
+        with torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in leaves]
+            y_out, _ = ctx.spec.run(inputs[: ctx.nx], inputs[ctx.nx :])
+            wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+            pairs = [(o, c) for o, c in zip(y_out, cotangents[:ny], strict=True) if o.requires_grad]
+            grads: list[torch.Tensor | None] = [None] * len(inputs)
+            if pairs and wanted:
+                found = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wanted], [c for _, c in pairs], allow_unused=True)
+                for i, g in zip(wanted, found, strict=True):
+                    grads[i] = g
+        return (None, None, *grads)
