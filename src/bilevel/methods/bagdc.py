@@ -46,20 +46,29 @@ class BAGDC(AutoSteps, StabilityChecked, DualOptions, Alternating):
     Stationarity reported: the KKT residual ``‖∇_x f − Jv‖² + ‖∇_y f − Hv‖² + ‖∇_y g‖²``
     with g (``kkt_upper``, ``kkt_multiplier``, ``kkt_lower``).
 
+    Step sizes left ``"auto"`` (the default; docs/auto.md): β by adaptive gradient descent
+    (:class:`~bilevel.auto.AdaptiveLower`, no extra oracle call), η by
+    :class:`~bilevel.auto.MonitoredLineSearch` (the exact line search every 5th iteration,
+    its step kept while the residual decreases: +1 Hessian product per 5 iterations), α by
+    :class:`~bilevel.auto.DoG`; a guard restores the iteration and halves β on a blow-up.
+    ``lr_lower="auto"`` needs ``order="sequential"``. Numbers run the iteration above bit
+    for bit.
+
     Parts (``method.parts``): ``LowerGD(lr_lower, lower_steps)`` (or, ``lower="bda"``,
-    ``LowerAggregated(lr_lower, lower_steps, mu=lower_mu)``), ``DualCorrection`` with
-    ``FixedStep(lr_dual)``, ``LineSearch(dual_fallback, max_dual_step)`` or
-    ``Periodic(period, LineSearch(...))``, ``KKTResidual()``, ``PlainDirection()``, the
-    upper optimizer of ``lr_upper``; ``Parts.order = order``.
+    ``LowerAggregated(lr_lower, lower_steps, mu=lower_mu)``; ``AdaptiveLower`` when auto),
+    ``DualCorrection`` with ``FixedStep(lr_dual)`` (``MonitoredLineSearch()`` when auto),
+    ``LineSearch(dual_fallback, max_dual_step)`` or ``Periodic(period, LineSearch(...))``,
+    ``KKTResidual()``, ``PlainDirection()``, the upper optimizer of ``lr_upper`` (``DoG()``
+    when auto); ``Parts.order = order``.
 
     Args:
-        lr_upper: α_k (a number, a schedule or an upper optimizer).
-        lr_lower: β, the lower step.
+        lr_upper: α_k: ``"auto"`` (default), a number, a schedule or an upper optimizer.
+        lr_lower: β: ``"auto"`` (default) or the lower step.
         lower_steps: N (1 in the code; the Jacobi order needs 1).
         lower: ``"gd"`` (g) or ``"bda"``: lower steps, H and J on φ_μ (the code's ``--BDA``).
         lower_mu: μ of ``"bda"`` (0.1 in the code).
         dual_step: ``"fixed"``, ``"linesearch"`` or ``"periodic"`` (see above).
-        lr_dual: η_k of ``"fixed"``: a number or a schedule.
+        lr_dual: η_k of ``"fixed"``: ``"auto"`` (default), a number or a schedule.
         period: iterations between the line searches of ``"periodic"``.
         order: ``"sequential"`` or ``"jacobi"``.
         max_dual_step: optional clip of the line-search step.
@@ -84,6 +93,9 @@ class BAGDC(AutoSteps, StabilityChecked, DualOptions, Alternating):
         >>> method = bl.BAGDC(lr_upper=0.5, lr_lower=0.5, lr_dual=0.5)
         >>> result = bl.solve(bl.problems.T1(n=5), method, max_iters=300)
         >>> round(float(result.x["x"][0]), 4)
+        0.5
+        >>> result = bl.solve(bl.problems.T1(n=5), bl.BAGDC(), max_iters=400)   # no step size given
+        >>> round(float(result.x["x"][0]), 6)
         0.5
 
     Reference: Risheng Liu, Xuan Liu, Wei Yao, Shangzhi Zeng, Jin Zhang, "Towards

@@ -47,20 +47,31 @@ class SlBAMM(AutoSteps, StabilityChecked, DualOptions, Alternating):
     (``stationarity`` = ``kkt_upper + kkt_multiplier + kkt_lower``), plus the same with
     φ_μ as ``kkt_phi``.
 
+    Step sizes left ``"auto"`` (the default for ``lr_lower`` and ``lr_upper``; docs/auto.md):
+    β by adaptive gradient descent on φ_μ (:class:`~bilevel.auto.AdaptiveLower`, the secant
+    at fixed x_k from the linearization's gradient: no extra call), α by
+    :class:`~bilevel.auto.DoG`; the default line-search dual step needs no step. A guard
+    restores the iteration and halves β on a blow-up. ``lr_lower="auto"`` needs
+    ``order="sequential"``. Numbers (and :meth:`from_strategy`, :meth:`official_toy`) run
+    the iteration above bit for bit.
+
     Parts (``method.parts``): ``LowerAggregated(lr_lower, 1, mu=freeze_phi_mu or mu,
-    index="outer")`` (its μ_k also weights φ_μ in H and J), ``DualCorrection`` with the
-    rule of ``dual_step``, ``KKTResidual()``, ``PlainDirection()``, the upper optimizer of
-    ``lr_upper``; ``Parts.order = order``.
+    index="outer")`` (``AdaptiveLower(1, mu)`` when auto; its μ_k also weights φ_μ in H
+    and J), ``DualCorrection`` with the rule of ``dual_step``, ``KKTResidual()``,
+    ``PlainDirection()``, the upper optimizer of ``lr_upper`` (``DoG()`` when auto);
+    ``Parts.order = order``.
 
     Args:
-        lr_lower: β (``s`` / ``y_lr`` in the code), the lower step; also scales the
-            default schedules. The official toy uses 0.1.
+        lr_lower: β: ``"auto"`` (default) or the lower step (``s`` / ``y_lr`` in the
+            code). The official toy uses 0.1.
         mu: μ_k, a number or schedule; default ``0.9 (k+1)^{-1/10}`` (μ₀ = 0.9, p = 10).
-        lr_upper: α_k, a number, schedule or upper optimizer; default
-            ``s (k+1)^{-3τ/2} μ_k³`` with s = 0.1, τ = 1/40 (strategy s3 = official toy).
+        lr_upper: α_k: ``"auto"`` (default), a number, schedule or upper optimizer; the
+            paper's ``s (k+1)^{-3τ/2} μ_k³`` (s = 0.1, τ = 1/40, strategy s3 = official
+            toy) is what :meth:`from_strategy` gives.
         dual_step: ``"linesearch"`` (default; exact ``‖r‖²/(rᵀHr)`` as in the official code,
             guarded), ``"fixed"`` (η_k = ``lr_dual``), or ``"periodic"``.
-        lr_dual: η_k when ``dual_step="fixed"``; default ``s (k+1)^{-τ/2}`` (s3).
+        lr_dual: η_k when ``dual_step="fixed"``; default ``s (k+1)^{-τ/2}`` (s3); ``"auto"``:
+            :class:`~bilevel.auto.MonitoredLineSearch`.
         order: ``"sequential"`` (paper) or ``"jacobi"`` (official code).
         freeze_phi_mu: ``None`` (default: φ uses μ_k everywhere, the paper's mathematics)
             or a number: the official scripts bind μ = 0.1 inside φ once and for all
