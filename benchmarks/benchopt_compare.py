@@ -52,14 +52,31 @@ def their_side(args) -> None:
     spec = importlib.util.spec_from_file_location("bb_simulated", f"{args.bb}/datasets/simulated.py")
     simulated = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(simulated)
-    data = np.load(args.data)
-    n_in, n_out = data["hess_inner_inner"].shape[0], data["hess_outer_inner"].shape[0]
-    f_inner = simulated.get_function(
-        *(jnp.asarray(data[k]) for k in ("hess_inner_inner", "hess_inner_outer", "cross_inner", "lin_inner_inner", "lin_inner_outer"))
-    )
-    f_outer = simulated.get_function(
-        *(jnp.asarray(data[k]) for k in ("hess_outer_inner", "hess_outer_outer", "cross_outer", "lin_outer_inner", "lin_outer_outer"))
-    )
+    metric = None
+    if args.problem == "quadratic":
+        data = np.load(args.data)
+        n_in, n_out = data["hess_inner_inner"].shape[0], data["hess_outer_inner"].shape[0]
+        inner_keys = ("hess_inner_inner", "hess_inner_outer", "cross_inner", "lin_inner_inner", "lin_inner_outer")
+        outer_keys = ("hess_outer_inner", "hess_outer_outer", "cross_outer", "lin_outer_inner", "lin_outer_outer")
+        f_inner = simulated.get_function(*(jnp.asarray(data[k]) for k in inner_keys))
+        f_outer = simulated.get_function(*(jnp.asarray(data[k]) for k in outer_keys))
+        inner0, outer0 = jnp.zeros(data["hess_inner_inner"].shape[1]), -2.0 * jnp.ones(data["cross_inner"].shape[1])
+    else:  # their MNIST loader reads ./mnist.pkl (written from the local IDX files) instead of downloading
+        import os
+
+        os.chdir(Path(args.data).parent)
+        spec = importlib.util.spec_from_file_location("bb_mnist", f"{args.bb}/datasets/mnist.py")
+        mnist = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mnist)
+        got = mnist.Dataset.get_instance(ratio=0.5, random_state=32, reg=0.2).get_data()
+        f_inner, n_in, dim_in, _ = got["pb_inner"]
+        f_outer, n_out, dim_out, _ = got["pb_outer"]
+        metrics = got["metrics"]
+        inner0, outer0 = jnp.zeros(dim_in), -2.0 * jnp.ones(dim_out)
+
+        def metric(solver):
+            return metrics(solver.inner_var, solver.outer_var)["test_accuracy"]  # their name for the test error
+
     params = json.loads(args.params)
     out = {}
     for name in args.solvers:
@@ -69,14 +86,13 @@ def their_side(args) -> None:
         runs = []
         for seed in range(1, args.seeds + 1):
             solver = module.Solver.get_instance(batch_size=64, eval_freq=args.eval_every, random_state=seed, **params[name])
-            dim_y, dim_x = data["hess_inner_inner"].shape[1], data["cross_inner"].shape[1]
             solver.set_objective(
                 f_inner=f_inner,
                 f_outer=f_outer,
                 n_inner_samples=n_in,
                 n_outer_samples=n_out,
-                inner_var0=jnp.zeros(dim_y),
-                outer_var0=-2.0 * jnp.ones(dim_x),
+                inner_var0=inner0,
+                outer_var0=outer0,
             )
             records, epochs = [], []
             clock = {"last": None}
@@ -87,7 +103,7 @@ def their_side(args) -> None:
                     jax.block_until_ready(solver.outer_var)
                     now = time.perf_counter()
                     epochs.append(now - clock["last"])
-                records.append(np.asarray(solver.outer_var, dtype=np.float64).tolist())
+                records.append(metric(solver) if metric is not None else np.asarray(solver.outer_var, dtype=np.float64).tolist())
                 spent = sum(epochs[1:]) + (statistics.median(epochs[1:]) if len(epochs) > 1 else 0.0)
                 clock["last"] = time.perf_counter()
                 return spent < args.budget and len(records) < 100000
@@ -146,6 +162,7 @@ def time_to(records_time: list, values: list, target: float) -> float:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--side", default="ours", choices=["ours", "theirs"])
+    parser.add_argument("--problem", default="quadratic", choices=["quadratic", "datacleaning"])
     parser.add_argument("--bb", default="/tmp/benchmark_bilevel", help="a checkout of benchopt/benchmark_bilevel")
     parser.add_argument("--venv-python", default="/tmp/bo_venv/bin/python")
     parser.add_argument("--solvers", nargs="+", default=list(SOLVERS))
@@ -172,59 +189,56 @@ def main(argv=None) -> dict:
     import stochastic as ours
 
     torch.set_num_threads(args.threads)
-    problem = ours.quadratic(args.n_lower, args.n_upper, args.dim_x, args.dim_y, torch.float32)
-    params = {name: dict(ours.BEST_QUADRATIC[name]) for name in args.solvers}
+    if args.problem == "quadratic":
+        problem = ours.quadratic(args.n_lower, args.n_upper, args.dim_x, args.dim_y, torch.float32)
+        best, metric_name, x0 = ours.BEST_QUADRATIC, "‖∇F‖²", {"x": -2.0 * torch.ones(args.dim_x, dtype=torch.float32)}
+        make_streams, metric = problem.streams, None
+    else:
+        problem, make_streams, metric = ours.datacleaning()
+        best, metric_name, x0 = ours.BEST_DATACLEANING, "test error", None
+    params = {name: dict(best[name]) for name in args.solvers}
     with tempfile.TemporaryDirectory() as tmp:
         data, out = Path(tmp) / "problem.npz", Path(tmp) / "theirs.json"
-        export(problem, data)
+        if args.problem == "quadratic":
+            export(problem, data)
+        else:
+            import pickle
+
+            with open(Path(tmp) / "mnist.pkl", "wb") as handle:
+                pickle.dump(ours.mnist_arrays(), handle)
         env = {"XLA_FLAGS": f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}", "PATH": "/usr/bin:/bin"}
-        command = [args.venv_python, __file__, "--side", "theirs", "--bb", args.bb, "--data", str(data), "--out", str(out)]
-        command += [
-            "--params",
-            json.dumps(params),
-            "--seeds",
-            str(args.seeds),
-            "--budget",
-            str(args.budget),
-            "--eval-every",
-            str(args.eval_every),
-        ]
-        command += ["--solvers", *args.solvers]
+        command = [args.venv_python, str(Path(__file__).resolve()), "--side", "theirs", "--problem", args.problem, "--bb", args.bb]
+        command += ["--data", str(data), "--out", str(out), "--params", json.dumps(params), "--seeds", str(args.seeds)]
+        command += ["--budget", str(args.budget), "--eval-every", str(args.eval_every), "--solvers", *args.solvers]
         subprocess.run(command, check=True, env=env)
         theirs = json.loads(out.read_text())
-    x0 = {"x": -2.0 * torch.ones(args.dim_x, dtype=torch.float32)}
     table = {}
     print(f"# {problem.name}, float32, batch 64, {args.seeds} seed(s), budget {args.budget:g}s per run, torch threads {args.threads}")
-    columns = ("target ‖∇F‖²", "ours (s)", "theirs (s)", "ours/theirs", "ours best", "theirs best", "it/s ours", "it/s theirs")
+    columns = (f"target {metric_name}", "ours (s)", "theirs (s)", "ours/theirs", "ours best", "theirs best", "it/s ours", "it/s theirs")
     print("solver   " + " ".join(f"{c:>12s}" for c in columns))
-
     for name in args.solvers:
         method = ours.make_method(name, params[name])
         ours_runs = [
-            ours.run(problem, method, problem.streams(batch_size=64, seed=seed), x0, args.budget, args.eval_every)
+            ours.run(problem, method, make_streams(batch_size=64, seed=seed), x0, args.budget, args.eval_every, metric=metric)
             for seed in range(1, args.seeds + 1)
         ]
-        subs_theirs = [[problem.suboptimality({"x": torch.tensor(x, dtype=torch.float32)}) for x in run["x"]] for run in theirs[name]]
+        if args.problem == "quadratic":
+            subs_theirs = [[problem.suboptimality({"x": torch.tensor(x, dtype=torch.float32)}) for x in run["x"]] for run in theirs[name]]
+        else:
+            subs_theirs = [run["x"] for run in theirs[name]]  # their test error at each record
         best_ours = statistics.median(min(r["subopt"] for r in run) for run in ours_runs)
         best_theirs = statistics.median(min(v for v in s if math.isfinite(v)) for s in subs_theirs)
-        target = 2.0 * max(best_ours, best_theirs)  # a level both reach
+        # a level both reach: twice the worse best suboptimality, or the worse best test error + 0.5 %
+        target = 2.0 * max(best_ours, best_theirs) if args.problem == "quadratic" else max(best_ours, best_theirs) + 0.005
         t_ours = statistics.median(time_to([r["time"] for r in run], [r["subopt"] for r in run], target) for run in ours_runs)
         t_theirs = statistics.median(time_to(run["time"], s, target) for run, s in zip(theirs[name], subs_theirs, strict=True))
         speed_ours = statistics.median(run[-1]["iteration"] / run[-1]["time"] for run in ours_runs)
         speed_theirs = statistics.median(run["iterations"][-1] / max(run["time"][-1], 1e-9) for run in theirs[name])
         ratio = t_ours / t_theirs if t_theirs > 0 else math.inf
-        table[name] = {
-            "target": target,
-            "ours": t_ours,
-            "theirs": t_theirs,
-            "ratio": ratio,
-            "best_ours": best_ours,
-            "best_theirs": best_theirs,
-        }
-        table[name].update({"its_ours": speed_ours, "its_theirs": speed_theirs})
+        table[name] = {"target": target, "ours": t_ours, "theirs": t_theirs, "ratio": ratio, "best_ours": best_ours}
+        table[name].update({"best_theirs": best_theirs, "its_ours": speed_ours, "its_theirs": speed_theirs})
         row = (f"{target:.3e}", f"{t_ours:.3f}", f"{t_theirs:.3f}", f"{ratio:.2f}", f"{best_ours:.3e}", f"{best_theirs:.3e}")
         print(f"{name:8s} " + " ".join(f"{c:>12s}" for c in (*row, f"{speed_ours:.0f}", f"{speed_theirs:.0f}")))
-
     if args.json:
         Path(args.json).write_text(json.dumps(table, indent=1))
     return table

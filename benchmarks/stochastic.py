@@ -85,8 +85,10 @@ def samples_per_iteration(method: bl.Method, b: int) -> float:
     return 2 * b
 
 
-def run(problem, method, streams, x0, budget: float, eval_every: int, max_iters: int = 10**9) -> list[dict]:
-    """Steps until ``budget`` seconds of step time; records every ``eval_every`` iterations."""
+def run(problem, method, streams, x0, budget: float, eval_every: int, max_iters: int = 10**9, metric=None, y0=None) -> list[dict]:
+    """Steps until ``budget`` seconds of step time; records ``metric(state)`` (default: the
+    problem's ‖∇F(x)‖²) every ``eval_every`` iterations under the key ``"subopt"``."""
+    metric = metric if metric is not None else (lambda state: problem.suboptimality(state.x))
     b = streams.lower.batch_size
     per_iter = samples_per_iteration(method, b)
     srba_period = None
@@ -94,8 +96,8 @@ def run(problem, method, streams, x0, budget: float, eval_every: int, max_iters:
         from bilevel.parts.stochastic import sarah_period
 
         srba_period = sarah_period(streams.batch_at(0), method.period_frac)  # type: ignore[attr-defined]
-    state = method.init(problem, x0=x0, batch=streams.batch_at(0))
-    records = [{"iteration": 0, "time": 0.0, "samples": 0.0, "subopt": problem.suboptimality(state.x)}]
+    state = method.init(problem, x0=x0, y0=y0, batch=streams.batch_at(0))
+    records = [{"iteration": 0, "time": 0.0, "samples": 0.0, "subopt": metric(state)}]
     elapsed, samples, k = 0.0, 0.0, 0
     while elapsed < budget and k < max_iters:
         start = time.perf_counter()
@@ -107,7 +109,7 @@ def run(problem, method, streams, x0, budget: float, eval_every: int, max_iters:
                 samples += per_iter
             k += 1
         elapsed += time.perf_counter() - start
-        value = problem.suboptimality(state.x)
+        value = metric(state)
         records.append({"iteration": k, "time": elapsed, "samples": samples, "subopt": value})
         if not math.isfinite(value):
             break
@@ -130,7 +132,7 @@ def band(runs: list[list[dict]], key: str, grid: list[float]) -> tuple[list, lis
     return med, low, high
 
 
-def plot(results: dict, png: str, title: str) -> None:
+def plot(results: dict, png: str, title: str, ylabel: str = "‖∇F(x)‖²") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,11 +149,89 @@ def plot(results: dict, png: str, title: str) -> None:
     for ax, label in zip(axes, ("wall-clock time (s)", "samples seen"), strict=True):
         ax.set_yscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("‖∇F(x)‖²")
+        ax.set_ylabel(ylabel)
     axes[0].legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
+
+
+#: benchopt's datacleaning0_5 best parameters (F2SA: datacleaning0_5_021424)
+BEST_DATACLEANING = {
+    "SOBA": {"step_size": 1.0, "outer_ratio": 1e-4},
+    "SABA": {"step_size": 0.1, "outer_ratio": 1e-3},
+    "SRBA": {"step_size": 1e-3, "outer_ratio": 1e-5, "period_frac": 512.0},
+    "StocBiO": {"step_size": 0.01, "outer_ratio": 1e-5},
+    "AmIGO": {"step_size": 1e-3, "outer_ratio": 1e-5},
+    "F2SA": {"step_size": 0.1, "outer_ratio": 1e-4, "delta_lmbda": 1.0, "lmbda0": 1.0},
+}
+
+
+def mnist_arrays() -> dict:
+    """The local MNIST files (``bilevel.data``) in the layout of the benchmark's ``mnist.pkl``."""
+    from bilevel.data.sources import load_mnist
+
+    out = {}
+    for split, prefix in (("train", "training"), ("test", "test")):
+        images, labels = load_mnist(split=split)
+        out[f"{prefix}_images"] = images.reshape(len(images), -1).astype("uint8")
+        out[f"{prefix}_labels"] = labels.astype("uint8")
+    return out
+
+
+def datacleaning(ratio: float = 0.5, random_state: int = 32, reg: float = 0.2, dtype: torch.dtype = torch.float32):
+    """benchopt's MNIST data cleaning with the benchmark's split, corruption and scaling
+    (``datasets/mnist.py``: n_train 20000, n_val 5000, test 10000, per-sample weights σ(x_i)
+    on a multinomial logistic regression, ``reg ‖W‖²``). Returns ``(problem, data, test_error)``."""
+    import numpy as np
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    mnist = mnist_arrays()
+    rng = np.random.RandomState(random_state)
+    X_train, X_val, y_train, y_val = train_test_split(
+        mnist["training_images"], mnist["training_labels"].copy(), test_size=5000, train_size=20000, random_state=rng
+    )
+    corrupted = rng.rand(20000) < ratio
+    y_train[corrupted] = rng.randint(0, 10, np.sum(corrupted))
+    scaler = StandardScaler()
+    X_train = scaler.fit_transform(X_train)
+    X_test, X_val = scaler.transform(mnist["test_images"]), scaler.transform(X_val)
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)
+    tl = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))
+    train = (t(X_train), tl(y_train), torch.arange(20000))
+    val = (t(X_val), tl(y_val))
+    X_te, y_te = t(X_test), tl(mnist["test_labels"])
+
+    def ce(W, X, y):
+        logits = X @ W
+        return torch.logsumexp(logits, dim=1) - logits.gather(1, y[:, None])[:, 0]
+
+    def lower(x, y, batch):
+        X, labels, idx = bl.streams.lower_batch(batch) if batch is not None else train
+        W = y["W"]
+        return (torch.sigmoid(x["w"][idx]) * ce(W, X, labels)).mean() + reg * (W * W).sum()
+
+    def upper(x, y, batch):
+        X, labels = bl.streams.upper_batch(batch) if batch is not None else val
+        return ce(y["W"], X, labels).mean()
+
+    problem = bl.Problem(
+        upper=upper,
+        lower=lower,
+        x_init={"w": -2.0 * torch.ones(20000, dtype=dtype)},
+        y_init={"W": torch.zeros(784, 10, dtype=dtype)},
+        name=f"MNIST data cleaning (ratio {ratio})",
+    )
+
+    def test_error(state) -> float:
+        with torch.no_grad():
+            return float(((X_te @ state.y["W"]).argmax(1) != y_te).double().mean())
+
+    def streams(batch_size: int, seed: int) -> bl.Streams:
+        return bl.Streams(upper=bl.Stream(val, batch_size=batch_size), lower=bl.Stream(train, batch_size=batch_size), seed=seed)
+
+    return problem, streams, test_error
 
 
 def quadratic(n_lower: int, n_upper: int, dim_x: int, dim_y: int, dtype: torch.dtype):
@@ -160,6 +240,7 @@ def quadratic(n_lower: int, n_upper: int, dim_x: int, dim_y: int, dtype: torch.d
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--problem", default="quadratic", choices=["quadratic", "datacleaning"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--budget", type=float, default=4.0, help="seconds of step time per run")
@@ -176,25 +257,31 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    problem = quadratic(args.n_lower, args.n_upper, args.dim_x, args.dim_y, dtype)
-    x0 = {"x": -2.0 * torch.ones(args.dim_x, dtype=dtype)}
+    if args.problem == "quadratic":
+        problem = quadratic(args.n_lower, args.n_upper, args.dim_x, args.dim_y, dtype)
+        x0, best, metric, make_streams = {"x": -2.0 * torch.ones(args.dim_x, dtype=dtype)}, BEST_QUADRATIC, None, problem.streams
+    else:
+        problem, make_streams, metric = datacleaning(dtype=dtype)
+        x0, best = None, BEST_DATACLEANING
     print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {problem.name}, batch {args.batch_size}, {args.dtype}")
     results: dict = {}
     for name in args.methods:
-        method = make_method(name, BEST_QUADRATIC[name])
+        method = make_method(name, best[name])
         runs = []
         for seed in range(1, args.seeds + 1):
-            streams = problem.streams(batch_size=args.batch_size, seed=seed)
-            runs.append(run(problem, method, streams, x0, args.budget, args.eval_every))
+            streams = make_streams(batch_size=args.batch_size, seed=seed)
+            runs.append(run(problem, method, streams, x0, args.budget, args.eval_every, metric=metric))
         results[name] = runs
         finals = sorted(min(r["subopt"] for r in records) for records in runs)
         its = statistics.median(records[-1]["iteration"] for records in runs)
         low, mid = finals[len(finals) // 5], statistics.median(finals)
-        print(f"{name:8s} median best ‖∇F‖² {mid:.3e}  [20%: {low:.3e}]  iterations in {args.budget:g}s: {its:.0f}")
+        what = "‖∇F‖²" if metric is None else "test error"
+        print(f"{name:8s} median best {what} {mid:.3e}  [20%: {low:.3e}]  iterations in {args.budget:g}s: {its:.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     if args.png:
-        plot(results, args.png, f"{problem.name}, {args.seeds} seeds, median and 20–80 % band")
+        label = "‖∇F(x)‖²" if metric is None else "test error"
+        plot(results, args.png, f"{problem.name}, {args.seeds} seeds, median and 20–80 % band", label)
     return results
 
 
