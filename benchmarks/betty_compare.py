@@ -3,6 +3,7 @@
 Run with the Betty virtual environment's python (install in benchmarks/README.md):
 
     PYTHONPATH=src /tmp/bettyenv/bin/python benchmarks/betty_compare.py --threads 1
+    PYTHONPATH=src /tmp/bettyenv/bin/python benchmarks/betty_compare.py --threads 1 --problem reweight
 
 Same problem as ``torchopt_compare.py`` (``common.hyperclean_problem("linear")``: data
 hyper-cleaning, random MNIST-sized data, n train = n val, 784 features, 10 classes), same init,
@@ -29,7 +30,9 @@ give its relative error against a converged reference (CG with 500 steps, float6
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import time
 import warnings
 
@@ -48,6 +51,8 @@ import common  # noqa: F401
 from bilevel import tree as T
 from bilevel.linsolve import CG, LinearSolver, LinearSolveResult, Neumann
 from common import environment, hyperclean_problem, timeit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 class BettyCG(LinearSolver):
@@ -140,6 +145,213 @@ def betty_side(problem, kind, T_, K, beta, alpha):
     return inner_mod, outer_mod, upper_iteration, hypergradient_alone
 
 
+# -- data reweighting (Meta-Weight-Net style) on long-tailed FashionMNIST ------------------------
+def long_tailed_fashion(n_max, imbalance, meta_per_class, seed=0):
+    """Long-tailed FashionMNIST: class c keeps ⌊n_max · imbalance^(−c/9)⌋ training images; a
+    balanced meta (validation) set of ``meta_per_class`` images per class from the rest."""
+    import numpy as np
+
+    from bilevel.data.sources import load_fashion_mnist
+
+    images, labels = load_fashion_mnist()
+    rng = np.random.default_rng(seed)
+    train, meta = [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        keep = int(n_max * imbalance ** (-c / 9))
+        train.append(idx[:keep])
+        meta.append(idx[keep : keep + meta_per_class])
+    tr, me = np.concatenate(train), np.concatenate(meta)
+    as_x = lambda i: torch.as_tensor(images[i].reshape(len(i), -1), dtype=torch.float32) / 255.0
+    as_y = lambda i: torch.as_tensor(labels[i], dtype=torch.long)
+    return as_x(tr), as_y(tr), as_x(me), as_y(me)
+
+
+def _init_reweight(features, hidden, wnet_hidden, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u = lambda *shape, fan: (torch.rand(*shape, generator=g) * 2 - 1) / fan**0.5
+    y0 = {"W1": u(hidden, features, fan=features), "b1": torch.zeros(hidden), "W2": u(10, hidden, fan=hidden), "b2": torch.zeros(10)}
+    x0 = {"a1": u(wnet_hidden, 1, fan=1), "c1": torch.zeros(wnet_hidden), "a2": u(1, wnet_hidden, fan=wnet_hidden), "c2": torch.zeros(1)}
+    return x0, y0
+
+
+def reweight_objectives(Xtr, ytr, Xme, yme):
+    """g(x, y) = mean_i w_x(ℓ_i) ℓ_i(y), w_x = sigmoid(MLP_x(ℓ_i detached)) (the weighting net,
+    1 → h → 1); f(x, y) = CE on the balanced meta set. y: the classifier 784 → h → 10."""
+    F = torch.nn.functional
+
+    def classifier(y, X):
+        return F.linear(torch.relu(F.linear(X, y["W1"], y["b1"])), y["W2"], y["b2"])
+
+    def weights(x, losses):
+        return torch.sigmoid(F.linear(torch.relu(F.linear(losses.unsqueeze(1), x["a1"], x["c1"])), x["a2"], x["c2"])).squeeze(1)
+
+    def lower(x, y, batch):
+        losses = F.cross_entropy(classifier(y, Xtr), ytr, reduction="none")
+        return (weights(x, losses.detach()) * losses).mean()
+
+    def upper(x, y, batch):
+        return F.cross_entropy(classifier(y, Xme), yme)
+
+    return lower, upper
+
+
+def _status_kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def reweight_child(spec):
+    """One side of the comparison in a fresh process: time per upper iteration, RSS growth, x."""
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    # the data were prepared by the parent: loading FashionMNIST here would set the max RSS above any iteration
+    Xtr, ytr, Xme, yme = (t.to(device) for t in torch.load(spec["data"]))
+    lower, upper = reweight_objectives(Xtr, ytr, Xme, yme)
+    x0, y0 = _init_reweight(Xtr.shape[1], spec["hidden"], spec["wnet_hidden"])
+    x0, y0 = ({k: v.to(device) for k, v in t.items()} for t in (x0, y0))
+    T_, K, beta, alpha = spec["T"], spec["K"], spec["beta"], spec["alpha"]
+    if spec["side"] == "ours":
+        problem = bl.Problem(upper, lower, x_init=x0, y_init=y0)
+        method = bl.AID(lr_upper=alpha, lr_lower=beta, lower_steps=T_, solver=Neumann(steps=K, lr=beta))
+        state = method.init(problem)
+
+        def iteration():
+            nonlocal state
+            state, _ = method.step(problem, state)
+
+        def current_x():
+            return state.x
+    else:
+        inner_mod = nn.ParameterDict({k: nn.Parameter(v.clone()) for k, v in y0.items()})
+        outer_mod = nn.ParameterDict({k: nn.Parameter(v.clone()) for k, v in x0.items()})
+
+        class Inner(ImplicitProblem):
+            def training_step(self, batch):
+                return lower(dict(outer_mod.items()), dict(inner_mod.items()), None)
+
+        class Outer(ImplicitProblem):
+            def training_step(self, batch):
+                return upper(dict(outer_mod.items()), dict(inner_mod.items()), None)
+
+        loader = [(torch.zeros(1),)]
+        inner = Inner(
+            name="inner",
+            module=inner_mod,
+            optimizer=torch.optim.SGD(inner_mod.parameters(), lr=beta),
+            train_data_loader=loader,
+            config=Config(type="neumann", unroll_steps=T_, neumann_iterations=K, neumann_alpha=beta, log_step=-1),
+        )
+        outer = Outer(
+            name="outer",
+            module=outer_mod,
+            optimizer=torch.optim.SGD(outer_mod.parameters(), lr=alpha),
+            train_data_loader=loader,
+            config=Config(type="darts", log_step=-1),
+        )
+        engine = Engine(
+            problems=[outer, inner],
+            dependencies={"u2l": {outer: [inner]}, "l2u": {inner: [outer]}},
+            config=EngineConfig(train_iters=10**9, valid_step=10**9, logger_type="none"),
+        )
+        engine.train()
+
+        def iteration():
+            for _ in range(T_):
+                engine.global_step += 1
+                engine.train_step()
+
+        def current_x():
+            return {k: v.detach() for k, v in outer_mod.items()}
+
+    sync = (lambda: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the high-water mark VmHWM to the current RSS
+            f.write("5")
+        base = _status_kb("VmRSS")
+    times, xs = [], []
+    for k in range(spec["iters"]):
+        sync()
+        start = time.perf_counter()
+        iteration()
+        sync()
+        times.append(time.perf_counter() - start)
+        if k < spec["check_iters"]:
+            xs.append({name: v.detach().cpu().reshape(-1).tolist() for name, v in current_x().items()})
+    on_cuda = device.startswith("cuda")
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if on_cuda else (_status_kb("VmHWM") - base) / 1024
+    print(json.dumps({"s_per_iter": min(times[2:]), "median_s": sorted(times[2:])[len(times[2:]) // 2], "peak_mb": peak, "x": xs}))
+
+
+def reweight_main(args):
+    import os
+    import subprocess
+    import sys
+
+    spec = {
+        "n_max": args.n_max,
+        "imbalance": args.imbalance,
+        "meta_per_class": args.meta_per_class,
+        "hidden": args.hidden,
+        "wnet_hidden": 100,
+        "T": args.lower_steps,
+        "K": args.solver_steps,
+        "beta": args.lr_lower,
+        "alpha": args.rw_lr_upper,
+        "iters": args.iters,
+        "check_iters": args.check_iters,
+        "threads": args.threads or 1,
+        "device": args.device,
+    }
+    import tempfile
+
+    data = long_tailed_fashion(args.n_max, args.imbalance, args.meta_per_class)
+    folder = tempfile.mkdtemp(prefix="reweight-")
+    spec["data"] = os.path.join(folder, "data.pt")
+    torch.save(data, spec["data"])
+    ytr = data[1]
+    counts = torch.bincount(ytr, minlength=10).tolist()
+    print(
+        f"data reweighting (Meta-Weight-Net style), long-tailed FashionMNIST: {len(ytr)} training images per class {counts}, "
+        f"{10 * args.meta_per_class} balanced meta images; classifier 784→{args.hidden}→10, weighting net 1→100→1; "
+        f"implicit Neumann hypergradient both sides: T={spec['T']}, K={spec['K']}, β={spec['beta']}, α={spec['alpha']}, float32"
+    )
+    out = {}
+    for side in ("betty", "ours"):
+        run = subprocess.run(
+            [sys.executable, __file__, "--child", json.dumps({**spec, "side": side})],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(HERE), "src"), HERE])},
+        )
+        if run.returncode:
+            raise RuntimeError(run.stderr[-3000:])
+        out[side] = json.loads(run.stdout.strip().splitlines()[-1])
+    os.remove(spec["data"])
+    os.rmdir(folder)
+    dx = max(
+        abs(a - b)
+        for xb, xo in zip(out["betty"]["x"], out["ours"]["x"], strict=True)
+        for k in xb
+        for a, b in zip(xb[k], xo[k], strict=True)
+    )
+    b, o = out["betty"], out["ours"]
+    print(f"{'':<8} {'s/iter (min)':>12} {'s/iter (median)':>15} {'peak MB':>8}")
+    for name, r in (("Betty", b), ("ours", o)):
+        print(f"{name:<8} {r['s_per_iter']:12.4f} {r['median_s']:15.4f} {r['peak_mb']:8.1f}")
+    print(
+        f"Betty/ours: time {b['s_per_iter'] / o['s_per_iter']:.2f}x, peak memory {b['peak_mb'] / max(o['peak_mb'], 1e-9):.2f}x; "
+        f"max|Δx| over the first {args.check_iters} iterations: {dx:.2e}"
+    )
+    print(
+        "(peak: the resident-set high-water mark over the iterations minus the resident set before them, VmHWM reset "
+        "through /proc/self/clear_refs, on CPU; max allocated on CUDA; each side in a fresh process)"
+    )
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-train", type=int, default=5000)
@@ -152,19 +364,34 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the tensors of both sides)")
+    p.add_argument("--problem", default="hyperclean", choices=["hyperclean", "reweight"])
+    p.add_argument("--n-max", type=int, default=500, help="reweight: images of the largest class")
+    p.add_argument("--imbalance", type=float, default=100.0, help="reweight: largest / smallest class")
+    p.add_argument("--meta-per-class", type=int, default=10, help="reweight: balanced meta images per class")
+    p.add_argument("--hidden", type=int, default=100, help="reweight: hidden units of the classifier")
+    p.add_argument("--rw-lr-upper", type=float, default=1.0, help="reweight: α of the weighting net")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        get_logger().setLevel(logging.WARNING)
+        return reweight_child(json.loads(args.child))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.problem == "reweight":
+        get_logger().setLevel(logging.WARNING)
+        print(environment(args.device))
+        return reweight_main(args)
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
     get_logger().setLevel(logging.WARNING)  # Betty's per-engine banner
     with open(betty.__file__.replace("__init__.py", "version.txt")) as f:
         version = f.read().strip()
-    print(environment("cpu"), "| betty-ml", version)
+    print(environment(args.device), "| betty-ml", version)
     T_, K, beta, alpha = args.lower_steps, args.solver_steps, args.lr_lower, args.lr_upper
     print(f"hyper-cleaning linear, n={args.n_train}, d=784, T={T_}, K={K}, β={beta}, α={alpha}, {args.dtype}")
-    problem = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=dtype)
-    ref64 = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=torch.float64)
+    problem = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=dtype, device=args.device)
+    ref64 = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=torch.float64, device=args.device)
     print(
         f"{'Betty → ours':<26} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'Betty ms':>9} {'ours ms':>9} "
         f"{'Betty/ours':>10} | {'alone: |Δd|/|d|':>16} {'err Betty':>9} {'err ours':>9} {'Betty ms':>9} {'ours ms':>9} {'ratio':>6}"
