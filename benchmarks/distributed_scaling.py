@@ -40,7 +40,7 @@ def _problem(model, n, features, device):
     images = torch.rand(3 * n, features, generator=g)
     labels = torch.randint(0, 10, (3 * n,), generator=g)
     data = hyperclean_from_arrays(
-        images.numpy(), labels.numpy(), num_classes=10, max_pixel=1.0, name="random", n_train=n, n_val=n, n_test=n
+        images.numpy(), labels.numpy(), num_classes=10, max_pixel=features**0.5, name="random", n_train=n, n_val=n, n_test=n
     ).to(device)
     return hyperclean_problem(data, model=model, hidden=300)
 
