@@ -50,7 +50,7 @@ import bilevel as bl
 import common  # noqa: F401
 from bilevel import tree as T
 from bilevel.linsolve import CG, LinearSolver, LinearSolveResult, Neumann
-from common import environment, hyperclean_problem, timeit
+from common import environment, hyperclean_problem, sync, timeit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -408,11 +408,14 @@ def main(argv=None):
         dx = dy = 0.0
         tb, to = [], []
         for k in range(args.iters):
+            sync(args.device)
             start = time.perf_counter()
             upper_iteration()
+            sync(args.device)
             tb.append(time.perf_counter() - start)
             start = time.perf_counter()
             state, _ = method.step(problem, state)
+            sync(args.device)
             to.append(time.perf_counter() - start)
             if k < args.check_iters:
                 dx = max(dx, float((state.x["logit"] - outer_mod.logit.detach()).abs().max()))
@@ -437,8 +440,8 @@ def main(argv=None):
         d_ref = ours_alone(ref64, CG(steps=500), x64, y64)
         d_b, d_o = betty_alone().detach(), ours_alone()
         rel = lambda a, b_: float((a.double() - b_.double()).norm() / b_.double().norm())
-        ti_b = timeit(betty_alone, args.repeats)
-        ti_o = timeit(ours_alone, args.repeats)
+        ti_b = timeit(betty_alone, args.repeats, device=args.device)
+        ti_o = timeit(ours_alone, args.repeats, device=args.device)
         print(
             f"{label:<26} {dx:9.2e} {dy:9.2e} {moved:9.2e} {t_b * 1e3:9.2f} {t_o * 1e3:9.2f} {t_b / t_o:10.2f} | "
             f"{rel(d_b, d_o):16.2e} {rel(d_b, d_ref):9.2e} {rel(d_o, d_ref):9.2e} {ti_b * 1e3:9.2f} {ti_o * 1e3:9.2f} "

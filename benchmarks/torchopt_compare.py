@@ -39,7 +39,7 @@ import bilevel as bl
 import common  # noqa: F401
 from bilevel import tree as btree
 from bilevel.linsolve import CG
-from common import environment, hyperclean_problem, timeit
+from common import environment, hyperclean_problem, sync, timeit
 
 warnings.filterwarnings("ignore", category=FutureWarning, message=".*functorch")  # its functorch.vjp
 with warnings.catch_warnings():
@@ -99,14 +99,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    print(environment("cpu"), "| torchopt", torchopt.__version__)
+    print(environment(args.device), "| torchopt", torchopt.__version__)
     T, K, beta, alpha = args.lower_steps, args.solver_steps, args.lr_lower, args.lr_upper
     print(f"hyper-cleaning linear, n={args.n_train}, d=784, T={T}, K={K}, β={beta}, α={alpha}, {args.dtype}")
-    problem = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=dtype)
+    problem = hyperclean_problem("linear", n_train=args.n_train, n_val=args.n_train, dtype=dtype, device=args.device)
     method = bl.AID(lr_upper=alpha, lr_lower=beta, lower_steps=T, solver=CG(steps=K))
     names, hypergradient, ift_only = torchopt_side(problem, T, K, beta)
 
@@ -115,12 +116,15 @@ def main(argv=None):
     dx = dy = 0.0
     t_opt, t_ours = [], []
     for k in range(args.iters):
+        sync(args.device)
         start = time.perf_counter()
         d, y = hypergradient(x, y)
         x = x - alpha * d
+        sync(args.device)
         t_opt.append(time.perf_counter() - start)
         start = time.perf_counter()
         state, _ = method.step(problem, state)
+        sync(args.device)
         t_ours.append(time.perf_counter() - start)
         if k < args.check_iters:
             dx = max(dx, float((state.x["logit"] - x).abs().max()))
@@ -142,8 +146,8 @@ def main(argv=None):
     ys = tuple(lin_state.y[n] for n in names)
     d_opt = ift_only(lin_state.x["logit"], ys)
     d_ours = ours_ift()["logit"]
-    ti_opt = timeit(lambda: ift_only(lin_state.x["logit"], ys), args.repeats)
-    ti_ours = timeit(ours_ift, args.repeats)
+    ti_opt = timeit(lambda: ift_only(lin_state.x["logit"], ys), args.repeats, device=args.device)
+    ti_ours = timeit(ours_ift, args.repeats, device=args.device)
 
     print(f"{'':<22} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'TorchOpt ms':>11} {'ours ms':>9} {'TorchOpt/ours':>13}")
     print(f"{'step (T lower + IFT)':<22} {dx:9.2e} {dy:9.2e} {moved:9.2e} {to * 1e3:11.2f} {tb * 1e3:9.2f} {to / tb:13.2f}")
