@@ -342,3 +342,15 @@ def test_full_draws_make_the_stochastic_methods_deterministic(p):
     b = _run(p, bl.SOBA(lr_lower=0.1, lr_upper=0.1), 5, None)
     assert torch.allclose(a.x["x"], b.x["x"], atol=1e-14)  # full-batch SABA is SOBA with constant steps
     assert as_draws(None).lower_blocks == 1
+
+
+DOC_MODULES = ["bilevel.streams", "bilevel.parts.stochastic", "bilevel.methods.stochastic", "bilevel.problems.finite_sum"]
+
+
+@pytest.mark.parametrize("name", DOC_MODULES)
+def test_docstring_examples_run(name):
+    import doctest
+    import importlib
+
+    failures, attempted = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert attempted > 0 and failures == 0
