@@ -336,3 +336,12 @@ def test_cli_nproc_2_gives_the_run_of_one_process(tiny_config, tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5)  # float32 configuration
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny.yaml", "two"]
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    failures, attempted = doctest.testmod(importlib.import_module("bilevel.distributed"), optionflags=flags)
+    assert attempted > 0 and failures == 0

@@ -91,3 +91,12 @@ def test_cuda_bf16_hypergradient_error_is_bounded_and_the_vectors_stay_float32()
     direction = _hypergradient(problem_cuda, cuda(x), cuda(y))
     assert all(t.dtype == F32 and t.is_cuda for t in bl.tree.leaves(direction))
     assert 1e-4 < _relative_error({k: v.cpu() for k, v in direction.items()}, exact) < 3e-2
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    failures, attempted = doctest.testmod(importlib.import_module("bilevel.precision"), optionflags=flags)
+    assert attempted > 0 and failures == 0

@@ -131,3 +131,12 @@ def test_cuda_checkpointed_unrolling_lowers_the_peak_memory():
     kept, dx_kept = peak("sqrt")
     torch.testing.assert_close(dx_kept, dx_full)
     assert kept * 3 < full
+
+
+def test_docstring_examples_run():
+    import doctest
+    import importlib
+
+    flags = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+    failures, attempted = doctest.testmod(importlib.import_module("bilevel.parts.unroll"), optionflags=flags)
+    assert attempted > 0 and failures == 0
