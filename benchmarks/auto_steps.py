@@ -13,6 +13,7 @@ Parts (``--parts``, default all):
   PBGD MLP on MNIST: one auto configuration per method (the same on both datasets)
   against the tuned presets of the built-in configurations, at equal wall-clock time
   (``--seconds`` per run), F1 and test accuracy; the no-cleaning baseline.
+* ``walltime``: wall-clock per iteration of auto against the preset, interleaved steps.
 * ``grid``: a 3×3 grid over BAGDC's (lr_lower, Adam lr_upper) on MNIST linear: its best
   test accuracy and its total time, against the time auto needs to reach it.
 
@@ -229,6 +230,24 @@ def part_hyperclean(seconds: float, settings: list[tuple[str, str, list[str]]]) 
             )
 
 
+def part_walltime(repeats: int = 10) -> None:
+    print(f"\n## Wall-clock per iteration, auto / preset, MNIST linear (interleaved steps, {repeats} each)\n")
+    print("| method | preset ms/iter | auto ms/iter | ratio |")
+    print("|---|---|---|---|")
+    exp = experiment("hyperclean_mnist_liu", ["problem.model=linear"])
+    for name, make in AUTO_HC.items():
+        methods = {"preset": experiment("hyperclean_mnist_liu", ["problem.model=linear", f"method.name={name}"]).method, "auto": make()}
+        states = {key: method.init(exp.problem) for key, method in methods.items()}
+        spent = dict.fromkeys(methods, 0.0)
+        for _ in range(repeats):
+            for key, method in methods.items():
+                start = time.perf_counter()
+                states[key], _ = method.step(exp.problem, states[key])
+                spent[key] += time.perf_counter() - start
+        p, a = (1000 * spent[key] / repeats for key in ("preset", "auto"))
+        print(f"| {name} | {p:.0f} | {a:.0f} | {a / p:.2f} |", flush=True)
+
+
 def part_grid(seconds: float) -> None:
     print(f"\n## 3×3 grid over BAGDC's (lr_lower, Adam lr_upper), MNIST linear, {seconds:g} s per run\n")
     exp = experiment("hyperclean_mnist_liu", ["problem.model=linear"])
@@ -247,7 +266,7 @@ def part_grid(seconds: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="zoo,growing,cost,hyperclean,grid")
+    parser.add_argument("--parts", default="zoo,growing,cost,hyperclean,walltime,grid")
     parser.add_argument("--seconds", type=float, default=20.0, help="wall-clock budget of each hyper-cleaning run")
     parser.add_argument("--zoo-iters", type=int, default=3000)
     parser.add_argument("--mlp", action="store_true", help="also the PBGD MLP (MNIST)")
@@ -270,6 +289,8 @@ def main() -> None:
         if args.mlp:
             settings.append(("MNIST PBGD MLP", "hyperclean_mnist_pbgd", []))
         part_hyperclean(args.seconds, settings)
+    if "walltime" in parts:
+        part_walltime()
     if "grid" in parts:
         part_grid(args.seconds)
 

@@ -13,8 +13,8 @@ lower β (``lr_lower``)      :class:`AdaptiveLower`: adaptive gradient descent w
 GALET's shadow ρ            :class:`CGLS` on ``min ½‖H v − ∇_y f‖²``: no step at all,        2 H-products more per
 (``lr_shadow``)             warm-started from the previous multiplier                        iteration than ``NormalGD``
 dual η (``lr_dual``)        :class:`MonitoredLineSearch`: the exact line search every         1 H-product every
-                            ``period`` iterations, its step kept in between and halved        ``period`` iterations
-                            while the residual grows
+                            ``period`` (2) iterations, its step kept in between, replaced by   ``period`` iterations
+                            ``min(η, β)`` while the residual grows
 upper α (``lr_upper``)      :class:`DoG` (distance over gradients, Ivgi, Hinder & Carmon      none
                             2023): ``α_k = r̄_k / √Σ‖d_i‖²``
 guard                       a blow-up (non-finite values, or ``‖∇_y φ‖`` growing more than    none
@@ -371,7 +371,7 @@ class MonitoredLineSearch:
         fallback: the step when ``rᵀHr ≤ 0`` at a line search.
     """
 
-    period: int = 5
+    period: int = 2
     fallback: float = 0.1
 
     def __post_init__(self) -> None:

@@ -48,8 +48,8 @@ class BAGDC(AutoSteps, StabilityChecked, DualOptions, Alternating):
 
     Step sizes left ``"auto"`` (the default; docs/auto.md): β by adaptive gradient descent
     (:class:`~bilevel.auto.AdaptiveLower`, no extra oracle call), η by
-    :class:`~bilevel.auto.MonitoredLineSearch` (the exact line search every 5th iteration,
-    its step kept while the residual decreases: +1 Hessian product per 5 iterations), α by
+    :class:`~bilevel.auto.MonitoredLineSearch` (the exact line search every 2nd iteration,
+    its step kept while the residual decreases: +1 Hessian product per 2 iterations), α by
     :class:`~bilevel.auto.DoG`; a guard restores the iteration and halves β on a blow-up.
     ``lr_lower="auto"`` needs ``order="sequential"``. Numbers run the iteration above bit
     for bit.
