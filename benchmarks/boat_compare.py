@@ -14,6 +14,23 @@ Pairs (BOAT name -> ours), all on data hyper-cleaning, lower lr β, T lower step
     NGD + NS   (Neumann, K terms, step β)    -> AID(solver=Neumann(K, lr=β))
     DM  + RAD  (s1, no GDA: Jacobi, fixed η) -> SlBAMM(mu=0, order="jacobi", dual_step="fixed")
                                                 with BOAT's α_k, η_k schedules
+    VFO  (fo_op; BOME, value barrier u1 q̂)  -> BOME(phi="value", eta=u1, lower_steps=T, shadow_steps=T,
+                                                shadow_momentum=0.5): BOAT first trains y with T lower
+                                                steps, then ŷ with T momentum-0.5 steps. Quirk: its last
+                                                lower gradient stays in .grad and update_tensor_grads adds
+                                                the barrier direction to it, so y moves by β(d_y + ∇_y g
+                                                at the point before its last lower step); the iterate check
+                                                uses BOMEBoatGrad, which adds that term, the timing plain BOME
+    PGDO (fo_op; penalty="difference")      -> PBGD(variant="value", shadow ω persistent, T steps, constant γ)
+                                                (BOAT's penalty="gradient" takes ∇_y g without create_graph:
+                                                the penalty has no gradient, so no G-PBGD pair)
+    MESO (fo_op)                            -> MEHA(order="y_first", c0, p=1/4, gamma=1/gamma_1): BOAT differentiates
+                                                the Moreau term through θ' = θ − η(∇g + γ₁(θ − y)), which
+                                                scales its y-gradient by (1 − ηγ₁) (1e-4 here): Δy of that order
+    NGD + PTT + RAD (copy_last_param)        -> IAPTTGM(initialization="warm"): PTT without the learned z.
+                                                Quirk: RAD evaluates the patched model with params=y_k̃,
+                                                which higher appends to its history, so BOAT warm-starts
+                                                from y_k̃ instead of y_K (IAPTTBoatWarm for the iterate check)
 
 For each pair: (1) the largest |difference| of x and y after a few iterations from the same
 start (both sides should compute the same iterates up to float rounding); (2) the minimum
@@ -37,6 +54,7 @@ import bilevel as bl
 import common  # noqa: F401
 from bilevel import tree as T
 from bilevel.linsolve import CG, LinearSolver, LinearSolveResult, Neumann
+from bilevel.parts import EmptyState
 from bilevel.schedules import Polynomial
 from common import environment, sync
 
@@ -67,13 +85,14 @@ def make_ll_model(model, features, classes, hidden, seed):
     return nn.Sequential(nn.Linear(features, hidden), nn.Sigmoid(), nn.Linear(hidden, classes))
 
 
-def boat_config(gm, na, ll_model, ul_model, ll_lr, ul_lr, T, K, dm=None, log_path=None):
+def boat_config(gm, na, ll_model, ul_model, ll_lr, ul_lr, T, K, dm=None, log_path=None, fo=None):
     ll_opt = torch.optim.SGD(ll_model.parameters(), lr=ll_lr)
     ul_opt = torch.optim.SGD(ul_model.parameters(), lr=ul_lr)
     return {
-        "fo_op": None,
+        "fo_op": fo[0] if fo else None,
+        **({fo[0]: fo[1]} if fo else {}),
         "gm_op": gm,
-        "na_op": na,
+        "na_op": None if fo else na,
         "lower_level_model": ll_model,
         "upper_level_model": ul_model,
         "lower_level_var": list(ll_model.parameters()),
@@ -123,6 +142,43 @@ class PlainCG(LinearSolver):
         return LinearSolveResult(v=v, residual_sq=rr)
 
 
+class BOMEBoatGrad(bl.BOME):
+    """BOME as BOAT's ``VFO`` computes it, for the iterate check only: its last lower step's gradient
+    ∇_y g(x, y_{T−1}) is still in ``.grad`` when it adds the barrier direction (``update_tensor_grads``
+    accumulates), so y moves by β (d_y + ∇_y g(x, y_{T−1}))."""
+
+    def step(self, problem, state, batch=None):
+        oracles, x, y = self.derivatives, state.x, state.y
+        for _ in range(self.lower_steps - 1):
+            y, _ = bl.LowerGD(lr=self.lr_lower).step(problem, x, y, batch, 0, oracles)
+        stale, _ = oracles.gradient_y(problem.lower, x, y, batch)
+        y = T.axpy(-self.lr_lower, stale, y)
+        plain = bl.BOME(
+            lr_upper=self.lr_upper,
+            lr_lower=self.lr_lower,
+            lr_shadow=self.lr_shadow,
+            shadow_steps=self.shadow_steps,
+            eta=self.eta,
+            phi=self.phi,
+            eps=self.eps,
+            shadow_momentum=self.shadow_momentum,
+        )
+        new, info = plain.step(problem, state.replace(y=y, extra={**state.extra, "lower": EmptyState()}))
+        return new.replace(y=T.axpy(-self.lr_lower, stale, new.y)), info
+
+
+class IAPTTBoatWarm(bl.IAPTTGM):
+    """IAPTT-GM's warm start as BOAT's ``PTT`` + ``copy_last_param`` does it, for the iterate check only:
+    RAD calls the patched model with ``params=`` the selected iterate, which ``higher`` appends to the
+    history, so the "last" parameters copied back are y_k̃, not y_K."""
+
+    def step(self, problem, state, batch=None):
+        new, info = super().step(problem, state, batch)
+        steps = int(info["selected_step"])
+        y_selected, _, _ = bl.LowerGD(lr=self.lr_lower, steps=steps).run(problem, state.x, state.y, batch, self.derivatives)
+        return new.replace(y=y_selected), info
+
+
 def our_problem(model, Xtr, ytr, Xva, yva, ll_model):
     names = [n for n, _ in ll_model.named_parameters()]
 
@@ -151,6 +207,64 @@ def pairs(args):
         "CG/AID-CG": (["NGD"], ["CG"], T, None, bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=CG(steps=K))),
         "CG/AID-plainCG": (["NGD"], ["CG"], T, None, bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=PlainCG(K))),
         "NS/AID-Neumann": (["NGD"], ["NS"], T, None, bl.AID(lr_upper=ulr, lr_lower=lr, lower_steps=T, solver=Neumann(steps=K, lr=lr))),
+        "VFO/BOME": (
+            None,
+            ("VFO", {"y_hat_lr": args.lr_shadow, "eta": 0.0, "u1": args.u1}),
+            T,
+            None,
+            BOMEBoatGrad(
+                lr_upper=ulr,
+                lr_lower=lr,
+                lr_shadow=args.lr_shadow,
+                shadow_steps=T,
+                eta=args.u1,
+                phi="value",
+                shadow_momentum=0.5,
+                lower_steps=T,
+            ),
+            bl.BOME(
+                lr_upper=ulr,
+                lr_lower=lr,
+                lr_shadow=args.lr_shadow,
+                shadow_steps=T,
+                eta=args.u1,
+                phi="value",
+                shadow_momentum=0.5,
+                lower_steps=T,
+            ),
+        ),
+        "PGDO/V-PBGD": (
+            None,
+            (
+                "PGDO",
+                {
+                    "y_hat_lr": args.lr_shadow,
+                    "gamma_init": args.gamma,
+                    "gamma_max": args.gamma,
+                    "gamma_argmax_step": 1,
+                    "update_y_ahead": False,
+                    "penalty": "difference",
+                },
+            ),
+            T,
+            None,
+            bl.PBGD(variant="value", gamma=args.gamma, lr_upper=ulr, lr_lower=lr, lr_shadow=args.lr_shadow, shadow_steps=T),
+        ),
+        "MESO/MEHA": (
+            None,
+            ("MESO", {"eta": args.lr_shadow, "gamma_1": args.gamma_1, "c0": 0.2, "y_hat_lr": args.lr_shadow}),
+            T,
+            None,
+            bl.MEHA(lr_upper=ulr, lr_lower=lr, lr_shadow=args.lr_shadow, gamma=1.0 / args.gamma_1, c0=0.2, p=0.25, order="y_first"),
+        ),
+        "PTT/IAPTT-GM": (
+            ["NGD"],
+            ["PTT", "RAD"],
+            T,
+            None,
+            IAPTTBoatWarm(lr_upper=ulr, lr_lower=lr, lower_steps=T, initialization="warm"),
+            bl.IAPTTGM(lr_upper=ulr, lr_lower=lr, lower_steps=T, initialization="warm"),
+        ),
         "DM/sl-BAMM": (
             ["DM"],
             ["RAD"],
@@ -181,6 +295,10 @@ def main(argv=None):
     p.add_argument("--lr-upper", type=float, default=100.0)
     p.add_argument("--eta0", type=float, default=1.0)
     p.add_argument("--tau", type=float, default=0.1)
+    p.add_argument("--lr-shadow", type=float, default=0.1, help="ŷ / ω / θ step of VFO, PGDO, MESO")
+    p.add_argument("--u1", type=float, default=0.1, help="VFO's value barrier φ = u1 q̂ (BOME's η)")
+    p.add_argument("--gamma", type=float, default=0.3, help="PGDO's constant penalty (BOAT's example: 0.3)")
+    p.add_argument("--gamma-1", type=float, default=1e-3, help="MESO's 1/γ")
     p.add_argument("--check-iters", type=int, default=5)
     p.add_argument("--iters", type=int, default=12)
     p.add_argument("--pairs", nargs="+", default=None)
@@ -205,14 +323,19 @@ def main(argv=None):
         f"β={args.lr_lower}, α={args.lr_upper}, {args.dtype}"
     )
     print(f"{'pair':<16} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'BOAT ms':>9} {'ours ms':>9} {'BOAT/ours':>9}")
-    for name, (gm, na, steps, dm, method) in pairs(args).items():
+    for name, (gm, na, steps, dm, method, *timed) in pairs(args).items():
         if args.pairs and name not in args.pairs:
             continue
+        fo = na if gm is None else None  # (op name, its settings) of BOAT's first-order methods
         ll_model = make_ll_model(args.model, d, c, args.hidden, seed=1)
         ul_model = Weights(n)
         problem = our_problem(args.model, Xtr, ytr, Xva, yva, ll_model)
         state = method.init(problem)
-        cfg = boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, steps, args.solver_steps, dm, log_path)
+        # a pair whose BOAT side has a quirk checks iterates with the method that reproduces it and
+        # times the plain method (the quirk costs nothing)
+        timed_method = timed[0] if timed else method
+        timed_state = timed_method.init(problem)
+        cfg = boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, steps, args.solver_steps, dm, log_path, fo=fo)
         bp = boat_problem(cfg)
         boat_times, our_times = [], []
         dx = dy = 0.0
@@ -221,9 +344,15 @@ def main(argv=None):
             bp.run_iter(ll_feed, ul_feed, current_iter=k)
             sync("cpu")
             boat_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            state, _ = method.step(problem, state)
-            our_times.append(time.perf_counter() - start)
+            if timed:
+                start = time.perf_counter()
+                timed_state, _ = timed_method.step(problem, timed_state)
+                our_times.append(time.perf_counter() - start)
+            if k < args.check_iters or not timed:
+                start = time.perf_counter()
+                state, _ = method.step(problem, state)
+                if not timed:
+                    our_times.append(time.perf_counter() - start)
             if k < args.check_iters:
                 dx = max(dx, float((state.x["logit"] - ul_model.logit.detach()).abs().max()))
                 dy = max(dy, max(float((state.y[nm] - p_.detach()).abs().max()) for nm, p_ in ll_model.named_parameters()))
