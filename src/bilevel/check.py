@@ -6,7 +6,7 @@ far the estimate a method actually uses at a point is from ∇Φ(x), with a refe
 computed independently of the method (docs/check.md):
 
 ``"implicit"`` (strongly convex lower level)
-    ŷ from a long lower solve (L-BFGS to ``‖∇_y g(x, ŷ)‖ ≤ lower_tol·max(1, ‖∇_y g(x, y₀)‖)``),
+    ŷ from a long lower solve (L-BFGS and Newton steps, to ``‖∇_y g(x, ŷ)‖ ≤ lower_tol·max(1, ‖∇_y g(x, y₀)‖)``),
     then the implicit-function-theorem gradient with a linear system solved by CG to a
     relative residual ``linear_tol``::
 
@@ -92,57 +92,85 @@ def _lower_grad_norm(problem: Problem, x: Tree, y: Tree, batch: Any) -> float:
     return float(T.norm(_ORACLES.gradient_y(problem.lower, x, y, batch)[0]))
 
 
+def _lbfgs(problem: Problem, x: Tree, y: Tree, batch: Any, iters: int, target: float, history: int = 20) -> tuple[Tree, float]:
+    """L-BFGS (two-loop recursion, Armijo backtracking) on ``g(x, ·)`` from y until
+    ``‖∇_y g‖ ≤ target``, ``iters`` iterations, a failed line search, or 100 iterations
+    without halving ‖∇_y g‖ (the Newton steps of :func:`solve_lower` then take over)."""
+    grad, value = _ORACLES.gradient_y(problem.lower, x, y, batch)
+    residual = float(T.norm(grad))
+    resolution = 10.0 * torch.finfo(value.dtype).eps
+    pairs: list[tuple[Tree, Tree, torch.Tensor]] = []
+    best, since_best = residual, 0
+    for _ in range(iters):
+        if residual <= target or not math.isfinite(residual) or since_best >= 100:
+            break
+        q, alphas = grad, []
+        for s, dg, rho in reversed(pairs):
+            alpha = rho * T.vdot(s, q)
+            q = T.axpy(-alpha, dg, q)
+            alphas.append(alpha)
+        if pairs:  # the initial Hessian γI with γ = sᵀŷ/ŷᵀŷ of the last pair
+            s, dg, rho = pairs[-1]
+            q = T.scale(1.0 / (rho * T.vdot(dg, dg)), q)
+        else:
+            q = T.scale(min(1.0, 1.0 / residual), q)
+        for (s, dg, rho), alpha in zip(pairs, reversed(alphas), strict=True):
+            q = T.axpy(alpha - rho * T.vdot(dg, q), s, q)
+        slope = -T.vdot(grad, q)
+        if not float(slope) < 0:  # not a descent direction: restart from the gradient
+            pairs, q = [], T.scale(min(1.0, 1.0 / residual), grad)
+            slope = -T.vdot(grad, q)
+        step, accepted = 1.0, False
+        while step >= 1e-10:
+            candidate = T.axpy(-step, q, y)
+            new_grad, new_value = _ORACLES.gradient_y(problem.lower, x, candidate, batch)
+            if float(new_value) <= float(value) + 1e-4 * step * float(slope):
+                accepted = True
+                break
+            step *= 0.5
+        if not accepted:  # the values of g no longer resolve the descent: Newton takes over
+            break
+        s, dg = T.sub(candidate, y), T.sub(new_grad, grad)
+        curvature = T.vdot(s, dg)
+        if float(curvature) > 1e-12 * float(T.vdot(dg, dg)):
+            pairs = [*pairs[-(history - 1) :], (s, dg, 1.0 / curvature)]
+        decrease = float(value) - float(new_value)
+        y, grad, value = candidate, new_grad, new_value
+        residual = float(T.norm(grad))
+        if decrease <= resolution * max(1.0, abs(float(value))):  # g's values are at rounding
+            break
+        if residual <= 0.5 * best:
+            best, since_best = residual, 0
+        else:
+            since_best += 1
+    return y, residual
+
+
 def solve_lower(
     problem: Problem, x: Tree, y: Tree, batch: Any = None, iters: int = 1000, tol: float | None = None
 ) -> tuple[Tree, float, bool]:
     """``(ŷ, ‖∇_y g(x, ŷ)‖, converged)``: a long solve of ``min_y g(x, y)`` from ``y``, to
     ``‖∇_y g‖ ≤ tol · max(1, ‖∇_y g(x, y)‖)`` (``tol`` default ``max(1e-10, 100 ε)``).
 
-    L-BFGS with a strong Wolfe line search (at most ``iters`` iterations) while it halves
-    ‖∇_y g‖ at least every 100 iterations, then Newton steps ``y ← y − H⁻¹ ∇_y g`` with the Newton
-    system solved by CG, each kept only if it lowers ‖∇_y g‖: the line search compares
-    values of g, which stop resolving once ‖∇_y g‖² is below the rounding of g, while the
-    Newton steps only need gradients. Nothing of the inputs is modified.
+    L-BFGS (at most ``iters`` iterations, while it halves ‖∇_y g‖ at least every 100),
+    then up to 20 Newton steps ``y ← y − H⁻¹ ∇_y g`` with the Newton system solved by CG,
+    each kept only if it lowers ‖∇_y g‖ (past the tolerance: if it halves it), so that ŷ
+    is accurate to rounding where the lower level is smooth: the line search compares values of g, which stop
+    resolving once ‖∇_y g‖² is below the rounding of g, while the Newton steps only need
+    gradients. Nothing of the inputs is modified.
     """
     tol = _default_tol(y) if tol is None else tol
-    x = T.detach(x)
-    leaves = [t.detach().clone().requires_grad_(True) for t in T.leaves(y)]
+    x, y = T.detach(x), T.clone(T.detach(y))
     target = tol * max(1.0, _lower_grad_norm(problem, x, y, batch))
-    optimizer = torch.optim.LBFGS(
-        leaves, lr=1.0, max_iter=20, history_size=20, tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe"
-    )
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        with torch.enable_grad():
-            loss = problem.lower(x, T.unflatten_like(leaves, y), batch)
-            loss.backward()
-        return loss.detach()
-
-    done, best, since_halved, previous = 0, math.inf, 0, math.inf
-    while True:
-        solved = T.unflatten_like([t.detach().clone() for t in leaves], y)
-        residual = _lower_grad_norm(problem, x, solved, batch)
-        if residual <= 0.5 * best:
-            best, since_halved = residual, 0
-        else:
-            since_halved += 1
-        # stop when solved, out of iterations, stuck (L-BFGS made no move), or slow (no
-        # halving of ‖∇_y g‖ in 100 iterations: the Newton steps below take over)
-        if residual <= target or done >= iters or not math.isfinite(residual) or residual == previous or since_halved >= 5:
-            break
-        previous = residual
-        optimizer.param_groups[0]["max_iter"] = min(20, iters - done)
-        optimizer.step(closure)
-        done += 20
-    newton = CG(steps=min(200, sum(t.numel() for t in leaves)))
-    for _ in range(20):
-        if residual <= target or not math.isfinite(residual):
+    solved, residual = _lbfgs(problem, x, y, batch, iters, target)
+    newton = CG(steps=min(200, sum(t.numel() for t in T.leaves(y))))
+    for _ in range(20):  # also past the target: the finite differences of Φ need ŷ to rounding
+        if not math.isfinite(residual) or residual == 0.0:
             break
         lin = _ORACLES.linearize(problem.lower, x, solved, batch)
         candidate = T.sub(solved, newton(lin.hvp, lin.grad_y).v)
         candidate_residual = _lower_grad_norm(problem, x, candidate, batch)
-        if not candidate_residual < residual:
+        if not candidate_residual < (0.5 * residual if residual <= target else residual):
             break
         solved, residual = candidate, candidate_residual
     return solved, residual, residual <= target
@@ -312,7 +340,7 @@ def reference_hypergradient(
     common = {"x": x, "y": solved, "lower_residual": residual, "lower_converged": converged}
     note = ""
     if not converged:
-        note = f"the lower solve stopped at ‖∇_y g‖ = {residual:.2g} after {lower_iters} L-BFGS iterations and Newton steps"
+        note = f"the lower solve (L-BFGS, then Newton steps) stopped at ‖∇_y g‖ = {residual:.2g}, above its tolerance"
     if kind in ("auto", "implicit"):
         gradient, relative = _implicit(problem, x, solved, batch, linear_iters, linear_tol)
         # an unconverged lower solve makes finite differences as inexact and 4m times costlier
