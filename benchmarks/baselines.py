@@ -260,7 +260,7 @@ def fewshot_rows(names, record: dict) -> None:
         record.setdefault("fewshot", {})[name] = row
 
 
-def select_on_validation(bench_dirs, metric: str, record: dict) -> None:
+def select_on_validation(bench_dirs, metric: str, record: dict, seeds=None) -> None:
     """Choose, per method, the bench (a setting of the grid) and the iteration count with the
     highest ``metric`` (a validation metric: ``val_accuracy``) averaged over the seeds; the
     test accuracy of the chosen point is printed next to it but plays no part in the choice.
@@ -271,7 +271,7 @@ def select_on_validation(bench_dirs, metric: str, record: dict) -> None:
     for bench in bench_dirs:
         manifest = json.loads((Path(bench) / "manifest.json").read_text())
         for entry in manifest["runs"]:
-            if entry["status"] not in ("max_iters", "converged", "max_time"):
+            if entry["status"] not in ("max_iters", "converged", "max_time") or (seeds is not None and entry["seed"] not in seeds):
                 continue
             for line in (Path(bench) / entry["dir"] / "log.jsonl").read_text().splitlines():
                 rec = json.loads(line) if line.strip() else {}
@@ -330,6 +330,7 @@ def main(argv=None) -> None:
         help="bench folders of a grid (one setting each): print the choice on --select-metric per method, and nothing else",
     )
     parser.add_argument("--select-metric", default="val_accuracy", help="validation metric of the logs that --select maximises")
+    parser.add_argument("--select-seeds", default=None, help="comma-separated seeds --select looks at (default: all)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write every number to this JSON file")
     args = parser.parse_args(argv)
@@ -340,7 +341,8 @@ def main(argv=None) -> None:
     record: dict = {}
     start = time.perf_counter()
     if args.select:
-        select_on_validation(args.select, args.select_metric, record)
+        chosen_seeds = None if args.select_seeds is None else {int(x) for x in args.select_seeds.split(",") if x.strip()}
+        select_on_validation(args.select, args.select_metric, record, chosen_seeds)
         if args.json:
             Path(args.json).write_text(json.dumps(record, indent=1, default=float))
         return
