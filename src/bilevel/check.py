@@ -224,21 +224,23 @@ class Reference:
 
 
 def _implicit(problem: Problem, x: Tree, y: Tree, batch: Any, iters: int, tol: float) -> tuple[Tree, float]:
-    """``(∇_x f − J v, ‖H v − b‖/‖b‖)`` with v from CG on ``H v = b = ∇_y f`` (chunks of 50)."""
+    """``(∇_x f − J v, ‖H v − b‖/‖b‖)`` with v from CG on ``H v = b = ∇_y f`` (chunks of
+    50, restarted from the last; the v with the smallest residual is kept)."""
     grad_x_f, b, _ = _ORACLES.gradients(problem.upper, x, y, batch)
     lin = _ORACLES.linearize(problem.lower, x, y, batch)
     b_norm = float(T.norm(b))
-    v, relative, done = T.zeros_like(b), 0.0, 0
-    if b_norm > 0:
-        relative = 1.0
-        while done < iters:
-            steps = min(50, iters - done)
-            v = CG(steps=steps)(lin.hvp, b, v if done else None).v
-            done += steps
-            relative = float(T.norm(T.sub(lin.hvp(v), b))) / b_norm
-            if relative <= tol or not math.isfinite(relative):
-                break
-    return T.sub(grad_x_f, lin.mixed(v)), relative
+    best, relative, done = T.zeros_like(b), 0.0 if b_norm == 0 else 1.0, 0
+    v = best
+    while b_norm > 0 and done < iters and relative > tol:
+        steps = min(50, iters - done)
+        v = CG(steps=steps)(lin.hvp, b, v if done else None).v
+        done += steps
+        current = float(T.norm(T.sub(lin.hvp(v), b))) / b_norm
+        if not math.isfinite(current):
+            break
+        if current < relative:
+            best, relative = v, current
+    return T.sub(grad_x_f, lin.mixed(best)), relative
 
 
 def _probes(x: Tree, directions: int, seed: int) -> list[Tree]:
