@@ -339,7 +339,7 @@ PRESET_PARTS = [
         ),
     ),
     (
-        bl.AID(lr_lower=0.2, lower_steps=3, solver=bl.Neumann(steps=5, lr=0.3), warm_start_v=True),
+        bl.AID(lr_upper=0.1, lr_lower=0.2, lower_steps=3, solver=bl.Neumann(steps=5, lr=0.3), warm_start_v=True),
         dict(lower=LowerGD(0.2, 3), multiplier=LinearSolve(bl.Neumann(steps=5, lr=0.3), warm_start=True), measure=DirectionNorm()),
     ),
     (
