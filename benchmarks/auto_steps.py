@@ -210,7 +210,7 @@ AUTO_HC = {  # one configuration per method, the same on every dataset and model
 }
 
 
-def part_hyperclean(seconds: float, settings: list[tuple[str, str, list[str]]]) -> None:
+def part_hyperclean(seconds: float, settings: list[tuple[str, str, list[str]]], names: list[str]) -> None:
     print(f"\n## Hyper-cleaning at equal wall-clock ({seconds:g} s per run, 1 thread, 2000/1000/2000, 50 % noise)\n")
     print("| data | method | preset F1 / test acc / iters | auto F1 / test acc / iters | auto steps at the end |")
     print("|---|---|---|---|---|")
@@ -219,6 +219,8 @@ def part_hyperclean(seconds: float, settings: list[tuple[str, str, list[str]]]) 
         base = exp.baseline()
         print(f"| {label} | no cleaning | {base['f1']:.3f} / {base['test_accuracy']:.1f} | | |", flush=True)
         for name, make in AUTO_HC.items():
+            if name not in names:
+                continue
             preset = experiment(config, [*overrides, f"method.name={name}"]).method
             p = timed_run(exp, preset, seconds)
             a = timed_run(exp, make(), seconds)
@@ -269,6 +271,7 @@ def main() -> None:
     parser.add_argument("--parts", default="zoo,growing,cost,hyperclean,walltime,grid")
     parser.add_argument("--seconds", type=float, default=20.0, help="wall-clock budget of each hyper-cleaning run")
     parser.add_argument("--zoo-iters", type=int, default=3000)
+    parser.add_argument("--methods", default=",".join(AUTO_HC), help="hyper-cleaning methods (comma-separated)")
     parser.add_argument("--mlp", action="store_true", help="also the PBGD MLP (MNIST)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -288,7 +291,7 @@ def main() -> None:
         ]
         if args.mlp:
             settings.append(("MNIST PBGD MLP", "hyperclean_mnist_pbgd", []))
-        part_hyperclean(args.seconds, settings)
+        part_hyperclean(args.seconds, settings, args.methods.split(","))
     if "walltime" in parts:
         part_walltime()
     if "grid" in parts:
