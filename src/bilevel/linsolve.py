@@ -125,8 +125,8 @@ def _tiny(dtype: torch.dtype) -> float:
 
 def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     """``num / den`` where ``den > 0``, else 0 (no host sync)."""
-    tiny = _tiny(den.dtype)
-    return torch.where(den > tiny, num / torch.clamp(den, min=tiny), 0.0)
+    # the quotient where den ≤ tiny (inf or nan) is computed but never selected: no clamp kernel
+    return torch.where(den > _tiny(den.dtype), num / den, 0.0)
 
 
 @dataclass(frozen=True)

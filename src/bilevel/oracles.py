@@ -66,6 +66,19 @@ def _grads_or_zeros(
     create_graph: bool = False,
 ) -> list[torch.Tensor]:
     """``torch.autograd.grad`` that returns zeros for inputs the outputs do not depend on."""
+    if cotangents is not None and not isinstance(outputs, torch.Tensor) and all(o.requires_grad for o in outputs):
+        # the products' common case: every output has a graph (no filtering needed)
+        return list(
+            torch.autograd.grad(
+                outputs,
+                inputs,
+                grad_outputs=cotangents,
+                retain_graph=retain_graph or create_graph,
+                create_graph=create_graph,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        )
     output_list = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     cotangent_list: list[torch.Tensor | None] = []
     if isinstance(cotangents, torch.Tensor):
@@ -131,7 +144,10 @@ class _ReverseLinearization(Linearization):
         self._x_like, self._y_like = x, y
 
     def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
-        return scaled_products([(self, None, need_mixed, need_hvp)], v)[0]
+        inputs = self._inputs(need_mixed, need_hvp)
+        with torch.enable_grad():
+            grads = _grads_or_zeros(self._gy, inputs, T.leaves(v), retain_graph=True)
+        return self._split(grads, need_mixed, need_hvp)
 
     def _inputs(self, need_mixed: bool, need_hvp: bool) -> list[torch.Tensor]:
         return (self._xl if need_mixed else []) + (self._yl if need_hvp else [])
