@@ -14,6 +14,18 @@ MODULES = [
     "bilevel.methods.galet",
     "bilevel.methods.bamm",
     "bilevel.methods.bagdc",
+    "bilevel.methods.bome",
+    "bilevel.methods.pbgd",
+    "bilevel.methods.meha",
+    "bilevel.methods.iaptt",
+    "bilevel.methods.stochastic",
+    "bilevel.streams",
+    "bilevel.check",
+    "bilevel.finite_difference",
+    "bilevel.auto",
+    "bilevel.distributed",
+    "bilevel.precision",
+    "bilevel.parts.unroll",
 ]
 
 
