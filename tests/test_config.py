@@ -103,7 +103,7 @@ def test_stability_check_off_is_the_word_off():
         ("method.solver_lr=-1e-3", "method.solver_lr=-0.001 must be a positive number or null"),
         ("method.episodic=maybe", "method.episodic='maybe' must be true or false"),
         # method section: the method's own arguments, checked by the method class
-        ("method.lr_lower=abc", "method.lr_lower='abc' must be a positive number (finite and > 0), not a str"),
+        ("method.lr_lower=abc", "method.lr_lower='abc' must be a positive number or 'auto'"),
         ("method.lr_lower=0", "method.lr_lower=0 must be a positive number (finite and > 0)"),
         ("method.lr_lower=-2e-4", "method.lr_lower=-0.0002 must be a positive number (finite and > 0)"),
         ("method.lr_lower=.inf", "method.lr_lower=inf must be a positive number (finite and > 0)"),
