@@ -110,7 +110,7 @@ def test_stability_check_off_is_the_word_off():
         ("method.lr_lower=.nan", "method.lr_lower=nan must be a positive number (finite and > 0)"),
         ("method.lr_shadow=[1,2]", "method.lr_shadow=[1, 2] must be a positive number (finite and > 0), not a list"),
         ("method.lower_steps=1.5", "method.lower_steps=1.5 must be an integer >= 1, not a float"),
-        ("method.shadow_start=cold", "method.shadow_start='cold' must be one of 'zero', 'warm'"),
+        ("method.shadow_start=cold", "method.shadow_start='cold' must be one of 'auto', 'zero', 'warm'"),
         ("method.stability_check=on", "method.stability_check='on' must be one of 'warn', 'error', 'off'"),
         ("method.exact_metric=1", "method.exact_metric=1 must be true or false, not an int"),
         # run section
