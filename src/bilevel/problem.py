@@ -54,7 +54,7 @@ class _ModuleParts:
         return {k: params[k].detach().clone() for k in self.trainable}
 
     def constants(self) -> dict[str, torch.Tensor | None]:
-        """Frozen parameters and buffers for one call, following ``train()``/``eval()`` now:
+        """Frozen parameters and buffers for one call, following the module's training/evaluation mode now:
         a normalisation layer in training mode gets no running statistics (batch statistics,
         nothing updated in place: pure, so every derivative and ``torch.func`` transform
         applies); in evaluation mode it uses its running statistics."""
@@ -269,7 +269,7 @@ class Problem:
           sharing its embedding) are one entry of ``y``, under the first name
           ``named_parameters()`` gives; every alias follows it;
         * **buffers** are the module's own, read at every call and never written, and
-          normalisation layers follow the module's ``train()``/``eval()`` *at the time of
+          normalisation layers follow the module's training/evaluation mode (``train``/``eval``) *at the time of
           the call*: in training mode BatchNorm normalises with the batch statistics and
           does not update its running statistics (an objective that changed a buffer at
           each of the many evaluations of an iteration would not be a function of
