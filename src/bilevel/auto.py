@@ -161,7 +161,7 @@ class AdaptiveLower:
     steps, and after the last one the gradient at ``(x_k, y_{k+1})`` that the linearization
     of the iteration computes anyway (:meth:`observe`), so the rule costs no oracle call.
     β₀ is ``1/λ̂`` with λ̂ from 30 power-iteration products at ``init``
-    (:meth:`AutoSteps.init`); AdGD needs only local smoothness, so β follows the curvature
+    (``AutoSteps.init``); AdGD needs only local smoothness, so β follows the curvature
     when it changes with x.
 
     Guard: a lower step after which ``‖∇_{t+1}‖ > growth ‖∇_t‖`` (or a non-finite value) is

@@ -313,9 +313,11 @@ def reference_hypergradient(
         y: where the lower solve starts (default ``problem.y_init``).
         batch: the batch every objective is evaluated on.
         kind: ``"auto"``, ``"implicit"`` or ``"finite_difference"``.
-        lower_iters, lower_tol: L-BFGS iterations and relative gradient tolerance of each
-            lower solve (tolerance default ``max(1e-10, 100 ε)`` of the dtype).
-        linear_iters, linear_tol: CG iterations and relative residual of the linear solve.
+        lower_iters: L-BFGS iterations of each lower solve.
+        lower_tol: relative gradient tolerance of each lower solve (default
+            ``max(1e-10, 100 ε)`` of the dtype).
+        linear_iters: CG iterations of the linear solve.
+        linear_tol: relative residual of the linear solve.
         directions: m, the finite-difference directions.
         fd_step: h (default ``ε^{1/3} max(1, ‖x‖_∞)``).
         seed: seeds the random directions.
@@ -468,7 +470,8 @@ def check_hypergradient(
         warmup: iterations with x fixed before the estimate is taken (≥ 0). Single-loop
             methods, whose multiplier starts at zero and improves across iterations,
             need some (e.g. 200).
-        rtol, fail_rtol: the relative errors of ``pass`` and ``fail`` (0 < rtol < fail_rtol).
+        rtol: the relative error below which the verdict is ``pass`` (0 < rtol < fail_rtol).
+        fail_rtol: the relative error above which the verdict is ``fail``.
         solve_y: start the method from ŷ(x) (``True``) or from ``y`` / ``problem.y_init``
             (``False``); ``None``: ŷ(x) exactly when ``y`` is omitted.
         reference_options: ``lower_iters``, ``lower_tol``, ``linear_iters``, ``linear_tol``,

@@ -388,7 +388,8 @@ def shard(batch: Any, rank: int | None = None, world_size: int | None = None, di
 
     Args:
         batch: the global batch.
-        rank, world_size: default: the default process group's (0 and 1 without one).
+        rank: this process's rank (default: the default process group's; 0 without one).
+        world_size: the number of processes (default: the default process group's; 1 without one).
         dims: the dimension split for every tensor (an int), or for each key of a dict
             batch (``None``: the entry is not split, e.g. a lookup table).
 

@@ -142,7 +142,7 @@ class Method:
         ĥ is the estimate before the direction estimator, the upper optimizer and the
         projection (``∇_x f − J v``, or the derivative of the unrolled map), the quantity
         :func:`bilevel.check_hypergradient` compares with ∇Φ(x). The default runs ``step``
-        once and records the estimate it hands to :meth:`Assembled.update_x`, so every
+        once and records the estimate it hands to ``Assembled.update_x``, so every
         method assembled from parts has it; a method whose ``step`` moves x otherwise
         overrides this (docs/check.md#supporting-a-new-method). Pure: ``state`` is unchanged.
         """

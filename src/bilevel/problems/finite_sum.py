@@ -136,11 +136,15 @@ def finite_sum_quadratic(
     """The finite-sum quadratic bilevel problem (module docstring) with its closed form.
 
     Args:
-        n_lower, n_upper: n and m, the samples of g and f.
-        dim_x, dim_y: the dimensions of x and y.
+        n_lower: n, the samples of g.
+        n_upper: m, the samples of f.
+        dim_x: the dimension of x.
+        dim_y: the dimension of y.
         mu: the smallest curvature (of A and Q; the benchmark's ``mu_inner``).
-        L_lower, L_upper: the largest curvature of the lower (A) and upper (P, Q) sums.
-        L_cross_lower, L_cross_upper: the largest singular value of C and D.
+        L_lower: the largest curvature of the lower sum (A).
+        L_upper: the largest curvature of the upper sums (P, Q).
+        L_cross_lower: the largest singular value of C.
+        L_cross_upper: the largest singular value of D.
         seed: the data's random seed; dtype, device: of the data and the variables.
 
     Memory: ``(3 d_y + d_x)`` numbers per lower sample, ``(3 d_y + 3 d_x)`` per upper one.
