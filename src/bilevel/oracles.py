@@ -315,10 +315,22 @@ class WeightedLinearization(Linearization):
             raise ValueError("WeightedLinearization needs at least one term with a nonzero weight")
         self.terms = terms
         self._last_term_hvps: list[tuple[Tree, Tree]] = []
-        self.value = functools.reduce(operator.add, [c * lin.value for c, lin in terms])
-        self.grad_y = _weighted_sum([(c, lin.grad_y) for c, lin in terms])
-        has_x = all(lin.grad_x is not None for _, lin in terms)
-        self.grad_x = _weighted_sum([(c, lin.grad_x) for c, lin in terms]) if has_x else None
+
+    # the weighted value and gradients are formed when first read (a method that only
+    # needs the products pays no kernels for them)
+    @functools.cached_property
+    def value(self) -> torch.Tensor:  # type: ignore[override]
+        return functools.reduce(operator.add, [c * lin.value for c, lin in self.terms])
+
+    @functools.cached_property
+    def grad_y(self) -> Tree:
+        return _weighted_sum([(c, lin.grad_y) for c, lin in self.terms])
+
+    @functools.cached_property
+    def grad_x(self) -> Tree | None:  # type: ignore[override]
+        if not all(lin.grad_x is not None for _, lin in self.terms):
+            return None
+        return _weighted_sum([(c, lin.grad_x) for c, lin in self.terms])
 
     def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
         # the last term's products come unscaled (c_last enters the final axpy), so that its
