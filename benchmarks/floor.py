@@ -23,6 +23,7 @@ W stored ``[out, in]`` and ``F.linear`` (the library's layout); parameters ≈ 1
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 import bilevel as bl
 import common  # noqa: F401  (sets sys.path)
 from bilevel.linsolve import CG
-from common import environment
+from common import environment, sync
 
 grad = torch.autograd.grad
 
@@ -46,13 +47,13 @@ SIZES = {"1e3": (100, 10), "1e5": (1000, 100), "1e6": (10000, 100)}
 class Data:
     """Linear hyper-cleaning data (features d, classes C, n_train + n_val examples)."""
 
-    def __init__(self, d, C, n=1000, dtype=torch.float32, seed=0):
-        gen = torch.Generator().manual_seed(seed)
-        self.Xtr = (torch.randn(n, d, generator=gen) / d**0.5).to(dtype)
-        self.Xva = (torch.randn(n, d, generator=gen) / d**0.5).to(dtype)
-        self.ytr = torch.randint(0, C, (n,), generator=gen)
-        self.yva = torch.randint(0, C, (n,), generator=gen)
-        self.d, self.C, self.n, self.dtype = d, C, n, dtype
+    def __init__(self, d, C, n=1000, dtype=torch.float32, seed=0, device="cpu"):
+        gen = torch.Generator().manual_seed(seed)  # drawn on the CPU, so every device gets the same data
+        self.Xtr = (torch.randn(n, d, generator=gen) / d**0.5).to(device, dtype)
+        self.Xva = (torch.randn(n, d, generator=gen) / d**0.5).to(device, dtype)
+        self.ytr = torch.randint(0, C, (n,), generator=gen).to(device)
+        self.yva = torch.randint(0, C, (n,), generator=gen).to(device)
+        self.d, self.C, self.n, self.dtype, self.device = d, C, n, dtype, torch.device(device)
 
     def g(self, x, W, b):
         return (torch.sigmoid(x) * F.cross_entropy(F.linear(self.Xtr, W, b), self.ytr, reduction="none")).mean()
@@ -67,8 +68,9 @@ class Data:
         def upper(x, y, batch):
             return self.f(y["W"], y["b"])
 
-        x0 = {"weights": torch.zeros(self.n, dtype=self.dtype)}
-        y0 = {"W": torch.zeros(self.C, self.d, dtype=self.dtype), "b": torch.zeros(self.C, dtype=self.dtype)}
+        z = functools.partial(torch.zeros, dtype=self.dtype, device=self.device)
+        x0 = {"weights": z(self.n)}
+        y0 = {"W": z(self.C, self.d), "b": z(self.C)}
         return bl.Problem(upper=upper, lower=lower, x_init=x0, y_init=y0, name="hyperclean-linear")
 
 
@@ -194,7 +196,7 @@ def hand_slbamm(D, s, schedules, beta=0.01, fallback=0.1):
 
 
 def hand_steps(D):
-    W0, b0 = torch.zeros(D.C, D.d, dtype=D.dtype), torch.zeros(D.C, dtype=D.dtype)
+    W0, b0 = torch.zeros(D.C, D.d, dtype=D.dtype, device=D.device), torch.zeros(D.C, dtype=D.dtype, device=D.device)
     schedules = bl.schedules.bamm_schedules(s=0.01, mu0=0.9, p=100.0, tau=0.01, strategy="s1")
     return {
         "GALET": lambda s: hand_galet(D, s),
@@ -206,16 +208,16 @@ def hand_steps(D):
 
 
 def hand_init(D):
-    z = torch.zeros
-    return (z(D.n, dtype=D.dtype), z(D.C, D.d, dtype=D.dtype), z(D.C, dtype=D.dtype), z(D.C, D.d, dtype=D.dtype), z(D.C, dtype=D.dtype), 0)
+    z = functools.partial(torch.zeros, dtype=D.dtype, device=D.device)
+    return (z(D.n), z(D.C, D.d), z(D.C), z(D.C, D.d), z(D.C), 0)
 
 
 # --------------------------------------------------------------------------- check and timing
 
 
-def check(names, iters=12, d=30, C=5, n=200, tol=1e-12):
+def check(names, iters=12, d=30, C=5, n=200, tol=1e-12, device="cpu"):
     """Iterates of library and hand loops equal in float64 after ``iters`` steps."""
-    D = Data(d, C, n=n, dtype=torch.float64)
+    D = Data(d, C, n=n, dtype=torch.float64, device=device)
     problem, lib, hand = D.problem(), library_methods(), hand_steps(D)
     worst = {}
     for name in names:
@@ -234,22 +236,24 @@ def check(names, iters=12, d=30, C=5, n=200, tol=1e-12):
     return worst
 
 
-def time_pair(lib_step, hand_step, rounds, block):
+def time_pair(lib_step, hand_step, rounds, block, device="cpu"):
     """Interleaved blocks; returns per-round library and hand times (seconds per step)."""
     t_lib, t_hand = [], []
     for i in range(rounds):
         for which in (0, 1) if i % 2 == 0 else (1, 0):
             fn = lib_step if which == 0 else hand_step
+            sync(device)
             start = time.perf_counter()
             for _ in range(block):
                 fn()
+            sync(device)
             (t_lib if which == 0 else t_hand).append((time.perf_counter() - start) / block)
     return t_lib, t_hand
 
 
-def bench(size, names, rounds, block):
+def bench(size, names, rounds, block, device="cpu"):
     d, C = SIZES[size]
-    D = Data(d, C)
+    D = Data(d, C, device=device)
     problem, lib, hand = D.problem(), library_methods(), hand_steps(D)
     rows = []
     for name in names:
@@ -259,7 +263,7 @@ def bench(size, names, rounds, block):
         for _ in range(2):  # move away from zero (products with v = 0 are trivial)
             state, _ = method.step(problem, state)
             hs = hand[name](hs)
-        t_lib, t_hand = time_pair(lambda: method.step(problem, state), lambda: hand[name](hs), rounds, block)
+        t_lib, t_hand = time_pair(lambda: method.step(problem, state), lambda: hand[name](hs), rounds, block, device)
         ratios = sorted(a / b for a, b in zip(t_lib, t_hand, strict=True))
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         row = {
@@ -291,10 +295,11 @@ def main(argv=None):
     p.add_argument("--check-iters", type=int, default=12)
     p.add_argument("--check-only", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (timings synchronise the device around each block)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    print(environment("cpu"))
-    check(args.methods, iters=args.check_iters)
+    print(environment(args.device))
+    check(args.methods, iters=args.check_iters, device=args.device)
     if args.check_only:
         return
     print(f"{'size':>5} {'method':<8} {'lib ms':>9} {'hand ms':>9} {'median':>7} {'[25%, 75%]':>16} {'min/min':>7}")
@@ -302,10 +307,10 @@ def main(argv=None):
     defaults = {"1e3": (40, 10), "1e5": (20, 2), "1e6": (6, 1)}
     for size in args.sizes:
         rounds, block = defaults[size]
-        rows += bench(size, args.methods, args.rounds or rounds, args.block or block)
+        rows += bench(size, args.methods, args.rounds or rounds, args.block or block, args.device)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"environment": environment("cpu"), "rows": rows}, fh, indent=1)
+            json.dump({"environment": environment(args.device), "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":
