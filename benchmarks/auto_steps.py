@@ -17,6 +17,10 @@ Parts (``--parts``, default all):
 * ``grid``: a 3×3 grid over BAGDC's (lr_lower, Adam lr_upper) on MNIST linear: its best
   test accuracy and its total time, against the time auto needs to reach it.
 
+``--device cuda`` runs the toy parts (zoo, growing, cost) on the GPU (data built on the CPU,
+then moved); the hyper-cleaning parts (hyperclean, walltime, grid) build their problem with the
+experiment runner, which puts it on the CPU, so they stay on the CPU.
+
 Run: ``python benchmarks/auto_steps.py --seconds 20`` (hyper-cleaning needs MNIST and
 FashionMNIST: ``bilevel data``). Sizes: 2000/1000/2000 train/val/test, 50 % noise.
 """
@@ -51,30 +55,31 @@ def scaled(problem: ToyProblem, s: float) -> ToyProblem:
     )
 
 
-def diagonal(n: int = 10, kappa: float = 100.0) -> ToyProblem:
-    a = torch.logspace(0.0, math.log10(kappa), n, dtype=F64)
-    c = torch.linspace(-1.0, 1.0, n, dtype=F64)
+def diagonal(n: int = 10, kappa: float = 100.0, device="cpu") -> ToyProblem:
+    a = torch.logspace(0.0, math.log10(kappa), n, dtype=F64).to(device)
+    c = torch.linspace(-1.0, 1.0, n, dtype=F64).to(device)
     return ToyProblem(
         upper=lambda x, y, _: 0.5 * ((y["y"] - c) ** 2).sum() + 0.5 * (x["x"] ** 2).sum(),
         lower=lambda x, y, _: 0.5 * (a * y["y"] ** 2).sum() - (x["x"] * y["y"]).sum(),
-        x_init={"x": torch.ones(n, dtype=F64)},
-        y_init={"y": torch.zeros(n, dtype=F64)},
+        x_init={"x": torch.ones(n, dtype=F64, device=device)},
+        y_init={"y": torch.zeros(n, dtype=F64, device=device)},
         name=f"Q{kappa:g}",
         x_star={"x": (c / a) / (1.0 / a**2 + 1.0)},
     )
 
 
-def growing(n: int = 5, rho: float = 1.0, x_hat: float = 5.0) -> ToyProblem:
+def growing(n: int = 5, rho: float = 1.0, x_hat: float = 5.0, device="cpu") -> ToyProblem:
     b, c = torch.linspace(1.0, 2.0, n, dtype=F64), torch.linspace(0.01, 0.02, n, dtype=F64)
     x = torch.full((n,), x_hat, dtype=F64)
     for _ in range(60):
         u = torch.exp(-x)
         x = x - (-b * u * (b * u - c) + rho * (x - x_hat)) / (b * u * (b * u - c) + (b * u) ** 2 + rho)
+    b, c, x = b.to(device), c.to(device), x.to(device)
     return ToyProblem(
         upper=lambda x, y, _: 0.5 * ((y["y"] - c) ** 2).sum() + 0.5 * rho * ((x["x"] - x_hat) ** 2).sum(),
         lower=lambda x, y, _: 0.5 * (torch.exp(x["x"]) * y["y"] ** 2).sum() - (b * y["y"]).sum(),
-        x_init={"x": torch.zeros(n, dtype=F64)},
-        y_init={"y": torch.zeros(n, dtype=F64)},
+        x_init={"x": torch.zeros(n, dtype=F64, device=device)},
+        y_init={"y": torch.zeros(n, dtype=F64, device=device)},
         name="growing",
         x_star={"x": x},
     )
@@ -115,11 +120,11 @@ PRESETS = {
 }
 
 
-def part_zoo(max_iters: int) -> None:
+def part_zoo(max_iters: int, device="cpu") -> None:
     print("\n## Toy zoo: iterations to relative error 1e-6 (auto) | error of the hand-tuned steps after as many\n")
     print("| problem | method | s = 1e-3 | s = 1 | s = 1e3 |")
     print("|---|---|---|---|---|")
-    problems = {"T1": lambda: T1(n=5), "Q100": lambda: diagonal(10, 100.0), "T4": lambda: T4()}
+    problems = {"T1": lambda: T1(n=5, device=device), "Q100": lambda: diagonal(10, 100.0, device), "T4": lambda: T4(device=device)}
     for pname, make in problems.items():
         for mname in AUTO:
             if pname == "T4" and mname != "GALET":
@@ -133,7 +138,7 @@ def part_zoo(max_iters: int) -> None:
             print(f"| {pname} | {mname} | " + " | ".join(cells) + " |", flush=True)
 
 
-def part_growing(max_iters: int) -> None:
+def part_growing(max_iters: int, device="cpu") -> None:
     print("\n## Lower curvature growing with x (diag(e^x): λ_max 1 → 148)\n")
     print("| method | auto: iterations to 1e-6 | steps fixed at init (β = 1/λ_max(x₀), α = 0.05): status |")
     print("|---|---|---|")
@@ -143,7 +148,7 @@ def part_growing(max_iters: int) -> None:
         "AID": lambda: bl.AID(lr_upper=0.05, lr_lower=1.0),
         "SlBAMM": lambda: bl.SlBAMM(lr_upper=0.05, lr_lower=1.0, mu=lambda k: 0.9 / (k + 1) ** 3),
     }
-    problem = growing()
+    problem = growing(device=device)
     for name, make in fixed.items():
         k, err = iterations_to(problem, AUTO[name](), max_iters)
         result = bl.solve(problem, make(), max_iters=max_iters, on_divergence="status")
@@ -151,7 +156,7 @@ def part_growing(max_iters: int) -> None:
         print(f"| {name} | {reached} | {result.status.value} at iteration {result.iterations} |", flush=True)
 
 
-def part_cost() -> None:
+def part_cost(device="cpu") -> None:
     print("\n## Oracle calls per iteration (T1, 20 iterations; gradient units: products count 2)\n")
     print("| method | explicit | auto | ratio |")
     print("|---|---|---|---|")
@@ -166,10 +171,10 @@ def part_cost() -> None:
         for method in (explicit, auto):
             counting = bl.CountingOracles()
             method = method.replace(oracles=counting)
-            state = method.init(T1(n=3))
+            state = method.init(T1(n=3, device=device))
             counting.reset()
             for _ in range(20):
-                state, _ = method.step(T1(n=3), state)
+                state, _ = method.step(T1(n=3, device=device), state)
             units.append(sum(n * (2 if kind in ("hvp", "mixed", "both") else 1) for kind, n in counting.counts.items()) / 20)
         print(f"| {name} | {units[0]:.1f} | {units[1]:.1f} | {units[1] / units[0]:.3f} |", flush=True)
 
@@ -273,17 +278,20 @@ def main() -> None:
     parser.add_argument("--zoo-iters", type=int, default=3000)
     parser.add_argument("--methods", default=",".join(AUTO_HC), help="hyper-cleaning methods (comma-separated)")
     parser.add_argument("--mlp", action="store_true", help="also the PBGD MLP (MNIST)")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu or cuda: the toy parts (zoo, growing, cost); the hyper-cleaning parts stay on the CPU"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
-    print(environment())
+    print(environment(args.device))
     parts = args.parts.split(",")
     if "zoo" in parts:
-        part_zoo(args.zoo_iters)
+        part_zoo(args.zoo_iters, args.device)
     if "growing" in parts:
-        part_growing(800)
+        part_growing(800, args.device)
     if "cost" in parts:
-        part_cost()
+        part_cost(args.device)
     if "hyperclean" in parts:
         settings = [
             ("MNIST linear", "hyperclean_mnist_liu", ["problem.model=linear"]),

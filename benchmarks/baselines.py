@@ -26,6 +26,10 @@ Examples::
 
 5. with ``--select BENCH ...`` (only that): the choice of a grid on validation data, per
    method the bench (setting) and iteration count with the best mean ``val_accuracy``.
+
+``--device cuda`` moves the hyper-cleaning data (built on the CPU, seeded) to the GPU for the
+baselines and the retraining; the few-shot raw-pixel row builds its data with the experiment
+runner's loaders, on the CPU, and stays there.
 """
 
 from __future__ import annotations
@@ -74,11 +78,12 @@ def mean_std(values) -> str:
     return f"{statistics.fmean(values):.2f} ± {std:.2f}"
 
 
-def build_data(config: dict, run_seed: int, exclude_true_class: bool | None = None):
+def build_data(config: dict, run_seed: int, exclude_true_class: bool | None = None, device: str = "cpu"):
+    """The run's data, built on the CPU (seeded), then moved to ``device``."""
     p = config["problem"]
     exclude = p.get("exclude_true_class", False) if exclude_true_class is None else exclude_true_class
     kwargs = dict(exclude_true_class=True) if exclude else {}
-    return make_hyperclean_data(
+    data = make_hyperclean_data(
         p["dataset"],
         noise_rate=float(p["noise_rate"]),
         seed=int(p["seed"]) + int(run_seed),
@@ -89,6 +94,7 @@ def build_data(config: dict, run_seed: int, exclude_true_class: bool | None = No
         dtype=_DTYPES[p.get("dtype", "float32")],
         **kwargs,
     )
+    return data if device == "cpu" else data.to(device)
 
 
 def fixed_no_cleaning(config: dict, data, run_seed: int) -> float:
@@ -103,7 +109,7 @@ def baselines_table(name: str, overrides, seeds, args, record: dict) -> None:
     config = resolve_config(apply_overrides(load_config(name), overrides))
     p = config["problem"]
     try:
-        datasets = {s: build_data(config, s) for s in seeds}
+        datasets = {s: build_data(config, s, device=args.device) for s in seeds}
     except DatasetError as error:
         print(f"\n## {name}: skipped, dataset {p['dataset']!r} not available ({str(error).splitlines()[0]})")
         print("   `bilevel data` lists the datasets and how to install them.")
@@ -201,7 +207,7 @@ def retrain_runs(run_dirs, args, record: dict) -> None:
         if config["problem"]["kind"] != "hyperclean":
             continue
         p, seed = config["problem"], int(config["run"]["seed"])
-        data = build_data(config, seed)
+        data = build_data(config, seed, device=args.device)  # retrain_with_weights moves x to the data's device
         x = load_checkpoint(run_dir / "checkpoint.pt", map_location="cpu")["state"].x
         summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
         metrics = summary.get("metrics", {})
@@ -332,11 +338,15 @@ def main(argv=None) -> None:
     parser.add_argument("--select-metric", default="val_accuracy", help="validation metric of the logs that --select maximises")
     parser.add_argument("--select-seeds", default=None, help="comma-separated seeds --select looks at (default: all)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: the hyper-cleaning data (the few-shot row stays on the CPU)")
     parser.add_argument("--json", help="write every number to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    print(f"# hyper-cleaning baselines (python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()})")
+    print(
+        f"# hyper-cleaning baselines (python {sys.version.split()[0]}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+        + (f", device {args.device})" if args.device == "cpu" else f", device {torch.cuda.get_device_name()})")
+    )
     print(f"command: python benchmarks/baselines.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     record: dict = {}
     start = time.perf_counter()

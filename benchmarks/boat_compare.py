@@ -36,6 +36,10 @@ For each pair: (1) the largest |difference| of x and y after a few iterations fr
 start (both sides should compute the same iterates up to float rounding); (2) the minimum
 time of one iteration (over iterations 3..n, robust to other load) (BOAT: ``Problem.run_iter`` including its own loss bookkeeping;
 ours: ``method.step``) and the ratio.
+
+``--device cuda`` runs both sides on the GPU (BOAT is PyTorch too: its models, variables and
+``device`` setting follow; the data are drawn on the CPU, then moved), with the device
+synchronised around each timed step.
 """
 
 from __future__ import annotations
@@ -76,16 +80,17 @@ class Weights(nn.Module):
         self.logit = nn.Parameter(torch.zeros(n))
 
 
-def make_ll_model(model, features, classes, hidden, seed):
+def make_ll_model(model, features, classes, hidden, seed, device="cpu"):
+    """Initialised on the CPU (seeded), then moved to ``device``."""
     torch.manual_seed(seed)
     if model == "linear":
         net = nn.Linear(features, classes)
         nn.init.zeros_(net.weight), nn.init.zeros_(net.bias)
-        return net
-    return nn.Sequential(nn.Linear(features, hidden), nn.Sigmoid(), nn.Linear(hidden, classes))
+        return net.to(device)
+    return nn.Sequential(nn.Linear(features, hidden), nn.Sigmoid(), nn.Linear(hidden, classes)).to(device)
 
 
-def boat_config(gm, na, ll_model, ul_model, ll_lr, ul_lr, T, K, dm=None, log_path=None, fo=None):
+def boat_config(gm, na, ll_model, ul_model, ll_lr, ul_lr, T, K, dm=None, log_path=None, fo=None, device="cpu"):
     ll_opt = torch.optim.SGD(ll_model.parameters(), lr=ll_lr)
     ul_opt = torch.optim.SGD(ul_model.parameters(), lr=ul_lr)
     return {
@@ -100,7 +105,7 @@ def boat_config(gm, na, ll_model, ul_model, ll_lr, ul_lr, T, K, dm=None, log_pat
         "lower_level_opt": ll_opt,
         "upper_level_opt": ul_opt,
         "lower_iters": T,
-        "device": "cpu",
+        "device": str(device),
         "loss_log_path": log_path,
         "GDA": {"alpha_init": 0.0, "alpha_decay": 1.0},
         "RGT": {"truncate_iter": 0},
@@ -194,7 +199,7 @@ def our_problem(model, Xtr, ytr, Xva, yva, ll_model):
         return F.cross_entropy(net(y, Xva), yva)
 
     y0 = {n: p.detach().clone() for n, p in ll_model.named_parameters()}
-    x0 = {"logit": torch.zeros(Xtr.shape[0], dtype=Xtr.dtype)}
+    x0 = {"logit": torch.zeros(Xtr.shape[0], dtype=Xtr.dtype, device=Xtr.device)}
     return bl.Problem(upper=upper, lower=lower, x_init=x0, y_init=y0)
 
 
@@ -304,18 +309,21 @@ def main(argv=None):
     p.add_argument("--pairs", nargs="+", default=None)
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides; timings synchronise the device)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
-    print(environment("cpu"), "| boat-torch", getattr(boat, "__version__", "1.1.1"))
+    dev = args.device
+    print(environment(dev), "| boat-torch", getattr(boat, "__version__", "1.1.1"))
     gen = torch.Generator().manual_seed(0)
     n, d, c = args.n_train, args.features, 10
     Xtr = torch.randn(n, d, generator=gen) / d**0.5
     Xva = torch.randn(n, d, generator=gen) / d**0.5
     ytr = torch.randint(0, c, (n,), generator=gen)
     yva = torch.randint(0, c, (n,), generator=gen)
+    Xtr, Xva, ytr, yva = Xtr.to(dev), Xva.to(dev), ytr.to(dev), yva.to(dev)
     ll_feed, ul_feed = {"data": Xtr, "target": ytr}, {"data": Xva, "target": yva}
     log_path = os.path.join(tempfile.mkdtemp(), "boat_losses.json")
     print(
@@ -327,30 +335,35 @@ def main(argv=None):
         if args.pairs and name not in args.pairs:
             continue
         fo = na if gm is None else None  # (op name, its settings) of BOAT's first-order methods
-        ll_model = make_ll_model(args.model, d, c, args.hidden, seed=1)
-        ul_model = Weights(n)
+        ll_model = make_ll_model(args.model, d, c, args.hidden, seed=1, device=dev)
+        ul_model = Weights(n).to(dev)
         problem = our_problem(args.model, Xtr, ytr, Xva, yva, ll_model)
         state = method.init(problem)
         # a pair whose BOAT side has a quirk checks iterates with the method that reproduces it and
         # times the plain method (the quirk costs nothing)
         timed_method = timed[0] if timed else method
         timed_state = timed_method.init(problem)
-        cfg = boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, steps, args.solver_steps, dm, log_path, fo=fo)
+        cfg = boat_config(
+            gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, steps, args.solver_steps, dm, log_path, fo=fo, device=dev
+        )
         bp = boat_problem(cfg)
         boat_times, our_times = [], []
         dx = dy = 0.0
         for k in range(args.iters):
+            sync(dev)
             start = time.perf_counter()
             bp.run_iter(ll_feed, ul_feed, current_iter=k)
-            sync("cpu")
+            sync(dev)
             boat_times.append(time.perf_counter() - start)
             if timed:
                 start = time.perf_counter()
                 timed_state, _ = timed_method.step(problem, timed_state)
+                sync(dev)
                 our_times.append(time.perf_counter() - start)
             if k < args.check_iters or not timed:
                 start = time.perf_counter()
                 state, _ = method.step(problem, state)
+                sync(dev)
                 if not timed:
                     our_times.append(time.perf_counter() - start)
             if k < args.check_iters:

@@ -26,6 +26,8 @@ Reported: median and minimum over ``--repeats`` of that time per side, and the r
 difference of the two test-accuracy curves at equal iteration (same iterates: ~0). ``--json PATH`` saves the curves,
 ``--png PATH`` plots them,
 ``--from-json PATH`` re-summarises saved curves without running (e.g. with other ``--target-frac``).
+``--device cuda`` runs both sides on the GPU (data loaded or drawn on the CPU, then moved; BOAT's
+models and ``device`` setting follow), with the device synchronised around each timed step.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 import bilevel as bl
 import boat_compare as bc
 import common  # noqa: F401  (puts src/ on sys.path)
-from common import environment
+from common import environment, sync
 
 NAMES = {"DM/sl-BAMM": "sl-BAMM ↔ DM", "RAD/ITD": "RHG (ITD) ↔ RAD", "CG/AID-CG": "AID-CG ↔ CG", "NS/AID-Neumann": "AID-Neumann ↔ NS"}
 
@@ -53,9 +55,11 @@ def load(args):
         n, d = args.n_train, 784
         X = [torch.randn(n, d, generator=gen) / d**0.5 for _ in range(3)]
         Y = [torch.randint(0, 10, (n,), generator=gen) for _ in range(3)]
-        return X[0], Y[0], X[1], Y[1], X[2], Y[2]
-    data = bl.data.make_hyperclean_data(args.dataset, noise_rate=args.noise, seed=args.seed)
-    return data.x_train, data.y_train_noisy, data.x_val, data.y_val, data.x_test, data.y_test
+        D = X[0], Y[0], X[1], Y[1], X[2], Y[2]
+    else:
+        data = bl.data.make_hyperclean_data(args.dataset, noise_rate=args.noise, seed=args.seed)
+        D = data.x_train, data.y_train_noisy, data.x_val, data.y_val, data.x_test, data.y_test
+    return tuple(t.to(args.device) for t in D)
 
 
 @torch.no_grad()
@@ -67,12 +71,13 @@ def run_pair(name, spec, args, D):
     Xtr, ytr, Xva, yva, Xte, yte = D
     gm, na, T, dm, method = spec
     n, d = Xtr.shape
-    ll_model = bc.make_ll_model("linear", d, 10, 0, seed=1)
-    ul_model = bc.Weights(n)
+    dev = args.device
+    ll_model = bc.make_ll_model("linear", d, 10, 0, seed=1, device=dev)
+    ul_model = bc.Weights(n).to(dev)
     problem = bc.our_problem("linear", Xtr, ytr, Xva, yva, ll_model)
     state = method.init(problem)
     log_path = os.path.join(tempfile.mkdtemp(), "boat_losses.json")
-    cfg = bc.boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, T, args.solver_steps, dm, log_path)
+    cfg = bc.boat_config(gm, na, ll_model, ul_model, args.lr_lower, args.lr_upper, T, args.solver_steps, dm, log_path, device=dev)
     bp = bc.boat_problem(cfg)
     ll_feed, ul_feed = {"data": Xtr, "target": ytr}, {"data": Xva, "target": yva}
     curves = {
@@ -81,11 +86,14 @@ def run_pair(name, spec, args, D):
     }
     tb = to = 0.0
     for k in range(args.iters):
+        sync(dev)
         start = time.perf_counter()
         bp.run_iter(ll_feed, ul_feed, current_iter=k)
+        sync(dev)
         tb += time.perf_counter() - start
         start = time.perf_counter()
         state, _ = method.step(problem, state)
+        sync(dev)
         to += time.perf_counter() - start
         curves["boat"].append((tb, accuracy(ll_model.weight.detach(), ll_model.bias.detach(), Xte, yte)))
         curves["ours"].append((to, accuracy(state.y["weight"], state.y["bias"], Xte, yte)))
@@ -111,19 +119,25 @@ def main(argv=None):
     p.add_argument("--lr-upper", type=float, default=100.0)
     p.add_argument("--eta0", type=float, default=1.0)
     p.add_argument("--tau", type=float, default=0.1)
+    # boat_compare.pairs() reads these for its first-order pairs (VFO, PGDO, MESO); same defaults
+    p.add_argument("--lr-shadow", type=float, default=0.1, help=argparse.SUPPRESS)
+    p.add_argument("--u1", type=float, default=0.1, help=argparse.SUPPRESS)
+    p.add_argument("--gamma", type=float, default=0.3, help=argparse.SUPPRESS)
+    p.add_argument("--gamma-1", type=float, default=1e-3, help=argparse.SUPPRESS)
     p.add_argument("--iters", type=int, default=60)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--target-frac", type=float, nargs="+", default=[0.95, 0.99])
     p.add_argument("--from-json", default=None, help="re-summarise the curves saved by --json (no run)")
     p.add_argument("--pairs", nargs="+", default=["DM/sl-BAMM", "RAD/ITD", "CG/AID-CG", "NS/AID-Neumann"])
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (both sides; timings synchronise the device)")
     p.add_argument("--json", default=None)
     p.add_argument("--png", default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
-    print(environment("cpu"), "| boat-torch 1.1.1 | load", os.getloadavg())
+    print(environment(args.device), "| boat-torch 1.1.1 | load", os.getloadavg())
     D = load(args)
     print(
         f"hyper-cleaning linear, {args.dataset} (noise {args.noise}), n_train={D[0].shape[0]}, "

@@ -1,15 +1,18 @@
 """A/B in one process: the per-call overhead changes of docs/performance.md §6 on vs off.
 
     PYTHONPATH=src python benchmarks/overhead_ab.py [d]        # logistic problem, d = 100 by default
+    PYTHONPATH=src python benchmarks/overhead_ab.py 100 --device cuda
 
 "old" patches the previous versions back in (``tree._flat_kind`` with ``all(<generator>)``,
 ``tree.tree_map`` always through pytree, ``linsolve._safe_divide`` with ``finfo``/``zeros_like``,
 ``projected_direction_sq`` recomputing ‖d‖², ``tree.leaves_like`` always through ``_align_keys``); the two variants alternate 30 times
 and each
 figure is the minimum over rounds of the mean of 5 steps (robust to a shared machine).
+``--device cuda``: the problem's data are drawn on the CPU and moved; the device is
+synchronised around each timed block.
 """
 
-import sys
+import argparse
 import time
 
 import torch
@@ -57,7 +60,13 @@ def setmode(old):
     bt.leaves_like = old_ll if old else new["ll"]
 
 
-prob = common.logistic_problem(int(sys.argv[1]) if len(sys.argv) > 1 else 100)
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("d", type=int, nargs="?", default=100, help="dimension of the logistic problem")
+parser.add_argument("--device", default="cpu", help="cpu or cuda")
+args = parser.parse_args()
+dev = args.device
+prob = common.logistic_problem(args.d, device=dev)
+print(common.environment(dev))
 print(f"{'method':<12} {'old ms':>8} {'new ms':>8} {'saved':>6}")
 for name, m in common.methods().items():
     s = m.init(prob)
@@ -67,9 +76,11 @@ for name, m in common.methods().items():
             setmode(old)
             for _ in range(2):
                 m.step(prob, s)
+            common.sync(dev)
             t0 = time.perf_counter()
             for _ in range(5):
                 m.step(prob, s)
+            common.sync(dev)
             best[old] = min(best[old], (time.perf_counter() - t0) / 5)
     setmode(False)
     print(f"{name:<12} {best[True] * 1e3:8.3f} {best[False] * 1e3:8.3f} {100 * (1 - best[False] / best[True]):5.1f}%")

@@ -29,6 +29,10 @@ Pairs (same problem, same start, same hyper-parameters, same dtype as the offici
   y ∈ [−2, 2], 500 iterations, its CSV log) against ``bl.IAPTTGM(code_history=True)`` (the
   code's clamp makes ``higher`` record two entries per step, so it differentiates y_{⌈k̃/2⌉};
   the option reproduces that), and the paper's selection (``code_history=False``).
+
+``--device cuda`` runs our side on the GPU (its data and starts built on the CPU, then moved;
+iterates brought back to the CPU for the comparison); the official code always runs on the
+CPU, as written.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import torch.nn.functional as F
 
 import bilevel as bl
 import common  # noqa: F401
-from common import environment
+from common import environment, sync
 
 
 # ----------------------------------------------------------------------------- BOME toy
@@ -62,7 +66,7 @@ def _load_bome_toy(refs: Path) -> types.ModuleType:
     return module
 
 
-def bome_pair(refs: Path, iters: int, dtype: torch.dtype) -> dict:
+def bome_pair(refs: Path, iters: int, dtype: torch.dtype, device="cpu") -> dict:
     torch.set_default_dtype(dtype)  # the toy's variables follow it (its two data tensors are float32 integers)
     toy = _load_bome_toy(refs)
     x0 = torch.tensor([0.0, 3.0])
@@ -71,7 +75,7 @@ def bome_pair(refs: Path, iters: int, dtype: torch.dtype) -> dict:
     start = time.perf_counter()
     official = toy.bilevel_descent_bome(toy.x, toy.w, toy.x_lr, toy.w_lr, toy.xhat_lr, T, iters, eta)
     official_time = time.perf_counter() - start
-    points, target = toy.xcts.clone().to(dtype), toy.xcts0.clone().to(dtype)  # the authors' x is our y, their w our x
+    points, target = toy.xcts.clone().to(device, dtype), toy.xcts0.clone().to(device, dtype)  # the authors' x is our y, their w our x
 
     def upper(x, y, batch):
         return 0.1 * (y["y"] - target).pow(2).sum()
@@ -81,13 +85,14 @@ def bome_pair(refs: Path, iters: int, dtype: torch.dtype) -> dict:
 
     problem = bl.Problem(upper=upper, lower=lower)
     method = bl.BOME(lr_upper=lr, lr_lower=lr, lr_shadow=toy.xhat_lr, shadow_steps=T, eta=eta, phi="gradient", eps=1e-4)
-    state = method.init(problem, {"w": torch.zeros(4)}, {"y": x0.clone()})
+    state = method.init(problem, {"w": torch.zeros(4, device=device)}, {"y": x0.clone().to(device)})
     dx = dy = 0.0
+    sync(device)
     start = time.perf_counter()
     for k in range(iters):
         state, _ = method.step(problem, state)
-        dy = max(dy, float((state.y["y"].view(-1) - official["x"][k + 1]).abs().max()))
-        dx = max(dx, float((state.x["w"] - official["w"][k + 1]).abs().max()))
+        dy = max(dy, float((state.y["y"].view(-1).cpu() - official["x"][k + 1]).abs().max()))
+        dx = max(dx, float((state.x["w"].cpu() - official["w"][k + 1]).abs().max()))
     ours_time = time.perf_counter() - start
     torch.set_default_dtype(torch.float32)
     return {
@@ -96,7 +101,7 @@ def bome_pair(refs: Path, iters: int, dtype: torch.dtype) -> dict:
         "max |Δx|": dx,
         "max |Δy|": dy,
         "end (official)": f"y = {official['x'][-1].numpy().round(4).tolist()}, f = {official['f'][-1].item():.5f}",
-        "end (ours)": f"y = {state.y['y'].view(-1).numpy().round(4).tolist()}, f = {upper(None, state.y, None).item():.5f}",
+        "end (ours)": f"y = {state.y['y'].view(-1).cpu().numpy().round(4).tolist()}, f = {upper(None, state.y, None).item():.5f}",
         "time official / ours (s)": f"{official_time:.2f} / {ours_time:.2f}",
     }
 
@@ -134,7 +139,7 @@ def _t3_problem(code_gradient: bool) -> bl.Problem:
     return bl.Problem(upper=upper, lower=lower)
 
 
-def pbgd_pair(refs: Path, starts: int, seed: int) -> dict:
+def pbgd_pair(refs: Path, starts: int, seed: int, device="cpu") -> dict:
     sys.path.insert(0, str(refs / "PBGD" / "V-PBGD" / "toy"))
     import toy as pbgd_toy  # the authors' module: g, dg, f, df, box, solveF
 
@@ -151,7 +156,7 @@ def pbgd_pair(refs: Path, starts: int, seed: int) -> dict:
         counts.append(k)
     official_time = time.perf_counter() - start
     ends = np.array(ends)
-    kw = {"dtype": torch.float64}
+    kw = {"dtype": torch.float64, "device": device}
     results = {}
     for code_gradient in (True, False):
         problem = _t3_problem(code_gradient)
@@ -174,6 +179,7 @@ def pbgd_pair(refs: Path, starts: int, seed: int) -> dict:
             for i in np.flatnonzero(np.array(counts) == k):
                 mine[i] = (state.x["x"][i].item(), state.y["y"][i].item())
             state, _ = method.step(problem, state)
+        sync(device)
         results[code_gradient] = (mine, time.perf_counter() - begin)
     same, same_time = results[True]
     correct, _ = results[False]
@@ -189,7 +195,7 @@ def pbgd_pair(refs: Path, starts: int, seed: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- IAPTT-GM toy
-def iaptt_pair(refs: Path, iters: int) -> dict:
+def iaptt_pair(refs: Path, iters: int, device="cpu") -> dict:
     path = refs / "IAPTT-GM" / "experiment" / "Numerical.py"
     workdir = tempfile.mkdtemp()
     argv, cwd = sys.argv, os.getcwd()
@@ -231,7 +237,7 @@ def iaptt_pair(refs: Path, iters: int) -> dict:
             project_y=bl.Box(-2.0, 2.0),
             code_history=code_history,
         )
-        state = method.init(problem, {"x": torch.ones(1)}, {"y": torch.full((1,), 2.0)})
+        state = method.init(problem, {"x": torch.ones(1, device=device)}, {"y": torch.full((1,), 2.0, device=device)})
         xs, zs, sel = [], [], []
         begin = time.perf_counter()
         for _ in range(iters):
@@ -262,19 +268,21 @@ def main(argv=None):
     parser.add_argument("--iaptt-iters", type=int, default=500)
     parser.add_argument("--pairs", nargs="+", default=["bome", "pbgd", "iaptt"], choices=["bome", "pbgd", "iaptt"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: our side only (the official code runs on the CPU)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(environment("cpu"))
+    env = environment(args.device)
+    print(env if args.device == "cpu" else f"{env} (ours; the official code on the CPU)")
     rows = []
     if "bome" in args.pairs:
         # float64 first: the iterates agree to rounding; in float32 the division by ‖∇q̂‖² + 1e-4 where
         # ∇q̂ ≈ 0 (iteration ~50, λ jumps to ~23) amplifies rounding differences to 1e-2 on both sides
-        rows.append(bome_pair(args.refs, args.bome_iters, torch.float64))
-        rows.append(bome_pair(args.refs, args.bome_iters, torch.float32))
+        rows.append(bome_pair(args.refs, args.bome_iters, torch.float64, args.device))
+        rows.append(bome_pair(args.refs, args.bome_iters, torch.float32, args.device))
     if "pbgd" in args.pairs:
-        rows.append(pbgd_pair(args.refs, args.pbgd_starts, seed=0))
+        rows.append(pbgd_pair(args.refs, args.pbgd_starts, seed=0, device=args.device))
     if "iaptt" in args.pairs:
-        rows.append(iaptt_pair(args.refs, args.iaptt_iters))
+        rows.append(iaptt_pair(args.refs, args.iaptt_iters, device=args.device))
     for row in rows:
         print()
         for key, value in row.items():

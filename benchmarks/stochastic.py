@@ -10,6 +10,9 @@ timed without the metric; the metric is evaluated every ``--eval-every`` iterati
 
     PYTHONPATH=src python benchmarks/stochastic.py --seeds 10 --budget 4 --png docs/figures/stochastic_quadratic.png
 
+``--device cuda`` puts the data and the variables on the GPU (drawn on the CPU, then moved);
+the step time is measured with the device synchronised.
+
 Default run time on a 2-core CPU: 6 methods × seeds × budget (+ the metric), ~5 min for
 10 seeds at 4 s.
 """
@@ -32,6 +35,7 @@ import torch  # noqa: E402
 
 import bilevel as bl  # noqa: E402
 from bilevel.methods.stochastic import benchmark_steps  # noqa: E402
+from common import environment, sync  # noqa: E402
 
 #: benchopt's quadratics_021424 best parameters (β₀ = step_size, r = outer_ratio)
 BEST_QUADRATIC = {
@@ -85,9 +89,12 @@ def samples_per_iteration(method: bl.Method, b: int) -> float:
     return 2 * b
 
 
-def run(problem, method, streams, x0, budget: float, eval_every: int, max_iters: int = 10**9, metric=None, y0=None) -> list[dict]:
+def run(
+    problem, method, streams, x0, budget: float, eval_every: int, max_iters: int = 10**9, metric=None, y0=None, device="cpu"
+) -> list[dict]:
     """Steps until ``budget`` seconds of step time; records ``metric(state)`` (default: the
-    problem's ‖∇F(x)‖²) every ``eval_every`` iterations under the key ``"subopt"``."""
+    problem's ‖∇F(x)‖²) every ``eval_every`` iterations under the key ``"subopt"``; the
+    ``device`` is synchronised around each timed block."""
     metric = metric if metric is not None else (lambda state: problem.suboptimality(state.x))
     b = streams.lower.batch_size
     per_iter = samples_per_iteration(method, b)
@@ -100,6 +107,7 @@ def run(problem, method, streams, x0, budget: float, eval_every: int, max_iters:
     records = [{"iteration": 0, "time": 0.0, "samples": 0.0, "subopt": metric(state)}]
     elapsed, samples, k = 0.0, 0.0, 0
     while elapsed < budget and k < max_iters:
+        sync(device)
         start = time.perf_counter()
         for _ in range(eval_every):
             state, _ = method.step(problem, state, streams.batch_at(k))
@@ -108,6 +116,7 @@ def run(problem, method, streams, x0, budget: float, eval_every: int, max_iters:
             else:
                 samples += per_iter
             k += 1
+        sync(device)
         elapsed += time.perf_counter() - start
         value = metric(state)
         records.append({"iteration": k, "time": elapsed, "samples": samples, "subopt": value})
@@ -179,7 +188,7 @@ def mnist_arrays() -> dict:
     return out
 
 
-def datacleaning(ratio: float = 0.5, random_state: int = 32, reg: float = 0.2, dtype: torch.dtype = torch.float32):
+def datacleaning(ratio: float = 0.5, random_state: int = 32, reg: float = 0.2, dtype: torch.dtype = torch.float32, device="cpu"):
     """benchopt's MNIST data cleaning with the benchmark's split, corruption and scaling
     (``datasets/mnist.py``: n_train 20000, n_val 5000, test 10000, per-sample weights σ(x_i)
     on a multinomial logistic regression, ``reg ‖W‖²``). Returns ``(problem, data, test_error)``."""
@@ -197,9 +206,9 @@ def datacleaning(ratio: float = 0.5, random_state: int = 32, reg: float = 0.2, d
     scaler = StandardScaler()
     X_train = scaler.fit_transform(X_train)
     X_test, X_val = scaler.transform(mnist["test_images"]), scaler.transform(X_val)
-    t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype)
-    tl = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))
-    train = (t(X_train), tl(y_train), torch.arange(20000))
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=dtype).to(device)
+    tl = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64)).to(device)
+    train = (t(X_train), tl(y_train), torch.arange(20000, device=device))
     val = (t(X_val), tl(y_val))
     X_te, y_te = t(X_test), tl(mnist["test_labels"])
 
@@ -219,8 +228,8 @@ def datacleaning(ratio: float = 0.5, random_state: int = 32, reg: float = 0.2, d
     problem = bl.Problem(
         upper=upper,
         lower=lower,
-        x_init={"w": -2.0 * torch.ones(20000, dtype=dtype)},
-        y_init={"W": torch.zeros(784, 10, dtype=dtype)},
+        x_init={"w": -2.0 * torch.ones(20000, dtype=dtype, device=device)},
+        y_init={"W": torch.zeros(784, 10, dtype=dtype, device=device)},
         name=f"MNIST data cleaning (ratio {ratio})",
     )
 
@@ -234,8 +243,11 @@ def datacleaning(ratio: float = 0.5, random_state: int = 32, reg: float = 0.2, d
     return problem, streams, test_error
 
 
-def quadratic(n_lower: int, n_upper: int, dim_x: int, dim_y: int, dtype: torch.dtype):
-    return bl.problems.finite_sum_quadratic(n_lower=n_lower, n_upper=n_upper, dim_x=dim_x, dim_y=dim_y, mu=0.1, seed=2442, dtype=dtype)
+def quadratic(n_lower: int, n_upper: int, dim_x: int, dim_y: int, dtype: torch.dtype, device="cpu"):
+    """The data are drawn on the CPU (seeded) and moved to ``device``."""
+    return bl.problems.finite_sum_quadratic(
+        n_lower=n_lower, n_upper=n_upper, dim_x=dim_x, dim_y=dim_y, mu=0.1, seed=2442, dtype=dtype, device=device
+    )
 
 
 def main(argv=None) -> dict:
@@ -252,25 +264,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--dim-y", type=int, default=20)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (data drawn on the CPU, then moved; timings synchronise the device)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     if args.problem == "quadratic":
-        problem = quadratic(args.n_lower, args.n_upper, args.dim_x, args.dim_y, dtype)
-        x0, best, metric, make_streams = {"x": -2.0 * torch.ones(args.dim_x, dtype=dtype)}, BEST_QUADRATIC, None, problem.streams
+        problem = quadratic(args.n_lower, args.n_upper, args.dim_x, args.dim_y, dtype, args.device)
+        x0 = {"x": -2.0 * torch.ones(args.dim_x, dtype=dtype, device=args.device)}
+        best, metric, make_streams = BEST_QUADRATIC, None, problem.streams
     else:
-        problem, make_streams, metric = datacleaning(dtype=dtype)
+        problem, make_streams, metric = datacleaning(dtype=dtype, device=args.device)
         x0, best = None, BEST_DATACLEANING
-    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {problem.name}, batch {args.batch_size}, {args.dtype}")
+    print(f"# {environment(args.device)}, {problem.name}, batch {args.batch_size}, {args.dtype}")
     results: dict = {}
     for name in args.methods:
         method = make_method(name, best[name])
         runs = []
         for seed in range(1, args.seeds + 1):
             streams = make_streams(batch_size=args.batch_size, seed=seed)
-            runs.append(run(problem, method, streams, x0, args.budget, args.eval_every, metric=metric))
+            runs.append(run(problem, method, streams, x0, args.budget, args.eval_every, metric=metric, device=args.device))
         results[name] = runs
         finals = sorted(min(r["subopt"] for r in records) for records in runs)
         its = statistics.median(records[-1]["iteration"] for records in runs)
