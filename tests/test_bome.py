@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import bilevel as bl
-from bilevel.problems import T1, T2, T1g
+from bilevel.problems import T1, T2, T3, T3_LOCAL_MINIMA, T4, T1g
 from helpers import BAD_STEP_SIZES, assert_rejects_step_size
 
 
@@ -74,6 +74,38 @@ def test_t2_reaches_the_optimistic_solution():
     result = bl.solve(T2(n=4), bl.BOME(lr_upper=0.2, lr_lower=0.5, lr_shadow=0.5, shadow_steps=10, eta=0.5), max_iters=1500, log_every=500)
     torch.testing.assert_close(result.x["x"], torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-6)
     torch.testing.assert_close(result.y["y2"], torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_t3_random_starts_end_near_local_minima_of_the_value_function():
+    """T3 (nonconvex PL lower level, 10 starts in one run, so one λ for all): with steps 0.01 every
+    end lies within 0.01 of a local minimum of Φ (0.3824 or 2.8296 from these starts; 0.019 with
+    steps 0.02: the offset is O(α)) and y within 0.03 of y*(x) = −x."""
+    problem = T3(copies=10, seed=0)
+    method = bl.BOME(lr_upper=0.01, lr_lower=0.01, lr_shadow=0.1, shadow_steps=10, eta=0.5, project_x=bl.Box(0.0, 3.0))
+    result = bl.solve(problem, method, max_iters=2000, log_every=1000)
+    ends = result.x["x"]
+    nearest = torch.stack([(ends - m).abs() for m in T3_LOCAL_MINIMA]).min(dim=0)
+    assert nearest.values.max().item() < 0.01
+    assert set(nearest.indices.tolist()) == {0, 2}
+    assert (ends + result.y["y"]).abs().max().item() < 0.03
+
+
+def test_t4_end_point_approaches_the_optimistic_solution_in_proportion_to_the_step():
+    """T4 (wide least squares, convex PL): with fixed steps α the multiplier grows until α λ
+    balances the curvature of q̂ (λ ≈ 0.8/α) and the iterates settle O(α) from (x_opt, y_opt):
+    0.035 for α = 0.05, 0.018 for α = 0.025. The first-order extrapolation 2e(α/2) − e(α) is
+    below 1e-3, so the limit α → 0 is x_opt (a wrong rest point would leave a floor)."""
+    problem = T4(m=3, d=8, seed=0)
+    L = problem.smoothness["L_g"]
+    errors = []
+    for alpha, iters in ((0.05, 600), (0.025, 1200)):
+        method = bl.BOME(lr_upper=alpha, lr_lower=alpha, lr_shadow=1.0 / L, shadow_steps=20, eta=0.5)
+        result = bl.solve(problem, method, max_iters=iters, log_every=iters)
+        errors.append((result.x["x"] - problem.x_star["x"]).norm().item())
+        assert (result.y["y"] - problem.y_star["y"]).norm().item() < alpha
+    assert 0.02 < errors[0] < 0.05
+    assert 1.7 < errors[0] / errors[1] < 2.3
+    assert abs(2 * errors[1] - errors[0]) < 3e-3
 
 
 def test_oracle_calls_per_iteration_match_the_cost_table():
