@@ -66,6 +66,15 @@ def test_method_numbers_in_exponent_form_reach_the_method(override, key, value):
     assert (method.lr_upper.lr if key == "lr_upper" else getattr(method, key)) == value
 
 
+def test_auto_step_sizes_are_written_as_auto_in_yaml():
+    """``lr_lower: auto`` and ``lr_upper: auto`` reach the method as in Python; an auto upper
+    step takes no ``upper: adam`` (it has no α to hand to Adam): one line saying so."""
+    method = build_method(_resolve("method.name=BAGDC", "method.lr_lower=auto", "method.lr_upper=auto")["method"])
+    assert method.lr_lower == "auto" and method.lr_upper == "auto"
+    with pytest.raises(ConfigError, match=r"lr_upper: auto is the method's own step; it takes no upper: adam"):
+        build_method(_resolve("method.name=BAGDC", "method.lr_upper=auto", "method.upper=adam")["method"])
+
+
 def test_integer_keys_accept_integral_floats():
     resolved = _resolve("run.max_iters=1e4", "run.seed=1E3", "problem.n_train=5e2")
     assert resolved["run"]["max_iters"] == 10_000 and type(resolved["run"]["max_iters"]) is int
@@ -90,12 +99,12 @@ def test_stability_check_off_is_the_word_off():
     "override, message",
     [
         # method section: the runner's keys
-        ("method.lr_upper=abc", "method.lr_upper='abc' must be a positive number or null"),
-        ("method.lr_upper=[1,2]", "method.lr_upper=[1, 2] must be a positive number or null"),
-        ("method.lr_upper=0", "method.lr_upper=0 must be a positive number or null"),
-        ("method.lr_upper=.inf", "method.lr_upper=inf must be a positive number or null"),
-        ("method.lr_upper=.nan", "method.lr_upper=nan must be a positive number or null"),
-        ("method.lr_upper=true", "method.lr_upper=True must be a positive number or null"),
+        ("method.lr_upper=abc", "method.lr_upper='abc' must be a positive number, 'auto' or null"),
+        ("method.lr_upper=[1,2]", "method.lr_upper=[1, 2] must be a positive number, 'auto' or null"),
+        ("method.lr_upper=0", "method.lr_upper=0 must be a positive number, 'auto' or null"),
+        ("method.lr_upper=.inf", "method.lr_upper=inf must be a positive number, 'auto' or null"),
+        ("method.lr_upper=.nan", "method.lr_upper=nan must be a positive number, 'auto' or null"),
+        ("method.lr_upper=true", "method.lr_upper=True must be a positive number, 'auto' or null"),
         ("method.upper=rmsprop", "method.upper='rmsprop' must be one of adam, sgd"),
         ("method.solver=LU", "method.solver='LU' must be one of CG, Neumann, FixedPoint"),
         ("method.solver_steps=0", "method.solver_steps=0 must be an integer >= 1"),

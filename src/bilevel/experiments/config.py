@@ -289,7 +289,10 @@ RUN_KEYS: dict[str, Any] = RunSpec.defaults()
 #: method keys read by the runner (the others go to the method's constructor).
 METHOD_RULES: dict[str, _Rule] = {
     "upper": _choice("adam", "sgd"),
-    "lr_upper": _number("a positive number", lambda v: v > 0, optional=True),
+    "lr_upper": _Rule(
+        "a positive number, 'auto' or null",
+        lambda v: (v is None or v == "auto" or (_is_number(v) and math.isfinite(v) and v > 0), v),
+    ),
     "solver": _choice("CG", "Neumann", "FixedPoint"),
     "solver_steps": _COUNT,
     "solver_lr": _number("a positive number", lambda v: v > 0, optional=True),

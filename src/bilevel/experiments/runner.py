@@ -168,7 +168,11 @@ def build_method(section: dict, episodic: bool = False) -> Method:
     cls, _ = method_class(base)
     kwargs = {k: v for k, v in section.items() if k not in METHOD_COMMON_KEYS and k != "method"}
     upper, given = section.get("upper", DEFAULT_UPPER), section.get("lr_upper")
-    if given is not None or upper != DEFAULT_UPPER:
+    if given == "auto":  # the method's parameter-free upper step (bilevel.auto), as lr_upper="auto" in Python
+        if upper != DEFAULT_UPPER:
+            raise ConfigError(f"method {section['name']}: lr_upper: auto is the method's own step; it takes no upper: {upper}")
+        kwargs["lr_upper"] = "auto"
+    elif given is not None or upper != DEFAULT_UPPER:
         # a number is plain gradient steps, as in Python; upper: adam without lr_upper uses the method's own α
         lr: Any = float(given) if given is not None else next(f.default for f in dataclasses.fields(cls) if f.name == "lr_upper")
         if lr == "auto":  # the method's own upper step is the parameter-free DoG (bilevel.auto): no α to hand to Adam/SGD
