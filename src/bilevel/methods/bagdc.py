@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, cast
 
-from ..auto import AdaptiveLower, AutoSteps, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
-from ..parts import KKTResidual, LowerAggregated, LowerGD, Parts
+from ..auto import AdaptiveLower, AutoSteps, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
+from ..parts import LowerAggregated, LowerGD, Parts
 from ..schedules import ScheduleLike
 from ..updates import UpperOptimizer
 from ..validation import check_choice, check_count, check_fraction
@@ -121,14 +121,8 @@ class BAGDC(AutoSteps, StabilityChecked, DualOptions, Alternating):
             lower = LowerAggregated(lr=cast(float, self.lr_lower), steps=self.lower_steps, mu=self.lower_mu, index="outer")
         else:
             lower = LowerGD(lr=cast(float, self.lr_lower), steps=self.lower_steps)
-        return Parts(
-            lower=lower,
-            multiplier=self.auto_dual_correction(),
-            measure=KKTResidual(exact=self.exact_kkt),
-            order=self.order,
-            upper=auto_upper(self.lr_upper),
-        )
+        return self.dual_method_parts(lower)
 
     def stability_steps(self) -> list[tuple[str, float, int]]:
         """β and a fixed η_0 below ``2/λ_max`` of the Hessian of g (or φ_μ)."""
-        return self.given_steps([("lr_lower", self.lr_lower, 1), *([] if is_auto(self.lr_dual) else self.dual_stability_steps())])
+        return self.lower_and_dual_stability_steps()

@@ -8,8 +8,8 @@ from typing import Any, ClassVar, cast
 
 import torch
 
-from ..auto import AdaptiveLower, AutoSteps, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
-from ..parts import KKTResidual, LowerAggregated, LowerGD, Parts
+from ..auto import AdaptiveLower, AutoSteps, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
+from ..parts import LowerAggregated, LowerGD, Parts
 from ..problem import Problem
 from ..schedules import Schedule, ScheduleLike, as_schedule, bamm_schedules
 from ..state import State
@@ -146,17 +146,11 @@ class SlBAMM(AutoSteps, StabilityChecked, DualOptions, Alternating):
         lower: LowerGD | AdaptiveLower
         auto = is_auto(self.lr_lower)
         lower = AdaptiveLower(steps=1, mu=mu) if auto else LowerAggregated(lr=cast(float, self.lr_lower), steps=1, mu=mu, index="outer")
-        return Parts(
-            lower=lower,
-            multiplier=self.auto_dual_correction(),
-            measure=KKTResidual(exact=self.exact_kkt),
-            order=self.order,
-            upper=auto_upper(self.lr_upper),
-        )
+        return self.dual_method_parts(lower)
 
     def stability_steps(self) -> list[tuple[str, float, int]]:
         """β and a fixed η_0 below ``2/λ_max(∇²_yy φ_μ0)``."""
-        return self.given_steps([("lr_lower", self.lr_lower, 1), *([] if is_auto(self.lr_dual) else self.dual_stability_steps())])
+        return self.lower_and_dual_stability_steps()
 
     def averaging_weight(self, k: int) -> float:
         """μ used inside φ at iteration k (``freeze_phi_mu`` if set, else μ_k)."""

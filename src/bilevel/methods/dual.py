@@ -14,8 +14,10 @@ self-governed ``"periodic"`` rule (:class:`~bilevel.parts.Periodic`): a line sea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from ..parts import DualCorrection, FixedStep, LineSearch, Periodic
+from ..auto import auto_upper, is_auto
+from ..parts import DualCorrection, FixedStep, KKTResidual, LineSearch, Parts, Periodic
 from ..parts.assembly import ORDERS
 from ..parts.multiplier import NUMERATORS
 from ..schedules import ScheduleLike, as_schedule
@@ -67,3 +69,24 @@ class DualOptions:
     def dual_stability_steps(self) -> list[tuple[str, float, int]]:
         """A fixed η_0 is checked against ``2/λ_max(H_φ)`` like the lower step."""
         return [("lr_dual", float(as_schedule(self.lr_dual)(0)), 1)] if self.dual_step == "fixed" else []
+
+    # sl-BAMM and BAGDC differ only in their lower dynamics: the rest of their parts and the
+    # steps they check for stability are these (self is also an AutoSteps method)
+    def dual_method_parts(self, lower: Any) -> Parts:
+        """The parts around ``lower``: the dual correction of these options (monitored when
+        ``lr_dual="auto"``), the KKT measure, the order and the upper step."""
+        me: Any = self
+        return Parts(
+            lower=lower,
+            multiplier=me.auto_dual_correction(),
+            measure=KKTResidual(exact=self.exact_kkt),
+            order=self.order,
+            upper=auto_upper(me.lr_upper),
+        )
+
+    def lower_and_dual_stability_steps(self) -> list[tuple[str, float, int]]:
+        """β and a fixed η_0 below ``2/λ_max`` of the lower Hessian (of g or φ_μ); auto steps are not checked."""
+        me: Any = self
+        dual = [] if is_auto(self.lr_dual) else self.dual_stability_steps()
+        steps: list[tuple[str, float, int]] = me.given_steps([("lr_lower", me.lr_lower, 1), *dual])
+        return steps
