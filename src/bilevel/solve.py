@@ -144,7 +144,8 @@ def _transfer(info: dict, flags: Sequence[torch.Tensor]) -> tuple[dict, list[boo
     return dict(zip(keys, values[: len(keys)], strict=True)), [bool(v) for v in values[len(keys) :]]
 
 
-_NOT_CHECKED = ("iteration", "time")
+# not judged: the counters, and the float16 loss scale (a power of two that may exceed any threshold)
+_NOT_CHECKED = ("iteration", "time", "loss_scale", "loss_scale_skipped")
 
 
 class _DivergenceCheck:
@@ -391,10 +392,14 @@ def solve(
             the others raise :class:`~bilevel.distributed.DistributedError` within the
             group's timeout. Call it with the same arguments on every process (callbacks
             excepted: give loggers to rank 0 only).
-        precision: ``None`` (default) or ``"bf16"``: evaluate the objectives under
-            ``torch.autocast`` in bfloat16 while the variables, the multiplier, the products
-            as vectors and the linear solves stay float32 (:mod:`bilevel.precision`;
-            float64 variables are refused in one line).
+        precision: ``None`` (default), ``"bf16"`` or ``"fp16"`` (or a
+            :class:`~bilevel.precision.Autocast`): evaluate the objectives under
+            ``torch.autocast`` in bfloat16 / float16 while the variables, the multiplier, the
+            products as vectors and the linear solves stay float32 (:mod:`bilevel.precision`;
+            float64 variables are refused in one line). float16 comes with dynamic loss
+            scaling: the diagnostics ``loss_scale`` and ``loss_scale_skipped`` are logged,
+            the scale is checkpointed with the state, and a step whose derivatives overflow
+            is made again at half the scale.
 
     Divergence is reported at the exact iteration where it first happened: when a record
     shows NaN/Inf or a runaway value, the iterations since the previous record are
@@ -434,10 +439,17 @@ def solve(
         problem, source = dp.prepare(problem, source)
     writer = dp is None or dp.rank == 0
     autocast = as_precision(precision)
+    configured = method  # what a checkpoint records and a resume is checked against
     if autocast is not None:
         if resume is None:
             check_autocast_variables(*problem.initial_point(x0, y0), autocast.dtype)
+        if compile and autocast.loss_scaling is not None:
+            raise ValueError(
+                "solve(compile=True) cannot be combined with float16 loss scaling (the scaled objectives are not the "
+                "compiled ones): pass compile=False, or precision='bf16'"
+            )
         problem = autocast.problem(problem)
+        method = autocast.method(method)
     if compile:
         from .compile import compiled
 
@@ -452,7 +464,7 @@ def solve(
     if resume is not None:
         where = str(resume) if not isinstance(resume, dict) else "the resume payload"
         payload = resume if isinstance(resume, dict) else load_checkpoint(resume)
-        _check_resumable(payload, method, problem, x0, y0, where)
+        _check_resumable(payload, configured, problem, x0, y0, where)
         state = payload["state"]
         history = list(payload["history"])
         saved_meta = payload.get("meta") or {}
