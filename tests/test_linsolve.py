@@ -87,6 +87,30 @@ def test_cg_on_a_dict_tree_equals_the_flat_solve():
     assert _rel(join(res.v), V_STAR) <= 1e-8
 
 
+@pytest.mark.parametrize(
+    "solver",
+    [bl.CG(steps=N), bl.Neumann(steps=60, lr=0.15), bl.FixedPoint(steps=60, lr=0.15), bl.NormalGD(steps=600, lr=0.019)],
+    ids=["CG", "Neumann", "FixedPoint", "NormalGD"],
+)
+def test_solvers_on_dict_trees_pair_leaves_by_key(solver):
+    # The solvers iterate on leaf lists; a warm start and a matvec whose dicts list the keys in
+    # another order must still be paired by key (the same iterates as on the flat vector).
+    def split(v, order=("a", "b")):
+        parts = {"a": v[:5].reshape(5), "b": v[5:].reshape(3, 1)}
+        return {k: parts[k] for k in order}
+
+    def join(t):
+        return torch.cat([t["a"].reshape(-1), t["b"].reshape(-1)])
+
+    v0 = 0.5 * V_STAR
+    tree = solver(lambda t: split(H @ join(t), ("b", "a")), split(B), v0=split(v0, ("b", "a")))
+    flat = solver(_mv(H), B, v0=v0.clone())
+    assert list(tree.v) == ["a", "b"] and tree.v["b"].shape == (3, 1)
+    torch.testing.assert_close(join(tree.v), flat.v, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(tree.residual_sq, flat.residual_sq, rtol=1e-12, atol=1e-24 * float(B @ B))
+    assert _rel(flat.v, V_STAR) <= 1e-3  # the comparison is made near the solution, not at an arbitrary point
+
+
 def test_cg_warm_start_is_used():
     exact = bl.CG(steps=1)(_mv(H), B, v0=V_STAR.clone())
     assert _rel(exact.v, V_STAR) <= 1e-12  # r₀ = 0: nothing to correct

@@ -137,3 +137,19 @@ def test_binary_operations_pair_dict_leaves_by_key_not_by_insertion_order():
     assert float(s["x"]) == 21.0 and float(s["y"]) == 12.0
     mapped = T.tree_map(lambda p, q: p + q, a, b)  # tree_map already matches keys
     assert float(mapped["x"]) == 21.0
+
+
+def test_leaf_list_operations_equal_the_tree_operations():
+    gen = torch.Generator().manual_seed(3)
+    a = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64), "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+    b = {"w": torch.randn(3, 2, generator=gen, dtype=torch.float64), "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+    la, lb = T.leaves(a), T.leaves(b)
+    flat_a, flat_b = torch.cat([t.reshape(-1) for t in la]), torch.cat([t.reshape(-1) for t in lb])
+    torch.testing.assert_close(T.vdot_leaves(la, lb), flat_a @ flat_b, rtol=1e-14, atol=0)
+    torch.testing.assert_close(T.sq_norm_leaves(la), flat_a @ flat_a, rtol=1e-14, atol=0)
+    for c in (-0.25, torch.tensor(-0.25, dtype=torch.float64)):  # Python and tensor scalars
+        out = T.axpy_leaves(c, la, lb)
+        torch.testing.assert_close(torch.cat([t.reshape(-1) for t in out]), flat_b - 0.25 * flat_a, rtol=1e-15, atol=0)
+        assert all(torch.equal(p, q) for p, q in zip(out, T.leaves(T.axpy(c, a, b)), strict=True))
+    with pytest.raises(ValueError, match="empty tree"):
+        T.vdot_leaves([], [])

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -40,6 +41,7 @@ from .tree import Tree
 from .validation import ArgumentTypeError, check_count, check_positive, describe
 
 MatVec = Callable[[Tree], Tree]
+LeafMatVec = Callable[[T.Leaves], T.Leaves]
 
 __all__ = [
     "CG",
@@ -129,6 +131,11 @@ def _safe_divide(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
     return torch.where(den > _tiny(den.dtype), num / den, 0.0)
 
 
+def _leaf_matvec(matvec: MatVec, like: Tree) -> LeafMatVec:
+    """``matvec`` on the leaf lists of trees shaped like ``like`` (the solvers iterate on lists)."""
+    return lambda leaves: T.leaves_like(matvec(T.unflatten_like(leaves, like)), like)
+
+
 @dataclass(frozen=True)
 class CG(LinearSolver):
     """Conjugate gradient on ``H v = b`` for symmetric positive (semi)definite ``H``.
@@ -151,23 +158,24 @@ class CG(LinearSolver):
         check_count("CG", "steps", self.steps)
 
     def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
-        v = T.zeros_like(b) if v0 is None else v0
-        r = b if v0 is None else T.sub(b, matvec(v0))
+        mv, bl = _leaf_matvec(matvec, b), T.leaves(b)
+        v: T.Leaves = [torch.zeros_like(t) for t in bl] if v0 is None else T.leaves_like(v0, b)
+        r = bl if v0 is None else torch._foreach_sub(bl, mv(v))
         p = r
-        rr = T.sq_norm(r)
+        rr = T.sq_norm_leaves(r)
         # once ‖r‖ ≤ ε‖b‖ the system is solved to rounding; further steps on a singular H
         # would divide rounding noise by a vanishing curvature and make v drift
-        solved_below = (torch.finfo(rr.dtype).eps ** 2) * T.sq_norm(b)
+        solved_below = (torch.finfo(rr.dtype).eps ** 2) * T.sq_norm_leaves(bl)
         for _ in range(self.steps):
-            hp = matvec(p)
-            alpha = torch.where(rr > solved_below, _safe_divide(rr, T.vdot(p, hp)), torch.zeros_like(rr))
-            v = T.axpy(alpha, p, v)
-            r = T.axpy(-alpha, hp, r)
-            rr_new = T.sq_norm(r)
+            hp = mv(p)
+            alpha = torch.where(rr > solved_below, _safe_divide(rr, T.vdot_leaves(p, hp)), 0.0)
+            v = T.axpy_leaves(alpha, p, v)
+            r = T.axpy_leaves(-alpha, hp, r)
+            rr_new = T.sq_norm_leaves(r)
             beta = _safe_divide(rr_new, rr)
-            p = T.axpy(beta, p, r)
+            p = T.axpy_leaves(beta, p, r)
             rr = rr_new
-        return LinearSolveResult(v=v, residual_sq=rr)
+        return LinearSolveResult(v=T.unflatten_like(v, b), residual_sq=rr)
 
 
 def _residual(matvec: MatVec, b: Tree, v: Tree | None) -> Tree:
@@ -177,6 +185,15 @@ def _residual(matvec: MatVec, b: Tree, v: Tree | None) -> Tree:
 
 def _start(b: Tree, v0: Tree | None) -> Tree:
     return T.zeros_like(b) if v0 is None else v0
+
+
+def _residual_leaves(mv: LeafMatVec, b: T.Leaves, v: T.Leaves | None) -> T.Leaves:
+    """:func:`_residual` on leaf lists."""
+    return torch._foreach_mul(b, -1.0) if v is None else torch._foreach_sub(mv(v), b)
+
+
+def _start_leaves(b: T.Leaves, v0: T.Leaves | None) -> T.Leaves:
+    return [torch.zeros_like(t) for t in b] if v0 is None else v0
 
 
 @dataclass(frozen=True)
@@ -200,14 +217,15 @@ class Neumann(LinearSolver):
         check_positive("Neumann", "lr", self.lr)
 
     def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
-        term = b
-        v = T.scale(self.lr, b)
+        mv, bl = _leaf_matvec(matvec, b), T.leaves(b)
+        term: T.Leaves = bl
+        v: T.Leaves = torch._foreach_mul(bl, self.lr)
         for _ in range(self.steps):
-            term = T.axpy(-self.lr, matvec(term), term)
-            v = T.axpy(self.lr, term, v)
+            term = T.axpy_leaves(-self.lr, mv(term), term)
+            v = T.axpy_leaves(self.lr, term, v)
         # b − H v = (I − sH)^{K+1} b would cost one more product; the last term
         # ‖(I − sH)^K b‖² bounds it within a factor ‖I − sH‖ and is free
-        return LinearSolveResult(v=v, residual_sq=T.sq_norm(term))
+        return LinearSolveResult(v=T.unflatten_like(v, b), residual_sq=T.sq_norm_leaves(term))
 
 
 @dataclass(frozen=True)
@@ -233,13 +251,15 @@ class FixedPoint(LinearSolver):
         check_positive("FixedPoint", "lr", self.lr)
 
     def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
-        v, r = v0, None
-        for _ in range(self.steps):
-            r = _residual(matvec, b, v)
-            v = T.axpy(-self.lr, r, _start(b, v))
+        mv, bl = _leaf_matvec(matvec, b), T.leaves(b)
+        v: T.Leaves | None = None if v0 is None else T.leaves_like(v0, b)
+        r: T.Leaves = []
+        for _ in range(self.steps):  # steps ≥ 1, so v is set
+            r = _residual_leaves(mv, bl, v)
+            v = T.axpy_leaves(-self.lr, r, _start_leaves(bl, v))
         # the residual of the last iterate that formed one (‖H v' − b‖², v' the previous
         # iterate): one norm after the loop, not one per iteration kept only at the end
-        return LinearSolveResult(v=v, residual_sq=T.sq_norm(r))
+        return LinearSolveResult(v=T.unflatten_like(cast(T.Leaves, v), b), residual_sq=T.sq_norm_leaves(r))
 
 
 @dataclass(frozen=True)
@@ -271,13 +291,18 @@ class NormalGD(LinearSolver):
         return 2 * self.steps
 
     def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
-        v, r, hr = v0, None, None
-        for _ in range(self.steps):
-            r = _residual(matvec, b, v)
-            hr = matvec(r)
-            v = T.axpy(-self.lr, hr, _start(b, v))
+        mv, bl = _leaf_matvec(matvec, b), T.leaves(b)
+        v: T.Leaves | None = None if v0 is None else T.leaves_like(v0, b)
+        r: T.Leaves = []
+        hr: T.Leaves = []
+        for _ in range(self.steps):  # steps ≥ 1, so v is set
+            r = _residual_leaves(mv, bl, v)
+            hr = mv(r)
+            v = T.axpy_leaves(-self.lr, hr, _start_leaves(bl, v))
         # the norms of the last iteration only (computed once, after the loop)
-        return LinearSolveResult(v=v, residual_sq=T.sq_norm(r), normal_residual_sq=T.sq_norm(hr))
+        return LinearSolveResult(
+            v=T.unflatten_like(cast(T.Leaves, v), b), residual_sq=T.sq_norm_leaves(r), normal_residual_sq=T.sq_norm_leaves(hr)
+        )
 
 
 def line_search_step_size(r_sq: torch.Tensor, r_h_r: torch.Tensor, fallback: float, max_step: float | None) -> torch.Tensor:

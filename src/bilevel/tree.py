@@ -18,12 +18,15 @@ import torch
 from torch.utils import _pytree as pytree
 
 Tree = Any
+Leaves = list[torch.Tensor] | tuple[torch.Tensor, ...]
 
 __all__ = [
+    "Leaves",
     "Tree",
     "add",
     "all_finite",
     "axpy",
+    "axpy_leaves",
     "clone",
     "detach",
     "leaves",
@@ -31,11 +34,13 @@ __all__ = [
     "norm",
     "scale",
     "sq_norm",
+    "sq_norm_leaves",
     "structure_summary",
     "sub",
     "tree_map",
     "unflatten_like",
     "vdot",
+    "vdot_leaves",
     "zeros_like",
 ]
 
@@ -63,7 +68,7 @@ def leaves(tree: Tree) -> list[torch.Tensor]:
     return pytree.tree_leaves(tree)
 
 
-def unflatten_like(tensors: list[torch.Tensor] | tuple, like: Tree) -> Tree:
+def unflatten_like(tensors: Leaves, like: Tree) -> Tree:
     """Rebuild a tree with the structure of ``like`` from a flat list of tensors."""
     kind = _flat_kind(like)
     if kind == 1 and len(tensors) == 1:
@@ -128,24 +133,42 @@ def scale(c: float | torch.Tensor, a: Tree) -> Tree:
 
 def axpy(c: float | torch.Tensor, x: Tree, y: Tree) -> Tree:
     """``y + c * x`` (BLAS naming)."""
-    if isinstance(c, torch.Tensor):  # one fused kernel per leaf: y + x·c (alpha= takes Python numbers only)
-        ys = leaves(y)
-        return unflatten_like(torch._foreach_addcmul(ys, leaves_like(x, y), [c] * len(ys)), y)
-    return unflatten_like(torch._foreach_add(leaves(y), leaves_like(x, y), alpha=c), y)
+    return unflatten_like(axpy_leaves(c, leaves_like(x, y), leaves(y)), y)
 
 
 def vdot(a: Tree, b: Tree) -> torch.Tensor:
     """Euclidean inner product ``<a, b>`` summed over all leaves (0-d tensor)."""
-    la, lb = leaves(a), leaves_like(b, a)
+    return vdot_leaves(leaves(a), leaves_like(b, a))
+
+
+def sq_norm(a: Tree) -> torch.Tensor:
+    """Squared Euclidean norm ``||a||^2`` over all leaves (0-d tensor)."""
+    return sq_norm_leaves(leaves(a))
+
+
+# The same operations on the leaf lists of trees of one structure. Iterative solvers flatten
+# once, run every iteration on lists and rebuild the tree at the end: the per-call tree
+# bookkeeping (structure checks, key pairing) is then paid once per solve, not per operation.
+
+
+def axpy_leaves(c: float | torch.Tensor, xs: Leaves, ys: Leaves) -> Leaves:
+    """``[y + c * x]`` leaf by leaf (the kernels of :func:`axpy`)."""
+    if isinstance(c, torch.Tensor):  # one fused kernel per leaf: y + x·c (alpha= takes Python numbers only)
+        return torch._foreach_addcmul(ys, xs, [c] * len(ys))
+    return torch._foreach_add(ys, xs, alpha=c)
+
+
+def vdot_leaves(la: Leaves, lb: Leaves) -> torch.Tensor:
+    """``Σ <a_i, b_i>`` over paired leaves (0-d tensor; the kernels of :func:`vdot`)."""
     if not la:
         raise ValueError("vdot of an empty tree: the variables hold no tensor")
     products = [torch.sum(p * q) for p, q in zip(la, lb, strict=True)]
     return torch.stack(products).sum() if len(products) > 1 else products[0]
 
 
-def sq_norm(a: Tree) -> torch.Tensor:
-    """Squared Euclidean norm ``||a||^2`` over all leaves (0-d tensor)."""
-    norms = torch._foreach_norm(leaves(a))
+def sq_norm_leaves(la: Leaves) -> torch.Tensor:
+    """``Σ ‖a_i‖²`` over leaves (0-d tensor; the kernels of :func:`sq_norm`)."""
+    norms = torch._foreach_norm(la)
     return torch.stack(norms).square().sum() if len(norms) > 1 else norms[0].square()
 
 
