@@ -148,7 +148,8 @@ def _worker(rank, world_size, port, out_dir, scenario, timeout_s):
     finally:
         if scenario == "dead":
             os._exit(0)  # the group lost a member: skip its teardown, which waits out the timeout
-        dist.destroy_process_group()
+        if dist.is_initialized():  # the command-line scenarios tear the group down themselves
+            dist.destroy_process_group()
 
 
 def spawn(scenario, tmp_path, world_size=2, timeout_s=5.0, meanwhile=None):
@@ -210,7 +211,15 @@ def _scenario_dead(rank, world_size, out_dir):
         return {"error": str(err), "seconds": time.monotonic() - start}
 
 
-SCENARIOS = {"iterates": _scenario_iterates, "dead": _scenario_dead}
+def _scenario_resume(rank, world_size, out_dir):
+    """`bilevel resume two --max-iters 4` as torchrun would start it on this rank."""
+    from bilevel.cli import main
+
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank))
+    return {"status": main(["resume", str(out_dir / "two"), "--max-iters", "4", "--no-progress"])}
+
+
+SCENARIOS = {"iterates": _scenario_iterates, "dead": _scenario_dead, "resume": _scenario_resume}
 
 
 # -- tests --------------------------------------------------------------------------------------
@@ -347,6 +356,77 @@ def test_cli_nproc_2_gives_the_run_of_one_process(tiny_config, tmp_path):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5)  # float32 configuration
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one", "tiny.yaml", "two"]
+
+
+def _one_process_run(tiny_config, tmp_path):
+    """A 2-iteration float64 run of the tiny configuration by one process (its folder)."""
+    from bilevel.cli import main
+
+    args = [tiny_config, "run.max_iters=2", "run.eval_every=2", "problem.dtype=float64", "--no-progress"]
+    assert main(["run", *args, "--out", str(tmp_path / "one")]) == 0
+    return tmp_path / "one"
+
+
+def test_two_processes_resume_a_one_process_run_to_its_iterates(tiny_config, tmp_path):
+    """`bilevel resume RUN_DIR --nproc 2` of a checkpoint one process wrote: the same iterates
+    as one process resuming it (float64, 1e-10); rank 0 alone writes the folder."""
+    import json
+    import shutil
+
+    from bilevel.cli import main
+
+    one = _one_process_run(tiny_config, tmp_path)
+    shutil.copytree(one, tmp_path / "two")
+    x_at_2 = bl.load_checkpoint(one / "checkpoint.pt")["state"].x
+    outs, status = spawn("resume", tmp_path, meanwhile=lambda: main(["resume", str(one), "--max-iters", "4", "--no-progress"]))
+    assert status == 0 and outs[0]["status"] == outs[1]["status"] == 0
+    a, b = (bl.load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("one", "two"))
+    assert a["state"].k == b["state"].k == 4 and b["meta"]["world_size"] == 2 and "world_size" not in a["meta"]
+    for name in ("x", "y", "v"):
+        assert close(getattr(a["state"], name), getattr(b["state"], name), 1e-10), name
+    assert not close(a["state"].x, x_at_2, 1e-6)  # the resumed iterations moved x
+    logs = [[json.loads(line) for line in (tmp_path / d / "log.jsonl").read_text().splitlines()] for d in ("one", "two")]
+    assert [r["iteration"] for r in logs[0]] == [r["iteration"] for r in logs[1]] == [0, 2, 4]
+    for r1, r2 in zip(*logs, strict=True):
+        for key in ("upper_loss", "stationarity", "test_accuracy"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-9), key
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("rank")) == ["one", "tiny.yaml", "two"]
+
+
+def test_cli_resume_nproc_checks_before_starting_any_process(monkeypatch, capsys, tiny_config, tmp_path):
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from bilevel.cli import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command, env: calls.append(command) or 0)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    one = _one_process_run(tiny_config, tmp_path)
+    capsys.readouterr()
+    # more processes than the data split into: one line, nothing launched
+    assert main(["resume", str(one), "--nproc", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "n_train=100 cannot be split into 3 equal shards: run on a number of processes (--nproc)" in err
+    # a configuration that differs from the checkpoint's: one line, nothing launched
+    config = yaml.safe_load((one / "config.yaml").read_text())
+    changed = shutil.copytree(one, tmp_path / "changed")
+    config["method"]["lr_lower"] = 0.25
+    (changed / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["resume", str(changed), "--nproc", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "differs from the configuration its checkpoint was made with (method.lr_lower 0.5 → 0.25" in err
+    assert main(["resume", str(one), "--nproc", "0"]) == 2
+    assert "--nproc=0 must be a positive number of processes" in capsys.readouterr().err
+    assert calls == []
+    # a good request relaunches itself through torchrun with the same options
+    assert main(["resume", str(one), "--nproc", "2", "--max-iters", "4", "--no-progress"]) == 0
+    ((command,),) = [calls]
+    assert "--nproc_per_node=2" in command
+    assert command[command.index("bilevel") :] == ["bilevel", "resume", str(one), "--max-iters", "4", "--no-progress"]
 
 
 def test_docstring_examples_run():

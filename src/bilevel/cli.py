@@ -3,7 +3,7 @@
     bilevel run CONFIG_OR_NAME [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
     bilevel bench CONFIG_OR_NAME [--methods GALET,CG] [--seeds 0,1,2] [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
     bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE
-    bilevel resume RUN_DIR|BENCH_DIR [--max-iters N] [--data-dir DIR]
+    bilevel resume RUN_DIR|BENCH_DIR [--max-iters N] [--data-dir DIR] [--nproc N]
     bilevel check CONFIG_OR_NAME [--methods GALET,CG] [--warmup N] [section.key=value ...] [--data-dir DIR]
     bilevel data [--data-dir DIR]
     bilevel list
@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-iters", type=int, default=None, help="new total number of iterations (a run directory only)")
     p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes on this machine, launched with torchrun; any number resumes any checkpoint (docs/distributed.md)",
+    )
 
     p = sub.add_parser("check", help="check each method's hypergradient at the experiment's initial point (docs/check.md)")
     p.add_argument("config", metavar="CONFIG_OR_NAME", help="a YAML file or a built-in configuration (bilevel list)")
@@ -241,16 +247,16 @@ def _run(args: argparse.Namespace) -> int:
         _print_summary(summary)
         return _run_status(summary)
     if args.command == "resume":
-        from .experiments.runner import read_manifest, resume_bench, resume_run
+        from . import distributed
+        from .experiments.runner import check_resume
 
-        manifest = read_manifest(args.run_dir) if Path(args.run_dir).is_dir() else None
-        if manifest is not None and manifest["kind"] == "bench":
-            if args.max_iters is not None:
-                raise CLIError("--max-iters applies to a run directory; a bench resumes with the iterations it was started with")
-            return _bench_status(resume_bench(args.run_dir, progress=not args.no_progress, data_dir=args.data_dir))
-        summary = resume_run(args.run_dir, args.max_iters, progress=not args.no_progress, data_dir=args.data_dir, on_divergence="status")
-        _print_summary(summary)
-        return _run_status(summary)
+        if args.nproc != 1 or distributed.launched_by_torchrun():
+            return distributed.resume_command(
+                args,
+                lambda: check_resume(args.run_dir, args.nproc, args.max_iters, data_dir=args.data_dir),
+                lambda folder, main: _resume(args, folder, main),
+            )
+        return _resume(args, args.run_dir, True)
     if args.command == "bench":
         from .experiments.runner import data_dir_override
 
@@ -288,6 +294,25 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {', '.join(map(str, paths))}")
         return EXIT_OK
     raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
+
+
+def _resume(args: argparse.Namespace, folder: str, main: bool) -> int:
+    """``bilevel resume``: a bench or a run folder. ``main=False``: a process of a distributed
+    resume other than rank 0, which works on its copy of the folder and prints nothing."""
+    from .experiments.runner import read_manifest, resume_bench, resume_run
+
+    progress = main and not args.no_progress
+    manifest = read_manifest(folder) if Path(folder).is_dir() else None
+    if manifest is not None and manifest["kind"] == "bench":
+        if args.max_iters is not None:
+            raise CLIError("--max-iters applies to a run directory; a bench resumes with the iterations it was started with")
+        result = resume_bench(folder, progress=progress, data_dir=args.data_dir)
+        return _bench_status(result) if main else EXIT_OK
+    summary = resume_run(folder, args.max_iters, progress=progress, data_dir=args.data_dir, on_divergence="status")
+    if not main:
+        return EXIT_OK
+    _print_summary(summary)
+    return _run_status(summary)
 
 
 def _check(args: argparse.Namespace) -> int:

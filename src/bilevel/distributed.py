@@ -67,6 +67,7 @@ __all__ = [
     "DataParallel",
     "DistributedError",
     "ShardedSource",
+    "check_shards",
     "data_parallel",
     "is_active",
     "shard",
@@ -359,6 +360,22 @@ def data_parallel(problem: Problem, group: Any = None) -> Problem:
     return DataParallel(group).problem(problem)
 
 
+def check_shards(problem: Problem, source: Any, world_size: int) -> None:
+    """Refuse, in one line, a number of processes the data of the library's own problems and
+    sources cannot be split into equal shards (what :meth:`DataParallel.prepare` splits);
+    other problems and sources are the user's shards already."""
+    if world_size <= 1:
+        return
+    from .problems.fewshot import EpisodeSource
+    from .problems.hyperclean import HypercleanProblem
+
+    if isinstance(problem, HypercleanProblem):
+        _shard_hyperclean(problem, 0, world_size)
+    if isinstance(source, EpisodeSource):
+        dims = {"support_x": 1, "support_y": 1, "query_x": 1, "query_y": 1}
+        _EpisodeShards(source, dims, 0, world_size).batch_at(0)
+
+
 def check_world_size(group: Any = None) -> None:
     """Refuse a process group whose size differs from torchrun's ``WORLD_SIZE`` (one line)."""
     expected = os.environ.get("WORLD_SIZE")
@@ -433,7 +450,7 @@ class ShardedSource:
         return shard(batch, self.rank, self.world_size, self.dims)
 
 
-# -- the command line: `bilevel run CONFIG --nproc N` -----------------------------------------------
+# -- the command line: `bilevel run CONFIG --nproc N`, `bilevel resume FOLDER --nproc N` -----------
 WORKER_ENV = "BILEVEL_DISTRIBUTED_WORKER"
 TIMEOUT_ENV = "BILEVEL_DIST_TIMEOUT"
 
@@ -518,6 +535,53 @@ def run_command(
         scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{dp.rank}-")
         try:
             return status(run(str(Path(scratch) / "run"), False))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resume_command(args: Any, check: Callable[[], None], resume: Callable[[str, bool], int]) -> int:
+    """``bilevel resume FOLDER --nproc N``: check the request (``check()``: one line for a bad
+    one, before any process starts) and launch through torchrun; or — in a process torchrun
+    started — join the group and ``resume(folder, main)``.
+
+    Any number of processes resumes any checkpoint: the checkpoint holds the replicated
+    state, which every process reads, and the data are split again for the new count. Rank 0
+    resumes the user's folder (``main=True``: it writes the checkpoint, the log and the
+    summary, and prints); every other process first copies the folder into a scratch folder
+    (removed at the end), and only then — after a barrier — does rank 0 touch the original.
+    """
+    import shutil
+    import tempfile
+
+    if not launched_by_torchrun():
+        if isinstance(args.nproc, bool) or not isinstance(args.nproc, int) or args.nproc < 1:
+            raise ValueError(f"--nproc={args.nproc!r} must be a positive number of processes")
+        check()
+        relaunch = ["resume", args.run_dir]
+        if args.max_iters is not None:
+            relaunch += ["--max-iters", str(args.max_iters)]
+        if args.data_dir is not None:
+            relaunch += ["--data-dir", str(args.data_dir)]
+        if args.no_progress:
+            relaunch.append("--no-progress")
+        return launch(args.nproc, relaunch)
+    world = int(os.environ["WORLD_SIZE"])
+    if args.nproc not in (1, world):
+        raise ValueError(f"--nproc={args.nproc} differs from torchrun's WORLD_SIZE={world}: drop --nproc under torchrun")
+    dp = init_from_environment()
+    try:
+        if dp.rank == 0:
+            dp.barrier()  # the others hold their copies of the folder before it changes
+            return resume(args.run_dir, True)
+        scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{dp.rank}-")
+        try:
+            copy = Path(scratch) / Path(args.run_dir).name
+            shutil.copytree(args.run_dir, copy)
+            dp.barrier()
+            return resume(str(copy), False)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     finally:

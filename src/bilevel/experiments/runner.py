@@ -94,6 +94,7 @@ __all__ = [
     "RunDirError",
     "build_experiment",
     "build_method",
+    "check_resume",
     "config_differences",
     "data_dir_override",
     "default_run_dir",
@@ -984,27 +985,11 @@ def data_dir_override(data_dir: str | Path) -> str:
     return f"problem.data_dir={json.dumps(str(data_dir))}"
 
 
-def resume_run(
-    run_dir: str | Path,
-    max_iters: int | None = None,
-    progress: bool = True,
-    *,
-    data_dir: str | Path | None = None,
-    on_divergence: str = "raise",
-    label: str | None = None,
-) -> dict:
-    """Continue a stopped run from ``RUN_DIR/checkpoint.pt`` (optionally to a new ``max_iters``).
-
-    The configuration is read from ``RUN_DIR/config.yaml`` and compared with the one the
-    checkpoint was made with: a difference outside :data:`RESUMABLE_CHANGES` (another
-    method, method field, data, model, dtype or seed) raises
-    :class:`~bilevel.checkpoint.CheckpointError` listing the keys, since the saved state
-    would continue under a configuration that did not produce it. Nothing in the folder
-    changes until every check passed; then ``log.jsonl`` is rebuilt from the checkpoint
-    and extended, ``summary.json`` rewritten.
-    """
-    started = time.perf_counter()
-    run_dir = Path(run_dir)
+def _load_resumable(
+    run_dir: Path, max_iters: int | None, data_dir: str | Path | None
+) -> tuple[Path, str, dict, ResolvedConfig, dict | None]:
+    """The checks of :func:`resume_run` that read the folder and change nothing: ``(config.yaml's
+    path, its text, the checkpoint's payload, the resolved configuration, the manifest)``."""
     if not run_dir.is_dir():
         raise RunDirError(f"{run_dir} is not a run directory: there is no such folder (give the folder a `bilevel run` wrote)")
     manifest = read_manifest(run_dir)
@@ -1038,6 +1023,32 @@ def resume_run(
                 f"continue that state under another configuration. Restore these values, or start a new run with `bilevel run` "
                 f"(a resume may change only {', '.join(k for k in RESUMABLE_CHANGES if k not in ('name', 'description', 'methods'))})"
             )
+    return config_path, text, payload, resolved, manifest
+
+
+def resume_run(
+    run_dir: str | Path,
+    max_iters: int | None = None,
+    progress: bool = True,
+    *,
+    data_dir: str | Path | None = None,
+    on_divergence: str = "raise",
+    label: str | None = None,
+) -> dict:
+    """Continue a stopped run from ``RUN_DIR/checkpoint.pt`` (optionally to a new ``max_iters``).
+
+    The configuration is read from ``RUN_DIR/config.yaml`` and compared with the one the
+    checkpoint was made with: a difference outside :data:`RESUMABLE_CHANGES` (another
+    method, method field, data, model, dtype or seed) raises
+    :class:`~bilevel.checkpoint.CheckpointError` listing the keys, since the saved state
+    would continue under a configuration that did not produce it. Nothing in the folder
+    changes until every check passed; then ``log.jsonl`` is rebuilt from the checkpoint
+    and extended, ``summary.json`` rewritten.
+    """
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    config_path, text, payload, resolved, manifest = _load_resumable(run_dir, max_iters, data_dir)
+    meta = dict(payload.get("meta") or {})
     exp = build_experiment(resolved)
     _check_tensorboard(exp.config)
     state = payload["state"]
@@ -1073,6 +1084,42 @@ def resume_run(
     }
     summary, error = _execute(exp, run_dir, start, progress and exp.config["run"]["progress"], label)
     return _finish(run_dir, summary, baseline, error, on_divergence)
+
+
+def check_resume(folder: str | Path, nproc: int, max_iters: int | None = None, *, data_dir: str | Path | None = None) -> None:
+    """The checks ``bilevel resume FOLDER --nproc N`` makes before it starts any process, so
+    that a bad request is one line, not one per process: the configuration of every
+    checkpoint left to resume against the one it was made with (:func:`resume_run`'s
+    check), and the data split into ``nproc`` equal shards
+    (:func:`bilevel.distributed.check_shards`). Changes nothing."""
+    from ..distributed import check_shards
+
+    folder = Path(folder)
+    manifest = read_manifest(folder) if folder.is_dir() else None
+    resolved: ResolvedConfig | None = None
+    if manifest is not None and manifest["kind"] == "bench":
+        if max_iters is not None:
+            raise ConfigError("--max-iters applies to a run directory; a bench resumes with the iterations it was started with")
+        overrides = list(manifest["overrides"]) + ([data_dir_override(data_dir)] if data_dir is not None else [])
+        for entry in manifest["runs"]:
+            if entry["status"] in FINISHED:
+                continue
+            run_dir = folder / entry["dir"]
+            if (
+                entry["status"] in ("interrupted", "running")
+                and (run_dir / "checkpoint.pt").is_file()
+                and (run_dir / "config.yaml").is_file()
+            ):
+                loaded = _load_resumable(run_dir, None, data_dir)[3]
+            else:
+                loaded = resolve(apply_overrides(manifest["base_config"], _run_overrides(overrides, entry)))
+            resolved = resolved or loaded
+        if resolved is None:
+            return  # every run finished: the resume only rebuilds the table
+    else:
+        resolved = _load_resumable(folder, max_iters, data_dir)[3]
+    exp = build_experiment(resolved)  # the runs of a bench share their problem section: one split to check
+    check_shards(exp.problem, exp.data, nproc)
 
 
 def read_log(run_dir: str | Path) -> list[dict]:
