@@ -80,9 +80,24 @@ class Weights(nn.Module):
         self.logit = nn.Parameter(torch.zeros(n))
 
 
-def make_ll_model(model, features, classes, hidden, seed, device="cpu"):
+class InOutLinear(nn.Module):
+    """``X @ W + b`` with W stored ``[in, out]``: the layout of BOAT's hyper-cleaning example
+    (``--layout in-out``). Its backward forms ``Xᵀ G``, which on a CPU is the slow product."""
+
+    def __init__(self, features, classes):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(features, classes))
+        self.bias = nn.Parameter(torch.zeros(classes))
+
+    def forward(self, X):
+        return X @ self.weight + self.bias
+
+
+def make_ll_model(model, features, classes, hidden, seed, device="cpu", layout="out-in"):
     """Initialised on the CPU (seeded), then moved to ``device``."""
     torch.manual_seed(seed)
+    if model == "linear" and layout == "in-out":
+        return InOutLinear(features, classes).to(device)
     if model == "linear":
         net = nn.Linear(features, classes)
         nn.init.zeros_(net.weight), nn.init.zeros_(net.bias)
@@ -310,6 +325,12 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides; timings synchronise the device)")
+    p.add_argument(
+        "--layout",
+        default="out-in",
+        choices=["out-in", "in-out"],
+        help="linear model: W [out, in] with F.linear (the library's layout, default) or W [in, out] with X @ W (BOAT's example's)",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -328,14 +349,14 @@ def main(argv=None):
     log_path = os.path.join(tempfile.mkdtemp(), "boat_losses.json")
     print(
         f"hyper-cleaning {args.model}, n={n}, d={d}, T={args.lower_steps}, K={args.solver_steps}, "
-        f"β={args.lr_lower}, α={args.lr_upper}, {args.dtype}"
+        f"β={args.lr_lower}, α={args.lr_upper}, {args.dtype}, layout {args.layout if args.model == 'linear' else 'out-in'}"
     )
     print(f"{'pair':<16} {'max|Δx|':>9} {'max|Δy|':>9} {'|x-x0|':>9} {'BOAT ms':>9} {'ours ms':>9} {'BOAT/ours':>9}")
     for name, (gm, na, steps, dm, method, *timed) in pairs(args).items():
         if args.pairs and name not in args.pairs:
             continue
         fo = na if gm is None else None  # (op name, its settings) of BOAT's first-order methods
-        ll_model = make_ll_model(args.model, d, c, args.hidden, seed=1, device=dev)
+        ll_model = make_ll_model(args.model, d, c, args.hidden, seed=1, device=dev, layout=args.layout)
         ul_model = Weights(n).to(dev)
         problem = our_problem(args.model, Xtr, ytr, Xva, yva, ll_model)
         state = method.init(problem)

@@ -1,3 +1,4 @@
+import dataclasses
 import pytest
 import torch
 
@@ -42,12 +43,13 @@ def test_one_iteration_equals_hand_written_step_on_t1g(order):
     assert info["penalty"].item() == pytest.approx(c)
 
 
-def test_moreau_gap_is_the_quadratic_closed_form_at_the_proximal_point():
+@pytest.mark.parametrize("order", ["jacobi", "y_first", "x_first"])
+def test_moreau_gap_is_the_quadratic_closed_form_at_the_proximal_point(order):
     """On a quadratic lower level g − e_γ = (γ/2) ∇_y gᵀ (I + γA)⁻¹ ∇_y g: the value-gap (γ → ∞)
     and gradient-norm (γ → 0) penalties are its two ends."""
     problem, A, B, _, _ = _t1g()
     gamma = 0.8
-    method = bl.MEHA(lr_shadow=0.2, shadow_steps=200, gamma=gamma)  # θ → θ*_γ(x, y)
+    method = bl.MEHA(lr_shadow=0.2, shadow_steps=200, gamma=gamma, order=order)  # θ → θ*_γ(x, y), gap at (x_k, y_k)
     gen = torch.Generator().manual_seed(4)
     x0, y0 = (torch.randn(5, generator=gen, dtype=torch.float64) for _ in range(2))
     _, info = method.step(problem, method.init(problem, {"x": x0}, {"y": y0}))
@@ -125,19 +127,34 @@ def test_t3_random_starts_end_near_the_local_minima_of_the_value_function_with_a
 
 
 def test_oracle_calls_per_iteration_match_the_cost_table():
+    # one backward pass per block and no evaluation of g(x, θ) where its gradient is zero:
+    # the y-block evaluates f and g(x, y); the x- and Jacobi blocks f, g(x, y) and g(x, θ)
     counting = bl.CountingOracles()
-    problem = T1(n=3)
+    evaluations = {"upper": 0, "lower": 0}
+
+    def counted(name, fn):
+        def wrapper(x, y, batch):
+            evaluations[name] += 1
+            return fn(x, y, batch)
+
+        return wrapper
+
+    base = T1(n=3)
+    problem = dataclasses.replace(base, upper=counted("upper", base.upper), lower=counted("lower", base.lower))
+    shadow_steps = 2
     calls = {
-        "jacobi": {"gradient_y": 2, "gradients": 1},
-        "y_first": {"gradient_y": 3, "gradients": 1},
-        "x_first": {"gradient_y": 3, "gradients": 1},
+        "jacobi": ({"gradient_y": 2, "gradients": 1}, {"upper": 1, "lower": shadow_steps + 2}),
+        "y_first": ({"gradient_y": 4}, {"upper": 2, "lower": shadow_steps + 3}),
+        "x_first": ({"gradient_y": 4}, {"upper": 2, "lower": shadow_steps + 3}),
     }
-    for order, expected in calls.items():
-        method = bl.MEHA(shadow_steps=2, order=order, oracles=counting)
+    for order, (expected_calls, expected_evaluations) in calls.items():
+        method = bl.MEHA(shadow_steps=shadow_steps, order=order, oracles=counting)
         state = method.init(problem)
         counting.reset()
+        evaluations.update(upper=0, lower=0)
         method.step(problem, state)
-        assert counting.counts == expected, order
+        assert counting.counts == expected_calls, order
+        assert evaluations == expected_evaluations, order
 
 
 def test_parts_and_checkpoint_round_trip():

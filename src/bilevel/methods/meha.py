@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -74,7 +74,8 @@ class MEHA(Assembled):
 
     Cost per iteration: T gradients of g in y (θ), then, ``"jacobi"``: one backward of
     ``f/c + g(x, y) − g(x, θ)`` (both blocks); the Gauss–Seidel orders: one backward for
-    each block. No second-order product.
+    each block, into that block only (the y-block does not evaluate ``g(x, θ)``, which has no
+    y-gradient). No second-order product.
 
     Example:
         >>> import bilevel as bl
@@ -111,46 +112,55 @@ class MEHA(Assembled):
 
     def _gradients(
         self, problem: Problem, x: Tree, y: Tree, theta: Tree, batch: Any, c: float, block: str
-    ) -> tuple[Tree, Tree, torch.Tensor, torch.Tensor]:
-        """``(∇_x h, ∇_y h, f, g(x, y) − g(x, θ))`` of ``h = f/c + g(x, y) − g(x, θ)`` (θ constant)
-        by one backward pass; ``block="y"`` differentiates in y only (∇_x h is ``None``)."""
+    ) -> tuple[Tree, Tree, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """``(∇_x h, ∇_y h, (f, g(x, y), g(x, θ)))`` of ``h = f/c + g(x, y) − g(x, θ)`` (θ
+        constant) by one backward pass into the block(s) asked for: ``"xy"``, ``"x"`` (∇_y h
+        is ``None``) or ``"y"`` (∇_x h is ``None``; ``g(x, θ)`` has no y-gradient, so it is
+        not evaluated and its value is ``None``)."""
         values: list[torch.Tensor] = []
         shadow = T.detach(theta)
 
         def penalised(xx: Tree, yy: Tree, bb: Any) -> torch.Tensor:
-            upper = problem.upper(xx, yy, bb)
-            gap = problem.lower(xx, yy, bb) - problem.lower(xx, shadow, bb)
-            values.extend((upper.detach(), gap.detach()))
-            return upper / c + gap
+            upper, lower = problem.upper(xx, yy, bb), problem.lower(xx, yy, bb)
+            values.extend((upper.detach(), lower.detach()))
+            if block == "y":
+                return upper / c + lower
+            lower_at_shadow = problem.lower(xx, shadow, bb)
+            values.append(lower_at_shadow.detach())
+            return upper / c + lower - lower_at_shadow
 
         oracles = self.derivatives
         if block == "y":
             grad_y, _ = oracles.gradient_y(penalised, x, y, batch)
-            return None, grad_y, values[0], values[1]
+            return None, grad_y, (values[0], values[1], None)
+        if block == "x":  # y held constant: the same gradient oracle with the roles swapped
+            grad_x, _ = oracles.gradient_y(lambda yy, xx, bb: penalised(xx, yy, bb), y, x, batch)
+            return grad_x, None, (values[0], values[1], values[2])
         grad_x, grad_y, _ = oracles.gradients(penalised, x, y, batch)
-        return grad_x, grad_y, values[0], values[1]
+        return grad_x, grad_y, (values[0], values[1], values[2])
 
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         k, x, y = state.k, state.x, state.y
         c, inv_gamma = float(self.penalty_schedule(k)), 1.0 / self.gamma
         theta, _, shadow_state = self.parts.lower.run(problem, x, y, batch, self.derivatives, state.extra.get("lower", EmptyState()), k)
         if self.order == "jacobi":
-            d_x, grad_y, upper_loss, gap = self._gradients(problem, x, y, theta, batch, c, "xy")
+            d_x, grad_y, (upper_loss, g_y, g_theta) = self._gradients(problem, x, y, theta, batch, c, "xy")
             d_y = T.axpy(-inv_gamma, T.sub(y, theta), grad_y)
             y_next = T.axpy(-self.lr_lower, d_y, y)
             x_next, opt, direction_state = self.update_x(x, d_x, state)
         elif self.order == "y_first":
-            _, grad_y, upper_loss, gap = self._gradients(problem, x, y, theta, batch, c, "y")
+            _, grad_y, (upper_loss, g_y, _) = self._gradients(problem, x, y, theta, batch, c, "y")
             d_y = T.axpy(-inv_gamma, T.sub(y, theta), grad_y)
             y_next = T.axpy(-self.lr_lower, d_y, y)
-            d_x, _, _, _ = self._gradients(problem, x, y_next, theta, batch, c, "xy")
+            d_x, _, (_, _, g_theta) = self._gradients(problem, x, y_next, theta, batch, c, "x")  # g(x_k, θ): the gap's term
             x_next, opt, direction_state = self.update_x(x, d_x, state)
         else:
-            d_x, _, upper_loss, gap = self._gradients(problem, x, y, theta, batch, c, "xy")
+            d_x, _, (upper_loss, g_y, g_theta) = self._gradients(problem, x, y, theta, batch, c, "x")
             x_next, opt, direction_state = self.update_x(x, d_x, state)
-            _, grad_y, _, _ = self._gradients(problem, x_next, y, theta, batch, c, "y")
+            _, grad_y, _ = self._gradients(problem, x_next, y, theta, batch, c, "y")
             d_y = T.axpy(-inv_gamma, T.sub(y, theta), grad_y)
             y_next = T.axpy(-self.lr_lower, d_y, y)
+        gap = g_y - cast(torch.Tensor, g_theta)
         d_y_sq = T.sq_norm(d_y)
         info = {
             "upper_loss": upper_loss,
