@@ -2,7 +2,7 @@
 
 import pytest
 
-from bilevel.plotting import metric_series, plot_runs
+from bilevel.plotting import center_curve, metric_series, plot_runs, time_to_reach
 
 RUN_A = [{"iteration": 0, "time": 0.0, "f1": 0.6}, {"iteration": 5, "time": 1.0}, {"iteration": 10, "time": 2.0, "f1": 0.8}]
 RUN_B = [{"iteration": 0, "time": 0.0, "f1": 0.5}, {"iteration": 10, "time": 4.0, "f1": 0.9}]
@@ -71,3 +71,110 @@ def test_the_value_axis_covers_the_seed_band(tmp_path, monkeypatch):
     low, high = figures[-1].axes[0].get_ylim()
     # at iteration 10 the seeds give 0.8 and 0.9: mean 0.85, std 0.05
     assert low < 0.8 and high > 0.9 and high - low < 0.2
+
+
+# three seeds of one method: test accuracy and cumulative step time logged every 10 iterations
+SEEDS = [
+    [
+        {"iteration": 0, "time": 0.0, "test_accuracy": 10.0},
+        {"iteration": 10, "time": 1.0, "test_accuracy": 70.0},
+        {"iteration": 20, "time": 2.0, "test_accuracy": 80.0},
+    ],
+    [
+        {"iteration": 0, "time": 0.0, "test_accuracy": 10.0},
+        {"iteration": 10, "time": 3.0, "test_accuracy": 76.0},
+        {"iteration": 20, "time": 6.0, "test_accuracy": 84.0},
+    ],
+    [
+        {"iteration": 0, "time": 0.0, "test_accuracy": 10.0},
+        {"iteration": 10, "time": 8.0, "test_accuracy": 73.0},
+        {"iteration": 20, "time": 9.0, "test_accuracy": 90.0},
+    ],
+]
+
+
+def test_center_curve_median_takes_the_median_and_the_range_over_seeds():
+    it, mid, low, high, times, n = center_curve(SEEDS, "test_accuracy", "median")
+    assert n == 3 and it.tolist() == [0, 10, 20]
+    assert mid.tolist() == [10.0, 73.0, 84.0]
+    assert low.tolist() == [10.0, 70.0, 80.0] and high.tolist() == [10.0, 76.0, 90.0]
+    # the time axis is the median of the seeds' times, not their mean (4.0, 5.67): one slow seed does not move it
+    assert times.tolist() == [0.0, 3.0, 6.0]
+
+
+def test_center_curve_mean_takes_the_mean_and_one_std():
+    _, mid, low, high, times, _ = center_curve(SEEDS, "test_accuracy", "mean")
+    assert mid[1] == pytest.approx(73.0) and mid[2] == pytest.approx(254.0 / 3)
+    std = (((80 - 254 / 3) ** 2 + (84 - 254 / 3) ** 2 + (90 - 254 / 3) ** 2) / 3) ** 0.5
+    assert high[2] - mid[2] == pytest.approx(std) and mid[2] - low[2] == pytest.approx(std)
+    assert times.tolist() == pytest.approx([0.0, 4.0, 17.0 / 3])
+
+
+def test_time_to_reach_is_the_first_logged_time_at_the_fraction_of_the_best_final_value():
+    fast = [
+        [
+            {"iteration": 0, "time": 0.0, "test_accuracy": 10.0},
+            {"iteration": 10, "time": 0.5, "test_accuracy": 82.0},
+            {"iteration": 20, "time": 1.0, "test_accuracy": 83.0},
+        ]
+    ]
+    best, reached = time_to_reach({"slow": SEEDS, "fast": fast}, "test_accuracy", (0.5, 0.95, 0.99, 1.0), center="median")
+    # best final median: 84 (slow); 0.95 · 84 = 79.8, 0.99 · 84 = 83.16
+    assert best == 84.0
+    assert reached["slow"] == [3.0, 6.0, 6.0, 6.0]
+    assert reached["fast"] == [0.5, 0.5, None, None]
+
+
+def test_time_to_reach_without_the_metric_raises():
+    with pytest.raises(ValueError, match="no run has records"):
+        time_to_reach({"A": [RUN_A]}, "test_accuracy")
+
+
+def test_time_axis_alone_draws_one_panel_at_the_median_times(tmp_path, monkeypatch):
+    figures = _captured_axes(monkeypatch)
+    plot_runs({"slow": SEEDS}, "test_accuracy", tmp_path / "tta.png", x="time", center="median")
+    (ax,) = figures[-1].axes
+    (line,) = ax.get_lines()
+    assert line.get_xdata().tolist() == [0.0, 3.0, 6.0] and line.get_ydata().tolist() == [10.0, 73.0, 84.0]
+    assert "time" in ax.get_xlabel() and "median" in ax.get_ylabel()
+    # the band spans the lowest to the highest seed
+    (band,) = ax.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(10.0) and ys.max() == pytest.approx(90.0)
+
+
+def test_iteration_axis_alone_and_bad_choices(tmp_path, monkeypatch):
+    figures = _captured_axes(monkeypatch)
+    plot_runs({"slow": SEEDS}, "test_accuracy", tmp_path / "it.png", x="iteration")
+    (ax,) = figures[-1].axes
+    assert ax.get_lines()[0].get_xdata().tolist() == [0, 10, 20] and ax.get_xlabel() == "upper iterations"
+    with pytest.raises(ValueError, match="x='steps' is not one of"):
+        plot_runs({"slow": SEEDS}, "test_accuracy", tmp_path / "bad.png", x="steps")
+    with pytest.raises(ValueError, match="center='mode' is not one of"):
+        plot_runs({"slow": SEEDS}, "test_accuracy", tmp_path / "bad.png", center="mode")
+
+
+def test_plot_command_by_method_summarises_the_seeds_of_each_method(tmp_path, monkeypatch):
+    """`bilevel plot DIRS --by-method --x time --center median`: one line per method, not per run."""
+    import json
+
+    import yaml
+
+    from bilevel.cli import main
+
+    dirs = []
+    for method, runs in (("MEHA", SEEDS), ("BOME", SEEDS[:1])):
+        for seed, records in enumerate(runs):
+            run_dir = tmp_path / f"{method}-seed{seed}"
+            run_dir.mkdir()
+            (run_dir / "config.yaml").write_text(yaml.safe_dump({"method": {"name": method}, "run": {"seed": seed}}))
+            (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            dirs.append(str(run_dir))
+    figures = _captured_axes(monkeypatch)
+    out = tmp_path / "tta.png"
+    assert main(["plot", *dirs, "--by-method", "--x", "time", "--center", "median", "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    (ax,) = figures[-1].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert sorted(lines) == ["BOME", "MEHA"]
+    assert lines["MEHA"].get_xdata().tolist() == [0.0, 3.0, 6.0] and lines["MEHA"].get_ydata().tolist() == [10.0, 73.0, 84.0]

@@ -1,11 +1,29 @@
 """Plots of experiment logs: a metric against iterations and against time (matplotlib, Agg).
 
+Each label (a method) has several runs (seeds); at every iteration logged by all of them
+the plot draws a centre and a band over the runs:
+
+* ``center="mean"``: the mean, band ± one (population) standard deviation;
+* ``center="median"``: the median, band from the lowest to the highest run (the whole
+  spread: with 3 seeds a quantile band would be the extremes anyway).
+
+Against time, each point sits at the same statistic of the runs' cumulative method step
+times at that iteration (``time`` of the log records: steps only, no evaluation).
+
+:func:`time_to_reach` reads the same centre curves and gives, per label, the first logged
+time at which the metric reaches a fraction of the best final value of all labels
+(time to accuracy).
+
 Example:
-    >>> from bilevel.plotting import plot_runs
+    >>> from bilevel.plotting import plot_runs, time_to_reach
     >>> runs = {"GALET": [[{"iteration": 0, "time": 0.0, "f1": 0.6}, {"iteration": 10, "time": 1.0, "f1": 0.8}]]}
     >>> paths = plot_runs(runs, "f1", "/tmp/bilevel_doc_plot.png")
     >>> [p.suffix for p in paths]
     ['.png']
+    >>> plot_runs(runs, "f1", "/tmp/bilevel_doc_time.png", x="time", center="median")[0].name
+    'bilevel_doc_time.png'
+    >>> time_to_reach(runs, "f1", (0.5, 0.99))
+    (0.8, {'GALET': [0.0, 1.0]})
 """
 
 from __future__ import annotations
@@ -15,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["METRIC_LABELS", "metric_series", "plot_runs", "value_limits"]
+__all__ = ["CENTERS", "METRIC_LABELS", "X_AXES", "center_curve", "metric_series", "plot_runs", "time_to_reach", "value_limits"]
 
 METRIC_LABELS = {
     "test_accuracy": "test accuracy (%)",
@@ -35,6 +53,83 @@ def metric_series(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.
         return np.zeros(0), np.zeros(0), np.zeros(0)
     it, tm, val = (np.asarray(c, dtype=float) for c in zip(*rows, strict=True))
     return it, tm, val
+
+
+#: what ``plot_runs`` draws per label: the mean with ± std, or the median with the range
+CENTERS = ("mean", "median")
+#: the panels of ``plot_runs``: both, or only the metric against iterations or against time
+X_AXES = ("both", "iteration", "time")
+
+
+def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{what}={value!r} is not one of {', '.join(map(repr, choices))}: pick one of them")
+
+
+def center_curve(
+    label_runs: Sequence[Sequence[dict]], metric: str, center: str = "mean"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int] | None:
+    """The curve of one label over its runs, on the iterations that every run logged.
+
+    Returns ``(iterations, centre, low, high, times, n_runs)``: with ``center="mean"`` the
+    mean and mean ∓ std (population), with ``"median"`` the median and the lowest and
+    highest run; ``times`` is the same statistic (mean or median) of the runs' cumulative
+    step times. ``None`` when no run holds ``metric`` or the runs share no iteration.
+    """
+    _check_choice("center", center, CENTERS)
+    series = [metric_series(r, metric) for r in label_runs]
+    series = [s for s in series if len(s[0])]
+    if not series:
+        return None
+    common = sorted(set.intersection(*(set(s[0].tolist()) for s in series)))
+    if not common:
+        return None
+    values = np.stack([np.interp(common, s[0], s[2]) for s in series])
+    times = np.stack([np.interp(common, s[0], s[1]) for s in series])
+    if center == "median":
+        mid, low, high, tmid = np.median(values, 0), values.min(0), values.max(0), np.median(times, 0)
+    else:
+        mean, std = values.mean(0), values.std(0)
+        mid, low, high, tmid = mean, mean - std, mean + std, times.mean(0)
+    return np.asarray(common, dtype=float), mid, low, high, tmid, len(series)
+
+
+def time_to_reach(
+    runs: Mapping[str, Sequence[Sequence[dict]]],
+    metric: str,
+    fractions: Sequence[float] = (0.95, 0.99),
+    center: str = "median",
+) -> tuple[float, dict[str, list[float | None]]]:
+    """Time to a fraction of the best final value (for a metric where higher is better).
+
+    ``best`` is the highest last value of the labels' centre curves (:func:`center_curve`);
+    for each label and fraction ``q`` the result is the centre time of the first logged
+    iteration whose centre value is ``≥ q · best`` (``None``: never reached). The
+    resolution is the logging interval of the metric (no interpolation between records).
+
+    Args:
+        runs: label -> list of runs (lists of log records), as :func:`plot_runs`.
+        metric: the record key, e.g. ``test_accuracy``.
+        fractions: the fractions q of ``best``.
+        center: ``"median"`` or ``"mean"`` over the runs of a label.
+
+    Returns:
+        ``(best, {label: [time for each fraction]})``. Raises ``ValueError`` when no run
+        holds ``metric``.
+    """
+    curves = {label: center_curve(label_runs, metric, center) for label, label_runs in runs.items()}
+    kept = {label: c for label, c in curves.items() if c is not None}
+    if not kept:
+        raise ValueError(f"no run has records with the metric {metric!r}")
+    best = max(float(c[1][-1]) for c in kept.values())
+    reached: dict[str, list[float | None]] = {}
+    for label, (_, mid, _, _, times, _) in kept.items():
+        row: list[float | None] = []
+        for q in fractions:
+            hit = np.flatnonzero(mid >= q * best)
+            row.append(float(times[hit[0]]) if len(hit) else None)
+        reached[label] = row
+    return best, reached
 
 
 def value_limits(curves: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, float] | None:
@@ -65,16 +160,22 @@ def plot_runs(
     out: str | Path,
     formats: Sequence[str] | None = None,
     title: str | None = None,
+    *,
+    x: str = "both",
+    center: str = "mean",
 ) -> list[Path]:
-    """One figure, two panels (metric vs iteration, metric vs time), one line per label.
+    """One figure, one line per label: metric vs iteration and vs time (``x="both"``, two
+    panels), or one of the two alone (``x="iteration"`` or ``x="time"``: time to accuracy).
 
     Args:
-        runs: label -> list of runs (each a list of log records, e.g. one per seed). Runs
-            of one label are averaged on their common iterations (band: ± one std).
+        runs: label -> list of runs (each a list of log records, e.g. one per seed). The
+            runs of one label are summarised on their common iterations (:func:`center_curve`).
         metric: the record key to plot (e.g. ``test_accuracy``, ``f1``).
         out: output path; its suffix gives the format unless ``formats`` is given, in
             which case ``out`` without suffix is the stem and one file per format is written.
         title: figure title.
+        x: ``"both"``, ``"iteration"`` or ``"time"`` (cumulative method step time).
+        center: ``"mean"`` (band ± one std) or ``"median"`` (band: lowest to highest run).
 
     Returns:
         the written paths. Raises ``ValueError`` when no run holds ``metric``.
@@ -82,6 +183,8 @@ def plot_runs(
     The value axis spans the curves after iteration 0 (:func:`value_limits`); a start
     value outside it is written in a corner of the plot.
     """
+    _check_choice("x", x, X_AXES)
+    _check_choice("center", center, CENTERS)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,26 +192,27 @@ def plot_runs(
 
     out = Path(out)
     paths = [out.with_suffix("." + f.lstrip(".")) for f in formats] if formats else [out if out.suffix else out.with_suffix(".png")]
-    fig, (ax_it, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if x == "both":
+        fig, (ax_it, ax_time) = plt.subplots(1, 2, figsize=(10, 3.8))
+        panels = [("iteration", ax_it), ("time", ax_time)]
+    else:
+        fig, ax_one = plt.subplots(1, 1, figsize=(6.4, 4.2))
+        panels = [(x, ax_one)]
+    axes = [ax for _, ax in panels]
     plotted = 0
     curves, starts = [], []
     for label, label_runs in runs.items():
-        series = [metric_series(r, metric) for r in label_runs]
-        series = [s for s in series if len(s[0])]
-        if not series:
+        curve = center_curve(label_runs, metric, center)
+        if curve is None:
             continue
-        common = sorted(set.intersection(*(set(s[0].tolist()) for s in series)))
-        if not common:
-            continue
-        values = np.stack([np.interp(common, s[0], s[2]) for s in series])
-        times = np.stack([np.interp(common, s[0], s[1]) for s in series])
-        mean, std, tmean = values.mean(0), values.std(0), times.mean(0)
-        curves.append((np.asarray(common), mean - std, mean + std))
-        starts += [float(v) for v in mean[np.asarray(common) == 0]]
-        for ax, xs in ((ax_it, np.asarray(common)), (ax_time, tmean)):
-            (line,) = ax.plot(xs, mean, label=label if ax is ax_it else None, lw=1.6)
-            if len(series) > 1:
-                ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.2, lw=0)
+        iterations, mid, low, high, times, n_runs = curve
+        curves.append((iterations, low, high))
+        starts += [float(v) for v in mid[iterations == 0]]
+        for kind, ax in panels:
+            xs = iterations if kind == "iteration" else times
+            (line,) = ax.plot(xs, mid, label=label if ax is axes[0] else None, lw=1.6)
+            if n_runs > 1:
+                ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, lw=0)
         plotted += 1
     if not plotted:
         plt.close(fig)
@@ -116,14 +220,14 @@ def plot_runs(
     ylabel = METRIC_LABELS.get(metric, metric)
     limits = value_limits(curves)
     if limits is not None:
-        for ax in (ax_it, ax_time):
+        for ax in axes:
             ax.set_ylim(*limits)
         off = [v for v in starts if not limits[0] <= v <= limits[1]]
         if off:
             # the clipped start is still stated, so the reader knows where the lines come from
             span = f"{min(off):.3g}" if min(off) == max(off) else f"{min(off):.3g}-{max(off):.3g}"
             below = max(off) < limits[0]
-            ax_it.annotate(
+            axes[0].annotate(
                 f"iteration 0: {span} ({'below' if below else 'above'} the axis)",
                 xy=(0.01, 0.02 if below else 0.97),
                 xycoords="axes fraction",
@@ -131,12 +235,12 @@ def plot_runs(
                 fontsize=7,
                 color="0.35",
             )
-    ax_it.set_xlabel("upper iterations")
-    ax_time.set_xlabel("time (s, method steps only)")
-    for ax in (ax_it, ax_time):
-        ax.set_ylabel(ylabel)
+    band = "mean, band ± std over runs" if center == "mean" else "median, band min-max over runs"
+    for kind, ax in panels:
+        ax.set_xlabel("upper iterations" if kind == "iteration" else "cumulative time (s, method steps only)")
+        ax.set_ylabel(ylabel if len(panels) > 1 else f"{ylabel} ({band})")
         ax.grid(alpha=0.3)
-    ax_it.legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
