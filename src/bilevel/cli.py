@@ -2,7 +2,7 @@
 
     bilevel run CONFIG_OR_NAME [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
     bilevel bench CONFIG_OR_NAME [--methods GALET,CG] [--seeds 0,1,2] [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
-    bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE
+    bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE [--x both|iteration|time] [--center mean|median] [--by-method]
     bilevel resume RUN_DIR|BENCH_DIR [--max-iters N] [--data-dir DIR] [--nproc N]
     bilevel check CONFIG_OR_NAME [--methods GALET,CG] [--warmup N] [section.key=value ...] [--data-dir DIR]
     bilevel data [--data-dir DIR]
@@ -104,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     p.add_argument("--metric", default="test_accuracy")
     p.add_argument("--out", required=True, help="output file (.png or .svg)")
+    p.add_argument(
+        "--x",
+        default="both",
+        choices=("both", "iteration", "time"),
+        help="x axis: both panels (default), iterations, or cumulative step time",
+    )
+    p.add_argument("--center", default="mean", choices=("mean", "median"), help="per line: mean ± std (default) or median, band min-max")
+    p.add_argument("--by-method", action="store_true", help="one line per method, its run directories (seeds) summarised together")
 
     p = sub.add_parser("resume", help="continue a stopped run, or finish a bench, from its folder")
     p.add_argument("run_dir", metavar="RUN_DIR|BENCH_DIR")
@@ -277,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
         from .experiments import read_log
         from .plotting import plot_runs
 
-        runs = {}
+        runs: dict[str, list[list[dict]]] = {}
         for run_dir in args.run_dirs:
             records = read_log(run_dir)
             label = Path(run_dir).name
@@ -287,10 +295,13 @@ def _run(args: argparse.Namespace) -> int:
 
                 cfg = yaml.safe_load(config.read_text())
                 label = f"{cfg['method']['name']} (seed {cfg['run']['seed']})"
+                if args.by_method:
+                    runs.setdefault(str(cfg["method"]["name"]), []).append(records)
+                    continue
                 if label in runs:
                     label = f"{label} {Path(run_dir).name}"
             runs[label] = [records]
-        paths = plot_runs(runs, args.metric, args.out)
+        paths = plot_runs(runs, args.metric, args.out, x=args.x, center=args.center)
         print(f"wrote {', '.join(map(str, paths))}")
         return EXIT_OK
     raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
