@@ -13,6 +13,11 @@ Usage (one command per table, see benchmarks/README.md):
     PYTHONPATH=src python benchmarks/oracle_floor.py                       # hyperclean linear + mlp
     PYTHONPATH=src python benchmarks/oracle_floor.py --problem logistic --dims 100 1000 10000
     PYTHONPATH=src python benchmarks/oracle_floor.py --device cuda
+    PYTHONPATH=src python benchmarks/oracle_floor.py --models linear --methods BOME V-PBGD G-PBGD MEHA IAPTT-GM
+
+The value-function and trajectory methods (BOME, V-PBGD, G-PBGD, MEHA, IAPTT-GM) run at the
+settings of ``boat_compare.py``'s pairs; IAPTT-GM, like ITD, differentiates through its
+trajectory with autograd, so its floor is assembled from the calls it must make.
 """
 
 from __future__ import annotations
@@ -88,6 +93,39 @@ def itd_floor(problem, method, state, repeats, device):
     return T * (t_lin + t_both) + t_f, parts
 
 
+def value_function_methods(steps: int = 10) -> dict:
+    """The first-order and trajectory methods, at the settings of ``boat_compare.py``'s pairs."""
+    return {
+        "BOME": bl.BOME(lr_upper=100.0, lr_lower=0.1, lr_shadow=0.1, shadow_steps=steps, eta=0.1, phi="value", lower_steps=steps),
+        "V-PBGD": bl.PBGD(variant="value", gamma=0.3, lr_upper=100.0, lr_lower=0.1, lr_shadow=0.1, shadow_steps=steps),
+        "G-PBGD": bl.PBGD(variant="gradient", gamma=0.3, lr_upper=100.0, lr_lower=0.1),
+        "MEHA": bl.MEHA(lr_upper=100.0, lr_lower=0.1, lr_shadow=0.1, gamma=1000.0, c0=0.2, p=0.25, order="y_first"),
+        "IAPTT-GM": bl.IAPTTGM(lr_upper=100.0, lr_lower=0.1, lower_steps=steps, initialization="warm"),
+    }
+
+
+def iaptt_floor(problem, method, state, repeats, device):
+    """IAPTT-GM: K gradients-with-graph of g and K values of f along the trajectory, one
+    gradient of f at the selected step s, and s reverse passes back through it (``both``)."""
+    base = Oracles()
+    x, y = state.x, state.y
+    _, info = method.step(problem, state)
+    selected = int(info["selected_step"])
+    lin = base.linearize(problem.lower, x, y, None)
+    t_lin = timeit(lambda: base.linearize(problem.lower, x, y, None), repeats, device=device)
+    t_both = timeit(lambda: lin.both(lin.grad_y), repeats, device=device)
+    t_value = timeit(lambda: problem.upper(x, y, None), repeats, device=device)
+    t_f = timeit(lambda: base.gradients(problem.upper, x, y, None), repeats, device=device)
+    K = method.lower_steps
+    parts = {
+        ("linearize", "lower"): (K, t_lin),
+        ("value", "upper"): (K, t_value),
+        ("gradients", "upper"): (1, t_f),
+        ("both", "lower"): (selected, t_both),
+    }
+    return sum(c * t for c, t in parts.values()), parts
+
+
 def bench(problem, name, method, repeats, device, verbose):
     state = method.init(problem)
     for _ in range(2):  # move away from the initial point (zeros make some products trivial)
@@ -97,6 +135,8 @@ def bench(problem, name, method, repeats, device, verbose):
     method.replace(oracles=counting).step(problem, state)
     if name.startswith("ITD"):
         floor, parts = itd_floor(problem, method, state, repeats, device)
+    elif name.startswith("IAPTT"):
+        floor, parts = iaptt_floor(problem, method, state, repeats, device)
     else:
         rec = RecordingOracles()
         method.replace(oracles=rec).step(problem, state)
@@ -133,7 +173,7 @@ def main(argv=None):
     rows = []
     print(f"{'problem':<12} {'method':<12} {'step ms':>9} {'floor ms':>9} {'ratio':>6}  counts")
     for label, problem in problems:
-        for name, method in methods(args.itd_steps).items():
+        for name, method in {**methods(args.itd_steps), **value_function_methods()}.items():
             if args.methods and name not in args.methods:
                 continue
             step_t, floor, counts = bench(problem, name, method, args.repeats, args.device, args.verbose)
