@@ -118,6 +118,16 @@ def run_one(problem_name, method_name, world_size=1, rank=0, checkpoint=None):
     return {"x": result.x, "y": result.y, "v": result.v, "history": result.history}
 
 
+def run_fp16(world_size=1, rank=0):
+    """AID-CG on the hyper-cleaning problem in float32 with float16 autocast and loss scaling."""
+    problem, batch, dim = hyperclean()
+    as32 = lambda tree: {k: v.float() if v.is_floating_point() else v for k, v in tree.items()}
+    problem = problem.replace(x_init=as32(problem.x_init), y_init=as32(problem.y_init))
+    data = ShardedSource(as32(batch), dims=dim, rank=rank, world_size=world_size) if world_size > 1 else as32(batch)
+    result = bl.solve(problem, methods()["AID-CG"], data=data, max_iters=ITERS, precision="fp16")
+    return {"x": result.x, "y": result.y, "scales": result.series("loss_scale")}
+
+
 def close(a, b, tol=1e-10):
     fa = [t for t in torch.utils._pytree.tree_leaves(a) if isinstance(t, torch.Tensor)]
     fb = [t for t in torch.utils._pytree.tree_leaves(b) if isinstance(t, torch.Tensor)]
@@ -180,6 +190,7 @@ def _scenario_iterates(rank, world_size, out_dir):
             out[problem_name, method_name] = run_one(problem_name, method_name, world_size, rank, checkpoint=ckpt)
     for name in ("hyperclean", "fewshot"):
         out["builtin", name] = run_builtin(name)
+    out["fp16"] = run_fp16(world_size, rank)
     # processes that start from different points are refused, on every process, with one line
     problem, batch, _ = hyperclean()
     x0 = {"weights": torch.full((16,), float(rank), dtype=F64)}
@@ -226,9 +237,9 @@ SCENARIOS = {"iterates": _scenario_iterates, "dead": _scenario_dead, "resume": _
 def test_two_processes_give_the_single_process_iterates(tmp_path):
     def references():
         runs = {(p, m): run_one(p, m) for p in PROBLEMS for m in methods_for(p)}
-        return runs, {name: run_builtin(name) for name in ("hyperclean", "fewshot")}
+        return runs, {name: run_builtin(name) for name in ("hyperclean", "fewshot")}, run_fp16()
 
-    outs, (refs, builtin_refs) = spawn("iterates", tmp_path, meanwhile=references)
+    outs, (refs, builtin_refs, fp16_ref) = spawn("iterates", tmp_path, meanwhile=references)
     assert sorted(outs) == [0, 1]
     for problem_name in PROBLEMS:
         for method_name in methods_for(problem_name):
@@ -250,6 +261,11 @@ def test_two_processes_give_the_single_process_iterates(tmp_path):
         assert not close(ref["x"], builtin(name)[0].x_init, tol=1e-6)
         for rank in (0, 1):
             assert all(close(outs[rank]["builtin", name][key], ref[key]) for key in ("x", "y", "v")), (name, rank)
+    # float16 with loss scaling: the processes agree on every scale and hold the same iterates,
+    # those of one process to float16's rounding (the shards' products round differently)
+    assert outs[0]["fp16"]["scales"] == outs[1]["fp16"]["scales"] == fp16_ref["scales"]
+    assert close(outs[0]["fp16"]["x"], outs[1]["fp16"]["x"], 0.0) and close(outs[0]["fp16"]["y"], outs[1]["fp16"]["y"], 0.0)
+    assert close(outs[0]["fp16"]["x"], fp16_ref["x"], 1e-2) and not close(fp16_ref["x"], hyperclean()[0].x_init, 1e-3)
     # rank 0 wrote the checkpoint; one process resumes it to the same point as an uninterrupted run
     payload = bl.load_checkpoint(tmp_path / "galet.ckpt")
     assert payload["meta"]["world_size"] == 2 and payload["state"].k == ITERS

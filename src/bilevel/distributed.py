@@ -362,7 +362,7 @@ def data_parallel(problem: Problem, group: Any = None) -> Problem:
 
 def check_shards(problem: Problem, source: Any, world_size: int) -> None:
     """Refuse, in one line, a number of processes the data of the library's own problems and
-    sources cannot be split into equal shards (what :meth:`DataParallel.prepare` splits);
+    sources cannot be split into equal shards (what ``DataParallel.prepare`` splits);
     other problems and sources are the user's shards already."""
     if world_size <= 1:
         return

@@ -396,7 +396,7 @@ class Autocast:
     Args:
         dtype: ``torch.bfloat16`` (default) or ``torch.float16``.
         loss_scaling: a :class:`LossScaling`, ``None`` (no scaling), or ``"auto"``
-            (default: :class:`LossScaling()` for float16, ``None`` for bfloat16).
+            (default: ``LossScaling()`` for float16, ``None`` for bfloat16).
     """
 
     dtype: torch.dtype = torch.bfloat16
