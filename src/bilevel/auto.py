@@ -504,7 +504,8 @@ class AutoSteps:
         if not isinstance(lower, AdaptiveLower):
             new_state: State
             new_state, info = super().step(problem, state, batch)  # type: ignore[misc]
-            return new_state, {**info, **self._auto_info(new_state, info)}
+            auto_info = self._auto_info(new_state, info)
+            return new_state, ({**info, **auto_info} if auto_info else info)
         oracles = self.derivatives  # type: ignore[attr-defined]
         x, k, extra = state.x, state.k, state.extra
         mu = lower.averaging(k)
