@@ -136,7 +136,7 @@ def test_time_axis_alone_draws_one_panel_at_the_median_times(tmp_path, monkeypat
     (ax,) = figures[-1].axes
     (line,) = ax.get_lines()
     assert line.get_xdata().tolist() == [0.0, 3.0, 6.0] and line.get_ydata().tolist() == [10.0, 73.0, 84.0]
-    assert "time" in ax.get_xlabel() and "median" in ax.get_ylabel()
+    assert "time" in ax.get_xlabel() and "median" in ax.get_legend().get_title().get_text()
     # the band spans the lowest to the highest seed
     (band,) = ax.collections
     ys = band.get_paths()[0].vertices[:, 1]
@@ -172,9 +172,29 @@ def test_plot_command_by_method_summarises_the_seeds_of_each_method(tmp_path, mo
             dirs.append(str(run_dir))
     figures = _captured_axes(monkeypatch)
     out = tmp_path / "tta.png"
-    assert main(["plot", *dirs, "--by-method", "--x", "time", "--center", "median", "--out", str(out)]) == 0
+    assert main(["plot", *dirs, "--by-method", "--x", "time", "--center", "median", "--ylim", "60,95", "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG"
     (ax,) = figures[-1].axes
+    assert ax.get_ylim() == (60.0, 95.0)
     lines = {line.get_label(): line for line in ax.get_lines()}
     assert sorted(lines) == ["BOME", "MEHA"]
     assert lines["MEHA"].get_xdata().tolist() == [0.0, 3.0, 6.0] and lines["MEHA"].get_ydata().tolist() == [10.0, 73.0, 84.0]
+
+
+def test_ylim_overrides_the_value_axis_and_is_checked(tmp_path, monkeypatch):
+    figures = _captured_axes(monkeypatch)
+    plot_runs({"slow": SEEDS}, "test_accuracy", tmp_path / "y.png", x="time", center="median", ylim=(60.0, 95.0))
+    assert figures[-1].axes[0].get_ylim() == (60.0, 95.0)
+    with pytest.raises(ValueError, match="low < high"):
+        plot_runs({"slow": SEEDS}, "test_accuracy", tmp_path / "y.png", ylim=(95.0, 60.0))
+
+
+def test_plot_command_bad_ylim_is_one_line(tmp_path, capsys):
+    from bilevel.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "log.jsonl").write_text('{"iteration": 0, "time": 0.0, "f1": 0.5}\n')
+    assert main(["plot", str(run_dir), "--metric", "f1", "--ylim", "60", "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bilevel: error: --ylim '60' is not two numbers") and err.count("\n") == 1

@@ -163,6 +163,7 @@ def plot_runs(
     *,
     x: str = "both",
     center: str = "mean",
+    ylim: tuple[float, float] | None = None,
 ) -> list[Path]:
     """One figure, one line per label: metric vs iteration and vs time (``x="both"``, two
     panels), or one of the two alone (``x="iteration"`` or ``x="time"``: time to accuracy).
@@ -176,6 +177,8 @@ def plot_runs(
         title: figure title.
         x: ``"both"``, ``"iteration"`` or ``"time"`` (cumulative method step time).
         center: ``"mean"`` (band ± one std) or ``"median"`` (band: lowest to highest run).
+        ylim: ``(low, high)`` of the value axis instead of :func:`value_limits` (e.g. to
+            show the last points when one method starts far below the others).
 
     Returns:
         the written paths. Raises ``ValueError`` when no run holds ``metric``.
@@ -185,6 +188,8 @@ def plot_runs(
     """
     _check_choice("x", x, X_AXES)
     _check_choice("center", center, CENTERS)
+    if ylim is not None and not (len(ylim) == 2 and float(ylim[0]) < float(ylim[1])):
+        raise ValueError(f"ylim={ylim!r} is not (low, high) with low < high: give two increasing numbers")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -218,7 +223,7 @@ def plot_runs(
         plt.close(fig)
         raise ValueError(f"no run has records with the metric {metric!r}")
     ylabel = METRIC_LABELS.get(metric, metric)
-    limits = value_limits(curves)
+    limits = (float(ylim[0]), float(ylim[1])) if ylim is not None else value_limits(curves)
     if limits is not None:
         for ax in axes:
             ax.set_ylim(*limits)
@@ -238,9 +243,9 @@ def plot_runs(
     band = "mean, band ± std over runs" if center == "mean" else "median, band min-max over runs"
     for kind, ax in panels:
         ax.set_xlabel("upper iterations" if kind == "iteration" else "cumulative time (s, method steps only)")
-        ax.set_ylabel(ylabel if len(panels) > 1 else f"{ylabel} ({band})")
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, title=band, title_fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
