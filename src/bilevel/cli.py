@@ -2,7 +2,8 @@
 
     bilevel run CONFIG_OR_NAME [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
     bilevel bench CONFIG_OR_NAME [--methods GALET,CG] [--seeds 0,1,2] [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
-    bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE [--x both|iteration|time] [--center mean|median] [--by-method]
+    bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE [--x both|iteration|time] [--center mean|median]
+                 [--by-method] [--ylim LOW,HIGH]
     bilevel resume RUN_DIR|BENCH_DIR [--max-iters N] [--data-dir DIR] [--nproc N]
     bilevel check CONFIG_OR_NAME [--methods GALET,CG] [--warmup N] [section.key=value ...] [--data-dir DIR]
     bilevel data [--data-dir DIR]
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--center", default="mean", choices=("mean", "median"), help="per line: mean ± std (default) or median, band min-max")
     p.add_argument("--by-method", action="store_true", help="one line per method, its run directories (seeds) summarised together")
+    p.add_argument("--ylim", default=None, metavar="LOW,HIGH", help="value axis range, e.g. 60,85 (default: the curves after iteration 0)")
 
     p = sub.add_parser("resume", help="continue a stopped run, or finish a bench, from its folder")
     p.add_argument("run_dir", metavar="RUN_DIR|BENCH_DIR")
@@ -301,7 +303,14 @@ def _run(args: argparse.Namespace) -> int:
                 if label in runs:
                     label = f"{label} {Path(run_dir).name}"
             runs[label] = [records]
-        paths = plot_runs(runs, args.metric, args.out, x=args.x, center=args.center)
+        ylim = None
+        if args.ylim is not None:
+            try:
+                low, high = (float(v) for v in args.ylim.split(","))
+            except ValueError:
+                raise CLIError(f"--ylim {args.ylim!r} is not two numbers LOW,HIGH: write e.g. --ylim 60,85") from None
+            ylim = (low, high)
+        paths = plot_runs(runs, args.metric, args.out, x=args.x, center=args.center, ylim=ylim)
         print(f"wrote {', '.join(map(str, paths))}")
         return EXIT_OK
     raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
