@@ -272,18 +272,32 @@ def reweight_child(spec):
         with open("/proc/self/clear_refs", "w") as f:  # Linux: reset the high-water mark VmHWM to the current RSS
             f.write("5")
         base = _status_kb("VmRSS")
-    times, xs = [], []
+    times, cpu_times, xs = [], [], []
     for k in range(spec["iters"]):
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         iteration()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         if k < spec["check_iters"]:
             xs.append({name: v.detach().cpu().reshape(-1).tolist() for name, v in current_x().items()})
     on_cuda = device.startswith("cuda")
     peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if on_cuda else (_status_kb("VmHWM") - base) / 1024
-    print(json.dumps({"s_per_iter": min(times[2:]), "median_s": sorted(times[2:])[len(times[2:]) // 2], "peak_mb": peak, "x": xs}))
+    # where the time goes: one more iteration under the profiler (after the memory reading),
+    # the floating-point work of its matrix products and their share of the operators' time
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+        iteration()
+    events = prof.key_averages()
+    products = [e for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
+    work = {
+        "gflop": sum(e.flops for e in products) / 1e9,
+        "products": sum(e.count for e in products),
+        "product_share": sum(e.self_cpu_time_total for e in products) / max(sum(e.self_cpu_time_total for e in events), 1e-9),
+    }
+    median = sorted(times[2:])[len(times[2:]) // 2]
+    cpu = {"cpu_s": min(cpu_times[2:]), "cpu_median_s": sorted(cpu_times[2:])[len(cpu_times[2:]) // 2]}
+    print(json.dumps({"s_per_iter": min(times[2:]), "median_s": median, "peak_mb": peak, "x": xs, **work, **cpu}))
 
 
 def reweight_main(args):
@@ -319,36 +333,69 @@ def reweight_main(args):
         f"{10 * args.meta_per_class} balanced meta images; classifier 784→{args.hidden}→10, weighting net 1→100→1; "
         f"implicit Neumann hypergradient both sides: T={spec['T']}, K={spec['K']}, β={spec['beta']}, α={spec['alpha']}, float32"
     )
-    out = {}
-    for side in ("betty", "ours"):
-        run = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps({**spec, "side": side})],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(HERE), "src"), HERE])},
-        )
-        if run.returncode:
-            raise RuntimeError(run.stderr[-3000:])
-        out[side] = json.loads(run.stdout.strip().splitlines()[-1])
+    runs: dict[str, list[dict]] = {"betty": [], "ours": []}
+    for r in range(args.rounds):  # the sides alternate, and so does which one goes first (load drifts)
+        for side in ("betty", "ours") if r % 2 == 0 else ("ours", "betty"):
+            run = subprocess.run(
+                [sys.executable, __file__, "--child", json.dumps({**spec, "side": side})],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(os.path.dirname(HERE), "src"), HERE])},
+            )
+            if run.returncode:
+                raise RuntimeError(run.stderr[-3000:])
+            runs[side].append(json.loads(run.stdout.strip().splitlines()[-1]))
     os.remove(spec["data"])
     os.rmdir(folder)
     dx = max(
         abs(a - b)
-        for xb, xo in zip(out["betty"]["x"], out["ours"]["x"], strict=True)
+        for xb, xo in zip(runs["betty"][0]["x"], runs["ours"][0]["x"], strict=True)
         for k in xb
         for a, b in zip(xb[k], xo[k], strict=True)
     )
-    b, o = out["betty"], out["ours"]
-    print(f"{'':<8} {'s/iter (min)':>12} {'s/iter (median)':>15} {'peak MB':>8}")
-    for name, r in (("Betty", b), ("ours", o)):
-        print(f"{name:<8} {r['s_per_iter']:12.4f} {r['median_s']:15.4f} {r['peak_mb']:8.1f}")
+    middle = lambda values: sorted(values)[len(values) // 2]
+    summary = {
+        side: {
+            "s_per_iter": min(r["s_per_iter"] for r in rs),
+            "median_s": middle([r["median_s"] for r in rs]),
+            "cpu_s": min(r["cpu_s"] for r in rs),
+            "cpu_median_s": middle([r["cpu_median_s"] for r in rs]),
+            "peak_mb": middle([r["peak_mb"] for r in rs]),
+            "gflop": rs[0]["gflop"],
+            "products": rs[0]["products"],
+            "product_share": middle([r["product_share"] for r in rs]),
+        }
+        for side, rs in runs.items()
+    }
+    b, o = summary["betty"], summary["ours"]
     print(
-        f"Betty/ours: time {b['s_per_iter'] / o['s_per_iter']:.2f}x, peak memory {b['peak_mb'] / max(o['peak_mb'], 1e-9):.2f}x; "
-        f"max|Δx| over the first {args.check_iters} iterations: {dx:.2e}"
+        f"{'':<8} {'s/iter (min)':>12} {'(median)':>9} {'CPU s/iter (min)':>16} {'(median)':>9} {'peak MB':>8} "
+        f"{'GFLOP/iter':>10} {'products':>8} {'% time':>6}"
+    )
+    for name, r in (("Betty", b), ("ours", o)):
+        print(
+            f"{name:<8} {r['s_per_iter']:12.4f} {r['median_s']:9.4f} {r['cpu_s']:16.4f} {r['cpu_median_s']:9.4f} {r['peak_mb']:8.1f} "
+            f"{r['gflop']:10.2f} {r['products']:8d} {100 * r['product_share']:6.1f}"
+        )
+    print(
+        f"ours/Betty: time {o['s_per_iter'] / b['s_per_iter']:.2f} (min), {o['median_s'] / b['median_s']:.2f} (median); "
+        f"CPU time {o['cpu_s'] / b['cpu_s']:.2f} (min), {o['cpu_median_s'] / b['cpu_median_s']:.2f} (median); "
+        f"peak memory {o['peak_mb'] / max(b['peak_mb'], 1e-9):.2f}; max|Δx| over the first {args.check_iters} iterations: {dx:.2e}"
+    )
+    rounds = list(zip(runs["betty"], runs["ours"], strict=True))
+    print(
+        "ours/Betty per round, time (min): "
+        + ", ".join(f"{ro['s_per_iter'] / rb['s_per_iter']:.2f}" for rb, ro in rounds)
+        + "; CPU time (min): "
+        + ", ".join(f"{ro['cpu_s'] / rb['cpu_s']:.2f}" for rb, ro in rounds)
     )
     print(
-        "(peak: the resident-set high-water mark over the iterations minus the resident set before them, VmHWM reset "
-        "through /proc/self/clear_refs, on CPU; max allocated on CUDA; each side in a fresh process)"
+        f"(over {args.rounds} rounds, the sides alternating in fresh processes: min of the per-round minima, median of "
+        "the per-round medians and peaks. CPU time: time.process_time of the process (one thread), which other "
+        "processes on the machine slow down far less than the wall-clock time. peak: the resident-set high-water mark "
+        "over the iterations minus the resident set before them, VmHWM reset through /proc/self/clear_refs, on CPU; "
+        "max allocated on CUDA. GFLOP/iter, products: the matrix products (mm/addmm) of one upper iteration as "
+        "torch.profiler counts them; % time: their share of the operators' self time)"
     )
 
 
@@ -371,6 +418,7 @@ def main(argv=None):
     p.add_argument("--meta-per-class", type=int, default=10, help="reweight: balanced meta images per class")
     p.add_argument("--hidden", type=int, default=100, help="reweight: hidden units of the classifier")
     p.add_argument("--rw-lr-upper", type=float, default=1.0, help="reweight: α of the weighting net")
+    p.add_argument("--rounds", type=int, default=3, help="reweight: rounds of the two sides, alternating")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
