@@ -6,6 +6,7 @@ Parts (``--parts``, default all):
   class) with f and g scaled by s ∈ {1e-3, 1, 1e3}: iterations for auto to reach a
   relative error 1e-6 in x, and the error of the hand-tuned steps (the docstring
   examples') after the same number of iterations.
+* ``kappa``: the diagonal toy at lower condition number 1e4, every method at s = 1.
 * ``growing``: learned log-penalties, lower Hessian diag(e^x) from I to 148 I along the
   path: auto against steps fixed from the curvature at ``init``.
 * ``cost``: counted oracle calls per iteration, auto against the explicit defaults.
@@ -17,7 +18,7 @@ Parts (``--parts``, default all):
 * ``grid``: a 3×3 grid over BAGDC's (lr_lower, Adam lr_upper) on MNIST linear: its best
   test accuracy and its total time, against the time auto needs to reach it.
 
-``--device cuda`` runs the toy parts (zoo, growing, cost) on the GPU (data built on the CPU,
+``--device cuda`` runs the toy parts (zoo, kappa, growing, cost) on the GPU (data built on the CPU,
 then moved); the hyper-cleaning parts (hyperclean, walltime, grid) build their problem with the
 experiment runner, which puts it on the CPU, so they stay on the CPU.
 
@@ -136,6 +137,17 @@ def part_zoo(max_iters: int, device="cpu") -> None:
                 _, preset_err = iterations_to(problem, PRESETS[mname](), k or max_iters, target=0.0, every=k or max_iters)
                 cells.append(f"{k if k else f'> {max_iters} ({err:.1e})'} \\| {preset_err:.1e}")
             print(f"| {pname} | {mname} | " + " | ".join(cells) + " |", flush=True)
+
+
+def part_kappa(max_iters: int, device="cpu") -> None:
+    print("\n## Condition number 1e4 (Q1e4: diagonal, a = 1 … 1e4): iterations to 1e-6 (auto) | hand-tuned steps after as many\n")
+    print("| method | auto | preset |")
+    print("|---|---|---|")
+    for mname in AUTO:
+        problem = diagonal(10, 1e4, device)
+        k, err = iterations_to(problem, AUTO[mname](), max_iters)
+        _, preset_err = iterations_to(problem, PRESETS[mname](), k or max_iters, target=0.0, every=k or max_iters)
+        print(f"| {mname} | {k if k else f'> {max_iters} ({err:.1e})'} | {preset_err:.1e} |", flush=True)
 
 
 def part_growing(max_iters: int, device="cpu") -> None:
@@ -273,7 +285,8 @@ def part_grid(seconds: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", default="zoo,growing,cost,hyperclean,walltime,grid")
+    parser.add_argument("--parts", default="zoo,kappa,growing,cost,hyperclean,walltime,grid")
+    parser.add_argument("--kappa-iters", type=int, default=20000)
     parser.add_argument("--seconds", type=float, default=20.0, help="wall-clock budget of each hyper-cleaning run")
     parser.add_argument("--zoo-iters", type=int, default=3000)
     parser.add_argument("--methods", default=",".join(AUTO_HC), help="hyper-cleaning methods (comma-separated)")
@@ -288,6 +301,8 @@ def main() -> None:
     parts = args.parts.split(",")
     if "zoo" in parts:
         part_zoo(args.zoo_iters, args.device)
+    if "kappa" in parts:
+        part_kappa(args.kappa_iters, args.device)
     if "growing" in parts:
         part_growing(800, args.device)
     if "cost" in parts:

@@ -561,7 +561,7 @@ def _hints(method: Method, state: State, warmup: int, lower_residual: float, ref
             f"{ref.lower_residual:.2g}): part of the error is the lower level's — more lower steps, or start at ŷ"
         )
     multiplier = getattr(getattr(method, "parts", None), "multiplier", None)
-    solved_anew = isinstance(multiplier, LinearSolve) and not multiplier.warm_start
+    solved_anew = isinstance(multiplier, LinearSolve) and not (multiplier.warm_start and multiplier.solver.uses_start)
     if warmup == 0 and multiplier is not None and not solved_anew:
         hints.append("if the multiplier improves across iterations (a single-loop method), give warmup=200")
     return hints

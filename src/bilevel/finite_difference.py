@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -189,6 +189,7 @@ class OneTerm(LinearSolver):
 
     lr: float = 0.1
     steps: int = field(default=0, init=False, repr=False)
+    uses_start: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_positive("OneTerm", "lr", self.lr)

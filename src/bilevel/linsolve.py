@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import ClassVar, cast
 
 import torch
 
@@ -96,6 +96,8 @@ class LinearSolver:
     """
 
     steps: int
+    #: whether the solver starts from ``v0`` (``False``: it is defined from zero and ignores it)
+    uses_start: ClassVar[bool] = True
 
     def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:  # pragma: no cover - protocol
         raise NotImplementedError
@@ -211,6 +213,7 @@ class Neumann(LinearSolver):
 
     steps: int = 10
     lr: float = 0.1
+    uses_start: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_count("Neumann", "steps", self.steps)
