@@ -193,7 +193,7 @@ def test_fewshot_bad_values(override, message):
         ("SlBAMM", "method.mu=2", "method.mu=2 must be a finite number in [0, 1)"),
         ("ITD", "method.truncate=0", "method.truncate=0 must be an integer >= 1"),
         ("BDA", "method.lr_lower_upper=.nan", "method.lr_lower_upper=nan must be a positive number (finite and > 0)"),
-        ("AID", "method.warm_start_v=no", "method.warm_start_v='no' must be true, false or 'auto'"),
+        ("AID", "method.warm_start_v=no", "method.warm_start_v='no' must be true or false, not a str"),
     ],
 )
 def test_method_arguments_are_checked_by_the_method_class(name, override, message):

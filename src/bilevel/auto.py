@@ -45,7 +45,7 @@ from .schedules import ScheduleLike, as_schedule
 from .state import EmptyState, State, part_state
 from .tree import Tree
 from .updates import as_upper_optimizer
-from .validation import ArgumentTypeError, check_bool, check_count, check_number, check_positive, check_step_size, describe
+from .validation import ArgumentTypeError, check_count, check_number, check_positive, check_step_size, describe
 
 __all__ = [
     "AUTO",
@@ -87,15 +87,6 @@ def check_auto_positive(owner: str, name: str, value: Any) -> Any:
     if not _check_string(owner, name, value):
         check_positive(owner, name, value)
     return value
-
-
-def check_auto_bool(owner: str, name: str, value: Any) -> Any:
-    """``True``, ``False`` or ``"auto"`` (an option whose default follows the auto steps)."""
-    if isinstance(value, str):
-        if value != AUTO:
-            raise ArgumentTypeError(f"{describe(owner, name, value)} must be true, false or 'auto'")
-        return value
-    return check_bool(owner, name, value)
 
 
 def check_auto_step_size(owner: str, name: str, value: Any) -> Any:

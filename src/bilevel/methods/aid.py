@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar, cast
 
-from ..auto import AdaptiveLower, AutoSteps, auto_upper, check_auto_bool, check_auto_positive, check_auto_upper, is_auto
+from ..auto import AdaptiveLower, AutoSteps, auto_upper, check_auto_positive, check_auto_upper, is_auto
 from ..finite_difference import HessianFree
 from ..linsolve import CG, LinearSolver, check_solver
 from ..oracles import Oracles
 from ..parts import DirectionNorm, LinearSolve, LowerGD, Parts
 from ..schedules import ScheduleLike
 from ..updates import UpperOptimizer
-from ..validation import check_count, check_positive
+from ..validation import check_bool, check_count, check_positive
 from .alternating import Alternating
 from .base import option
 
@@ -49,13 +49,7 @@ class AID(AutoSteps, Alternating):
         solver: :class:`~bilevel.CG` (default, K = 10), :class:`~bilevel.Neumann`,
             :class:`~bilevel.FixedPoint`, :class:`~bilevel.NormalGD` or
             :class:`~bilevel.LineSearchStep`.
-        warm_start_v: start the solver from the previous ``v`` instead of 0; ``"auto"``
-            (default): when ``lr_lower`` is auto, so that a run with no step size given
-            keeps refining v across iterations (with K = 10 cold CG steps the multiplier's
-            error stalls on ill-conditioned lower levels: at condition number 1e4 AID
-            auto ends at a relative error 0.2 of x* after 20000 iterations, warm-started at
-            1e-9 after 3000; docs/auto.md), and not when β is given, so that explicit
-            configurations are the papers' cold-start AID.
+        warm_start_v: start the solver from the previous ``v`` instead of 0.
         hessian_free: r, to form every ``H v`` and ``J v`` by central differences of
             gradients at ``y ± (r/‖v‖) v`` (DARTS's Hessian-free products,
             :class:`bilevel.finite_difference.HessianFree`; 2 gradients per product, error
@@ -85,7 +79,7 @@ class AID(AutoSteps, Alternating):
     lr_lower: float | str = option("auto", check_auto_positive)
     lower_steps: int = option(10, check_count)
     solver: LinearSolver = field(default=CG(steps=10), metadata={"check": (check_solver, {})})
-    warm_start_v: bool | str = option("auto", check_auto_bool)
+    warm_start_v: bool = option(False, check_bool)
     hessian_free: float | None = option(None, check_positive, allow_none=True)
 
     @cached_property
@@ -96,17 +90,11 @@ class AID(AutoSteps, Alternating):
             return base
         return HessianFree(r=self.hessian_free, gradients_from=base.gradients_from if isinstance(base, HessianFree) else base)
 
-    @property
-    def warm_starts_v(self) -> bool:
-        """Whether the solver starts from the previous ``v``: ``warm_start_v``, where
-        ``"auto"`` means yes when ``lr_lower`` is auto and no when it is given."""
-        return is_auto(self.lr_lower) if is_auto(self.warm_start_v) else bool(self.warm_start_v)
-
     def build_parts(self) -> Parts:
         steps = self.lower_steps
         return Parts(
             lower=AdaptiveLower(steps=steps) if is_auto(self.lr_lower) else LowerGD(lr=cast(float, self.lr_lower), steps=steps),
-            multiplier=LinearSolve(self.solver, warm_start=self.warm_starts_v),
+            multiplier=LinearSolve(self.solver, warm_start=self.warm_start_v),
             measure=DirectionNorm(),
             upper=auto_upper(self.lr_upper),
         )
