@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# GPU readiness check (issue 13, item 7): on a machine with a CUDA device, in under 10 minutes,
+# GPU readiness check: on a machine with a CUDA device, in under 10 minutes,
 #   1. the test suite's device tests (the tests whose names say cuda or devices; they skip on CPU),
 #   2. the oracle-floor benchmark on CUDA (step time against the derivative evaluations it makes),
-#   3. the mixed-precision figures (float32 vs bfloat16 autocast: time, activation and peak memory),
+#   3. the mixed-precision figures (float32 vs bfloat16 and float16 autocast with loss scaling: time, activation and peak memory),
 #   4. ITD's memory with and without gradient checkpointing,
 # each under its own timeout, all results in one folder:
 #
