@@ -501,6 +501,14 @@ def init_from_environment(device: str | None = None) -> DataParallel:
     return DataParallel()
 
 
+def _join_torchrun_group(nproc: int) -> DataParallel:
+    """In a process torchrun started: check ``--nproc`` against its world size and join the group."""
+    world = int(os.environ["WORLD_SIZE"])
+    if nproc not in (1, world):
+        raise ValueError(f"--nproc={nproc} differs from torchrun's WORLD_SIZE={world}: drop --nproc under torchrun")
+    return init_from_environment()
+
+
 def run_command(
     args: Any,
     overrides: Sequence[str],
@@ -523,10 +531,7 @@ def run_command(
         if args.no_progress:
             relaunch.append("--no-progress")
         return launch(args.nproc, relaunch)
-    world = int(os.environ["WORLD_SIZE"])
-    if args.nproc not in (1, world):
-        raise ValueError(f"--nproc={args.nproc} differs from torchrun's WORLD_SIZE={world}: drop --nproc under torchrun")
-    dp = init_from_environment()
+    dp = _join_torchrun_group(args.nproc)
     try:
         if dp.rank == 0:
             summary = run(args.out, not args.no_progress)
@@ -568,10 +573,7 @@ def resume_command(args: Any, check: Callable[[], None], resume: Callable[[str, 
         if args.no_progress:
             relaunch.append("--no-progress")
         return launch(args.nproc, relaunch)
-    world = int(os.environ["WORLD_SIZE"])
-    if args.nproc not in (1, world):
-        raise ValueError(f"--nproc={args.nproc} differs from torchrun's WORLD_SIZE={world}: drop --nproc under torchrun")
-    dp = init_from_environment()
+    dp = _join_torchrun_group(args.nproc)
     try:
         if dp.rank == 0:
             dp.barrier()  # the others hold their copies of the folder before it changes
