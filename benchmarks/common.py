@@ -46,18 +46,24 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+#: the clock of :func:`timeit`: ``time.perf_counter`` (wall, default) or ``time.process_time``
+#: (``--clock cpu``: the process's CPU time, which leaves out waiting for a core on a shared
+#: machine; for single-threaded CPU runs only)
+CLOCK = time.perf_counter
+
+
 def timeit(fn, repeats: int = 10, warmup: int = 2, device="cpu", stat: str = "min") -> float:
-    """Wall time of ``fn()`` in seconds (after ``warmup`` calls): the minimum over ``repeats``
-    (robust to other processes on a shared machine) or the median (``stat="median"``)."""
+    """Time of ``fn()`` in seconds by :data:`CLOCK` (after ``warmup`` calls): the minimum over
+    ``repeats`` (robust to other processes on a shared machine) or the median (``stat="median"``)."""
     for _ in range(warmup):
         fn()
     sync(device)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = CLOCK()
         fn()
         sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return min(times) if stat == "min" else statistics.median(times)
 
 
@@ -179,10 +185,16 @@ def add_common_args(parser):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=["wall", "cpu"], help="wall clock, or CPU time (one thread, CPU only)")
     return parser
 
 
 def apply_common_args(args):
+    global CLOCK
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if args.device != "cpu" or args.threads != 1:
+            raise SystemExit("--clock cpu measures the CPU time of one thread: use it with --device cpu --threads 1")
+        CLOCK = time.process_time
     return getattr(torch, args.dtype)
