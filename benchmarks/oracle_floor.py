@@ -1,8 +1,9 @@
 """Oracle floor: time of one ``method.step`` against the derivative evaluations it must make.
 
 For each method, one step is run with recording oracles that log every derivative call
-(kind, objective, flags) with its arguments. Each distinct call is then re-timed alone
-(median of repeats) and the floor is ``Σ count × time``. ITD makes its calls through
+(kind, objective, flags) with its arguments. Each distinct call is then re-timed alone, as
+many times in a row as the step makes it (the fastest of the repeated blocks), and the
+floor is ``Σ count × time``. ITD makes its calls through
 autograd directly: its floor is T gradients-with-graph of g + T products (the reverse
 pass of each step is one ``both``) + one gradient of f.
 
@@ -67,28 +68,37 @@ class RecordingOracles(Oracles):
         return _RecLin(super().linearize(fn, x, y, batch, with_grad_x), self.log, tag)
 
 
-def isolated_time(key, args, repeats, device):
+def block_time(call, count, repeats, device):
+    """Time of one call, from the fastest of ``repeats`` blocks of ``count`` calls in a row:
+    a step makes its calls one after the other, so the floor does too (the fastest single
+    call, repeated, would leave out what consecutive calls cost each other — freed graphs,
+    allocations — and make steps with many calls look slower than their floor)."""
+    count = max(int(count), 1)
+    return timeit(lambda: [call() for _ in range(count)], repeats, device=device) / count
+
+
+def isolated_time(key, args, repeats, device, count=1):
     base = Oracles()
     kind = key[0]
     if kind == "gradients":
-        return timeit(lambda: base.gradients(*args), repeats, device=device)
+        return block_time(lambda: base.gradients(*args), count, repeats, device)
     if kind == "gradient_y":
-        return timeit(lambda: base.gradient_y(*args), repeats, device=device)
+        return block_time(lambda: base.gradient_y(*args), count, repeats, device)
     if kind == "linearize":
-        return timeit(lambda: base.linearize(*args), repeats, device=device)
+        return block_time(lambda: base.linearize(*args), count, repeats, device)
     inner, v, need_mixed, need_hvp = args
-    return timeit(lambda: inner.both(v, need_mixed=need_mixed, need_hvp=need_hvp), repeats, device=device)
+    return block_time(lambda: inner.both(v, need_mixed=need_mixed, need_hvp=need_hvp), count, repeats, device)
 
 
 def itd_floor(problem, method, state, repeats, device):
     """T × (gradient of g with graph) + T × both + 1 gradient of f, each timed alone."""
     base = Oracles()
     x, y = state.x, state.y
-    lin = base.linearize(problem.lower, x, y, None)
-    t_lin = timeit(lambda: base.linearize(problem.lower, x, y, None), repeats, device=device)
-    t_both = timeit(lambda: lin.both(lin.grad_y), repeats, device=device)
-    t_f = timeit(lambda: base.gradients(problem.upper, x, y, None), repeats, device=device)
     T = method.lower_steps
+    lin = base.linearize(problem.lower, x, y, None)
+    t_lin = block_time(lambda: base.linearize(problem.lower, x, y, None), T, repeats, device)
+    t_both = block_time(lambda: lin.both(lin.grad_y), T, repeats, device)
+    t_f = timeit(lambda: base.gradients(problem.upper, x, y, None), repeats, device=device)
     parts = {("linearize", "lower"): (T, t_lin), ("both", "lower"): (T, t_both), ("gradients", "upper"): (1, t_f)}
     return T * (t_lin + t_both) + t_f, parts
 
@@ -111,12 +121,12 @@ def iaptt_floor(problem, method, state, repeats, device):
     x, y = state.x, state.y
     _, info = method.step(problem, state)
     selected = int(info["selected_step"])
-    lin = base.linearize(problem.lower, x, y, None)
-    t_lin = timeit(lambda: base.linearize(problem.lower, x, y, None), repeats, device=device)
-    t_both = timeit(lambda: lin.both(lin.grad_y), repeats, device=device)
-    t_value = timeit(lambda: problem.upper(x, y, None), repeats, device=device)
-    t_f = timeit(lambda: base.gradients(problem.upper, x, y, None), repeats, device=device)
     K = method.lower_steps
+    lin = base.linearize(problem.lower, x, y, None)
+    t_lin = block_time(lambda: base.linearize(problem.lower, x, y, None), K, repeats, device)
+    t_both = block_time(lambda: lin.both(lin.grad_y), selected, repeats, device)
+    t_value = block_time(lambda: problem.upper(x, y, None), K, repeats, device)
+    t_f = timeit(lambda: base.gradients(problem.upper, x, y, None), repeats, device=device)
     parts = {
         ("linearize", "lower"): (K, t_lin),
         ("value", "upper"): (K, t_value),
@@ -142,7 +152,7 @@ def bench(problem, name, method, repeats, device, verbose):
         method.replace(oracles=rec).step(problem, state)
         parts = {}
         for key, (count, args) in rec.log.items():
-            parts[key] = (count, isolated_time(key, args, repeats, device))
+            parts[key] = (count, isolated_time(key, args, repeats, device, count))
         floor = sum(c * t for c, t in parts.values())
     if verbose:
         detail = ", ".join(f"{c}×{k[0]}({k[1]}) {t * 1e3:.2f}ms" for k, (c, t) in parts.items())
