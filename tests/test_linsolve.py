@@ -89,8 +89,14 @@ def test_cg_on_a_dict_tree_equals_the_flat_solve():
 
 @pytest.mark.parametrize(
     "solver",
-    [bl.CG(steps=N), bl.Neumann(steps=60, lr=0.15), bl.FixedPoint(steps=60, lr=0.15), bl.NormalGD(steps=600, lr=0.019)],
-    ids=["CG", "Neumann", "FixedPoint", "NormalGD"],
+    [
+        bl.CG(steps=N),
+        bl.Neumann(steps=60, lr=0.15),
+        bl.FixedPoint(steps=60, lr=0.15),
+        bl.NormalGD(steps=600, lr=0.019),
+        bl.LineSearchStep(steps=60),
+    ],
+    ids=["CG", "Neumann", "FixedPoint", "NormalGD", "LineSearchStep"],
 )
 def test_solvers_on_dict_trees_pair_leaves_by_key(solver):
     # The solvers iterate on leaf lists; a warm start and a matvec whose dicts list the keys in

@@ -180,17 +180,8 @@ class CG(LinearSolver):
         return LinearSolveResult(v=T.unflatten_like(v, b), residual_sq=rr)
 
 
-def _residual(matvec: MatVec, b: Tree, v: Tree | None) -> Tree:
-    """``H v − b``; ``v = None`` stands for zero and costs no product."""
-    return T.scale(-1.0, b) if v is None else T.sub(matvec(v), b)
-
-
-def _start(b: Tree, v0: Tree | None) -> Tree:
-    return T.zeros_like(b) if v0 is None else v0
-
-
 def _residual_leaves(mv: LeafMatVec, b: T.Leaves, v: T.Leaves | None) -> T.Leaves:
-    """:func:`_residual` on leaf lists."""
+    """``H v − b`` on leaf lists; ``v = None`` stands for zero and costs no product."""
     return torch._foreach_mul(b, -1.0) if v is None else torch._foreach_sub(mv(v), b)
 
 
@@ -353,13 +344,15 @@ class LineSearchStep(LinearSolver):
         return 2 * self.steps
 
     def __call__(self, matvec: MatVec, b: Tree, v0: Tree | None = None) -> LinearSolveResult:
-        v, residual_sq, eta = v0, None, None
-        for _ in range(self.steps):
-            r = _residual(matvec, b, v)
-            residual_sq = T.sq_norm(r)
-            eta = line_search_step_size(residual_sq, T.vdot(r, matvec(r)), self.fallback, self.max_step)
-            v = T.axpy(-eta, r, _start(b, v))
-        return LinearSolveResult(v=v, residual_sq=residual_sq, step=eta)
+        mv, bl = _leaf_matvec(matvec, b), T.leaves(b)
+        v: T.Leaves | None = None if v0 is None else T.leaves_like(v0, b)
+        residual_sq, eta = None, None
+        for _ in range(self.steps):  # steps ≥ 1, so v is set
+            r = _residual_leaves(mv, bl, v)
+            residual_sq = T.sq_norm_leaves(r)
+            eta = line_search_step_size(residual_sq, T.vdot_leaves(r, mv(r)), self.fallback, self.max_step)
+            v = T.axpy_leaves(-eta, r, _start_leaves(bl, v))
+        return LinearSolveResult(v=T.unflatten_like(cast(T.Leaves, v), b), residual_sq=residual_sq, step=eta)
 
 
 def estimate_spectral_norm(matvec: MatVec, like: Tree, iters: int = 30, seed: int = 0) -> float:
