@@ -66,20 +66,8 @@ def _grads_or_zeros(
     create_graph: bool = False,
 ) -> list[torch.Tensor]:
     """``torch.autograd.grad`` that returns zeros for inputs the outputs do not depend on."""
-    if cotangents is None and isinstance(outputs, torch.Tensor) and outputs.requires_grad:
-        # a gradient of one value with a graph (every lower step): no filtering needed
-        return list(
-            torch.autograd.grad(
-                outputs,
-                inputs,
-                retain_graph=retain_graph or create_graph,
-                create_graph=create_graph,
-                allow_unused=True,
-                materialize_grads=True,
-            )
-        )
-    if cotangents is not None and not isinstance(outputs, torch.Tensor) and all(o.requires_grad for o in outputs):
-        # the products' common case: every output has a graph (no filtering needed)
+    if outputs.requires_grad if isinstance(outputs, torch.Tensor) else (len(outputs) > 0 and all(o.requires_grad for o in outputs)):
+        # the common case (every gradient and product): every output has a graph, nothing to filter
         return list(
             torch.autograd.grad(
                 outputs,
