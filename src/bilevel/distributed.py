@@ -501,12 +501,28 @@ def init_from_environment(device: str | None = None) -> DataParallel:
     return DataParallel()
 
 
-def _join_torchrun_group(nproc: int) -> DataParallel:
-    """In a process torchrun started: check ``--nproc`` against its world size and join the group."""
+def _run_in_torchrun_group(nproc: int, main: Callable[[DataParallel], int], other: Callable[[DataParallel, Path], int]) -> int:
+    """In a process torchrun started: check ``--nproc`` against its world size, join the
+    group, and run ``main(dp)`` on rank 0 or ``other(dp, scratch)`` on the other ranks (a
+    scratch folder of their own, removed at the end); the group is destroyed in every case."""
+    import shutil
+    import tempfile
+
     world = int(os.environ["WORLD_SIZE"])
     if nproc not in (1, world):
         raise ValueError(f"--nproc={nproc} differs from torchrun's WORLD_SIZE={world}: drop --nproc under torchrun")
-    return init_from_environment()
+    dp = init_from_environment()
+    try:
+        if dp.rank == 0:
+            return main(dp)
+        scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{dp.rank}-")
+        try:
+            return other(dp, Path(scratch))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def run_command(
@@ -519,9 +535,6 @@ def run_command(
     """``bilevel run --nproc N``: launch through torchrun, or — in a process torchrun
     started — join the group and ``run(out, progress)``. Rank 0 writes the run directory
     and prints the summary; the others run into a scratch folder removed at the end."""
-    import shutil
-    import tempfile
-
     if not launched_by_torchrun():
         relaunch = ["run", args.config, *overrides]
         if args.out is not None:
@@ -531,20 +544,13 @@ def run_command(
         if args.no_progress:
             relaunch.append("--no-progress")
         return launch(args.nproc, relaunch)
-    dp = _join_torchrun_group(args.nproc)
-    try:
-        if dp.rank == 0:
-            summary = run(args.out, not args.no_progress)
-            report(summary)
-            return status(summary)
-        scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{dp.rank}-")
-        try:
-            return status(run(str(Path(scratch) / "run"), False))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    def main(dp: DataParallel) -> int:
+        summary = run(args.out, not args.no_progress)
+        report(summary)
+        return status(summary)
+
+    return _run_in_torchrun_group(args.nproc, main, lambda dp, scratch: status(run(str(scratch / "run"), False)))
 
 
 def resume_command(args: Any, check: Callable[[], None], resume: Callable[[str, bool], int]) -> int:
@@ -559,7 +565,6 @@ def resume_command(args: Any, check: Callable[[], None], resume: Callable[[str, 
     (removed at the end), and only then — after a barrier — does rank 0 touch the original.
     """
     import shutil
-    import tempfile
 
     if not launched_by_torchrun():
         if isinstance(args.nproc, bool) or not isinstance(args.nproc, int) or args.nproc < 1:
@@ -573,19 +578,15 @@ def resume_command(args: Any, check: Callable[[], None], resume: Callable[[str, 
         if args.no_progress:
             relaunch.append("--no-progress")
         return launch(args.nproc, relaunch)
-    dp = _join_torchrun_group(args.nproc)
-    try:
-        if dp.rank == 0:
-            dp.barrier()  # the others hold their copies of the folder before it changes
-            return resume(args.run_dir, True)
-        scratch = tempfile.mkdtemp(prefix=f"bilevel-rank{dp.rank}-")
-        try:
-            copy = Path(scratch) / Path(args.run_dir).name
-            shutil.copytree(args.run_dir, copy)
-            dp.barrier()
-            return resume(str(copy), False)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    def main(dp: DataParallel) -> int:
+        dp.barrier()  # the others hold their copies of the folder before it changes
+        return resume(args.run_dir, True)
+
+    def other(dp: DataParallel, scratch: Path) -> int:
+        copy = scratch / Path(args.run_dir).name
+        shutil.copytree(args.run_dir, copy)
+        dp.barrier()
+        return resume(str(copy), False)
+
+    return _run_in_torchrun_group(args.nproc, main, other)
