@@ -88,17 +88,19 @@ def test_cg_on_a_dict_tree_equals_the_flat_solve():
 
 
 @pytest.mark.parametrize(
-    "solver",
+    "solver, residual_rtol",
     [
-        bl.CG(steps=N),
-        bl.Neumann(steps=60, lr=0.15),
-        bl.FixedPoint(steps=60, lr=0.15),
-        bl.NormalGD(steps=600, lr=0.019),
-        bl.LineSearchStep(steps=60),
+        (bl.CG(steps=N), 1e-12),
+        (bl.Neumann(steps=60, lr=0.15), 1e-12),
+        (bl.FixedPoint(steps=60, lr=0.15), 1e-12),
+        (bl.NormalGD(steps=600, lr=0.019), 1e-12),
+        # its residual after 60 steps is ~1e-11, not rounding, and each step's η = ‖r‖²/rᵀHr
+        # sums per leaf here and over one vector there: 60 such ratios agree to ~1e-10
+        (bl.LineSearchStep(steps=60), 1e-9),
     ],
     ids=["CG", "Neumann", "FixedPoint", "NormalGD", "LineSearchStep"],
 )
-def test_solvers_on_dict_trees_pair_leaves_by_key(solver):
+def test_solvers_on_dict_trees_pair_leaves_by_key(solver, residual_rtol):
     # The solvers iterate on leaf lists; a warm start and a matvec whose dicts list the keys in
     # another order must still be paired by key (the same iterates as on the flat vector).
     def split(v, order=("a", "b")):
@@ -113,7 +115,7 @@ def test_solvers_on_dict_trees_pair_leaves_by_key(solver):
     flat = solver(_mv(H), B, v0=v0.clone())
     assert list(tree.v) == ["a", "b"] and tree.v["b"].shape == (3, 1)
     torch.testing.assert_close(join(tree.v), flat.v, rtol=1e-13, atol=1e-15)
-    torch.testing.assert_close(tree.residual_sq, flat.residual_sq, rtol=1e-12, atol=1e-24 * float(B @ B))
+    torch.testing.assert_close(tree.residual_sq, flat.residual_sq, rtol=residual_rtol, atol=1e-24 * float(B @ B))
     assert _rel(flat.v, V_STAR) <= 1e-3  # the comparison is made near the solution, not at an arbitrary point
 
 
