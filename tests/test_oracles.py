@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import bilevel as bl
+from bilevel import oracles as oracles_module
 from bilevel import tree as T
 from bilevel.oracles import ORACLE_MODES, WeightedLinearization, scaled_products
 from bilevel.problems import T2, T3, T1g
@@ -336,7 +337,8 @@ def test_scaled_products_one_backward_pass_equals_separate_products(monkeypatch)
     lf, lg = oracles.linearize(f, x, y, None), oracles.linearize(g, x, y, None)
     expected_f, expected_g = lf.both(v), lg.both(v)
     calls = []
-    real_grad = torch.autograd.grad
+    real_engine, real_grad = oracles_module._ENGINE_RUN_BACKWARD, torch.autograd.grad
+    monkeypatch.setattr(oracles_module, "_ENGINE_RUN_BACKWARD", lambda *a, **k: calls.append(1) or real_engine(*a, **k))
     monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or real_grad(*a, **k))
     (jf, hf), (jg, hg) = scaled_products([(lf, 0.3, True, False), (lg, None, True, True)], v)
     assert len(calls) == 1
@@ -359,3 +361,26 @@ def test_weighted_linearization_keeps_the_last_terms_hessian_product():
     torch.testing.assert_close(phi.hvp(v)["y"], mu * h_f + (1 - mu) * h_g, rtol=1e-14, atol=1e-14)
     torch.testing.assert_close(phi.term_hvp(v)["y"], h_g, rtol=1e-14, atol=1e-14)
     assert phi.term_hvp({"y": v["y"].clone()}) is None  # an equal tree that was not multiplied
+
+
+def test_engine_backward_equals_autograd_grad_and_keeps_its_errors():
+    """The direct engine call behind every product gives torch.autograd.grad's results
+    (float64: gradients, cotangent products, a second-order graph, unreached inputs as
+    zeros that carry the graph flag) and its errors for a bad cotangent or a non-scalar output."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randn(3, generator=gen, dtype=torch.float64, requires_grad=True)
+    unused = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    loss = (a**3).sum()
+    (expected,) = torch.autograd.grad(loss, a, create_graph=True)
+    got = oracles_module._grads_or_zeros(loss, [a, unused], create_graph=True)
+    torch.testing.assert_close(got[0], expected, rtol=0, atol=0)
+    assert got[0].requires_grad and got[1].requires_grad and torch.equal(got[1], torch.zeros(2, dtype=torch.float64))
+    v = torch.randn(3, generator=gen, dtype=torch.float64)
+    (hv_expected,) = torch.autograd.grad(expected, a, v, retain_graph=True)
+    (hv,) = oracles_module._grads_or_zeros(got[0], [a], v, retain_graph=True)
+    torch.testing.assert_close(hv, hv_expected, rtol=0, atol=0)
+    torch.testing.assert_close(hv, 6 * a.detach() * v, rtol=1e-15, atol=0)
+    with pytest.raises(RuntimeError, match="Mismatch in shape"):
+        oracles_module._grads_or_zeros(got[0], [a], torch.ones(4, dtype=torch.float64), retain_graph=True)
+    with pytest.raises(RuntimeError, match="only for scalar outputs"):
+        oracles_module._grads_or_zeros(got[0], [a], retain_graph=True)
