@@ -153,3 +153,22 @@ def test_leaf_list_operations_equal_the_tree_operations():
         assert all(torch.equal(p, q) for p, q in zip(out, T.leaves(T.axpy(c, a, b)), strict=True))
     with pytest.raises(ValueError, match="empty tree"):
         T.vdot_leaves([], [])
+
+
+def test_sq_norms_of_several_trees_equal_their_separate_sq_norms():
+    """One fused kernel for several trees: each value equals sq_norm of its tree (float64),
+    for equal and unequal leaf counts, bare tensors and dicts; an empty tree is refused."""
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    two = {"W": rand(3, 4), "b": rand(3)}
+    other_two = {"W": rand(2, 2), "b": rand(1)}
+    bare = rand(5)
+    for trees in [(two,), (bare,), (two, other_two), (bare, two, other_two), (bare, bare)]:
+        values = T.sq_norms(*trees)
+        assert len(values) == len(trees)
+        for value, tree in zip(values, trees, strict=True):
+            assert value.shape == ()
+            expected = sum(float((t * t).sum()) for t in T.leaves(tree))
+            assert abs(float(value) - expected) <= 1e-13 * expected
+    with pytest.raises(ValueError, match="empty tree"):
+        T.sq_norms(two, {})

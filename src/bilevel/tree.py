@@ -35,6 +35,7 @@ __all__ = [
     "scale",
     "sq_norm",
     "sq_norm_leaves",
+    "sq_norms",
     "structure_summary",
     "sub",
     "tree_map",
@@ -170,6 +171,23 @@ def sq_norm_leaves(la: Leaves) -> torch.Tensor:
     """``Σ ‖a_i‖²`` over leaves (0-d tensor; the kernels of :func:`sq_norm`)."""
     norms = torch._foreach_norm(la)
     return torch.stack(norms).square().sum() if len(norms) > 1 else norms[0].square()
+
+
+def sq_norms(*trees: Tree) -> tuple[torch.Tensor, ...]:
+    """``(‖a‖², ‖b‖², ...)`` of several trees (0-d tensors) from one fused norm kernel.
+
+    A method's diagnostics need several squared norms per step; one ``_foreach_norm`` over
+    all their leaves and a few reductions cost what two separate :func:`sq_norm` calls do.
+    """
+    lists = [leaves(t) for t in trees]
+    counts = [len(leaf_list) for leaf_list in lists]
+    if 0 in counts:
+        raise ValueError("sq_norms of an empty tree: the variables hold no tensor")
+    norms = torch.stack(torch._foreach_norm([t for leaf_list in lists for t in leaf_list]))
+    squares = norms * norms
+    if all(c == counts[0] for c in counts):  # one reshape and one sum for every tree at once
+        return squares.view(len(counts), counts[0]).sum(1).unbind() if counts[0] > 1 else squares.unbind()
+    return tuple(part.sum() for part in torch.split(squares, counts))
 
 
 def norm(a: Tree) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import tree as T
-from ..oracles import Oracles
+from ..oracles import Oracles, _grads_or_zeros
 from ..problem import Problem
 from ..schedules import Schedule, ScheduleLike, as_schedule
 from ..state import EmptyState
@@ -85,7 +85,7 @@ class LowerGD:
 
 
 def _create_graph_grad(value: torch.Tensor, inputs: list) -> list:
-    return list(torch.autograd.grad(value, inputs, create_graph=True, allow_unused=True, materialize_grads=True))
+    return _grads_or_zeros(value, inputs, create_graph=True)
 
 
 @dataclass(frozen=True)

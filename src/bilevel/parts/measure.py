@@ -115,10 +115,10 @@ class DirectionNorm:
         self, point: Point, v: Tree, solve: LinearSolveResult | None, x: Tree, projection: Projection | None
     ) -> tuple[Tree, dict, Tree | None]:
         direction = T.sub(point.grad_x_f, point.phi.mixed(v))
-        direction_sq = T.sq_norm(direction)
+        direction_sq, lower_grad_sq = T.sq_norms(direction, point.g.grad_y)
         info = {
             "upper_loss": point.upper_loss,
-            "lower_grad_sq": T.sq_norm(point.g.grad_y),
+            "lower_grad_sq": lower_grad_sq,
             "direction_sq": direction_sq,
             "stationarity": projected_sq(projection, x, direction, direction_sq),
         }
@@ -153,16 +153,16 @@ class ShadowResidual:
     ) -> tuple[Tree, dict, Tree | None]:
         if self.exact:
             jv, hv = point.phi.both(v)
-            shadow_term = T.sq_norm(point.phi.hvp(T.sub(hv, point.grad_y_f)))
+            direction = T.sub(point.grad_x_f, jv)
+            direction_sq, lower_term, shadow_term = T.sq_norms(direction, point.g.grad_y, point.phi.hvp(T.sub(hv, point.grad_y_f)))
         else:
             if solve is None or solve.normal_residual_sq is None:
                 raise ValueError("ShadowResidual(exact=False) needs a solver that reports normal_residual_sq (bilevel.NormalGD)")
             jv, hv = point.phi.mixed(v), None
             shadow_term = solve.normal_residual_sq
-        direction = T.sub(point.grad_x_f, jv)
-        direction_sq = T.sq_norm(direction)
+            direction = T.sub(point.grad_x_f, jv)
+            direction_sq, lower_term = T.sq_norms(direction, point.g.grad_y)
         upper_term = projected_sq(projection, x, direction, direction_sq)
-        lower_term = T.sq_norm(point.g.grad_y)
         info = {
             "upper_loss": point.upper_loss,
             "lower_grad_sq": lower_term,
@@ -223,18 +223,50 @@ class KKTResidual:
             j_phi, j_g, h_formed = point.direction_products(v, need_hvp_g=h_g is None)
             h_g = h_formed if h_g is None else h_g
         direction = T.sub(grad_x_f, j_phi)
-        direction_sq = T.sq_norm(direction)
-        if solve.hv is not None:  # H_φ v_{k+1}, free after a line search
-            dual_sq = T.sq_norm(T.sub(solve.hv, grad_y_f))
+        # every squared norm of the diagnostics in one fused kernel: ‖d‖², ‖∇_y g‖², then
+        # ‖H_φ v_{k+1} − ∇_y f‖² (free after a line search), then the g-parts when φ_μ ≠ g
+        trees = [direction, point.g.grad_y]
+        if solve.hv is not None:
+            trees.append(T.sub(solve.hv, grad_y_f))
+        if point.f is not None:
+            trees += [T.sub(grad_y_f, h_g), point.phi.grad_y]
+            if projection is None:
+                trees.append(T.sub(grad_x_f, j_g))
+        norms = iter(T.sq_norms(*trees))
+        direction_sq, kkt_lower = next(norms), next(norms)
+        if solve.hv is not None:
+            dual_sq = next(norms)
         else:  # at v_k: the residual the step formed
             dual_sq = solve.residual_sq if solve.residual_sq is not None else T.sq_norm(solve.residual)
-        kkt_lower = T.sq_norm(point.g.grad_y)
+        phi_lower: torch.Tensor | None = None
         if point.f is None:
             kkt_upper = projected_sq(projection, x, direction, direction_sq)
             kkt_multiplier = dual_sq
         else:
-            kkt_upper = projected_sq(projection, x, T.sub(grad_x_f, j_g))
-            kkt_multiplier = T.sq_norm(T.sub(grad_y_f, h_g))
+            kkt_multiplier, phi_lower = next(norms), next(norms)
+            kkt_upper = next(norms) if projection is None else projected_sq(projection, x, T.sub(grad_x_f, j_g))
+        info = {
+            "upper_loss": point.upper_loss,
+            "lower_grad_sq": kkt_lower,
+            "direction_sq": direction_sq,
+            "dual_residual_sq": dual_sq,
+            "kkt_upper": kkt_upper,
+            "kkt_multiplier": kkt_multiplier,
+            "kkt_lower": kkt_lower,
+            "stationarity": kkt_upper + kkt_multiplier + kkt_lower,
+        }
+        if phi_lower is not None:
+            info["kkt_phi"] = projected_sq(projection, x, direction, direction_sq) + dual_sq + phi_lower
+        return direction, info, None
+
+    def _exact(self, point: Point, v: Tree, x: Tree, projection: Projection | None) -> tuple[Tree, dict, Tree | None]:
+        j_phi, h_phi, j_g, h_g = point.products(v)
+        grad_x_f, grad_y_f = point.grad_x_f, point.grad_y_f
+        direction = T.sub(grad_x_f, j_phi)
+        direction_sq, kkt_multiplier, kkt_lower, dual_sq = T.sq_norms(
+            direction, T.sub(grad_y_f, h_g), point.g.grad_y, T.sub(h_phi, grad_y_f)
+        )
+        kkt_upper = projected_sq(projection, x, T.sub(grad_x_f, j_g))
         info = {
             "upper_loss": point.upper_loss,
             "lower_grad_sq": kkt_lower,
@@ -247,30 +279,6 @@ class KKTResidual:
         }
         if point.f is not None:
             info["kkt_phi"] = projected_sq(projection, x, direction, direction_sq) + dual_sq + T.sq_norm(point.phi.grad_y)
-        return direction, info, None
-
-    def _exact(self, point: Point, v: Tree, x: Tree, projection: Projection | None) -> tuple[Tree, dict, Tree | None]:
-        j_phi, h_phi, j_g, h_g = point.products(v)
-        grad_x_f, grad_y_f = point.grad_x_f, point.grad_y_f
-        direction = T.sub(grad_x_f, j_phi)
-        kkt_upper = projected_sq(projection, x, T.sub(grad_x_f, j_g))
-        kkt_multiplier = T.sq_norm(T.sub(grad_y_f, h_g))
-        kkt_lower = T.sq_norm(point.g.grad_y)
-        direction_sq = T.sq_norm(direction)
-        info = {
-            "upper_loss": point.upper_loss,
-            "lower_grad_sq": kkt_lower,
-            "direction_sq": direction_sq,
-            "dual_residual_sq": T.sq_norm(T.sub(h_phi, grad_y_f)),
-            "kkt_upper": kkt_upper,
-            "kkt_multiplier": kkt_multiplier,
-            "kkt_lower": kkt_lower,
-            "stationarity": kkt_upper + kkt_multiplier + kkt_lower,
-        }
-        if point.f is not None:
-            info["kkt_phi"] = (
-                projected_sq(projection, x, direction, direction_sq) + T.sq_norm(T.sub(grad_y_f, h_phi)) + T.sq_norm(point.phi.grad_y)
-            )
         return direction, info, h_phi
 
     def report(self, solve: LinearSolveResult | None) -> dict:
