@@ -101,3 +101,37 @@ def test_config_differences_ignores_the_resumable_keys():
         "methods": {"CG": {"lr_lower": 2}},
     }
     assert config_differences(saved, current) == ["problem.n_train 100 → 200"]
+
+
+def test_plateau_reason_is_a_pure_function_of_the_evaluations():
+    """Stop when none of the last `patience` evaluations beats the best before them by more
+    than min_delta; never with too few evaluations; the message names the best iteration."""
+    from bilevel.experiments.runner import plateau_reason
+
+    evals = [{"iteration": 10 * i, "val_accuracy": v} for i, v in enumerate([50.0, 70.0, 80.0, 80.05, 79.0])]
+    assert plateau_reason(evals[:2], "val_accuracy", 2, 0.1) is None  # too few
+    assert plateau_reason(evals[:4], "val_accuracy", 2, 0.1) is None  # 80.0 beat 70.0
+    reason = plateau_reason(evals, "val_accuracy", 2, 0.1)  # 80.05 and 79.0 vs 80.0
+    assert reason is not None and "iteration 20" in reason and "80.00" in reason
+    assert plateau_reason(evals, "val_accuracy", 2, 0.01) is None  # 80.05 > 80.0 + 0.01
+    assert plateau_reason(evals, "val_accuracy", 4, 0.1) is None  # 70, 80 ... beat 50
+
+
+def test_a_bench_run_stopped_on_validation_resumes_as_done_and_matches_a_straight_run(tmp_path):
+    """run.stop_patience ends a run at a validation plateau (status 'stopped', counted in
+    the bench's means); an early-stopped run stops where the evaluations say, so a rerun
+    with a larger max_iters stops at the same iteration with the same iterates; a problem
+    without val_accuracy is refused in one line."""
+    from bilevel.experiments import run_bench
+    from bilevel.experiments.runner import resume_bench
+
+    overrides = ["run.max_iters=60", "run.eval_every=3", "run.stop_patience=1", "run.stop_min_delta=100"]
+    bench = run_bench(TINY, ["BAGDC"], [0], overrides, out=tmp_path / "b", progress=False)
+    summary = json.loads((tmp_path / "b" / "BAGDC-seed0" / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["iterations"] == 3  # evaluations at 0 and 3: 3 is not 100 points better
+    assert "plateaued" in summary["message"] and "run.stop_patience" in summary["message"]
+    assert bench["unfinished"] == [] and "| BAGDC |" in bench["table"]  # in the table: a completed run
+    again = resume_bench(tmp_path / "b", progress=False)
+    assert again["table"] == bench["table"] and again["runs"] == bench["runs"]
+    longer = run_experiment(TINY, tmp_path / "r", ["method.name=BAGDC", *overrides[1:], "run.max_iters=90"], progress=False)
+    assert longer["iterations"] == 3 and longer["metrics"] == summary["metrics"]

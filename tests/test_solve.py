@@ -35,7 +35,7 @@ def _aid():
 
 
 def test_status_values():
-    assert [s.value for s in bl.Status] == ["converged", "max_iters", "max_time", "diverged", "interrupted"]
+    assert [s.value for s in bl.Status] == ["converged", "max_iters", "max_time", "diverged", "interrupted", "stopped"]
     assert bl.Status.CONVERGED == "converged"
 
 
@@ -53,6 +53,25 @@ def test_converged_on_another_diagnostic():
     result = bl.solve(T1(n=4), _aid(), max_iters=500, tol=1e-10, stop_on="lower_grad_sq")
     assert result.status is bl.Status.CONVERGED
     assert result.final["lower_grad_sq"] <= 1e-10 and all(v > 1e-10 for v in result.series("lower_grad_sq")[:-1])
+
+
+def test_a_callback_that_returns_a_reason_stops_the_run_at_that_record(tmp_path):
+    """on_log returning a string ends the run there (Status.STOPPED, the string as message);
+    returning None (every logger) never stops it; the checkpoint holds the stopped state."""
+
+    class StopAtSix:
+        def on_log(self, record):
+            return "enough at 6" if record["iteration"] == 6 else None
+
+    class Quiet:
+        def on_log(self, record):
+            return None
+
+    result = bl.solve(T1g(n=4), _aid(), max_iters=20, log_every=2, callbacks=[Quiet(), StopAtSix()], checkpoint=tmp_path / "c.pt")
+    assert result.status is bl.Status.STOPPED and result.message == "enough at 6"
+    assert result.iterations == 6 and [r["iteration"] for r in result.history] == [2, 4, 6]
+    assert bl.load_checkpoint(tmp_path / "c.pt")["state"].k == 6
+    assert bl.solve(T1g(n=4), _aid(), max_iters=8, callbacks=[Quiet()]).status is bl.Status.MAX_ITERS
 
 
 def test_max_iters():

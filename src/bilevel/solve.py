@@ -45,6 +45,7 @@ class Status(str, enum.Enum):
     MAX_TIME = "max_time"  #: the time budget ran out
     DIVERGED = "diverged"  #: NaN/Inf or a quantity above ``divergence_threshold``
     INTERRUPTED = "interrupted"  #: Ctrl-C (a checkpoint was written if one was configured)
+    STOPPED = "stopped"  #: a callback stopped the run (its ``on_log`` returned the reason)
 
 
 class DivergenceError(FloatingPointError):
@@ -354,7 +355,9 @@ def solve(
         callbacks: objects with optional ``on_start(run)``, ``on_log(record)``,
             ``on_end(result)`` (see :mod:`bilevel.callbacks`); ``run["state"]`` holds the
             current state when ``on_log`` is called, and ``on_end`` is called on divergence
-            too (before the error is raised), so loggers close their files.
+            too (before the error is raised), so loggers close their files. An ``on_log``
+            that returns a string stops the run there with ``Status.STOPPED`` and that
+            string as the message (early stopping on a validation metric, say).
         log_every: record diagnostics every this many iterations (and at the last one).
             Each record costs one device-to-host transfer, which carries the diagnostics
             and the finiteness checks together; between records the loop never waits
@@ -541,9 +544,15 @@ def solve(
                 history.append(record)
                 last_good = state
                 run["state"] = state
-                for cb in callbacks:
-                    if hasattr(cb, "on_log"):
-                        cb.on_log(record)
+                reasons = [cb.on_log(record) for cb in callbacks if hasattr(cb, "on_log")]
+                reason = next((r for r in reasons if isinstance(r, str)), None)
+                if dp is not None:  # callbacks may live on rank 0 only: every process stops together
+                    asked = dp.all_reduce_scalar(torch.tensor(float(reason is not None), dtype=torch.float64), "max")
+                    if float(asked) > 0 and reason is None:
+                        reason = "stopped by a callback on another process"
+                if reason is not None:
+                    status, message = Status.STOPPED, reason
+                    break
                 if tol is not None and record[stop_on] <= tol:
                     status, message = Status.CONVERGED, f"{stop_on} = {record[stop_on]:.3e} <= tol = {tol:.1e}"
                     break

@@ -5,7 +5,8 @@ A configuration has four sections::
     problem:  kind (hyperclean | fewshot), dataset, model/backbone, sizes, seed, ...
     method:   name (a preset of ``methods`` or a method name) and keyword arguments
     methods:  named method presets (the tuned settings used by ``bilevel bench``)
-    run:      max_iters, eval_every, log_every, checkpoint_every, seed, tensorboard, progress
+    run:      max_iters, eval_every, log_every, checkpoint_every, seed, tensorboard, progress,
+              threads, stop_patience, stop_min_delta (early stopping on validation accuracy)
 
 Overrides ``section.key=value`` parse ``value`` as YAML (so ``0.1`` is a float, ``true``
 a bool, ``[1, 2]`` a list), with every number a person types read as a number:
@@ -274,6 +275,10 @@ class RunSpec(Spec):
     tensorboard: bool = key(False, _BOOL)
     progress: bool = key(True, _BOOL)
     threads: int | None = key(None, _Rule("a positive integer or null (PyTorch's default)", _integer(1, optional=True).accept))
+    # early stopping on validation data: after this many evaluations whose val_accuracy is
+    # not above the best before them by more than stop_min_delta (points), the run ends
+    stop_patience: int | None = key(None, _Rule("a positive integer or null (never stop early)", _integer(1, optional=True).accept))
+    stop_min_delta: float = key(0.1, _NONNEGATIVE)
 
 
 #: the spec of the problem section of each problem kind.

@@ -100,6 +100,7 @@ __all__ = [
     "default_run_dir",
     "format_bench_table",
     "read_log",
+    "plateau_reason",
     "read_manifest",
     "resume_bench",
     "resume_run",
@@ -134,6 +135,8 @@ RESUMABLE_CHANGES = (
     "run.tensorboard",
     "run.progress",
     "run.threads",
+    "run.stop_patience",
+    "run.stop_min_delta",
 )
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -699,6 +702,26 @@ def _log_lines(history: Sequence[dict], evals: Sequence[dict], segments: Sequenc
     return [lines[k] for k in sorted(lines)]
 
 
+def plateau_reason(evals: Sequence[dict], metric: str, patience: int, min_delta: float) -> str | None:
+    """Why a run stops early on validation data, or ``None`` to go on.
+
+    The run stops when none of its last ``patience`` evaluations has ``metric`` above the
+    best value of the evaluations before them by more than ``min_delta``. A pure function
+    of the evaluations (kept in every checkpoint), so a resumed run stops where an
+    uninterrupted one would.
+    """
+    values = [(int(e["iteration"]), float(e[metric])) for e in evals if metric in e]
+    if len(values) <= patience:
+        return None
+    best_iteration, best = max(values[:-patience], key=lambda item: item[1])
+    if max(value for _, value in values[-patience:]) > best + min_delta:
+        return None
+    return (
+        f"{metric} plateaued: no gain above {min_delta:g} over {best:.2f} (iteration {best_iteration}) "
+        f"in the last {patience} evaluations (run.stop_patience)"
+    )
+
+
 class _Recorder:
     """The runner's one :func:`~bilevel.solve` callback.
 
@@ -753,7 +776,7 @@ class _Recorder:
         if lines:
             self.bar.on_log(lines[-1])
 
-    def on_log(self, record: dict[str, float]) -> None:
+    def on_log(self, record: dict[str, float]) -> str | None:
         assert self.run is not None, "on_start(run) comes before on_log(record)"
         k = int(record["iteration"])
         segment = self.segments[-1]
@@ -764,7 +787,7 @@ class _Recorder:
         elif k % segment["log_every"] == 0:
             line = dict(record)
         else:
-            return
+            return None
         if self._handle is not None:
             try:
                 self._handle.write(json.dumps(line) + "\n")
@@ -778,6 +801,15 @@ class _Recorder:
                 self.errors.append(f"could not write TensorBoard events: {err.strerror or err}")
                 self.tensorboard = None
         self.bar.on_log(line)
+        run = self.exp.config["run"]
+        if not run.get("stop_patience") or k == 0 or self.evals[-1]["iteration"] != k:  # no evaluation at this record
+            return None
+        if "val_accuracy" not in line:
+            raise ConfigError(
+                "run.stop_patience stops on val_accuracy, which this problem does not report "
+                "(few-shot: give problem.num_val_classes meta-validation classes)"
+            )
+        return plateau_reason(self.evals, "val_accuracy", int(run["stop_patience"]), float(run.get("stop_min_delta", 0.1)))
 
     def on_end(self, result: Result | None) -> None:
         self.close()
@@ -1135,9 +1167,9 @@ def read_log(run_dir: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------------------
 
 #: run statuses after which a bench does not run a method × seed again.
-FINISHED = ("max_iters", "converged", "max_time", "diverged")
+FINISHED = ("max_iters", "converged", "max_time", "stopped", "diverged")
 #: statuses whose metrics enter a bench's means (a diverged or interrupted run does not).
-COMPLETED = ("max_iters", "converged", "max_time")
+COMPLETED = ("max_iters", "converged", "max_time", "stopped")
 
 
 def _mean_std(values: Sequence[float | None]) -> tuple[float, float, int]:
