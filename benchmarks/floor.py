@@ -7,9 +7,11 @@ a user gets). Covered, one loop per method (``hand_<method>``):
 
 * implicit / unrolled (the seed methods): GALET, sl-BAMM, BAGDC, AID-CG, ITD;
 * first order / value function: BOME (φ = η‖∇q̂‖², T restarted ŷ steps), V-PBGD (persistent
-  shadow ω, normalised penalty γ), MEHA (Jacobi order, proximal θ step, c_k = c₀(k+1)^p);
+  shadow ω, normalised penalty γ), G-PBGD (penalty ½‖∇_y g‖², one (J u, H u) backward), MEHA
+  (Jacobi order, proximal θ step, c_k = c₀(k+1)^p);
 * stochastic: SOBA, MA-SOBA (moving-average direction), SABA (SAGA tables of ∇_y g, J v,
-  H v per lower block and ∇_y f per upper block), StocBiO (Neumann multiplier), AmIGO
+  H v per lower block and ∇_y f per upper block), SRBA (SARAH recursion, full refresh every
+  q iterations; the timed steps are ordinary ones), StocBiO (Neumann multiplier), AmIGO
   (warm-started dual steps), F2SA (shadow z, growing penalty λ_k).
 
 The library's defaults are kept for every option but the step sizes (``library_methods``).
@@ -147,10 +149,12 @@ def library_methods():
         # check on (with β = 0.1 it stays 0 for the 12 steps: x would never move)
         "BOME": bl.BOME(lr_upper=10.0, lr_lower=2.0, lr_shadow=0.1),
         "V-PBGD": bl.PBGD(variant="value", lr_upper=10.0, lr_lower=0.1, lr_shadow=0.1),
+        "G-PBGD": bl.PBGD(variant="gradient", lr_upper=10.0, lr_lower=0.1),
         "MEHA": bl.MEHA(lr_upper=10.0, lr_lower=0.1, lr_shadow=0.1),
         # the stochastic family: on the library's sample streams (Data.streams)
         "SOBA": bl.SOBA(lr_upper=10.0, lr_lower=0.1),
         "SABA": bl.SABA(lr_upper=10.0, lr_lower=0.1),
+        "SRBA": bl.SRBA(lr_upper=10.0, lr_lower=0.1),
         "MA-SOBA": bl.MASOBA(lr_upper=10.0, lr_lower=0.1),
         "StocBiO": bl.StocBiO(lr_upper=10.0, lr_lower=0.1),
         "AmIGO": bl.AmIGO(lr_upper=10.0, lr_lower=0.1),
@@ -298,6 +302,18 @@ def hand_vpbgd(D, s, lr=10.0, beta=0.1, beta_z=0.1, gamma=10.0):
     return x - cx * qx, W - cy * (fW + gamma * qW), b - cy * (fb + gamma * qb), None, None, k + 1, (zW, zb)
 
 
+def hand_gpbgd(D, s, lr=10.0, beta=0.1, gamma=10.0):
+    """G-PBGD: p = ½‖∇_y g‖², its gradient (J ∇_y g, H ∇_y g) by one backward of ∇_y g, the normalised joint step."""
+    x, W, b, _, _, k, memory = s
+    scale = min(1.0, 1.0 / (gamma + 1e-8))
+    xr, Wr, br = _req(x, W, b)
+    gW, gb = grad(D.g(xr, Wr, br), (Wr, br), create_graph=True)
+    px, pW, pb = grad((gW, gb), (xr, Wr, br), (gW.detach(), gb.detach()))
+    fW, fb = grad(D.f(Wr, br), (Wr, br))
+    cx, cy = lr * scale * gamma, beta * scale
+    return x - cx * px, W - cy * (fW + gamma * pW), b - cy * (fb + gamma * pb), None, None, k + 1, memory
+
+
 def hand_meha(D, s, lr=10.0, beta=0.1, eta=0.1, gamma=10.0, c0=0.2, p=0.25):
     """MEHA (Jacobi order): one proximal step of θ, one backward of f/c_k + g(x, y) − g(x, θ)."""
     x, W, b, _, _, k, (tW, tb) = s
@@ -372,6 +388,25 @@ def hand_saba(D, s, streams, alpha=10.0, beta=0.1):
     gW, gb, jv, hW, hb, fW, fb = out
     v_next = vW - beta * (hW - fW), vb - beta * (hb - fb)
     return x + alpha * jv, W - beta * gW, b - beta * gb, *v_next, k + 1, (rows, new_means)
+
+
+def hand_srba(D, s, streams, alpha=10.0, beta=0.1, period_frac=0.5):
+    """SRBA (η = β): every q = int((n + m)·period_frac / b) iterations SOBA's oracles on all the
+    data; otherwise D ← D + o(x_k, y_k, v_k) − o(x_{k−1}, y_{k−1}, v_{k−1}), both on ξ_{k,0}, ζ_{k,0}."""
+    x, W, b, vW, vb, k, previous = s
+    q = max(1, int(2 * D.n * period_frac / D.batch_size))
+    draws = streams.batch_at(k)
+    if k % q == 0:
+        gW, gb, jv, hW, hb, fW, fb = _soba_oracles(D, x, W, b, vW, vb, draws.lower_full(), draws.upper_full())
+        d = [gW, gb, hW - fW, hb - fb, -jv]
+    else:
+        xi, zeta = draws.lower(0), draws.upper(0)
+        gW, gb, jv, hW, hb, fW, fb = _soba_oracles(D, x, W, b, vW, vb, xi, zeta)
+        oW, ob, ojv, ohW, ohb, ofW, ofb = _soba_oracles(D, *previous[:5], xi, zeta)
+        new, old = (gW, gb, hW - fW, hb - fb, -jv), (oW, ob, ohW - ofW, ohb - ofb, -ojv)
+        d = [a + (n - o) for a, n, o in zip(previous[5:], new, old, strict=True)]
+    dW, db, dvW, dvb, dx = d
+    return x - alpha * dx, W - beta * dW, b - beta * db, vW - beta * dvW, vb - beta * dvb, k + 1, (x, W, b, vW, vb, *d)
 
 
 def _lower_sgd(D, x, W, b, draws, beta, T):
@@ -460,9 +495,11 @@ def hand_steps(D, streams):
         "ITD": lambda s: hand_itd(D, s, W0, b0),
         "BOME": lambda s: hand_bome(D, s),
         "V-PBGD": lambda s: hand_vpbgd(D, s),
+        "G-PBGD": lambda s: hand_gpbgd(D, s),
         "MEHA": lambda s: hand_meha(D, s),
         "SOBA": lambda s: hand_soba(D, s, streams),
         "SABA": lambda s: hand_saba(D, s, streams),
+        "SRBA": lambda s: hand_srba(D, s, streams),
         "MA-SOBA": lambda s: hand_masoba(D, s, streams),
         "StocBiO": lambda s: hand_stocbio(D, s, streams),
         "AmIGO": lambda s: hand_amigo(D, s, streams),
@@ -477,6 +514,8 @@ def hand_init(D, name):
         "V-PBGD": lambda: (z(D.C, D.d), z(D.C)),
         "MEHA": lambda: (z(D.C, D.d), z(D.C)),
         "SABA": lambda: saba_memory(D),
+        # the previous point (x, W, b, vW, vb) and the directions (D_W, D_b, D_vW, D_vb, D_x)
+        "SRBA": lambda: (z(D.n), z(D.C, D.d), z(D.C), z(D.C, D.d), z(D.C), z(D.C, D.d), z(D.C), z(D.C, D.d), z(D.C), z(D.n)),
         "F2SA": lambda: (z(D.C, D.d), z(D.C), 1.0),
     }.get(name, lambda: None)()
     return (z(D.n), z(D.C, D.d), z(D.C), z(D.C, D.d), z(D.C), 0, memory)

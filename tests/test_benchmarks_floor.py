@@ -2,7 +2,8 @@
 
 Each hand loop's iterates equal ``method.step``'s in float64 after 12 steps (relative
 1e-12), and the comparison does fail when a hand loop draws other samples, drops SABA's
-memory or changes an option: the floor's timings compare the same computation.
+memory or changes an option (SRBA's refresh period among them): the floor's timings compare
+the same computation.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def floor():
         sys.path.remove(str(BENCHMARKS))
 
 
-METHODS = ["GALET", "sl-BAMM", "BAGDC", "AID-CG", "ITD", "BOME", "V-PBGD", "MEHA", "SOBA", "SABA", "MA-SOBA", "StocBiO", "AmIGO", "F2SA"]
+METHODS = ["GALET", "sl-BAMM", "BAGDC", "AID-CG", "ITD", "BOME", "V-PBGD", "G-PBGD", "MEHA"]
+METHODS += ["SOBA", "SABA", "SRBA", "MA-SOBA", "StocBiO", "AmIGO", "F2SA"]
 
 
 def test_every_library_configuration_has_a_hand_loop(floor):
@@ -54,7 +56,7 @@ class _NextIteration:
         return self.streams.batch_at(k + 1)
 
 
-@pytest.mark.parametrize("name", ["SOBA", "SABA", "StocBiO"])
+@pytest.mark.parametrize("name", ["SOBA", "SABA", "SRBA", "StocBiO"])
 def test_check_fails_when_the_hand_loop_draws_other_samples(floor, monkeypatch, name):
     original = floor.hand_steps
     monkeypatch.setattr(floor, "hand_steps", lambda D, streams: original(D, _NextIteration(streams)))
@@ -79,8 +81,10 @@ def test_check_fails_when_saba_loses_its_memory(floor, monkeypatch):
     [
         ("BOME", "hand_bome", {"eta": 0.51}),
         ("V-PBGD", "hand_vpbgd", {"gamma": 10.1}),
+        ("G-PBGD", "hand_gpbgd", {"gamma": 10.1}),
         ("MEHA", "hand_meha", {"p": 0.26}),
         ("MA-SOBA", "hand_masoba", {"theta": 0.2}),
+        ("SRBA", "hand_srba", {"period_frac": 0.4}),
         ("AmIGO", "hand_amigo", {"N": 9}),
         ("F2SA", "hand_f2sa", {"delta0": 0.0}),
     ],
