@@ -8,7 +8,8 @@ a user gets). Covered, one loop per method (``hand_<method>``):
 * implicit / unrolled (the seed methods): GALET, sl-BAMM, BAGDC, AID-CG, ITD;
 * first order / value function: BOME (φ = η‖∇q̂‖², T restarted ŷ steps), V-PBGD (persistent
   shadow ω, normalised penalty γ), G-PBGD (penalty ½‖∇_y g‖², one (J u, H u) backward), MEHA
-  (Jacobi order, proximal θ step, c_k = c₀(k+1)^p);
+  (Jacobi order, proximal θ step, c_k = c₀(k+1)^p), IAPTT-GM (K steps from the learned
+  initialisation z, backward from the first iterate where f is largest);
 * stochastic: SOBA, MA-SOBA (moving-average direction), SABA (SAGA tables of ∇_y g, J v,
   H v per lower block and ∇_y f per upper block), SRBA (SARAH recursion, full refresh every
   q iterations; the timed steps are ordinary ones), StocBiO (Neumann multiplier), AmIGO
@@ -151,6 +152,7 @@ def library_methods():
         "V-PBGD": bl.PBGD(variant="value", lr_upper=10.0, lr_lower=0.1, lr_shadow=0.1),
         "G-PBGD": bl.PBGD(variant="gradient", lr_upper=10.0, lr_lower=0.1),
         "MEHA": bl.MEHA(lr_upper=10.0, lr_lower=0.1, lr_shadow=0.1),
+        "IAPTT-GM": bl.IAPTTGM(lr_upper=10.0, lr_lower=0.1, lr_init=0.1),
         # the stochastic family: on the library's sample streams (Data.streams)
         "SOBA": bl.SOBA(lr_upper=10.0, lr_lower=0.1),
         "SABA": bl.SABA(lr_upper=10.0, lr_lower=0.1),
@@ -327,6 +329,24 @@ def hand_meha(D, s, lr=10.0, beta=0.1, eta=0.1, gamma=10.0, c0=0.2, p=0.25):
     return x - lr * dx, W_next, b_next, None, None, k + 1, (tW, tb)
 
 
+def hand_iaptt(D, s, lr=10.0, beta=0.1, beta_z=0.1, K=20):
+    """IAPTT-GM (learned initialisation z): K differentiable lower steps from z, f at each
+    iterate without a graph, the first maximiser k̃, one backward of f(y_k̃) into (x, z).
+    (Here f falls along the lower path, so k̃ = 1 in the check and in the timed steps.)"""
+    x, _, _, _, _, k, (zW, zb) = s
+    xr, W0, b0 = _req(x, zW, zb)
+    W, b, path, values = W0, b0, [], []
+    for _ in range(K):
+        gW, gb = grad(D.g(xr, W, b), (W, b), create_graph=True)
+        W, b = W - beta * gW, b - beta * gb
+        path.append((W, b))
+        with torch.no_grad():
+            values.append(D.f(W, b))
+    W_sel, b_sel = path[int(torch.argmax(torch.stack(values)))]
+    gx, gzW, gzb = grad(D.f(W_sel, b_sel), (xr, W0, b0))
+    return x - lr * gx, W.detach(), b.detach(), None, None, k + 1, (zW - beta_z * gzW, zb - beta_z * gzb)
+
+
 # the stochastic family (the library's sample streams) ----------------------------------
 # Every loop draws its batches from ``streams.batch_at(k)``, the same Draws object the
 # library's step is given: the t-th lower draw ξ_{k,t} and upper draw ζ_{k,t} are a pure
@@ -497,6 +517,7 @@ def hand_steps(D, streams):
         "V-PBGD": lambda s: hand_vpbgd(D, s),
         "G-PBGD": lambda s: hand_gpbgd(D, s),
         "MEHA": lambda s: hand_meha(D, s),
+        "IAPTT-GM": lambda s: hand_iaptt(D, s),
         "SOBA": lambda s: hand_soba(D, s, streams),
         "SABA": lambda s: hand_saba(D, s, streams),
         "SRBA": lambda s: hand_srba(D, s, streams),
@@ -513,6 +534,7 @@ def hand_init(D, name):
     memory = {
         "V-PBGD": lambda: (z(D.C, D.d), z(D.C)),
         "MEHA": lambda: (z(D.C, D.d), z(D.C)),
+        "IAPTT-GM": lambda: (z(D.C, D.d), z(D.C)),
         "SABA": lambda: saba_memory(D),
         # the previous point (x, W, b, vW, vb) and the directions (D_W, D_b, D_vW, D_vb, D_x)
         "SRBA": lambda: (z(D.n), z(D.C, D.d), z(D.C), z(D.C, D.d), z(D.C), z(D.C, D.d), z(D.C), z(D.C, D.d), z(D.C), z(D.n)),

@@ -31,7 +31,7 @@ def floor():
         sys.path.remove(str(BENCHMARKS))
 
 
-METHODS = ["GALET", "sl-BAMM", "BAGDC", "AID-CG", "ITD", "BOME", "V-PBGD", "G-PBGD", "MEHA"]
+METHODS = ["GALET", "sl-BAMM", "BAGDC", "AID-CG", "ITD", "BOME", "V-PBGD", "G-PBGD", "MEHA", "IAPTT-GM"]
 METHODS += ["SOBA", "SABA", "SRBA", "MA-SOBA", "StocBiO", "AmIGO", "F2SA"]
 
 
@@ -83,6 +83,7 @@ def test_check_fails_when_saba_loses_its_memory(floor, monkeypatch):
         ("V-PBGD", "hand_vpbgd", {"gamma": 10.1}),
         ("G-PBGD", "hand_gpbgd", {"gamma": 10.1}),
         ("MEHA", "hand_meha", {"p": 0.26}),
+        ("IAPTT-GM", "hand_iaptt", {"beta_z": 0.11}),
         ("MA-SOBA", "hand_masoba", {"theta": 0.2}),
         ("SRBA", "hand_srba", {"period_frac": 0.4}),
         ("AmIGO", "hand_amigo", {"N": 9}),
