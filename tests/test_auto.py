@@ -357,3 +357,73 @@ def test_the_reporter_prints_the_auto_steps_at_the_start_and_on_changes_over_2x(
     quiet = io.StringIO()
     bl.solve(T1(n=3), bl.BAGDC(lr_upper=0.1, lr_lower=0.5, lr_dual=0.5), max_iters=5, callbacks=[AutoStepReporter(stream=quiet)])
     assert quiet.getvalue() == ""  # given steps: nothing to report
+
+
+# --------------------------------------------------------------------------- unrolled methods
+
+
+@pytest.mark.parametrize("s", [1e-3, 1.0, 1e3])
+def test_itd_with_no_step_size_reaches_x_star_at_every_curvature_scale(s):
+    """ITD's β from the tracked curvature at the start of each unroll, α by DoG: x* to 1e-6
+    at curvature × 1e-3, 1, 1e3, no guard restore; its hand-tuned example steps fail there."""
+    problem = scaled(T1(n=5), s)
+    err, state = run_until(problem, bl.ITD(lower_steps=20), 600)
+    assert err <= 1e-6, f"relative error {err:.2e}"
+    assert int(state.extra["lower"].rollbacks) == 0
+    if s != 1.0:
+        preset = bl.solve(problem, bl.ITD(lr_upper=0.5, lr_lower=0.5, lower_steps=40), max_iters=300, on_divergence="status")
+        assert preset.status is bl.Status.DIVERGED or rel_error(preset.x, problem) > 1e-2
+
+
+def test_itd_auto_follows_the_curvature_where_a_step_fixed_at_init_diverges():
+    problem = growing()
+    fixed = bl.solve(problem, bl.ITD(lr_upper=0.05, lr_lower=1.0, lower_steps=30), max_iters=300, on_divergence="status")
+    assert fixed.status is bl.Status.DIVERGED  # β = 1/λ_max(x₀) = 1; H grows to 148 I
+    err, state = run_until(problem, bl.ITD(lower_steps=30), 800)
+    assert err <= 1e-6
+    beta = float(state.extra["lower"].scale / state.extra["lower"].lam)
+    assert beta < 2.0 / float(torch.exp(problem.x_star["x"]).max())
+
+
+def test_bda_auto_selects_the_optimistic_solution_of_t2():
+    from bilevel.problems.toys import T2
+
+    result = bl.solve(T2(n=10), bl.BDA(lower_steps=50), max_iters=500)
+    assert float((result.x["x"] - 1.0).abs().max()) <= 1e-4  # RHG's answer would be 0.505
+
+
+def test_the_unrolled_guard_undoes_a_diverging_iteration_and_halves_the_step():
+    problem = T1(n=4)
+    method = bl.ITD(lower_steps=10)
+    state = method.init(problem, y0={"y": torch.zeros(4, dtype=F64)})  # y* = x = 2: the unroll has to move
+    tracker = state.extra["lower"]
+    state = state.replace(extra={**state.extra, "lower": tracker._replace(scale=torch.tensor(8.0, dtype=F64))})  # β = 8/λ: diverges
+    after, info = method.step(problem, state)
+    assert int(info["rollbacks"]) == 1 and float(after.extra["lower"].scale) == 4.0
+    assert torch.equal(after.x["x"], state.x["x"]) and torch.equal(after.y["y"], state.y["y"]) and after.k == 1
+    for _ in range(3):
+        after, info = method.step(problem, after)
+    # β = 4/λ is undone too; β = 2/λ (the stability bound: the unroll oscillates, its gradient
+    # does not grow) is accepted, and the guard's count of restores in a row starts again
+    assert float(after.extra["lower"].scale) == 2.0 and int(info["rollbacks"]) == 2
+    assert int(after.extra["lower"].retries) == 0 and not torch.equal(after.x["x"], state.x["x"])
+
+
+def test_a_checkpointed_itd_auto_run_resumes_exactly(tmp_path):
+    problem, method = T1(n=4), bl.ITD(lower_steps=5)
+    full = bl.solve(problem, method, max_iters=30)
+    path = tmp_path / "ckpt.pt"
+    bl.solve(problem, method, max_iters=15, checkpoint=path)
+    resumed = bl.solve(problem, method, max_iters=30, resume=path)
+    assert torch.equal(resumed.x["x"], full.x["x"]) and torch.equal(resumed.state.extra["lower"].u["y"], full.state.extra["lower"].u["y"])
+
+
+def test_itd_auto_costs_at_most_15_percent_more_than_its_unroll():
+    """The tracked curvature costs one gradient with its graph and one Hessian product per
+    iteration (3 gradient units) against T = 20 lower steps plus the backward through them."""
+    problem = T1(n=3)
+    auto, explicit = _counts(bl.ITD(lower_steps=20), problem, 10), _counts(bl.ITD(lr_lower=0.5, lower_steps=20), problem, 10)
+    extra = _gradient_units(auto) - _gradient_units(explicit)
+    assert extra == 10 * 3, (auto, explicit)
+    unroll_units = 10 * (20 + 20 + 1)  # T forward gradients, their backward, the upper gradient
+    assert extra <= 0.15 * unroll_units

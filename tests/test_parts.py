@@ -364,10 +364,13 @@ PRESET_PARTS = [
             order="jacobi",
         ),
     ),
-    (bl.ITD(lr_lower=0.3, lower_steps=7, warm_start=True), dict(lower=LowerGD(0.3, 7), unroll=Unroll(truncate=7, warm_start=True))),
-    (bl.TRHG(lr_lower=0.3, lower_steps=7), dict(lower=LowerGD(0.3, 7), unroll=Unroll(truncate=3))),
     (
-        bl.BDA(lr_lower=0.3, lower_steps=7, mu=0.4, lr_lower_upper=0.2),
+        bl.ITD(lr_upper=0.1, lr_lower=0.3, lower_steps=7, warm_start=True),
+        dict(lower=LowerGD(0.3, 7), unroll=Unroll(truncate=7, warm_start=True)),
+    ),
+    (bl.TRHG(lr_upper=0.1, lr_lower=0.3, lower_steps=7), dict(lower=LowerGD(0.3, 7), unroll=Unroll(truncate=3))),
+    (
+        bl.BDA(lr_upper=0.1, lr_lower=0.3, lower_steps=7, mu=0.4, lr_lower_upper=0.2),
         dict(lower=LowerAggregated(0.3, 7, mu=0.4, lr_lower_upper=0.2), unroll=Unroll(truncate=7)),
     ),
 ]

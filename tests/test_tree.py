@@ -159,7 +159,7 @@ def test_sq_norms_of_several_trees_equal_their_separate_sq_norms():
     """One fused kernel for several trees: each value equals sq_norm of its tree (float64),
     for equal and unequal leaf counts, bare tensors and dicts; an empty tree is refused."""
     gen = torch.Generator().manual_seed(0)
-    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
     two = {"W": rand(3, 4), "b": rand(3)}
     other_two = {"W": rand(2, 2), "b": rand(1)}
     bare = rand(5)

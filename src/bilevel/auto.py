@@ -1,7 +1,8 @@
 """``"auto"`` step sizes: the parts that let a method run with no step size given.
 
-Every step-size argument of GALET, sl-BAMM, BAGDC and AID accepts ``"auto"`` (their
-default). Each choice below is a part with a typed state (:mod:`bilevel.state`), so a
+Every step-size argument of GALET, sl-BAMM, BAGDC, AID and the unrolled ITD, T-RHG and
+BDA accepts ``"auto"`` (their default; the unrolled methods take one β per unroll from a
+tracked curvature, :class:`TrackedLower`, and DoG for α). Each choice below is a part with a typed state (:mod:`bilevel.state`), so a
 checkpoint resumes an auto run exactly; docs/auto.md gives the evidence for each.
 
 ==========================  ===============================================================  ==========================
@@ -58,6 +59,8 @@ __all__ = [
     "DoGState",
     "MonitoredLineSearch",
     "MonitoredState",
+    "TrackedLower",
+    "TrackedLowerState",
     "auto_upper",
     "check_auto_positive",
     "check_auto_step_size",
@@ -272,6 +275,135 @@ class AdaptiveLower:
         """Adapt β from the last step's secant, with ``g1 = ∇_y φ(x_k, y_{k+1})`` from the
         linearization; returns the state and whether the iteration must be undone."""
         return self.adapt(state, y0, g0, y1, g1)
+
+
+# --------------------------------------------------------------------------- unrolled β
+
+
+@part_state
+class TrackedLowerState(NamedTuple):
+    """The state of :class:`TrackedLower`: the power-iteration vector ``u`` (unit norm,
+    shaped like y), the curvature estimate ``lam`` (λ̂), the safety factor ``scale``
+    (β = scale/λ̂, halved by the guard), ``retries`` (guard restores in a row) and
+    ``rollbacks`` (in all); 0-d tensors but ``u``."""
+
+    u: Tree
+    lam: torch.Tensor
+    scale: torch.Tensor
+    retries: torch.Tensor
+    rollbacks: torch.Tensor
+
+
+@dataclass(frozen=True)
+class TrackedLower:
+    """A step for unrolled lower dynamics (ITD, T-RHG, BDA) from the curvature at the start
+    of each unroll, kept current by a warm-started power iteration:
+
+        λ̂_k = ‖H u_{k−1}‖,  u_k = H u_{k−1} / λ̂_k,  H = ∇²_yy φ_μ0(x_k, y_0)    (``power_steps`` products)
+        β_k = s_k / λ̂_k                                                        (s_0 = 1)
+
+    and the ``dynamics`` (:class:`~bilevel.parts.LowerGD` or
+    :class:`~bilevel.parts.LowerAggregated`) run with β_k, one number for the whole
+    unroll, so back-propagation differentiates the usual steps (β_k enters as a constant,
+    like a given step). λ̂_0 comes from 30 products at ``init``. β = 1/λ̂ is half the
+    stability bound 2/λ_max of a quadratic, so the estimate may be low by up to 2×. Guard:
+    an iteration whose direction is not finite, or whose last lower gradient is more than
+    ``growth`` times the gradient at y_0, is undone (x, y and every part state restored,
+    ``torch.where``, no host sync) and s is halved, at most ``max_retries`` times in a row.
+
+    Cost: one gradient with its graph at ``(x_k, y_0)`` and ``power_steps`` Hessian
+    products per iteration (the gradient norm the guard compares with comes from it).
+
+    Args:
+        dynamics: the lower dynamics whose step is chosen (its ``lr`` is replaced).
+        power_steps: power-iteration products per upper iteration.
+        growth: the guard's threshold on ``‖∇_y g(y_T)‖ / ‖∇_y g(y_0)‖``.
+        max_retries: consecutive guard restores before a step is accepted anyway.
+    """
+
+    dynamics: Any
+    power_steps: int = 1
+    growth: float = 10.0
+    max_retries: int = 5
+
+    def __post_init__(self) -> None:
+        check_count("TrackedLower", "power_steps", self.power_steps)
+        check_number("TrackedLower", "growth", self.growth, low=1.0, low_open=True)
+        check_count("TrackedLower", "max_retries", self.max_retries, minimum=0)
+
+    @property
+    def steps(self) -> int:
+        return int(self.dynamics.steps)
+
+    def averaging(self, k: int) -> float:
+        return float(self.dynamics.averaging(k))
+
+    def hessian(self, problem: Problem, oracles: Oracles, x: Tree, y: Tree, batch: Any, k: int) -> tuple[MatVec, torch.Tensor]:
+        """``(v ↦ H v, reference)`` at ``(x, y)``: H of the objective φ_μ the dynamics descend
+        at their first step, and the guard's reference for ``‖∇_y g‖²`` at the end of the
+        unroll: ``‖∇_y g(y)‖²``, or with μ > 0 ``(‖∇_y g‖ + μ/(1 − μ) ‖∇_y f‖)²`` (at a
+        fixed point of the aggregated dynamics ``(1 − μ) ∇_y g = −μ ∇_y f``)."""
+        mu = self.averaging(k)
+        if mu == 0.0:
+            lin = oracles.linearize(problem.lower, x, y, batch)
+            return lin.hvp, T.sq_norm(lin.grad_y)
+        point = linearize(oracles, problem, mu, x, y, batch)
+        g_sq, f_sq = T.sq_norms(point.g.grad_y, point.grad_y_f)
+        return point.phi.hvp, (g_sq.sqrt() + (mu / (1.0 - mu)) * f_sq.sqrt()).square()
+
+    def init(self, y: Tree) -> TrackedLowerState:
+        """A fixed-seed random unit vector and no estimate yet (the unrolled template then
+        makes 30 power products at ``init``: :meth:`start`)."""
+        gen = torch.Generator().manual_seed(0)
+        u = T.tree_map(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device), y)
+        u = T.scale(1.0 / T.norm(u), u)
+        return TrackedLowerState(u=u, lam=_scalar(0.0, y), scale=_scalar(1.0, y), retries=_scalar(0.0, y), rollbacks=_scalar(0.0, y))
+
+    def start(self, matvec: MatVec, y: Tree, iters: int = 30) -> TrackedLowerState:
+        """The state after ``iters`` power products from :meth:`init`'s vector (no host sync)."""
+        return self.refresh(matvec, self.init(y), iters)
+
+    def _outside(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            "TrackedLower sets β once per unroll: it runs inside an unrolled method (bilevel.ITD, TRHG, BDA "
+            "with lr_lower='auto'); elsewhere use its dynamics_at(beta) or give a number"
+        )
+
+    run = step = differentiable_step = apply = _outside
+
+    def refresh(self, matvec: MatVec, state: TrackedLowerState, iters: int | None = None) -> TrackedLowerState:
+        """``iters`` (default ``power_steps``) warm-started power products."""
+        u, lam = state.u, state.lam
+        for _ in range(self.power_steps if iters is None else iters):
+            hu = matvec(u)
+            lam = T.norm(hu)
+            scaled = T.scale(1.0 / torch.clamp(lam, min=torch.finfo(lam.dtype).tiny), hu)
+            u = _select(lam <= 0, u, scaled)  # H u = 0 (no curvature along u): keep u, β falls back to s
+        return state._replace(u=u, lam=lam)
+
+    def step_size(self, state: TrackedLowerState) -> torch.Tensor:
+        """β = s/λ̂ (s when λ̂ = 0)."""
+        return torch.where(state.lam > 0, state.scale / torch.clamp(state.lam, min=torch.finfo(state.lam.dtype).tiny), state.scale)
+
+    def dynamics_at(self, beta: torch.Tensor) -> Any:
+        """The dynamics with the step β (a 0-d tensor) in place of their ``lr``."""
+        copy = object.__new__(type(self.dynamics))
+        copy.__dict__.update(self.dynamics.__dict__)  # a frozen dataclass: bypass its number check for a tensor step
+        object.__setattr__(copy, "lr", beta)
+        return copy
+
+    def guard(
+        self, state: TrackedLowerState, reference_sq: torch.Tensor, end_grad_sq: torch.Tensor, direction_sq: torch.Tensor
+    ) -> tuple[torch.Tensor, TrackedLowerState]:
+        """``(blown, next state)``: whether to undo the iteration (a non-finite direction or
+        lower gradient, or ``‖∇_y g(y_T)‖² > growth² · reference``), and s halved if so."""
+        bad = ~torch.isfinite(direction_sq) | ~torch.isfinite(end_grad_sq) | (end_grad_sq > self.growth**2 * reference_sq)
+        blown = bad & (state.retries < self.max_retries)
+        return blown, state._replace(
+            scale=torch.where(blown, 0.5 * state.scale, state.scale),
+            retries=torch.where(blown, state.retries + 1, torch.zeros_like(state.retries)),
+            rollbacks=state.rollbacks + blown.to(state.rollbacks.dtype),
+        )
 
 
 # --------------------------------------------------------------------------- GALET's shadow

@@ -43,7 +43,7 @@ Example:
     >>> check = bl.check_hypergradient(problem, bl.AID(solver=bl.CG(steps=20)))
     >>> check.verdict, check.reference, check.relative_error < 1e-8
     ('pass', 'implicit', True)
-    >>> check = bl.check_hypergradient(problem, bl.ITD(lower_steps=5))   # 5 unrolled steps of β = 0.1
+    >>> check = bl.check_hypergradient(problem, bl.ITD(lr_lower=0.1, lower_steps=5))   # 5 unrolled steps of β = 0.1
     >>> check.verdict, round(check.relative_error, 2)                     # the series cut at (I − βH)⁵
     ('warn', 0.4)
 """

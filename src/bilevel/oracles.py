@@ -47,13 +47,14 @@ import torch
 from torch.func import grad_and_value, jvp
 from torch.overrides import has_torch_function
 
+from . import tree as T
+from .tree import Tree
+
+_ENGINE_RUN_BACKWARD: Callable[..., Any] | None
 try:  # the engine call behind torch.autograd.grad (PyTorch >= 2.3); _backward falls back without it
     from torch.autograd.graph import _engine_run_backward as _ENGINE_RUN_BACKWARD
 except ImportError:  # pragma: no cover - older PyTorch
     _ENGINE_RUN_BACKWARD = None
-
-from . import tree as T
-from .tree import Tree
 
 __all__ = ["ORACLE_MODES", "CountingOracles", "Linearization", "Oracles", "WeightedLinearization", "scaled_products"]
 
@@ -85,13 +86,16 @@ def _backward(
         cotangent_tuple: tuple | None = tuple(torch.ones_like(o) for o in outputs) if all(o.dim() == 0 for o in outputs) else None
     else:
         cotangent_tuple = (cotangents,) if isinstance(cotangents, torch.Tensor) else tuple(cotangents)
-        if len(cotangent_tuple) != len(outputs) or any(c.shape != o.shape for c, o in zip(cotangent_tuple, outputs)):
+        if len(cotangent_tuple) != len(outputs) or any(c.shape != o.shape for c, o in zip(cotangent_tuple, outputs, strict=True)):
             cotangent_tuple = None
     if _ENGINE_RUN_BACKWARD is None or cotangent_tuple is None or has_torch_function(outputs + inputs):
         return torch.autograd.grad(
             outputs, inputs, grad_outputs=cotangents, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
         )
-    return _ENGINE_RUN_BACKWARD(outputs, cotangent_tuple, retain_graph, create_graph, inputs, True, accumulate_grad=False)
+    grads: Sequence[torch.Tensor | None] = _ENGINE_RUN_BACKWARD(
+        outputs, cotangent_tuple, retain_graph, create_graph, inputs, True, accumulate_grad=False
+    )
+    return grads
 
 
 def _grads_or_zeros(

@@ -7,11 +7,13 @@ of T lower-level steps from ``y_0``, obtained by back-propagating through the st
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
+from ..auto import TrackedLower, auto_upper, check_auto_positive, check_auto_upper, is_auto
 from ..parts import LowerAggregated, LowerGD, Parts, Unroll
 from ..parts.unroll import check_checkpoint
 from ..schedules import ScheduleLike
+from ..updates import UpperOptimizer
 from ..validation import check_bool, check_count, check_positive
 from .base import check_weight, option
 from .unrolled import Unrolled
@@ -36,9 +38,16 @@ class ITD(Unrolled):
     ``Unroll(truncate, warm_start)``, ``PlainDirection()``, the upper optimizer of
     ``lr_upper``; run by the :class:`~bilevel.methods.Unrolled` template.
 
+    Steps left ``"auto"`` (the default; docs/auto.md): β from the curvature at the start
+    of each unroll (:class:`~bilevel.auto.TrackedLower`: a warm-started power iteration,
+    one gradient with its graph and one Hessian product per iteration, with a guard that
+    undoes a blow-up and halves β), α by :class:`~bilevel.auto.DoG`. Given numbers run the
+    iteration above exactly.
+
     Args:
-        lr_upper: α, a number, a schedule, or an upper optimizer (:class:`~bilevel.Adam`).
-        lr_lower: β, the lower-level step.
+        lr_upper: α: ``"auto"`` (default), a number, a schedule, or an upper optimizer
+            (:class:`~bilevel.Adam`).
+        lr_lower: β: ``"auto"`` (default) or a number.
         lower_steps: T.
         truncate: K, number of differentiated steps (``None`` = all, full RHG).
         warm_start: start the lower iterations from the previous ``y_T`` instead of the
@@ -63,7 +72,8 @@ class ITD(Unrolled):
 
     name: ClassVar[str] = "ITD"
 
-    lr_lower: float = option(0.1, check_positive)
+    lr_upper: ScheduleLike | UpperOptimizer | str = option("auto", check_auto_upper, kw_only=True)  # type: ignore[assignment]
+    lr_lower: float | str = option("auto", check_auto_positive)
     lower_steps: int = option(100, check_count)
     truncate: int | None = option(None, check_count, allow_none=True)
     warm_start: bool = option(False, check_bool)
@@ -71,11 +81,14 @@ class ITD(Unrolled):
 
     def build_parts(self) -> Parts:
         unroll = Unroll(truncate=self.differentiated_steps(), warm_start=self.warm_start, checkpoint=self.checkpoint)
-        return Parts(lower=self.lower_dynamics(), unroll=unroll)
+        dynamics = self.lower_dynamics(1.0 if is_auto(self.lr_lower) else cast(float, self.lr_lower))
+        lower = TrackedLower(dynamics) if is_auto(self.lr_lower) else dynamics
+        return Parts(lower=lower, unroll=unroll, upper=auto_upper(self.lr_upper))
 
-    def lower_dynamics(self) -> LowerGD:
-        """The lower steps that are unrolled."""
-        return LowerGD(lr=self.lr_lower, steps=self.lower_steps)
+    def lower_dynamics(self, lr: float) -> LowerGD:
+        """The lower steps that are unrolled, with step ``lr`` (with ``lr_lower="auto"`` a
+        placeholder: :class:`~bilevel.auto.TrackedLower` sets β each iteration)."""
+        return LowerGD(lr=lr, steps=self.lower_steps)
 
     def differentiated_steps(self) -> int:
         """K, the number of lower steps back-propagated through."""
@@ -124,5 +137,5 @@ class BDA(ITD):
     mu: ScheduleLike = option(0.1, check_weight)
     lr_lower_upper: float | None = option(None, check_positive, allow_none=True)
 
-    def lower_dynamics(self) -> LowerAggregated:
-        return LowerAggregated(lr=self.lr_lower, steps=self.lower_steps, mu=self.mu, lr_lower_upper=self.lr_lower_upper)
+    def lower_dynamics(self, lr: float) -> LowerAggregated:
+        return LowerAggregated(lr=lr, steps=self.lower_steps, mu=self.mu, lr_lower_upper=self.lr_lower_upper)

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
+from ..auto import TrackedLower, _select
 from ..oracles import _grads_or_zeros, _requires_grad_copy
 from ..parts import EmptyState, Parts, Unroll, projected_sq
 from ..problem import Problem
@@ -50,12 +51,27 @@ class Unrolled(Assembled):
         state = super().initial_state(x, y)
         return state.replace(extra={**state.extra, "unroll": cast(Unroll, self.parts.unroll).init(y)})
 
+    def init(self, problem: Problem, x0: Tree = None, y0: Tree = None, batch: Any = None, validate: bool = True) -> State:
+        state = super().init(problem, x0, y0, batch, validate)
+        lower = self.parts.lower
+        if not isinstance(lower, TrackedLower):
+            return state
+        y_start = cast(Unroll, self.parts.unroll).start(state.y, state.extra.get("unroll", EmptyState()))
+        matvec, _ = lower.hessian(problem, self.derivatives, state.x, y_start, batch, 0)
+        return state.replace(extra={**state.extra, "lower": lower.start(matvec, y_start)})
+
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         parts, oracles = self.parts, self.derivatives
         lower, unroll, k = parts.lower, cast(Unroll, parts.unroll), state.k  # present: check_parts
         steps = lower.steps
         differentiated = unroll.differentiated(steps)
         y = unroll.start(state.y, state.extra.get("unroll", EmptyState()))
+        tracked = isinstance(lower, TrackedLower)
+        if tracked:  # β from the curvature at the start of this unroll (lr_lower="auto")
+            tracker = cast(TrackedLower, lower)
+            matvec, reference_sq = tracker.hessian(problem, oracles, state.x, y, batch, k)
+            tracker_state = tracker.refresh(matvec, state.extra["lower"])
+            lower = tracker.dynamics_at(tracker.step_size(tracker_state))
         for t in range(steps - differentiated):
             y, _ = lower.step(problem, state.x, y, batch, t, oracles, k)
         x_req = _requires_grad_copy(state.x)
@@ -74,4 +90,22 @@ class Unrolled(Assembled):
         }
         x_next, opt, direction_state = self.update_x(state.x, estimate, state)
         extra = {**state.extra, "direction": direction_state}
-        return State(x=x_next, y=T.detach(y), v=None, opt=opt, k=k + 1, extra=extra), info
+        new_state = State(x=x_next, y=T.detach(y), v=None, opt=opt, k=k + 1, extra=extra)
+        if tracked:
+            blown, tracker_state = tracker.guard(tracker_state, reference_sq, info["lower_grad_sq"], direction_sq)
+            # undo the whole iteration where the guard fired: x, y and every part state
+            parts_kept = _select(
+                blown,
+                {key: state.extra[key] for key in extra if key != "lower"},
+                {key: value for key, value in extra.items() if key != "lower"},
+            )
+            new_state = State(
+                x=_select(blown, state.x, x_next),
+                y=_select(blown, state.y, new_state.y),
+                v=None,
+                opt=_select(blown, state.opt, opt),
+                k=k + 1,
+                extra={**parts_kept, "lower": tracker_state},
+            )
+            info.update(lr_lower=tracker.step_size(tracker_state), rollbacks=tracker_state.rollbacks)
+        return new_state, info

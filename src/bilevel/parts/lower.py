@@ -130,7 +130,8 @@ class LowerAggregated(LowerGD):
         """``((1 − μ) β, μ β_u)``: the weights on ``∇_y g`` and ``∇_y f`` of step t of iteration k."""
         mu = self.mu_schedule(t if self.index == "inner" else k)
         beta_u = self.lr if self.lr_lower_upper is None else self.lr_lower_upper
-        return (1.0 - mu) * self.lr, mu * beta_u
+        # μ = 0 gives the number 0.0 even for a tensor step (auto), so step() tests it without a host sync
+        return (1.0 - mu) * self.lr, (mu * beta_u if mu != 0.0 else 0.0)
 
     def averaging(self, k: int) -> float:
         """μ_k (``index="outer"``) or μ of the first step (``"inner"``)."""

@@ -234,10 +234,8 @@ class KKTResidual:
                 trees.append(T.sub(grad_x_f, j_g))
         norms = iter(T.sq_norms(*trees))
         direction_sq, kkt_lower = next(norms), next(norms)
-        if solve.hv is not None:
-            dual_sq = next(norms)
-        else:  # at v_k: the residual the step formed
-            dual_sq = solve.residual_sq if solve.residual_sq is not None else T.sq_norm(solve.residual)
+        # ‖H_φ v_{k+1} − ∇_y f‖² when the line search formed H_φ r, else the residual at v_k the step formed
+        dual_sq = next(norms) if solve.hv is not None else solve.residual_sq if solve.residual_sq is not None else T.sq_norm(solve.residual)
         phi_lower: torch.Tensor | None = None
         if point.f is None:
             kkt_upper = projected_sq(projection, x, direction, direction_sq)
