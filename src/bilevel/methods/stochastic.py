@@ -112,10 +112,10 @@ class Stochastic(Assembled):
         return lambda x, y, v, lower, upper: evaluate(oracles, problem, x, y, v, lower, upper)
 
     def report(self, upper_loss: torch.Tensor, grad_y_g: Tree, x: Tree, direction: Tree) -> dict:
-        direction_sq = T.sq_norm(direction)
+        direction_sq, lower_grad_sq = T.sq_norms(direction, grad_y_g)
         return {
             "upper_loss": upper_loss,
-            "lower_grad_sq": T.sq_norm(grad_y_g),
+            "lower_grad_sq": lower_grad_sq,
             "direction_sq": direction_sq,
             "stationarity": self.projected_direction_sq(x, direction, direction_sq),
         }
@@ -174,9 +174,7 @@ class SingleLoop(Stochastic):
         )
         y = cast(LowerSGD, parts.lower).apply_at(state.y, d_y, k)
         # v − η_k D_v: the dual correction with D_v given as its residual "H v − b" (b = 0)
-        solve, multiplier_state = cast(DualCorrection, parts.multiplier).update(
-            _no_product, T.zeros_like(d_v), state.v, extra["multiplier"], k, hv=d_v
-        )
+        solve, multiplier_state = cast(DualCorrection, parts.multiplier).update(_no_product, None, state.v, extra["multiplier"], k, hv=d_v)
         info = self.report(o.upper_loss, o.grad_y_g, state.x, d_x)
         x, opt, direction_state = self.update_x(state.x, d_x, state)
         extra = {**extra, "multiplier": multiplier_state, "direction": direction_state, "estimator": estimator_state}

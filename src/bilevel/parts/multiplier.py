@@ -206,9 +206,9 @@ class DualCorrection:
     def init(self, v: Tree) -> Any:
         return self.step.init(v)
 
-    def update(self, matvec: MatVec, b: Tree, v: Tree, state: Any, k: int, hv: Tree | None = None) -> tuple[LinearSolveResult, Any]:
+    def update(self, matvec: MatVec, b: Tree | None, v: Tree, state: Any, k: int, hv: Tree | None = None) -> tuple[LinearSolveResult, Any]:
         if hv is not None:  # the Jacobi order: H v_k from the caller, nothing to hand back
-            r = T.sub(hv, b)
+            r = hv if b is None else T.sub(hv, b)  # b = None: hv is the residual itself (single-loop D_v)
             eta, state, r_sq = self.step(r, matvec, k, state)
             return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta, residual=r, previous=v), state
         hv = matvec(v)
