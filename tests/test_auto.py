@@ -427,3 +427,43 @@ def test_itd_auto_costs_at_most_15_percent_more_than_its_unroll():
     assert extra == 10 * 3, (auto, explicit)
     unroll_units = 10 * (20 + 20 + 1)  # T forward gradients, their backward, the upper gradient
     assert extra <= 0.15 * unroll_units
+
+
+# --------------------------------------------------------------------------- first-order methods
+
+
+@pytest.mark.parametrize("s", [1e-3, 1.0, 1e3])
+def test_bome_with_no_step_size_runs_at_every_curvature_scale(s):
+    """BOME auto: AdGD on its shadow steps, one DoG step for the pair (x, y). At scale 1 it
+    reaches what its hand-tuned example reaches (BOME's own O(η)-barrier floor); at × 1e3
+    the example's steps diverge and auto converges; at × 1e-3 the example stalls and auto
+    is stopped only by BOME's ε = 1e-8 in the barrier, which is not scale-free."""
+    problem = scaled(T1(n=5), s)
+    auto = bl.solve(problem, bl.BOME(shadow_steps=20, eta=0.5), max_iters=1000)
+    preset = bl.solve(
+        problem, bl.BOME(lr_upper=0.2, lr_lower=0.5, lr_shadow=0.5, shadow_steps=20, eta=0.5), max_iters=1000, on_divergence="status"
+    )
+    err = rel_error(auto.x, problem)
+    assert err <= {1e-3: 0.1, 1.0: 1e-3, 1e3: 1e-4}[s], err
+    if s == 1.0:
+        assert abs(err - rel_error(preset.x, problem)) <= 1e-9  # the same point as the tuned example
+    elif s == 1e3:
+        assert preset.status is bl.Status.DIVERGED
+    else:
+        assert rel_error(preset.x, problem) > 1.0 > 10 * err
+    assert {"lr_upper", "lr_lower", "lr_shadow"} <= set(auto.history[-1])
+
+
+def test_bome_auto_options_and_resume(tmp_path):
+    with pytest.raises(ValueError, match="shadow_momentum"):
+        bl.BOME(shadow_momentum=0.5)
+    with pytest.raises(ValueError, match="lr_lower='auto'"):
+        bl.BOME(lr_upper=bl.Adam(0.1))
+    half = bl.BOME(lr_upper=0.5)  # lr_lower auto takes x's step: β = α
+    assert half._lower_step(3) == 0.5
+    problem, method = T1(n=4), bl.BOME(shadow_steps=5)
+    full = bl.solve(problem, method, max_iters=30)
+    path = tmp_path / "ckpt.pt"
+    bl.solve(problem, method, max_iters=15, checkpoint=path)
+    resumed = bl.solve(problem, method, max_iters=30, resume=path)
+    assert torch.equal(resumed.x["x"], full.x["x"]) and torch.equal(resumed.y["y"], full.y["y"])

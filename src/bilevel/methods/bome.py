@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
 from .. import tree as T
+from ..auto import AdaptiveLower, DoG, DoGState, auto_upper, check_auto_positive, check_auto_upper, is_auto
+from ..linsolve import estimate_spectral_norm
 from ..parts import LowerGD, Parts
 from ..parts.value import Shadow, value_gap
 from ..problem import Problem
-from ..schedules import ScheduleLike
+from ..schedules import ScheduleLike, as_schedule
 from ..state import EmptyState, State
 from ..updates import UpperOptimizer
 from ..validation import check_choice, check_count, check_fraction, check_nonnegative, check_positive
@@ -47,10 +49,19 @@ class BOME(Assembled):
     value-gap gradient :func:`~bilevel.parts.value_gap`; ``PlainDirection()``, the upper
     optimizer of ``lr_upper``.
 
+    Steps left ``"auto"`` (the default; docs/auto.md): the shadow steps by adaptive
+    gradient descent at fixed x_k (:class:`~bilevel.auto.AdaptiveLower`, β₀ = 1/λ̂ from 30
+    products at ``init``, no oracle call per iteration beyond the T gradients), and one
+    :class:`~bilevel.auto.DoG` step for the pair (x, y) along (d_x, d_y), the paper's joint
+    descent; ``lr_lower="auto"`` with a given ``lr_upper`` (a number or schedule) takes
+    β = α_k. Given numbers run the iteration above exactly.
+
     Args:
-        lr_upper: α, the x step (a number, a schedule or an upper optimizer).
-        lr_lower: β, the y step of the joint descent.
-        lr_shadow: β_ŷ, the step of the T steps that estimate g*.
+        lr_upper: α, the x step: ``"auto"`` (default), a number, a schedule or an upper
+            optimizer (with an optimizer, give ``lr_lower`` a number).
+        lr_lower: β, the y step of the joint descent: ``"auto"`` (default) or a number.
+        lr_shadow: β_ŷ, the step of the T steps that estimate g*: ``"auto"`` (default) or
+            a number.
         shadow_steps: T.
         eta: η > 0, the barrier parameter (the code's grid: 0.1, 0.5, 0.9).
         phi: ``"gradient"`` (φ = η‖∇q̂‖², the paper's default) or ``"value"`` (φ = η q̂, the
@@ -60,7 +71,8 @@ class BOME(Assembled):
         shadow_momentum: heavy-ball weight on the ŷ steps, restarted each iteration (0: the
             paper; BOAT's ``VFO`` uses 0.5).
         lower_steps: plain gradient steps ``y ← y − β ∇_y g`` taken before the barrier step
-            (0: the paper; BOAT's ``VFO`` takes T).
+            (0: the paper; BOAT's ``VFO`` takes T; with ``lr_lower="auto"`` their step is
+            the shadow's).
         project_x: optional projection of x.
 
     Cost per iteration: T + ``lower_steps`` gradients of g in y, one gradient of f, one
@@ -81,9 +93,9 @@ class BOME(Assembled):
     stationarity_doc: ClassVar[str] = "‖∇f + λ∇q̂‖² + q̂ (KKT-type measure of min f s.t. q ≤ 0)"
     uses_multiplier: ClassVar[bool] = False
 
-    lr_upper: ScheduleLike | UpperOptimizer = upper_option(0.05)
-    lr_lower: float = option(0.05, check_positive)
-    lr_shadow: float = option(0.05, check_positive)
+    lr_upper: ScheduleLike | UpperOptimizer | str = option("auto", check_auto_upper, kw_only=True)  # type: ignore[assignment]
+    lr_lower: float | str = option("auto", check_auto_positive)
+    lr_shadow: float | str = option("auto", check_auto_positive)
     shadow_steps: int = option(10, check_count)
     eta: float = option(0.5, check_positive)
     phi: str = option("gradient", check_choice, choices=("gradient", "value"))
@@ -92,13 +104,51 @@ class BOME(Assembled):
     lower_steps: int = option(0, check_count, minimum=0)
 
     def build_parts(self) -> Parts:
-        return Parts(lower=Shadow(lr=self.lr_shadow, steps=self.shadow_steps, start="restart", momentum=self.shadow_momentum))
+        if is_auto(self.lr_shadow):
+            if self.shadow_momentum:
+                raise ValueError("BOME(lr_shadow='auto') takes no shadow_momentum (AdGD has no heavy-ball term): give lr_shadow a number")
+            shadow: Any = AdaptiveLower(steps=self.shadow_steps)
+        else:
+            shadow = Shadow(lr=self.lr_shadow, steps=self.shadow_steps, start="restart", momentum=self.shadow_momentum)
+        if (
+            is_auto(self.lr_lower)
+            and not is_auto(self.lr_upper)
+            and not callable(self.lr_upper)
+            and not isinstance(self.lr_upper, (int, float))
+        ):
+            raise ValueError(
+                "BOME(lr_lower='auto') takes the step of x for y (the joint descent of the paper): give lr_upper a number, "
+                "a schedule or 'auto', or give lr_lower a number with an upper optimizer"
+            )
+        # with lr_lower auto too, the step uses one DoG for the pair (x, y) instead (state "joint")
+        return Parts(lower=shadow, upper=auto_upper(self.lr_upper))
+
+    @property
+    def joint_auto(self) -> bool:
+        """Whether x and y take one DoG step together (``lr_upper`` and ``lr_lower`` both auto)."""
+        return is_auto(self.lr_upper) and is_auto(self.lr_lower)
+
+    def init(self, problem: Problem, x0: Any = None, y0: Any = None, batch: Any = None, validate: bool = True) -> State:
+        state = super().init(problem, x0, y0, batch, validate)
+        extra = dict(state.extra)
+        if isinstance(self.parts.lower, AdaptiveLower):  # β₀ of the shadow steps: 1/λ̂ from 30 products at init
+            lin = self.derivatives.linearize(problem.lower, state.x, state.y, batch)
+            lam = estimate_spectral_norm(lin.hvp, state.y)
+            extra["lower"] = self.parts.lower.init(state.y, 1.0 / lam if lam > 0 and lam < float("inf") else 1.0)
+        if self.joint_auto:
+            extra["joint"] = DoG().init({"x": state.x, "y": state.y})
+        return state.replace(extra=extra)
 
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         oracles, k, x, y = self.derivatives, state.k, state.x, state.y
-        if self.lower_steps:
-            y, _, _ = LowerGD(lr=self.lr_lower, steps=self.lower_steps).run(problem, x, y, batch, oracles)
         shadow = self.parts.lower
+        if self.lower_steps:
+            if is_auto(self.lr_lower):  # plain steps on g: the shadow's step, stable for g at x_k
+                beta = state.extra["lower"].beta if isinstance(shadow, AdaptiveLower) else self.lr_shadow
+                for _ in range(self.lower_steps):
+                    y = T.axpy(-beta, oracles.gradient_y(problem.lower, x, y, batch)[0], y)
+            else:
+                y, _, _ = LowerGD(lr=self.lr_lower, steps=self.lower_steps).run(problem, x, y, batch, oracles)
         y_hat, _, shadow_state = shadow.run(problem, x, y, batch, oracles, state.extra.get("lower", EmptyState()), k)
         grad_x_f, grad_y_f, upper_loss = oracles.gradients(problem.upper, x, y, batch)
         grad_x_q, grad_y_q, gap = value_gap(oracles, problem.lower, x, y, y_hat, batch)
@@ -121,7 +171,21 @@ class BOME(Assembled):
             "multiplier": lam,
             "stationarity": stationarity,
         }
-        x_next, opt, direction_state = self.update_x(x, d_x, state)
-        y_next = T.axpy(-self.lr_lower, d_y, y)
-        extra = {**state.extra, "lower": shadow_state, "direction": direction_state}
+        extra = {**state.extra, "lower": shadow_state}
+        if self.joint_auto:  # one DoG step along (d_x, d_y): the paper's joint descent, scale-free
+            dog = DoG()
+            pair, joint = dog.update({"x": x, "y": y}, {"x": d_x, "y": d_y}, cast(DoGState, state.extra["joint"]), k)
+            x_next = pair["x"] if self.parts.projection is None else self.parts.projection(pair["x"])
+            y_next, opt, extra["joint"] = pair["y"], state.opt, joint
+            info["lr_upper"] = info["lr_lower"] = dog.step_size(joint)
+        else:
+            x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
+            beta = self._lower_step(k) if is_auto(self.lr_lower) else self.lr_lower
+            y_next = T.axpy(-beta, d_y, y)
+        if isinstance(shadow, AdaptiveLower):
+            info["lr_shadow"] = shadow_state.beta
         return State(x=x_next, y=y_next, v=None, opt=opt, k=k + 1, extra=extra), info
+
+    def _lower_step(self, k: int) -> float:
+        """β = α_k with ``lr_lower="auto"`` and a number or schedule ``lr_upper``."""
+        return float(as_schedule(cast(ScheduleLike, self.lr_upper))(k))
