@@ -17,7 +17,7 @@ from ..schedules import ScheduleLike, as_schedule
 from ..state import EmptyState, State
 from ..updates import UpperOptimizer
 from ..validation import check_choice, check_count, check_fraction, check_nonnegative, check_positive
-from .base import Assembled, option, upper_option
+from .base import Assembled, option
 
 __all__ = ["BOME"]
 
@@ -109,7 +109,7 @@ class BOME(Assembled):
                 raise ValueError("BOME(lr_shadow='auto') takes no shadow_momentum (AdGD has no heavy-ball term): give lr_shadow a number")
             shadow: Any = AdaptiveLower(steps=self.shadow_steps)
         else:
-            shadow = Shadow(lr=self.lr_shadow, steps=self.shadow_steps, start="restart", momentum=self.shadow_momentum)
+            shadow = Shadow(lr=cast(float, self.lr_shadow), steps=self.shadow_steps, start="restart", momentum=self.shadow_momentum)
         if (
             is_auto(self.lr_lower)
             and not is_auto(self.lr_upper)
@@ -144,11 +144,11 @@ class BOME(Assembled):
         shadow = self.parts.lower
         if self.lower_steps:
             if is_auto(self.lr_lower):  # plain steps on g: the shadow's step, stable for g at x_k
-                beta = state.extra["lower"].beta if isinstance(shadow, AdaptiveLower) else self.lr_shadow
+                beta = state.extra["lower"].beta if isinstance(shadow, AdaptiveLower) else cast(float, self.lr_shadow)
                 for _ in range(self.lower_steps):
                     y = T.axpy(-beta, oracles.gradient_y(problem.lower, x, y, batch)[0], y)
             else:
-                y, _, _ = LowerGD(lr=self.lr_lower, steps=self.lower_steps).run(problem, x, y, batch, oracles)
+                y, _, _ = LowerGD(lr=cast(float, self.lr_lower), steps=self.lower_steps).run(problem, x, y, batch, oracles)
         y_hat, _, shadow_state = shadow.run(problem, x, y, batch, oracles, state.extra.get("lower", EmptyState()), k)
         grad_x_f, grad_y_f, upper_loss = oracles.gradients(problem.upper, x, y, batch)
         grad_x_q, grad_y_q, gap = value_gap(oracles, problem.lower, x, y, y_hat, batch)
@@ -180,7 +180,7 @@ class BOME(Assembled):
             info["lr_upper"] = info["lr_lower"] = dog.step_size(joint)
         else:
             x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
-            beta = self._lower_step(k) if is_auto(self.lr_lower) else self.lr_lower
+            beta = self._lower_step(k) if is_auto(self.lr_lower) else cast(float, self.lr_lower)
             y_next = T.axpy(-beta, d_y, y)
         if isinstance(shadow, AdaptiveLower):
             info["lr_shadow"] = shadow_state.beta
