@@ -467,3 +467,23 @@ def test_bome_auto_options_and_resume(tmp_path):
     bl.solve(problem, method, max_iters=15, checkpoint=path)
     resumed = bl.solve(problem, method, max_iters=30, resume=path)
     assert torch.equal(resumed.x["x"], full.x["x"]) and torch.equal(resumed.y["y"], full.y["y"])
+
+
+@pytest.mark.parametrize("s", [1e-3, 1e3])
+def test_v_pbgd_with_no_step_size_reaches_its_penalised_point_at_every_curvature_scale(s):
+    """V-PBGD auto (AdGD on the persistent shadow ω, one DoG step for (x, y)) approaches the
+    stationary point of its penalised problem, x = (1 + γ)/(1 + 2γ) on T1 (the O(1/γ) bias
+    of the method, not of the steps), at curvature × 1e-3 and 1e3 (to 1e-5 in 1500
+    iterations, 1e-12 in 3000); the docstring example's steps stall at × 1e-3 and diverge
+    at × 1e3."""
+    problem, gamma = scaled(T1(n=3), s), 100.0
+    target = (1 + gamma) / (1 + 2 * gamma)
+    auto = bl.solve(problem, bl.PBGD(gamma=gamma, shadow_steps=5), max_iters=1500, log_every=1500)
+    assert float((auto.x["x"] - target).abs().max()) <= 1e-5
+    preset = bl.solve(
+        problem, bl.PBGD(gamma=gamma, lr_upper=0.5, lr_lower=0.5, lr_shadow=0.5, shadow_steps=5), max_iters=300, on_divergence="status"
+    )
+    if s == 1e3:
+        assert preset.status is bl.Status.DIVERGED
+    else:
+        assert float((preset.x["x"] - target).abs().max()) > 1.0

@@ -136,9 +136,15 @@ def test_penalty_controller_and_shadow_state_round_trip():
     assert penalty(0) == 0.0 and penalty(50) == pytest.approx(0.1) and penalty(500) == pytest.approx(0.2)
     assert penalty.scale(50) == 1.0  # s(γ) = min(1, 1/γ): small penalties are not normalised
     assert bl.parts.Penalty(40.0, normalise=True).scale(0) == pytest.approx(1 / 40)
-    state = bl.PBGD().init(T1(n=2))
+    state = bl.PBGD(lr_shadow=0.1).init(T1(n=2))
     assert isinstance(state.extra["lower"], bl.parts.ShadowState)
     assert bl.State.from_dict(state.to_dict()) == state
+    auto = bl.PBGD().init(T1(n=2))  # auto shadow: ω next to its AdGD state, and the joint DoG state
+    assert isinstance(auto.extra["lower"], bl.auto.AdaptiveLowerState) and "omega" in auto.extra and "joint" in auto.extra
+    restored = bl.State.from_dict(auto.to_dict())
+    assert torch.equal(restored.extra["omega"]["y"], auto.extra["omega"]["y"]) and torch.equal(
+        restored.extra["lower"].beta, auto.extra["lower"].beta
+    )
 
 
 @pytest.mark.parametrize(

@@ -61,11 +61,13 @@ __all__ = [
     "MonitoredState",
     "TrackedLower",
     "TrackedLowerState",
+    "adaptive_shadow_state",
     "auto_upper",
     "check_auto_positive",
     "check_auto_step_size",
     "check_auto_upper",
     "is_auto",
+    "joint_dog_step",
 ]
 
 #: the value of a step-size argument that asks for an automatic step
@@ -582,6 +584,28 @@ class DoG:
         gsum = state.gsum + T.sq_norm(d)
         state = DoGState(x0=state.x0, rbar=rbar, gsum=gsum)
         return T.axpy(-self.step_size(state), d, x), state
+
+
+# --------------------------------------------------------------------------- first-order methods
+
+
+def joint_dog_step(
+    x: Tree, y: Tree, d_x: Tree, d_y: Tree, state: DoGState, k: int, projection: Any = None
+) -> tuple[Tree, Tree, DoGState, torch.Tensor]:
+    """One :class:`DoG` step for the pair (x, y) along (d_x, d_y): the joint descent of the
+    first-order methods (BOME, PBGD) when both of their steps are auto. Returns
+    ``(x_next, y_next, state, step)``; ``projection`` is applied to x."""
+    dog = DoG()
+    pair, state = dog.update({"x": x, "y": y}, {"x": d_x, "y": d_y}, state, k)
+    x_next = pair["x"] if projection is None else projection(pair["x"])
+    return x_next, pair["y"], state, dog.step_size(state)
+
+
+def adaptive_shadow_state(lower: AdaptiveLower, oracles: Oracles, problem: Problem, x: Tree, y: Tree, batch: Any) -> AdaptiveLowerState:
+    """The state of an auto shadow loop at ``init``: β₀ = 1/λ̂ of ∇²_yy g(x, y) (30 power
+    products, one host sync; 1 when λ̂ is 0 or not finite)."""
+    lam = estimate_spectral_norm(oracles.linearize(problem.lower, x, y, batch).hvp, y)
+    return lower.init(y, 1.0 / lam if 0 < lam < math.inf else 1.0)
 
 
 # --------------------------------------------------------------------------- the template

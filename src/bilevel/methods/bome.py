@@ -8,8 +8,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import AdaptiveLower, DoG, DoGState, auto_upper, check_auto_positive, check_auto_upper, is_auto
-from ..linsolve import estimate_spectral_norm
+from ..auto import AdaptiveLower, DoG, adaptive_shadow_state, auto_upper, check_auto_positive, check_auto_upper, is_auto, joint_dog_step
 from ..parts import LowerGD, Parts
 from ..parts.value import Shadow, value_gap
 from ..problem import Problem
@@ -131,10 +130,8 @@ class BOME(Assembled):
     def init(self, problem: Problem, x0: Any = None, y0: Any = None, batch: Any = None, validate: bool = True) -> State:
         state = super().init(problem, x0, y0, batch, validate)
         extra = dict(state.extra)
-        if isinstance(self.parts.lower, AdaptiveLower):  # β₀ of the shadow steps: 1/λ̂ from 30 products at init
-            lin = self.derivatives.linearize(problem.lower, state.x, state.y, batch)
-            lam = estimate_spectral_norm(lin.hvp, state.y)
-            extra["lower"] = self.parts.lower.init(state.y, 1.0 / lam if lam > 0 and lam < float("inf") else 1.0)
+        if isinstance(self.parts.lower, AdaptiveLower):
+            extra["lower"] = adaptive_shadow_state(self.parts.lower, self.derivatives, problem, state.x, state.y, batch)
         if self.joint_auto:
             extra["joint"] = DoG().init({"x": state.x, "y": state.y})
         return state.replace(extra=extra)
@@ -173,11 +170,9 @@ class BOME(Assembled):
         }
         extra = {**state.extra, "lower": shadow_state}
         if self.joint_auto:  # one DoG step along (d_x, d_y): the paper's joint descent, scale-free
-            dog = DoG()
-            pair, joint = dog.update({"x": x, "y": y}, {"x": d_x, "y": d_y}, cast(DoGState, state.extra["joint"]), k)
-            x_next = pair["x"] if self.parts.projection is None else self.parts.projection(pair["x"])
-            y_next, opt, extra["joint"] = pair["y"], state.opt, joint
-            info["lr_upper"] = info["lr_lower"] = dog.step_size(joint)
+            x_next, y_next, extra["joint"], step = joint_dog_step(x, y, d_x, d_y, state.extra["joint"], k, self.parts.projection)
+            opt = state.opt
+            info["lr_upper"] = info["lr_lower"] = step
         else:
             x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
             beta = self._lower_step(k) if is_auto(self.lr_lower) else cast(float, self.lr_lower)

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from .. import tree as T
+from ..auto import AdaptiveLower, DoG, adaptive_shadow_state, auto_upper, check_auto_positive, check_auto_upper, is_auto, joint_dog_step
 from ..parts import Parts
 from ..parts.value import Penalty, Shadow, check_penalty, value_gap
 from ..problem import Problem
-from ..schedules import ScheduleLike
+from ..schedules import ScheduleLike, as_schedule
 from ..state import EmptyState, State
 from ..updates import UpperOptimizer
-from ..validation import check_bool, check_choice, check_count, check_positive
-from .base import Assembled, option, upper_option
+from ..validation import check_bool, check_choice, check_count
+from .base import Assembled, option
 
 __all__ = ["PBGD"]
 
@@ -60,9 +61,13 @@ class PBGD(Assembled):
         gamma: γ, the penalty: a number ≥ 0 or a nondecreasing schedule (the code's linear
             ramp is ``bilevel.schedules.Linear(gamma_init, gamma_max, gamma_argmax_step)``).
         normalise: scale the step by ``s(γ) = min(1, 1/γ)`` (the code; True).
-        lr_upper: α, the x step (a number, a schedule or an upper optimizer).
-        lr_lower: β, the y step.
-        lr_shadow: β_ω, the shadow step (V-PBGD).
+        lr_upper: α, the x step: ``"auto"`` (default), a number, a schedule or an upper
+            optimizer (with an optimizer, give ``lr_lower`` a number).
+        lr_lower: β, the y step: ``"auto"`` (default; β = α_k with a given ``lr_upper``,
+            one :class:`~bilevel.auto.DoG` step for the pair (x, y) when both are auto)
+            or a number.
+        lr_shadow: β_ω, the shadow step (V-PBGD): ``"auto"`` (default: AdGD at fixed x_k,
+            :class:`~bilevel.auto.AdaptiveLower`, ω kept in the state) or a number.
         shadow_steps: T, shadow steps per iteration (the code: 1).
         project_x: optional projection of x (the toy's X = [0, 3]).
 
@@ -88,13 +93,43 @@ class PBGD(Assembled):
     variant: str = option("value", check_choice, choices=("value", "gradient"))
     gamma: ScheduleLike = option(10.0, check_penalty)
     normalise: bool = option(True, check_bool)
-    lr_upper: ScheduleLike | UpperOptimizer = upper_option(0.1)
-    lr_lower: float = option(0.1, check_positive)
-    lr_shadow: float = option(0.1, check_positive)
+    lr_upper: ScheduleLike | UpperOptimizer | str = option("auto", check_auto_upper, kw_only=True)  # type: ignore[assignment]
+    lr_lower: float | str = option("auto", check_auto_positive)
+    lr_shadow: float | str = option("auto", check_auto_positive)
     shadow_steps: int = option(1, check_count)
 
     def build_parts(self) -> Parts:
-        return Parts(lower=Shadow(lr=self.lr_shadow, steps=self.shadow_steps, start="persistent"))
+        if (
+            is_auto(self.lr_lower)
+            and not is_auto(self.lr_upper)
+            and not callable(self.lr_upper)
+            and not isinstance(self.lr_upper, (int, float))
+        ):
+            raise ValueError(
+                "PBGD(lr_lower='auto') takes the step of x for y (the joint descent of the penalised problem): give "
+                "lr_upper a number, a schedule or 'auto', or give lr_lower a number with an upper optimizer"
+            )
+        shadow: Any
+        if is_auto(self.lr_shadow) and self.variant == "value":
+            shadow = AdaptiveLower(steps=self.shadow_steps)
+        else:  # G-PBGD has no shadow: an auto β_ω is never used
+            shadow = Shadow(lr=1.0 if is_auto(self.lr_shadow) else cast(float, self.lr_shadow), steps=self.shadow_steps, start="persistent")
+        return Parts(lower=shadow, upper=auto_upper(self.lr_upper))
+
+    @property
+    def joint_auto(self) -> bool:
+        """Whether x and y take one DoG step together (``lr_upper`` and ``lr_lower`` both auto)."""
+        return is_auto(self.lr_upper) and is_auto(self.lr_lower)
+
+    def init(self, problem: Problem, x0: Any = None, y0: Any = None, batch: Any = None, validate: bool = True) -> State:
+        state = super().init(problem, x0, y0, batch, validate)
+        extra = dict(state.extra)
+        if isinstance(self.parts.lower, AdaptiveLower):  # the persistent shadow ω, with its AdGD state
+            extra["lower"] = adaptive_shadow_state(self.parts.lower, self.derivatives, problem, state.x, state.y, batch)
+            extra["omega"] = T.clone(state.y)
+        if self.joint_auto:
+            extra["joint"] = DoG().init({"x": state.x, "y": state.y})
+        return state.replace(extra=extra)
 
     @cached_property
     def penalty(self) -> Penalty:
@@ -105,9 +140,16 @@ class PBGD(Assembled):
         oracles, k, x, y = self.derivatives, state.k, state.x, state.y
         gamma, scale = self.penalty(k), self.penalty.scale(k)
         shadow_state = state.extra.get("lower", EmptyState())
+        shadow_info: dict = {}
         grad_x_f, grad_y_f, upper_loss = oracles.gradients(problem.upper, x, y, batch)
+        extra = dict(state.extra)
         if self.variant == "value":
-            omega, _, shadow_state = self.parts.lower.run(problem, x, y, batch, oracles, shadow_state, k)
+            if isinstance(self.parts.lower, AdaptiveLower):  # ω persists in the state next to its AdGD step
+                omega, _, shadow_state = self.parts.lower.run(problem, x, state.extra["omega"], batch, oracles, shadow_state, k)
+                extra["omega"] = omega
+                shadow_info = {"lr_shadow": shadow_state.beta}
+            else:
+                omega, _, shadow_state = self.parts.lower.run(problem, x, y, batch, oracles, shadow_state, k)
             grad_x_p, grad_y_p, constraint = value_gap(oracles, problem.lower, x, y, omega, batch)
             lower_grad_sq = T.sq_norm(grad_y_p)
         else:
@@ -126,7 +168,14 @@ class PBGD(Assembled):
             "penalty": upper_loss.new_tensor(gamma),
             "stationarity": self.projected_direction_sq(x, d_x) + d_y_sq,
         }
-        x_next, opt, direction_state = self.update_x(x, d_x, state)
-        y_next = T.axpy(-self.lr_lower, d_y, y)
-        extra = {**state.extra, "lower": shadow_state, "direction": direction_state}
+        extra["lower"] = shadow_state
+        info.update(shadow_info)
+        if self.joint_auto:  # one DoG step for (x, y) along the penalised gradient
+            x_next, y_next, extra["joint"], step = joint_dog_step(x, y, d_x, d_y, state.extra["joint"], k, self.parts.projection)
+            opt = state.opt
+            info["lr_upper"] = info["lr_lower"] = step
+        else:
+            x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
+            beta = float(as_schedule(cast(ScheduleLike, self.lr_upper))(k)) if is_auto(self.lr_lower) else cast(float, self.lr_lower)
+            y_next = T.axpy(-beta, d_y, y)
         return State(x=x_next, y=y_next, v=None, opt=opt, k=k + 1, extra=extra), info
