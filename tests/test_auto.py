@@ -460,7 +460,7 @@ def test_bome_auto_options_and_resume(tmp_path):
     with pytest.raises(ValueError, match="lr_lower='auto'"):
         bl.BOME(lr_upper=bl.Adam(0.1))
     half = bl.BOME(lr_upper=0.5)  # lr_lower auto takes x's step: β = α
-    assert half._lower_step(3) == 0.5
+    assert half.lower_step(3) == 0.5
     problem, method = T1(n=4), bl.BOME(shadow_steps=5)
     full = bl.solve(problem, method, max_iters=30)
     path = tmp_path / "ckpt.pt"

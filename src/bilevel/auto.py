@@ -57,6 +57,7 @@ __all__ = [
     "AutoSteps",
     "DoG",
     "DoGState",
+    "JointAutoSteps",
     "MonitoredLineSearch",
     "MonitoredState",
     "TrackedLower",
@@ -599,6 +600,46 @@ def joint_dog_step(
     pair, state = dog.update({"x": x, "y": y}, {"x": d_x, "y": d_y}, state, k)
     x_next = pair["x"] if projection is None else projection(pair["x"])
     return x_next, pair["y"], state, dog.step_size(state)
+
+
+class JointAutoSteps:
+    """The auto steps of a first-order method that descends (x, y) jointly (BOME, PBGD):
+    ``lr_upper``, ``lr_lower`` (one :class:`DoG` step for the pair when both are auto,
+    β = α_k when only ``lr_lower`` is) and a shadow loop run by :class:`AdaptiveLower`."""
+
+    lr_upper: Any
+    lr_lower: Any
+
+    @property
+    def joint_auto(self) -> bool:
+        """Whether x and y take one DoG step together (``lr_upper`` and ``lr_lower`` both auto)."""
+        return is_auto(self.lr_upper) and is_auto(self.lr_lower)
+
+    def check_joint_steps(self, owner: str) -> None:
+        """``lr_lower="auto"`` takes x's step: refused with an upper optimizer (no step to take)."""
+        if (
+            is_auto(self.lr_lower)
+            and not is_auto(self.lr_upper)
+            and not callable(self.lr_upper)
+            and not isinstance(self.lr_upper, (int, float))
+        ):
+            raise ValueError(
+                f"{owner}(lr_lower='auto') takes the step of x for y (the joint descent): give lr_upper a number, "
+                "a schedule or 'auto', or give lr_lower a number with an upper optimizer"
+            )
+
+    def lower_step(self, k: int) -> Any:
+        """β_k: the given ``lr_lower``, or α_k with ``lr_lower="auto"`` and a number or schedule ``lr_upper``."""
+        return float(as_schedule(self.lr_upper)(k)) if is_auto(self.lr_lower) else self.lr_lower
+
+    def joint_extra(self, shadow: Any, oracles: Oracles, problem: Problem, x: Tree, y: Tree, batch: Any) -> dict:
+        """The states ``init`` adds: the auto shadow's (``"lower"``) and the joint DoG's (``"joint"``)."""
+        extra: dict = {}
+        if isinstance(shadow, AdaptiveLower):
+            extra["lower"] = adaptive_shadow_state(shadow, oracles, problem, x, y, batch)
+        if self.joint_auto:
+            extra["joint"] = DoG().init({"x": x, "y": y})
+        return extra
 
 
 def adaptive_shadow_state(lower: AdaptiveLower, oracles: Oracles, problem: Problem, x: Tree, y: Tree, batch: Any) -> AdaptiveLowerState:

@@ -8,11 +8,11 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import AdaptiveLower, DoG, adaptive_shadow_state, auto_upper, check_auto_positive, check_auto_upper, is_auto, joint_dog_step
+from ..auto import AdaptiveLower, JointAutoSteps, auto_upper, check_auto_positive, check_auto_upper, is_auto, joint_dog_step
 from ..parts import LowerGD, Parts
 from ..parts.value import Shadow, value_gap
 from ..problem import Problem
-from ..schedules import ScheduleLike, as_schedule
+from ..schedules import ScheduleLike
 from ..state import EmptyState, State
 from ..updates import UpperOptimizer
 from ..validation import check_choice, check_count, check_fraction, check_nonnegative, check_positive
@@ -22,7 +22,7 @@ __all__ = ["BOME"]
 
 
 @dataclass(frozen=True)
-class BOME(Assembled):
+class BOME(JointAutoSteps, Assembled):
     """BOME (Liu, Ye, Wright, Stone & Liu, NeurIPS 2022): the bilevel problem as
     ``min_{x,y} f(x, y)  s.t.  q(x, y) = g(x, y) − g*(x) ≤ 0`` solved by dynamic-barrier
     gradient descent, with ``g*(x)`` estimated by T lower steps. First order: no Hessian
@@ -109,31 +109,13 @@ class BOME(Assembled):
             shadow: Any = AdaptiveLower(steps=self.shadow_steps)
         else:
             shadow = Shadow(lr=cast(float, self.lr_shadow), steps=self.shadow_steps, start="restart", momentum=self.shadow_momentum)
-        if (
-            is_auto(self.lr_lower)
-            and not is_auto(self.lr_upper)
-            and not callable(self.lr_upper)
-            and not isinstance(self.lr_upper, (int, float))
-        ):
-            raise ValueError(
-                "BOME(lr_lower='auto') takes the step of x for y (the joint descent of the paper): give lr_upper a number, "
-                "a schedule or 'auto', or give lr_lower a number with an upper optimizer"
-            )
+        self.check_joint_steps("BOME")
         # with lr_lower auto too, the step uses one DoG for the pair (x, y) instead (state "joint")
         return Parts(lower=shadow, upper=auto_upper(self.lr_upper))
 
-    @property
-    def joint_auto(self) -> bool:
-        """Whether x and y take one DoG step together (``lr_upper`` and ``lr_lower`` both auto)."""
-        return is_auto(self.lr_upper) and is_auto(self.lr_lower)
-
     def init(self, problem: Problem, x0: Any = None, y0: Any = None, batch: Any = None, validate: bool = True) -> State:
         state = super().init(problem, x0, y0, batch, validate)
-        extra = dict(state.extra)
-        if isinstance(self.parts.lower, AdaptiveLower):
-            extra["lower"] = adaptive_shadow_state(self.parts.lower, self.derivatives, problem, state.x, state.y, batch)
-        if self.joint_auto:
-            extra["joint"] = DoG().init({"x": state.x, "y": state.y})
+        extra = {**state.extra, **self.joint_extra(self.parts.lower, self.derivatives, problem, state.x, state.y, batch)}
         return state.replace(extra=extra)
 
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
@@ -175,12 +157,8 @@ class BOME(Assembled):
             info["lr_upper"] = info["lr_lower"] = step
         else:
             x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
-            beta = self._lower_step(k) if is_auto(self.lr_lower) else cast(float, self.lr_lower)
+            beta = self.lower_step(k)
             y_next = T.axpy(-beta, d_y, y)
         if isinstance(shadow, AdaptiveLower):
             info["lr_shadow"] = shadow_state.beta
         return State(x=x_next, y=y_next, v=None, opt=opt, k=k + 1, extra=extra), info
-
-    def _lower_step(self, k: int) -> float:
-        """β = α_k with ``lr_lower="auto"`` and a number or schedule ``lr_upper``."""
-        return float(as_schedule(cast(ScheduleLike, self.lr_upper))(k))

@@ -7,11 +7,11 @@ from functools import cached_property
 from typing import Any, ClassVar, cast
 
 from .. import tree as T
-from ..auto import AdaptiveLower, DoG, adaptive_shadow_state, auto_upper, check_auto_positive, check_auto_upper, is_auto, joint_dog_step
+from ..auto import AdaptiveLower, JointAutoSteps, auto_upper, check_auto_positive, check_auto_upper, is_auto, joint_dog_step
 from ..parts import Parts
 from ..parts.value import Penalty, Shadow, check_penalty, value_gap
 from ..problem import Problem
-from ..schedules import ScheduleLike, as_schedule
+from ..schedules import ScheduleLike
 from ..state import EmptyState, State
 from ..updates import UpperOptimizer
 from ..validation import check_bool, check_choice, check_count
@@ -21,7 +21,7 @@ __all__ = ["PBGD"]
 
 
 @dataclass(frozen=True)
-class PBGD(Assembled):
+class PBGD(JointAutoSteps, Assembled):
     """PBGD (Shen & Chen, ICML 2023): gradient descent on the penalised problem
     ``min_{x,y} f(x, y) + γ_k p(x, y)`` whose penalty p controls the distance of y to the
     lower solution set (g PL in y, or quadratic growth).
@@ -99,16 +99,7 @@ class PBGD(Assembled):
     shadow_steps: int = option(1, check_count)
 
     def build_parts(self) -> Parts:
-        if (
-            is_auto(self.lr_lower)
-            and not is_auto(self.lr_upper)
-            and not callable(self.lr_upper)
-            and not isinstance(self.lr_upper, (int, float))
-        ):
-            raise ValueError(
-                "PBGD(lr_lower='auto') takes the step of x for y (the joint descent of the penalised problem): give "
-                "lr_upper a number, a schedule or 'auto', or give lr_lower a number with an upper optimizer"
-            )
+        self.check_joint_steps("PBGD")
         shadow: Any
         if is_auto(self.lr_shadow) and self.variant == "value":
             shadow = AdaptiveLower(steps=self.shadow_steps)
@@ -116,19 +107,11 @@ class PBGD(Assembled):
             shadow = Shadow(lr=1.0 if is_auto(self.lr_shadow) else cast(float, self.lr_shadow), steps=self.shadow_steps, start="persistent")
         return Parts(lower=shadow, upper=auto_upper(self.lr_upper))
 
-    @property
-    def joint_auto(self) -> bool:
-        """Whether x and y take one DoG step together (``lr_upper`` and ``lr_lower`` both auto)."""
-        return is_auto(self.lr_upper) and is_auto(self.lr_lower)
-
     def init(self, problem: Problem, x0: Any = None, y0: Any = None, batch: Any = None, validate: bool = True) -> State:
         state = super().init(problem, x0, y0, batch, validate)
-        extra = dict(state.extra)
-        if isinstance(self.parts.lower, AdaptiveLower):  # the persistent shadow ω, with its AdGD state
-            extra["lower"] = adaptive_shadow_state(self.parts.lower, self.derivatives, problem, state.x, state.y, batch)
+        extra = {**state.extra, **self.joint_extra(self.parts.lower, self.derivatives, problem, state.x, state.y, batch)}
+        if isinstance(self.parts.lower, AdaptiveLower):  # the persistent shadow ω, next to its AdGD state
             extra["omega"] = T.clone(state.y)
-        if self.joint_auto:
-            extra["joint"] = DoG().init({"x": state.x, "y": state.y})
         return state.replace(extra=extra)
 
     @cached_property
@@ -176,6 +159,5 @@ class PBGD(Assembled):
             info["lr_upper"] = info["lr_lower"] = step
         else:
             x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
-            beta = float(as_schedule(cast(ScheduleLike, self.lr_upper))(k)) if is_auto(self.lr_lower) else cast(float, self.lr_lower)
-            y_next = T.axpy(-beta, d_y, y)
+            y_next = T.axpy(-self.lower_step(k), d_y, y)
         return State(x=x_next, y=y_next, v=None, opt=opt, k=k + 1, extra=extra), info
