@@ -45,8 +45,9 @@ def table(folder: Path, metric: str = "test_accuracy", center: str = "median") -
         raise SystemExit(f"{folder}: no completed run yet")
     logs = {method: [log for _, log in items] for method, items in runs.items()}
     best, reached = time_to_reach(logs, metric, (0.95, 0.99), center=center)
+    digits = 3 if abs(best) < 10 else 2  # F1 in [0, 1], accuracies in %
     lines = [
-        f"best final {center} {metric}: {best:.2f} (targets {0.95 * best:.2f} and {0.99 * best:.2f})",
+        f"best final {center} {metric}: {best:.{digits}f} (targets {0.95 * best:.{digits}f} and {0.99 * best:.{digits}f})",
         "",
         f"| method | seeds | final {metric}, median | mean ± std | iterations (per seed) "
         "| run's step time (s), median | time to 95 % (s) | time to 99 % (s) |",
@@ -59,7 +60,8 @@ def table(folder: Path, metric: str = "test_accuracy", center: str = "median") -
         std = statistics.pstdev(finals) if len(finals) > 1 else 0.0
         t95, t99 = (f"{t:.1f}" if t is not None else "not reached" for t in reached[method])
         lines.append(
-            f"| {method} | {len(items)} | {statistics.median(finals):.2f} | {statistics.fmean(finals):.2f} ± {std:.2f} | "
+            f"| {method} | {len(items)} | {statistics.median(finals):.{digits}f} | "
+            f"{statistics.fmean(finals):.{digits}f} ± {std:.{digits}f} | "
             f"{', '.join(map(str, iterations))} | {statistics.median(times):.1f} | {t95} | {t99} |"
         )
     return "\n".join(lines)
