@@ -37,7 +37,7 @@ from typing import Any, NamedTuple, TextIO
 import torch
 
 from . import tree as T
-from .linsolve import LinearSolver, LinearSolveResult, _safe_divide, estimate_spectral_norm, line_search_step_size
+from .linsolve import LinearSolver, LinearSolveResult, _safe_divide, estimate_spectral_norm, line_search_step_size, power_start
 from .oracles import Oracles
 from .parts.base import MatVec, check_weight
 from .parts.measure import linearize
@@ -62,13 +62,14 @@ __all__ = [
     "MonitoredState",
     "TrackedLower",
     "TrackedLowerState",
-    "adaptive_shadow_state",
+    "adaptive_start",
     "auto_upper",
     "check_auto_positive",
     "check_auto_step_size",
     "check_auto_upper",
     "is_auto",
     "joint_dog_step",
+    "undo_where",
 ]
 
 #: the value of a step-size argument that asks for an automatic step
@@ -135,6 +136,23 @@ def _select(keep_old: torch.Tensor, old: Any, new: Any) -> Any:
     if isinstance(new, dict):
         return {key: _select(keep_old, old[key], item) for key, item in new.items()}
     return new
+
+
+def undo_where(undo: torch.Tensor, old: State, new: State, lower_state: Any) -> State:
+    """``new``, or ``old`` where ``undo`` (a 0-d bool, no host sync): the guards' restore of
+    a whole iteration — x, y, v, the optimizer and every part state — except the lower
+    step's own state, which is ``lower_state`` either way (it carries the halved step);
+    the iteration counter is ``new``'s."""
+    keys = [key for key in new.extra if key != "lower"]
+    kept = _select(undo, {key: old.extra.get(key, EmptyState()) for key in keys}, {key: new.extra[key] for key in keys})
+    return State(
+        x=_select(undo, old.x, new.x),
+        y=_select(undo, old.y, new.y),
+        v=_select(undo, old.v, new.v),
+        opt=_select(undo, old.opt, new.opt),
+        k=new.k,
+        extra={**kept, "lower": lower_state},
+    )
 
 
 # --------------------------------------------------------------------------- lower β
@@ -357,9 +375,7 @@ class TrackedLower:
     def init(self, y: Tree) -> TrackedLowerState:
         """A fixed-seed random unit vector and no estimate yet (the unrolled template then
         makes 30 power products at ``init``: :meth:`start`)."""
-        gen = torch.Generator().manual_seed(0)
-        u = T.tree_map(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device), y)
-        u = T.scale(1.0 / T.norm(u), u)
+        u = power_start(y)
         return TrackedLowerState(u=u, lam=_scalar(0.0, y), scale=_scalar(1.0, y), retries=_scalar(0.0, y), rollbacks=_scalar(0.0, y))
 
     def start(self, matvec: MatVec, y: Tree, iters: int = 30) -> TrackedLowerState:
@@ -636,17 +652,17 @@ class JointAutoSteps:
         """The states ``init`` adds: the auto shadow's (``"lower"``) and the joint DoG's (``"joint"``)."""
         extra: dict = {}
         if isinstance(shadow, AdaptiveLower):
-            extra["lower"] = adaptive_shadow_state(shadow, oracles, problem, x, y, batch)
+            extra["lower"] = adaptive_start(shadow, oracles.linearize(problem.lower, x, y, batch).hvp, y)
         if self.joint_auto:
             extra["joint"] = DoG().init({"x": x, "y": y})
         return extra
 
 
-def adaptive_shadow_state(lower: AdaptiveLower, oracles: Oracles, problem: Problem, x: Tree, y: Tree, batch: Any) -> AdaptiveLowerState:
-    """The state of an auto shadow loop at ``init``: β₀ = 1/λ̂ of ∇²_yy g(x, y) (30 power
-    products, one host sync; 1 when λ̂ is 0 or not finite)."""
-    lam = estimate_spectral_norm(oracles.linearize(problem.lower, x, y, batch).hvp, y)
-    return lower.init(y, 1.0 / lam if 0 < lam < math.inf else 1.0)
+def adaptive_start(lower: AdaptiveLower, matvec: MatVec, y: Tree) -> AdaptiveLowerState:
+    """The state of :class:`AdaptiveLower` at ``init``: β₀ = 1/λ̂ of the Hessian ``matvec``
+    applies (30 power products, one host sync; β₀ = 1 when λ̂ is 0 or not finite)."""
+    lam = estimate_spectral_norm(matvec, y)
+    return lower.init(y, 1.0 / lam if lam > 0 and math.isfinite(lam) else 1.0)
 
 
 # --------------------------------------------------------------------------- the template
@@ -691,9 +707,7 @@ class AutoSteps:
         if not isinstance(lower, AdaptiveLower):
             return state
         point = linearize(self.derivatives, problem, lower.averaging(0), state.x, state.y, batch)  # type: ignore[attr-defined]
-        lam = estimate_spectral_norm(point.phi.hvp, state.y)
-        beta = 1.0 / lam if lam > 0 and math.isfinite(lam) else 1.0
-        return state.replace(extra={**state.extra, "lower": lower.init(state.y, beta)})
+        return state.replace(extra={**state.extra, "lower": adaptive_start(lower, point.phi.hvp, state.y)})
 
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         parts = self.parts  # type: ignore[attr-defined]
@@ -723,18 +737,9 @@ class AutoSteps:
             rollbacks=lower_state.rollbacks + blown.to(lower_state.rollbacks.dtype),
             retries=torch.where(blown, lower_state.retries + 1, lower_state.retries),
         )
-        new_extra = {**extra, "lower": lower_state, "multiplier": multiplier_state, "direction": direction_state}
-        old_extra = {**extra, "multiplier": extra.get("multiplier", EmptyState())}
-        kept = {key: value for key, value in new_extra.items() if key != "lower"}
-        kept = _select(undo, {key: old_extra[key] for key in kept}, kept)
-        new_state = State(
-            x=_select(undo, x, x_next),
-            y=_select(undo, state.y, y),
-            v=_select(undo, state.v, solve.v),
-            opt=_select(undo, state.opt, opt),
-            k=k + 1,
-            extra={**kept, "lower": lower_state},
-        )
+        new_extra = {**extra, "multiplier": multiplier_state, "direction": direction_state}
+        stepped = State(x=x_next, y=y, v=solve.v, opt=opt, k=k + 1, extra=new_extra)
+        new_state = undo_where(undo, state, stepped, lower_state)
         info = {**info, **self._auto_info(new_state, info), "lr_lower": lower_state.beta, "rollbacks": lower_state.rollbacks}
         return new_state, info
 

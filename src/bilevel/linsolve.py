@@ -355,15 +355,21 @@ class LineSearchStep(LinearSolver):
         return LinearSolveResult(v=T.unflatten_like(cast(T.Leaves, v), b), residual_sq=residual_sq, step=eta)
 
 
+def power_start(like: Tree, seed: int = 0) -> Tree:
+    """The start vector of a power iteration: a unit-norm tree shaped like ``like``, drawn
+    on the CPU from a fixed seed (the same on every device), then moved to ``like``'s device."""
+    gen = torch.Generator().manual_seed(seed)
+    v = T.tree_map(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device), like)
+    return T.scale(1.0 / T.norm(v), v)
+
+
 def estimate_spectral_norm(matvec: MatVec, like: Tree, iters: int = 30, seed: int = 0) -> float:
     """Estimate ``max |λ(H)|`` by power iteration (``iters`` products, one host sync).
 
     Used to check step sizes against stability bounds at the initial point; the start
-    vector is drawn from a fixed seed so the estimate is reproducible.
+    vector is drawn from a fixed seed so the estimate is reproducible (:func:`power_start`).
     """
-    gen = torch.Generator().manual_seed(seed)
-    v = T.tree_map(lambda t: torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device), like)
-    v = T.scale(1.0 / T.norm(v), v)
+    v = power_start(like, seed)
     estimate = torch.zeros(())
     for _ in range(iters):
         hv = matvec(v)

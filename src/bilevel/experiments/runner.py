@@ -72,6 +72,7 @@ from ..solve import CheckpointWriteWarning, DivergenceError, Result, Status, sol
 from .config import (
     DEFAULT_UPPER,
     METHOD_COMMON_KEYS,
+    RUN_KEYS,
     ConfigError,
     FewshotSpec,
     HypercleanSpec,
@@ -809,7 +810,8 @@ class _Recorder:
                 "run.stop_patience stops on val_accuracy, which this problem does not report "
                 "(few-shot: give problem.num_val_classes meta-validation classes)"
             )
-        return plateau_reason(self.evals, "val_accuracy", int(run["stop_patience"]), float(run.get("stop_min_delta", 0.1)))
+        min_delta = float(run.get("stop_min_delta", RUN_KEYS["stop_min_delta"]))  # a config written before the key existed
+        return plateau_reason(self.evals, "val_accuracy", int(run["stop_patience"]), min_delta)
 
     def on_end(self, result: Result | None) -> None:
         self.close()

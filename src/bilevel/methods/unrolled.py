@@ -19,7 +19,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import TrackedLower, _select
+from ..auto import TrackedLower, undo_where
 from ..oracles import _grads_or_zeros, _requires_grad_copy
 from ..parts import EmptyState, Parts, Unroll, projected_sq
 from ..problem import Problem
@@ -93,19 +93,6 @@ class Unrolled(Assembled):
         new_state = State(x=x_next, y=T.detach(y), v=None, opt=opt, k=k + 1, extra=extra)
         if tracked:
             blown, tracker_state = tracker.guard(tracker_state, reference_sq, info["lower_grad_sq"], direction_sq)
-            # undo the whole iteration where the guard fired: x, y and every part state
-            parts_kept = _select(
-                blown,
-                {key: state.extra[key] for key in extra if key != "lower"},
-                {key: value for key, value in extra.items() if key != "lower"},
-            )
-            new_state = State(
-                x=_select(blown, state.x, x_next),
-                y=_select(blown, state.y, new_state.y),
-                v=None,
-                opt=_select(blown, state.opt, opt),
-                k=k + 1,
-                extra={**parts_kept, "lower": tracker_state},
-            )
+            new_state = undo_where(blown, state, new_state, tracker_state)
             info.update(lr_lower=tracker.step_size(tracker_state), rollbacks=tracker_state.rollbacks)
         return new_state, info
