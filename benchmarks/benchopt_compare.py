@@ -192,16 +192,17 @@ def main(argv=None) -> dict:
     import torch
 
     import stochastic as ours
+    from bilevel.problems.benchmark import datacleaning, mnist_arrays, quadratic
     from common import environment
 
     torch.set_num_threads(args.threads)
     dev = args.device
     if args.problem == "quadratic":
-        problem = ours.quadratic(args.n_lower, args.n_upper, args.dim_x, args.dim_y, torch.float32, dev)
+        problem = quadratic(args.n_lower, args.n_upper, args.dim_x, args.dim_y, torch.float32, dev)
         best, metric_name, x0 = ours.BEST_QUADRATIC, "‖∇F‖²", {"x": -2.0 * torch.ones(args.dim_x, dtype=torch.float32, device=dev)}
         make_streams, metric = problem.streams, None
     else:
-        problem, make_streams, metric = ours.datacleaning(device=dev)
+        problem, make_streams, metric = datacleaning(device=dev)
         best, metric_name, x0 = ours.BEST_DATACLEANING, "test error", None
     params = {name: dict(best[name]) for name in args.solvers}
     with tempfile.TemporaryDirectory() as tmp:
@@ -212,7 +213,7 @@ def main(argv=None) -> dict:
             import pickle
 
             with open(Path(tmp) / "mnist.pkl", "wb") as handle:
-                pickle.dump(ours.mnist_arrays(), handle)
+                pickle.dump(mnist_arrays(), handle)
         env = {"XLA_FLAGS": f"--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads={args.threads}", "PATH": "/usr/bin:/bin"}
         command = [args.venv_python, str(Path(__file__).resolve()), "--side", "theirs", "--problem", args.problem, "--bb", args.bb]
         command += ["--data", str(data), "--out", str(out), "--params", json.dumps(params), "--seeds", str(args.seeds)]
