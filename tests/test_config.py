@@ -99,12 +99,12 @@ def test_stability_check_off_is_the_word_off():
     "override, message",
     [
         # method section: the runner's keys
-        ("method.lr_upper=abc", "method.lr_upper='abc' must be a positive number, 'auto' or null"),
-        ("method.lr_upper=[1,2]", "method.lr_upper=[1, 2] must be a positive number, 'auto' or null"),
-        ("method.lr_upper=0", "method.lr_upper=0 must be a positive number, 'auto' or null"),
-        ("method.lr_upper=.inf", "method.lr_upper=inf must be a positive number, 'auto' or null"),
-        ("method.lr_upper=.nan", "method.lr_upper=nan must be a positive number, 'auto' or null"),
-        ("method.lr_upper=true", "method.lr_upper=True must be a positive number, 'auto' or null"),
+        ("method.lr_upper=abc", "method.lr_upper='abc' must be a positive number, a schedule {value: α₀, power: p}, 'auto' or null"),
+        ("method.lr_upper=[1,2]", "method.lr_upper=[1, 2] must be a positive number, a schedule {value: α₀, power: p}, 'auto' or null"),
+        ("method.lr_upper=0", "method.lr_upper=0 must be a positive number, a schedule {value: α₀, power: p}, 'auto' or null"),
+        ("method.lr_upper=.inf", "method.lr_upper=inf must be a positive number, a schedule {value: α₀, power: p}, 'auto' or null"),
+        ("method.lr_upper=.nan", "method.lr_upper=nan must be a positive number, a schedule {value: α₀, power: p}, 'auto' or null"),
+        ("method.lr_upper=true", "method.lr_upper=True must be a positive number, a schedule {value: α₀, power: p}, 'auto' or null"),
         ("method.upper=rmsprop", "method.upper='rmsprop' must be one of adam, sgd"),
         ("method.solver=LU", "method.solver='LU' must be one of CG, Neumann, FixedPoint"),
         ("method.solver_steps=0", "method.solver_steps=0 must be an integer >= 1"),

@@ -2,8 +2,8 @@
 
     bilevel run CONFIG_OR_NAME [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
     bilevel bench CONFIG_OR_NAME [--methods GALET,CG] [--seeds 0,1,2] [section.key=value ...] [--out DIR] [--overwrite] [--data-dir DIR]
-    bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE [--x both|iteration|time] [--center mean|median]
-                 [--by-method] [--ylim LOW,HIGH]
+    bilevel plot RUN_DIR [RUN_DIR ...] --metric test_accuracy --out FILE [--x both|iteration|time|samples] [--center mean|median]
+                 [--by-method] [--ylim LOW,HIGH] [--log-y]
     bilevel resume RUN_DIR|BENCH_DIR [--max-iters N] [--data-dir DIR] [--nproc N]
     bilevel check CONFIG_OR_NAME [--methods GALET,CG] [--warmup N] [section.key=value ...] [--data-dir DIR]
     bilevel data [--data-dir DIR]
@@ -74,7 +74,7 @@ _DATA_DIR_HELP = "directory searched first for datasets (the same as problem.dat
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bilevel",
-        description="Bilevel optimization experiments (hyper-cleaning, few-shot).",
+        description="Bilevel optimization experiments (hyper-cleaning, few-shot, stochastic benchmarks).",
         epilog="exit status: 0 done, 1 diverged, 2 bad input or configuration, 3 environment (I/O, disk, memory), 130 interrupted",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -108,9 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--x",
         default="both",
-        choices=("both", "iteration", "time"),
-        help="x axis: both panels (default), iterations, or cumulative step time",
+        choices=("both", "iteration", "time", "samples"),
+        help="x axis: both panels (default), iterations, cumulative step time, or samples seen (stochastic benchmarks)",
     )
+    p.add_argument("--log-y", action="store_true", help="log value axis (e.g. --metric suboptimality)")
     p.add_argument("--center", default="mean", choices=("mean", "median"), help="per line: mean ± std (default) or median, band min-max")
     p.add_argument("--by-method", action="store_true", help="one line per method, its run directories (seeds) summarised together")
     p.add_argument("--ylim", default=None, metavar="LOW,HIGH", help="value axis range, e.g. 60,85 (default: the curves after iteration 0)")
@@ -310,7 +311,7 @@ def _run(args: argparse.Namespace) -> int:
             except ValueError:
                 raise CLIError(f"--ylim {args.ylim!r} is not two numbers LOW,HIGH: write e.g. --ylim 60,85") from None
             ylim = (low, high)
-        paths = plot_runs(runs, args.metric, args.out, x=args.x, center=args.center, ylim=ylim)
+        paths = plot_runs(runs, args.metric, args.out, x=args.x, center=args.center, ylim=ylim, yscale="log" if args.log_y else "linear")
         print(f"wrote {', '.join(map(str, paths))}")
         return EXIT_OK
     raise CLIError(f"unknown command {args.command!r}")  # pragma: no cover - argparse rejects it first
@@ -363,7 +364,9 @@ def _check(args: argparse.Namespace) -> int:
 def _print_summary(summary: dict) -> None:
     metrics = summary["metrics"]
     shown = ", ".join(
-        f"{k} {metrics[k]:.4g}" for k in ("test_accuracy", "f1", "precision", "recall", "test_ci95", "val_loss") if k in metrics
+        f"{k} {metrics[k]:.4g}"
+        for k in ("test_accuracy", "f1", "precision", "recall", "test_ci95", "val_loss", "suboptimality", "test_error", "samples")
+        if k in metrics
     )
     if summary["status"] == "diverged":
         head = f"{summary['method']}: diverged at iteration {summary.get('diverged_at', summary['iterations'])}, {summary['time']:.1f} s"

@@ -8,7 +8,9 @@ the plot draws a centre and a band over the runs:
   spread: with 3 seeds a quantile band would be the extremes anyway).
 
 Against time, each point sits at the same statistic of the runs' cumulative method step
-times at that iteration (``time`` of the log records: steps only, no evaluation).
+times at that iteration (``time`` of the log records: steps only, no evaluation); against
+samples (``x="samples"``, the stochastic benchmarks' records), at the samples drawn up to it.
+``yscale="log"`` draws a suboptimality such as ‖∇F(x)‖² on a log axis.
 
 :func:`time_to_reach` reads the same centre curves and gives, per label, the first logged
 time at which the metric reaches a fraction of the best final value of all labels
@@ -33,7 +35,18 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CENTERS", "METRIC_LABELS", "X_AXES", "center_curve", "metric_series", "plot_runs", "time_to_reach", "value_limits"]
+__all__ = [
+    "CENTERS",
+    "METRIC_LABELS",
+    "X_AXES",
+    "Y_SCALES",
+    "center_axis",
+    "center_curve",
+    "metric_series",
+    "plot_runs",
+    "time_to_reach",
+    "value_limits",
+]
 
 METRIC_LABELS = {
     "test_accuracy": "test accuracy (%)",
@@ -43,6 +56,9 @@ METRIC_LABELS = {
     "val_loss": "validation loss",
     "upper_loss": "upper loss f",
     "stationarity": "stationarity",
+    "suboptimality": "suboptimality ‖∇F(x)‖²",
+    "test_error": "test error",
+    "value_func": "value function F(x)",
 }
 
 
@@ -57,8 +73,11 @@ def metric_series(records: Sequence[dict], metric: str) -> tuple[np.ndarray, np.
 
 #: what ``plot_runs`` draws per label: the mean with ± std, or the median with the range
 CENTERS = ("mean", "median")
-#: the panels of ``plot_runs``: both, or only the metric against iterations or against time
-X_AXES = ("both", "iteration", "time")
+#: the panels of ``plot_runs``: both (iterations and time), or one: iterations, time or samples seen
+X_AXES = ("both", "iteration", "time", "samples")
+#: the value axis of ``plot_runs``
+Y_SCALES = ("linear", "log")
+_X_LABELS = {"iteration": "upper iterations", "time": "cumulative time (s, method steps only)", "samples": "samples seen"}
 
 
 def _check_choice(what: str, value: str, choices: Sequence[str]) -> None:
@@ -92,6 +111,25 @@ def center_curve(
         mean, std = values.mean(0), values.std(0)
         mid, low, high, tmid = mean, mean - std, mean + std, times.mean(0)
     return np.asarray(common, dtype=float), mid, low, high, tmid, len(series)
+
+
+def center_axis(label_runs: Sequence[Sequence[dict]], metric: str, key: str, iterations: np.ndarray, center: str = "mean") -> np.ndarray:
+    """The centre (mean or median over runs) of the record field ``key`` (e.g. ``samples``)
+    at ``iterations``, read from the records that hold ``metric``, as :func:`center_curve`
+    does for ``time``. Raises ``ValueError`` when a run's records lack ``key``."""
+    _check_choice("center", center, CENTERS)
+    columns = []
+    for records in label_runs:
+        rows = [(r["iteration"], r.get(key)) for r in records if metric in r]
+        if not rows:
+            continue
+        if any(value is None for _, value in rows):
+            raise ValueError(f"the records with {metric!r} lack {key!r}: plot against iterations or time instead")
+        its, values = (np.asarray(c, dtype=float) for c in zip(*rows, strict=True))
+        columns.append(np.interp(iterations, its, values))
+    stacked = np.stack(columns)
+    result: np.ndarray = np.median(stacked, 0) if center == "median" else stacked.mean(0)
+    return result
 
 
 def time_to_reach(
@@ -132,7 +170,7 @@ def time_to_reach(
     return best, reached
 
 
-def value_limits(curves: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> tuple[float, float] | None:
+def value_limits(curves: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], yscale: str = "linear") -> tuple[float, float] | None:
     """The value axis of a plot: the range of the curves after iteration 0, padded.
 
     ``curves`` are ``(iterations, low, high)`` (mean − std and mean + std; the mean twice
@@ -140,8 +178,18 @@ def value_limits(curves: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) ->
     method and often far from the rest: a hyper-cleaning classifier starts at zero with
     about 9 % test accuracy, which would squeeze the 80-90 % band where the methods
     differ into a few pixels. ``None`` when nothing but iteration 0 was logged (then the
-    start is all there is to show, and matplotlib's own limits are fine).
+    start is all there is to show, and matplotlib's own limits are fine). With
+    ``yscale="log"`` the range is that of all the positive values, the start included (a
+    log axis shows the decades from the start on), padded by a factor.
     """
+    if yscale == "log":
+        positive = np.concatenate([np.concatenate([lo, hi]) for _, lo, hi in curves]) if curves else np.zeros(0)
+        positive = positive[np.isfinite(positive) & (positive > 0)]
+        if not len(positive):
+            return None
+        low, high = float(positive.min()), float(positive.max())
+        pad = (high / low) ** 0.05 if high > low else 1.5
+        return low / pad, high * pad
     low_parts = [lo[it > 0] for it, lo, _ in curves]
     high_parts = [hi[it > 0] for it, _, hi in curves]
     lows = np.concatenate(low_parts) if low_parts else np.zeros(0)
@@ -164,6 +212,7 @@ def plot_runs(
     x: str = "both",
     center: str = "mean",
     ylim: tuple[float, float] | None = None,
+    yscale: str = "linear",
 ) -> list[Path]:
     """One figure, one line per label: metric vs iteration and vs time (``x="both"``, two
     panels), or one of the two alone (``x="iteration"`` or ``x="time"``: time to accuracy).
@@ -175,10 +224,12 @@ def plot_runs(
         out: output path; its suffix gives the format unless ``formats`` is given, in
             which case ``out`` without suffix is the stem and one file per format is written.
         title: figure title.
-        x: ``"both"``, ``"iteration"`` or ``"time"`` (cumulative method step time).
+        x: ``"both"``, ``"iteration"``, ``"time"`` (cumulative method step time) or
+            ``"samples"`` (the records' ``samples`` field: samples drawn so far).
         center: ``"mean"`` (band ± one std) or ``"median"`` (band: lowest to highest run).
         ylim: ``(low, high)`` of the value axis instead of :func:`value_limits` (e.g. to
             show the last points when one method starts far below the others).
+        yscale: ``"linear"`` or ``"log"`` (a suboptimality that falls by decades).
 
     Returns:
         the written paths. Raises ``ValueError`` when no run holds ``metric``.
@@ -188,6 +239,7 @@ def plot_runs(
     """
     _check_choice("x", x, X_AXES)
     _check_choice("center", center, CENTERS)
+    _check_choice("yscale", yscale, Y_SCALES)
     if ylim is not None and not (len(ylim) == 2 and float(ylim[0]) < float(ylim[1])):
         raise ValueError(f"ylim={ylim!r} is not (low, high) with low < high: give two increasing numbers")
     import matplotlib
@@ -214,7 +266,13 @@ def plot_runs(
         curves.append((iterations, low, high))
         starts += [float(v) for v in mid[iterations == 0]]
         for kind, ax in panels:
-            xs = iterations if kind == "iteration" else times
+            xs = (
+                iterations
+                if kind == "iteration"
+                else times
+                if kind == "time"
+                else center_axis(label_runs, metric, kind, iterations, center)
+            )
             (line,) = ax.plot(xs, mid, label=label if ax is axes[0] else None, lw=1.6)
             if n_runs > 1:
                 ax.fill_between(xs, low, high, color=line.get_color(), alpha=0.2, lw=0)
@@ -223,7 +281,9 @@ def plot_runs(
         plt.close(fig)
         raise ValueError(f"no run has records with the metric {metric!r}")
     ylabel = METRIC_LABELS.get(metric, metric)
-    limits = (float(ylim[0]), float(ylim[1])) if ylim is not None else value_limits(curves)
+    limits = (float(ylim[0]), float(ylim[1])) if ylim is not None else value_limits(curves, yscale)
+    for ax in axes:
+        ax.set_yscale(yscale)
     if limits is not None:
         for ax in axes:
             ax.set_ylim(*limits)
@@ -242,7 +302,7 @@ def plot_runs(
             )
     band = "mean, band ± std over runs" if center == "mean" else "median, band min-max over runs"
     for kind, ax in panels:
-        ax.set_xlabel("upper iterations" if kind == "iteration" else "cumulative time (s, method steps only)")
+        ax.set_xlabel(_X_LABELS[kind])
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, title=band, title_fontsize=8)

@@ -2,7 +2,7 @@
 
 A configuration has four sections::
 
-    problem:  kind (hyperclean | fewshot), dataset, model/backbone, sizes, seed, ...
+    problem:  kind (hyperclean | fewshot | stochastic), dataset or name, model/backbone, sizes, seed, ...
     method:   name (a preset of ``methods`` or a method name) and keyword arguments
     methods:  named method presets (the tuned settings used by ``bilevel bench``)
     run:      max_iters, eval_every, log_every, checkpoint_every, seed, tensorboard, progress,
@@ -16,6 +16,11 @@ raise :class:`ConfigError`, whose message lists the valid ones; a bad value rais
 line naming the key, the value and what is expected, e.g.
 ``run.seed=1e+20 must be an integer in [0, 2**32)``. Integer keys accept integral
 numbers written as floats (``run.max_iters=1e4``).
+
+A step size of a method (``lr_lower``, ``lr_upper``, ``lr_shadow``, ...) is a number or a
+decreasing schedule written as a mapping ``{value: β₀, power: p}`` (optionally ``shift: s``),
+the step ``β₀ (k + s)^{−p}`` (:class:`bilevel.Polynomial`, s = 1 by default), as the
+stochastic presets write benchopt's decreasing steps.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import yaml
 if TYPE_CHECKING:
     from ..methods.base import Method
 
+from ..problems.benchmark import NAMES as STOCHASTIC_PROBLEMS
 from ..problems.fewshot import fewshot_problem
 from ..problems.hyperclean import hyperclean_problem
 
@@ -53,10 +59,12 @@ __all__ = [
     "ResolvedConfig",
     "RunSpec",
     "Spec",
+    "StochasticSpec",
     "apply_overrides",
     "builtin_configs",
     "load_config",
     "load_yaml",
+    "method_arguments",
     "method_class",
     "problem_spec",
     "resolve",
@@ -186,6 +194,7 @@ class Spec:
 
 
 _DATASET = _text()
+_KINDS = ("hyperclean", "fewshot", "stochastic")
 
 
 @dataclass(frozen=True)
@@ -199,7 +208,7 @@ class HypercleanSpec(Spec):
 
     section: ClassVar[str] = "problem"
 
-    kind: str = key("hyperclean", _choice("hyperclean", "fewshot"))
+    kind: str = key("hyperclean", _choice(*_KINDS))
     dataset: str = key("mnist5k", _DATASET)
     model: str = key(builder_default(hyperclean_problem, "model"), _choice("linear", "mlp", "two_layer"))
     hidden: int = key(builder_default(hyperclean_problem, "hidden"), _COUNT)
@@ -233,7 +242,7 @@ class FewshotSpec(Spec):
 
     section: ClassVar[str] = "problem"
 
-    kind: str = key("fewshot", _choice("hyperclean", "fewshot"))
+    kind: str = key("fewshot", _choice(*_KINDS))
     dataset: str = key("mnist5k", _choice("mnist5k", "mnist_fashion", "omniglot"))
     backbone: str = key(builder_default(fewshot_problem, "backbone"), _choice("conv", "mlp"))
     n_way: int = key(3, _integer(2))
@@ -262,6 +271,51 @@ class FewshotSpec(Spec):
 
 
 @dataclass(frozen=True)
+class StochasticSpec(Spec):
+    """The problem section of a stochastic benchmark configuration (``problem.kind: stochastic``).
+
+    ``name`` is one of benchopt's problems of :mod:`bilevel.problems.benchmark`: ``quadratic``
+    (the simulated finite-sum quadratic, metric ``suboptimality`` = ‖∇F(x)‖²),
+    ``datacleaning`` (MNIST data cleaning, metric ``test_error``; needs the MNIST files and
+    scikit-learn) or ``logreg`` (per-feature L2 logistic regression on scikit-learn's digits,
+    metric ``suboptimality``). The data are fixed by ``seed`` (default: the benchmark's, 2442,
+    32 and 0); ``run.seed`` seeds only the draws of the sample streams, so a bench over seeds
+    is a bench over mini-batch sequences on one problem, as in the benchmark. ``batch_size``
+    is the size of every upper and lower batch (the benchmark's 64). ``n_lower``,
+    ``n_upper``, ``dim_x``, ``dim_y`` are the quadratic's sizes; ``noise_rate`` and ``reg``
+    data cleaning's corrupted fraction and ``reg ‖W‖²``; ``data_dir`` is searched first for
+    MNIST (the other problems need no files). ``dtype`` null is float32 (logreg: float64).
+    """
+
+    section: ClassVar[str] = "problem"
+
+    kind: str = key("stochastic", _choice(*_KINDS))
+    name: str = key("quadratic", _choice(*STOCHASTIC_PROBLEMS))
+    seed: int | None = key(None, _Rule("an integer in [0, 2**32) or null (the benchmark's)", _integer(0, _SEED_HIGH, optional=True).accept))
+    batch_size: int = key(64, _COUNT)
+    n_lower: int = key(4096, _COUNT)
+    n_upper: int = key(1024, _COUNT)
+    dim_x: int = key(10, _COUNT)
+    dim_y: int = key(20, _COUNT)
+    noise_rate: float = key(0.5, _number("a number in [0, 1]", lambda v: 0 <= v <= 1))
+    reg: float = key(0.2, _NONNEGATIVE)
+    data_dir: str | None = key(None, _text(optional=True))
+    dtype: str | None = key(
+        None, _Rule("float32, float64 or null (the problem's default)", lambda v: (v in (None, "float32", "float64"), v))
+    )
+
+    #: the keys that only some problems read (a key given for another problem is refused)
+    only_for: ClassVar[dict[str, str]] = {
+        "n_lower": "quadratic",
+        "n_upper": "quadratic",
+        "dim_x": "quadratic",
+        "dim_y": "quadratic",
+        "noise_rate": "datacleaning",
+        "reg": "datacleaning",
+    }
+
+
+@dataclass(frozen=True)
 class RunSpec(Spec):
     """The run section: iterations, cadences, seed, outputs."""
 
@@ -282,7 +336,7 @@ class RunSpec(Spec):
 
 
 #: the spec of the problem section of each problem kind.
-PROBLEM_SPECS: dict[str, type[Spec]] = {"hyperclean": HypercleanSpec, "fewshot": FewshotSpec}
+PROBLEM_SPECS: dict[str, type[Spec]] = {"hyperclean": HypercleanSpec, "fewshot": FewshotSpec, "stochastic": StochasticSpec}
 
 #: keys of the problem section, per kind, with their defaults (a view of :data:`PROBLEM_SPECS`).
 PROBLEM_KEYS: dict[str, dict[str, Any]] = {kind: spec.defaults() for kind, spec in PROBLEM_SPECS.items()}
@@ -295,14 +349,45 @@ RUN_KEYS: dict[str, Any] = RunSpec.defaults()
 METHOD_RULES: dict[str, _Rule] = {
     "upper": _choice("adam", "sgd"),
     "lr_upper": _Rule(
-        "a positive number, 'auto' or null",
-        lambda v: (v is None or v == "auto" or (_is_number(v) and math.isfinite(v) and v > 0), v),
+        "a positive number, a schedule {value: α₀, power: p}, 'auto' or null",
+        lambda v: (v is None or v == "auto" or isinstance(v, dict) or (_is_number(v) and math.isfinite(v) and v > 0), v),
     ),
     "solver": _choice("CG", "Neumann", "FixedPoint"),
     "solver_steps": _COUNT,
     "solver_lr": _number("a positive number", lambda v: v > 0, optional=True),
     "episodic": _BOOL,
 }
+
+
+_SCHEDULE_KEYS = ("value", "power", "shift")
+
+
+def schedule(label: str, value: Any) -> Any:
+    """A step written in a configuration: a mapping ``{value: β₀, power: p[, shift: s]}`` is
+    the schedule ``β₀ (k + s)^{−p}`` (:class:`bilevel.Polynomial`); anything else is returned
+    as it is (the method checks it). ``label`` (``method.lr_lower``) names the key in errors."""
+    if not isinstance(value, dict):
+        return value
+    from ..schedules import Polynomial
+
+    unknown = sorted(set(value) - set(_SCHEDULE_KEYS))
+    missing = [k for k in ("value", "power") if k not in value]
+    numbers_ok = all(_is_number(v) and math.isfinite(v) for v in value.values())
+    if unknown or missing or not numbers_ok:
+        raise ConfigError(
+            f"{label}={value!r} must be a number or a schedule {{value: β₀, power: p}} (the step β₀ (k+1)^-p; "
+            f"optional shift: s for β₀ (k+s)^-p) with numbers"
+        )
+    try:
+        return Polynomial(**{k: float(v) for k, v in value.items()})
+    except ValueError as err:
+        raise ConfigError(f"{label}={value!r}: {str(err).splitlines()[0]}") from None
+
+
+def method_arguments(section: dict) -> dict[str, Any]:
+    """The keyword arguments of the method's constructor in a method section: the keys the
+    runner does not read, with every schedule mapping made a :class:`bilevel.Polynomial`."""
+    return {k: schedule(f"method.{k}", v) for k, v in section.items() if k not in METHOD_COMMON_KEYS and k != "method"}
 
 
 def _check_values(section: str, values: dict, rules: dict[str, _Rule]) -> None:
@@ -339,6 +424,14 @@ METHOD_ALIASES: dict[str, tuple[str, dict]] = {
     "MEHA": ("MEHA", {}),
     "IAPTTGM": ("IAPTTGM", {}),
     "IAPTT-GM": ("IAPTTGM", {}),
+    "SOBA": ("SOBA", {}),
+    "MASOBA": ("MASOBA", {}),
+    "MA-SOBA": ("MASOBA", {}),
+    "SABA": ("SABA", {}),
+    "SRBA": ("SRBA", {}),
+    "StocBiO": ("StocBiO", {}),
+    "AmIGO": ("AmIGO", {}),
+    "F2SA": ("F2SA", {}),
 }
 
 #: the names of bilevel 0.1 for AID with a solver, still read (configurations and run
@@ -501,7 +594,8 @@ def resolve_method(config: dict) -> dict:
     _check_keys("method", resolved, valid)
     resolved.setdefault("upper", DEFAULT_UPPER)
     _check_values("method", resolved, METHOD_RULES)
-    _check_method_arguments(cls, name, {k: v for k, v in resolved.items() if k not in METHOD_COMMON_KEYS and k != "method"})
+    schedule("method.lr_upper", resolved.get("lr_upper"))
+    _check_method_arguments(cls, name, method_arguments(resolved))
     return resolved
 
 
@@ -560,6 +654,27 @@ def resolve(config: dict | ResolvedConfig) -> ResolvedConfig:
     return ResolvedConfig(resolve_config(config))
 
 
+def _check_stochastic(given: dict, resolved: dict) -> None:
+    """A key that the chosen benchmark problem does not read, given another value than its
+    default, is refused (it would change nothing); so is a batch larger than the quadratic's
+    data. (A resolved configuration holds every key at its default: it passes.)"""
+    name, defaults = resolved["name"], StochasticSpec.defaults()
+    ignored = sorted(k for k in given if StochasticSpec.only_for.get(k, name) != name and resolved[k] != defaults[k])
+    if ignored:
+        raise ConfigError(
+            f"{', '.join(f'problem.{k}' for k in ignored)} "
+            f"appl{'ies' if len(ignored) == 1 else 'y'} to problem.name={StochasticSpec.only_for[ignored[0]]} only, "
+            f"not to problem.name={name}: remove {'it' if len(ignored) == 1 else 'them'}"
+        )
+    if name == "quadratic":
+        smallest = min(("n_lower", resolved["n_lower"]), ("n_upper", resolved["n_upper"]), key=lambda item: item[1])
+        if resolved["batch_size"] > smallest[1]:
+            raise ConfigError(
+                f"problem.batch_size={resolved['batch_size']} is larger than the data (problem.{smallest[0]}={smallest[1]} samples): "
+                f"use problem.batch_size <= {smallest[1]}"
+            )
+
+
 def resolve_config(config: dict) -> dict:
     """Fill defaults and check every key; returns a new, complete configuration."""
     config = copy.deepcopy(config)
@@ -583,6 +698,8 @@ def resolve_config(config: dict) -> dict:
             f"problem.num_val_classes={p['num_val_classes']!r} must be 0 or >= problem.n_way={p['n_way']!r} "
             f"(each meta-validation task draws n_way classes)"
         )
+    if kind == "stochastic":
+        _check_stochastic(problem, config["problem"])
     run = config.get("run") or {}
     if not isinstance(run, dict):
         raise ConfigError(f"the run section must be a mapping of keys to values, got {run!r}")

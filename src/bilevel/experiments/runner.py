@@ -71,15 +71,17 @@ from ..methods.base import Method, State
 from ..solve import CheckpointWriteWarning, DivergenceError, Result, Status, solve, spec_changes
 from .config import (
     DEFAULT_UPPER,
-    METHOD_COMMON_KEYS,
     RUN_KEYS,
     ConfigError,
     FewshotSpec,
     HypercleanSpec,
     ResolvedConfig,
+    StochasticSpec,
     apply_overrides,
+    method_arguments,
     method_class,
     resolve,
+    schedule,
 )
 
 __all__ = [
@@ -107,6 +109,7 @@ __all__ = [
     "resume_run",
     "run_bench",
     "run_experiment",
+    "stochastic_metric",
     "write_manifest",
 ]
 
@@ -171,15 +174,19 @@ def build_method(section: dict, episodic: bool = False) -> Method:
     """The method object of a resolved method section (see :mod:`bilevel.experiments.config`)."""
     base = section.get("method", section["name"])
     cls, _ = method_class(base)
-    kwargs = {k: v for k, v in section.items() if k not in METHOD_COMMON_KEYS and k != "method"}
-    upper, given = section.get("upper", DEFAULT_UPPER), section.get("lr_upper")
+    kwargs = method_arguments(section)
+    upper, given = section.get("upper", DEFAULT_UPPER), schedule("method.lr_upper", section.get("lr_upper"))
     if given == "auto":  # the method's parameter-free upper step (bilevel.auto), as lr_upper="auto" in Python
         if upper != DEFAULT_UPPER:
             raise ConfigError(f"method {section['name']}: lr_upper: auto is the method's own step; it takes no upper: {upper}")
         kwargs["lr_upper"] = "auto"
     elif given is not None or upper != DEFAULT_UPPER:
         # a number is plain gradient steps, as in Python; upper: adam without lr_upper uses the method's own α
-        lr: Any = float(given) if given is not None else next(f.default for f in dataclasses.fields(cls) if f.name == "lr_upper")
+        lr: Any = (
+            (given if callable(given) else float(given))
+            if given is not None
+            else next(f.default for f in dataclasses.fields(cls) if f.name == "lr_upper")
+        )
         if lr == "auto":  # the method's own upper step is the parameter-free DoG (bilevel.auto): no α to hand to Adam/SGD
             raise ConfigError(f"method {section['name']}: upper: {upper} needs method.lr_upper (without upper, the step is 'auto')")
         kwargs["lr_upper"] = bilevel.Adam(lr=lr) if upper == "adam" else bilevel.SGD(lr=lr)
@@ -381,6 +388,35 @@ def _build_fewshot(config: ResolvedConfig) -> Experiment:
     )
 
 
+def _build_stochastic(config: ResolvedConfig) -> Experiment:
+    """A benchmark problem of :mod:`bilevel.problems.benchmark` on its sample streams (seeded
+    by ``run.seed``); each evaluation reports the problem's metric and the samples seen."""
+    from ..problems.benchmark import samples_seen, stochastic_benchmark
+
+    spec = config.problem
+    assert isinstance(spec, StochasticSpec)
+    sizes = {"n_lower": spec.n_lower, "n_upper": spec.n_upper, "dim_x": spec.dim_x, "dim_y": spec.dim_y}
+    bench = stochastic_benchmark(
+        spec.name,
+        seed=spec.seed,
+        **sizes,
+        noise_rate=spec.noise_rate,
+        reg=spec.reg,
+        dtype=_dtype(spec.dtype) if spec.dtype is not None else None,
+        data_dir=spec.data_dir,
+    )
+    try:
+        streams = bench.streams(batch_size=spec.batch_size, seed=config.run.seed)
+    except ValueError as err:  # a batch larger than the data: name the key to change
+        raise ConfigError(f"problem.batch_size={spec.batch_size}: {str(err).splitlines()[0]}") from None
+    method = build_method(config.data["method"])
+
+    def evaluate(state: State) -> dict:
+        return {**bench.evaluate(state), "samples": samples_seen(method, streams, int(state.k))}
+
+    return Experiment(config=config.data, problem=bench.problem, method=method, data=streams, evaluate=evaluate)
+
+
 def build_experiment(config: dict | ResolvedConfig) -> Experiment:
     """Problem, method, data source and evaluation of a configuration (resolved here,
     unless it is a :class:`~bilevel.experiments.config.ResolvedConfig` already)."""
@@ -389,8 +425,11 @@ def build_experiment(config: dict | ResolvedConfig) -> Experiment:
     if config.run.threads is not None:
         # small problems run faster on one thread, and much faster on a busy machine
         torch.set_num_threads(config.run.threads)
-    if config.data["problem"]["kind"] == "hyperclean":
+    kind = config.data["problem"]["kind"]
+    if kind == "hyperclean":
         return _build_hyperclean(config)
+    if kind == "stochastic":
+        return _build_stochastic(config)
     return _build_fewshot(config)
 
 
@@ -452,7 +491,15 @@ def _read_json(path: Path) -> Any:
 # --------------------------------------------------------------------------------------
 
 #: the files a bench writes at the top of its folder (plus one run directory per method × seed).
-BENCH_FILES = ("table.md", "bench.json", "test_accuracy.png", "test_accuracy.svg", "f1.png", "f1.svg")
+BENCH_FILES = (
+    "table.md",
+    "bench.json",
+    "test_accuracy.png",
+    "test_accuracy.svg",
+    "f1.png",
+    "f1.svg",
+    *(f"{metric}-{axis}.{fmt}" for metric in ("suboptimality", "test_error") for axis in ("time", "samples") for fmt in ("png", "svg")),
+)
 
 
 def read_manifest(folder: str | Path) -> dict | None:
@@ -856,7 +903,8 @@ def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label:
     cadence = {"log_every": int(run["log_every"]), "eval_every": int(run["eval_every"])}
     if not segments or any(segments[-1].get(key) != value for key, value in cadence.items()):
         segments.append({"start": int(state.k), **cadence})
-    bar = ProgressBar(keys=("upper_loss", "test_accuracy"), desc=label or config["method"]["name"], disable=not progress)
+    shown = ("upper_loss", "suboptimality") if config["problem"]["kind"] == "stochastic" else ("upper_loss", "test_accuracy")
+    bar = ProgressBar(keys=shown, desc=label or config["method"]["name"], disable=not progress)
     tensorboard = TensorBoardLogger(run_dir / "tensorboard") if run["tensorboard"] else None
     recorder = _Recorder(exp, run_dir, history, evals, segments, bar, tensorboard)
     meta = {"config": exp.config, "config_name": config.get("name"), "max_iters": n, "evals": evals, "segments": segments}
@@ -1224,6 +1272,8 @@ def format_bench_table(
     row has a note.
     """
     notes = notes or {}
+    if kind == "stochastic":
+        return _stochastic_table(rows, notes)
     second_key = "f1" if kind == "hyperclean" else "test_ci95"
     second_digits = 3 if kind == "hyperclean" else 2
     body, any_note = [], False
@@ -1270,6 +1320,57 @@ def format_bench_table(
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for cells, note in body:
         lines.append("| " + " | ".join(cells + ([note] if any_note else [])) + " |")
+    return "\n".join(lines)
+
+
+def stochastic_metric(summary: dict) -> str:
+    """The headline metric of a stochastic benchmark run: ``suboptimality`` (‖∇F(x)‖²) when
+    its summary has it, else ``test_error``."""
+    return "suboptimality" if "suboptimality" in summary.get("metrics", {}) else "test_error"
+
+
+def _median_band(values: Sequence[float | None], fmt: str) -> str:
+    """``median [min, max]`` over seeds; one value alone is printed as it is."""
+    kept = sorted(float(v) for v in values if v is not None and not math.isnan(float(v)))
+    if not kept:
+        return "-"
+    median = float(np.median(kept))
+    if len(kept) == 1:
+        return format(median, fmt)
+    return f"{format(median, fmt)} [{format(kept[0], fmt)}, {format(kept[-1], fmt)}]"
+
+
+def _stochastic_table(rows: dict, notes: dict) -> str:
+    """The bench table of ``problem.kind: stochastic``: per method the final metric
+    (``suboptimality`` or ``test_error``), the step time and the samples seen, each as the
+    median over the completed seeds with the lowest and highest seed in brackets."""
+    body, any_note = [], False
+    metric = next((stochastic_metric(s) for summaries in rows.values() for s in summaries if s.get("metrics")), "suboptimality")
+    for method in list(rows) + [m for m in notes if m not in rows]:
+        summaries = rows.get(method, [])
+        done = [s for s in summaries if s.get("status", "max_iters") in COMPLETED]
+        row_notes = [f"seed {s.get('seed')}: {_status_note(s)}" for s in summaries if s not in done] + list(notes.get(method, []))
+        any_note = any_note or bool(row_notes)
+        cells = [
+            method,
+            _median_band([s["metrics"].get(metric) for s in done], ".3e" if metric == "suboptimality" else ".4f"),
+            _median_band([s["time"] for s in done], ".2f"),
+            _median_band([s["metrics"].get("samples") for s in done], ",.0f"),
+            ",".join(map(str, sorted({s["iterations"] for s in done}))) or "-",
+        ]
+        body.append((cells, "; ".join(row_notes)))
+    what = "‖∇F(x)‖²" if metric == "suboptimality" else "test error"
+    header = [
+        "method",
+        f"final {what}: median [min, max]",
+        "time (s): median [min, max]",
+        "samples seen: median [min, max]",
+        "iterations",
+    ]
+    if any_note:
+        header.append("notes")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cells + ([note] if any_note else [])) + " |" for cells, note in body]
     return "\n".join(lines)
 
 
@@ -1560,20 +1661,30 @@ def _bench_report(out: Path, manifest: dict, configs: dict | None = None, interr
                 logs.setdefault(entry["method"], []).append(read_log(out / entry["dir"]))
     baseline = [baselines[s] for s in manifest["seeds"] if s in baselines]
     retrained = None
+    strong: list[dict] = []
     if kind == "hyperclean":
         strong = _strong_baselines(out, manifest, write_errors, configs, compute=not interrupted)
         retrained = _retrained(out, manifest, write_errors, configs, compute=not interrupted)
-    else:
+    elif kind == "fewshot":
         strong = _raw_pixels(out, manifest, write_errors, configs, compute=not interrupted)
+    # a stochastic benchmark has no baseline: the methods are compared with each other on one problem
     table = format_bench_table(rows, kind, baseline or None, notes, strong, retrained)
+    figures: list[tuple[str, str, dict]] = [("test_accuracy", "test_accuracy", {})]
+    if kind == "hyperclean":
+        figures.append(("f1", "f1", {}))
+    if kind == "stochastic":
+        metric = next((stochastic_metric(r) for summaries in rows.values() for r in summaries if r.get("metrics")), "suboptimality")
+        yscale = "log" if metric == "suboptimality" else "linear"
+        figures = [(metric, f"{metric}-{x}", {"x": x, "center": "median", "yscale": yscale}) for x in ("time", "samples")]
     plots: list[Path] = []
-    for metric in ["test_accuracy"] + (["f1"] if kind == "hyperclean" else []):
+    for metric, stem, options in figures:
+        band = ", median and min-max band over seeds" if options.get("center") == "median" else ""
         try:
-            plots += plot_runs(logs, metric, out / metric, formats=("png", "svg"), title=f"{manifest['config']}: {metric}")
+            plots += plot_runs(logs, metric, out / stem, formats=("png", "svg"), title=f"{manifest['config']}: {metric}{band}", **options)
         except ValueError:
             pass  # no completed run holds this metric yet
         except OSError as err:
-            write_errors.append(f"could not write the {metric} plot in {out}: {err.strerror or err}")
+            write_errors.append(f"could not write the {stem} plot in {out}: {err.strerror or err}")
     diverged = [
         f"{e['method']} seed {e['seed']} at iteration {(_read_json(out / e['dir'] / 'summary.json') or {}).get('diverged_at', '?')}"
         for e in manifest["runs"]
