@@ -305,9 +305,10 @@ def line_search_step_size(r_sq: torch.Tensor, r_h_r: torch.Tensor, fallback: flo
     If ``rᵀHr ≤ 0`` (negative curvature, or ``r = 0``) the step is ``fallback``;
     the step is clipped to ``[0, max_step]`` when ``max_step`` is given. No host sync.
     """
-    tiny = _tiny(r_h_r.dtype)
-    exact = r_sq / torch.clamp(r_h_r, min=tiny)
-    eta = torch.where(r_h_r > tiny, exact, torch.full_like(exact, fallback))
+    # where rᵀHr > tiny the clamp of the denominator changes nothing, and elsewhere the quotient
+    # is not selected: dividing by rᵀHr itself gives the same step with one kernel less
+    exact = r_sq / r_h_r
+    eta = torch.where(r_h_r > _tiny(r_h_r.dtype), exact, torch.full_like(exact, fallback))
     if max_step is not None:
         eta = torch.clamp(eta, min=0.0, max=max_step)
     return eta

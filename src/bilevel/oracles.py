@@ -41,7 +41,7 @@ import functools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.func import grad_and_value, jvp
@@ -83,11 +83,21 @@ def _backward(
     an older PyTorch) goes through ``torch.autograd.grad``, which also gives its errors.
     """
     if cotangents is None:
-        cotangent_tuple: tuple | None = tuple(torch.ones_like(o) for o in outputs) if all(o.dim() == 0 for o in outputs) else None
+        cotangent_tuple: tuple | None = None
+        for o in outputs:
+            if o.dim() != 0:
+                break
+        else:  # scalar outputs (a gradient): cotangent 1 each
+            cotangent_tuple = tuple([torch.ones_like(o) for o in outputs])
     else:
         cotangent_tuple = (cotangents,) if isinstance(cotangents, torch.Tensor) else tuple(cotangents)
-        if len(cotangent_tuple) != len(outputs) or any(c.shape != o.shape for c, o in zip(cotangent_tuple, outputs, strict=True)):
+        if len(cotangent_tuple) != len(outputs):
             cotangent_tuple = None
+        else:
+            for c, o in zip(cotangent_tuple, outputs, strict=True):
+                if c.shape != o.shape:
+                    cotangent_tuple = None
+                    break
     if _ENGINE_RUN_BACKWARD is None or cotangent_tuple is None or has_torch_function(outputs + inputs):
         return torch.autograd.grad(
             outputs, inputs, grad_outputs=cotangents, retain_graph=retain_graph, create_graph=create_graph, allow_unused=True
@@ -96,6 +106,13 @@ def _backward(
         outputs, cotangent_tuple, retain_graph, create_graph, inputs, True, accumulate_grad=False
     )
     return grads
+
+
+def _all_require_grad(outputs: tuple[torch.Tensor, ...]) -> bool:
+    for o in outputs:  # noqa: SIM110 - a plain loop: all(<generator>) costs ~1 µs more, 6-20 calls a step
+        if not o.requires_grad:
+            return False
+    return True
 
 
 def _grads_or_zeros(
@@ -107,10 +124,13 @@ def _grads_or_zeros(
 ) -> list[torch.Tensor]:
     """``torch.autograd.grad`` that returns zeros for inputs the outputs do not depend on."""
     output_tuple = (outputs,) if isinstance(outputs, torch.Tensor) else tuple(outputs)
-    if output_tuple and all(o.requires_grad for o in output_tuple):
+    if output_tuple and _all_require_grad(output_tuple):
         # the common case (every gradient and product): every output has a graph, nothing to filter
         grads = _backward(output_tuple, tuple(inputs), cotangents, retain_graph or create_graph, create_graph)
-        return [g if g is not None else torch.zeros_like(t, requires_grad=create_graph) for g, t in zip(grads, inputs, strict=True)]
+        for g in grads:
+            if g is None:  # an input the outputs do not reach: zeros
+                return [g if g is not None else torch.zeros_like(t, requires_grad=create_graph) for g, t in zip(grads, inputs, strict=True)]
+        return cast(list[torch.Tensor], list(grads))
     output_list = [outputs] if isinstance(outputs, torch.Tensor) else list(outputs)
     cotangent_list: list[torch.Tensor | None] = []
     if isinstance(cotangents, torch.Tensor):
@@ -176,9 +196,8 @@ class _ReverseLinearization(Linearization):
         self._x_like, self._y_like = x, y
 
     def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
-        inputs = self._inputs(need_mixed, need_hvp)
-        with torch.enable_grad():
-            grads = _grads_or_zeros(self._gy, inputs, T.leaves(v), retain_graph=True)
+        # a product needs no grad mode: the engine runs a backward with create_graph=False without a graph
+        grads = _grads_or_zeros(self._gy, self._inputs(need_mixed, need_hvp), T.leaves(v), retain_graph=True)
         return self._split(grads, need_mixed, need_hvp)
 
     def _inputs(self, need_mixed: bool, need_hvp: bool) -> list[torch.Tensor]:
@@ -192,6 +211,42 @@ class _ReverseLinearization(Linearization):
 
 
 Request = tuple[Linearization, float | None, bool, bool]
+ProductLeaves = tuple[list[torch.Tensor] | None, list[torch.Tensor] | None]
+
+
+def _all_reverse(requests: Sequence[Request]) -> bool:
+    for request in requests:  # noqa: SIM110 - a plain loop, as _all_require_grad
+        if type(request[0]) is not _ReverseLinearization:
+            return False
+    return True
+
+
+def _reverse_product_leaves(requests: Sequence[Request], leaves_v: list[torch.Tensor]) -> list[ProductLeaves]:
+    """The products of :func:`scaled_products` as leaf lists, from one backward pass (every
+    linearization a reverse-mode one): callers that combine them rebuild a tree once."""
+    outputs: list[torch.Tensor] = []
+    cotangents: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
+    for lin, c, need_mixed, need_hvp in requests:
+        lin = cast(_ReverseLinearization, lin)
+        outputs += lin._gy
+        cotangents += leaves_v if c is None else [c * t for t in leaves_v]
+        if need_mixed:
+            inputs += lin._xl
+        if need_hvp:
+            inputs += lin._yl
+    grads = _grads_or_zeros(outputs, inputs, cotangents, retain_graph=True)
+    results: list[ProductLeaves] = []
+    start = 0
+    for lin, _, need_mixed, need_hvp in requests:
+        lin = cast(_ReverseLinearization, lin)
+        jv = hv = None
+        if need_mixed:
+            jv, start = grads[start : start + len(lin._xl)], start + len(lin._xl)
+        if need_hvp:
+            hv, start = grads[start : start + len(lin._yl)], start + len(lin._yl)
+        results.append((jv, hv))
+    return results
 
 
 def scaled_products(requests: Sequence[Request], v: Tree) -> list[tuple[Tree, Tree]]:
@@ -205,24 +260,13 @@ def scaled_products(requests: Sequence[Request], v: Tree) -> list[tuple[Tree, Tr
     products of ``φ_μ = μ f + (1 − μ) g`` cost what one graph of ``∇_y φ_μ`` costs.
     Otherwise each product is formed on its own and scaled.
     """
-    if all(type(lin) is _ReverseLinearization for lin, *_ in requests):
-        leaves_v = T.leaves(v)
-        outputs: list[torch.Tensor] = []
-        cotangents: list[torch.Tensor] = []
-        inputs: list[torch.Tensor] = []
-        for lin, c, need_mixed, need_hvp in requests:
-            assert isinstance(lin, _ReverseLinearization)
-            outputs += lin._gy
-            cotangents += leaves_v if c is None else [c * t for t in leaves_v]
-            inputs += lin._inputs(need_mixed, need_hvp)
-        with torch.enable_grad():
-            grads = _grads_or_zeros(outputs, inputs, cotangents, retain_graph=True)
-        results, start = [], 0
-        for lin, _, need_mixed, need_hvp in requests:
-            assert isinstance(lin, _ReverseLinearization)
-            count = len(lin._inputs(need_mixed, need_hvp))
-            results.append(lin._split(grads[start : start + count], need_mixed, need_hvp))
-            start += count
+    if _all_reverse(requests):
+        results = []
+        for (lin, *_), (jv, hv) in zip(requests, _reverse_product_leaves(requests, T.leaves(v)), strict=True):
+            lin = cast(_ReverseLinearization, lin)
+            results.append(
+                (None if jv is None else T.unflatten_like(jv, lin._x_like), None if hv is None else T.unflatten_like(hv, lin._y_like))
+            )
         return results
     results = []
     for lin, c, need_mixed, need_hvp in requests:
@@ -346,7 +390,8 @@ class WeightedLinearization(Linearization):
         if not terms:
             raise ValueError("WeightedLinearization needs at least one term with a nonzero weight")
         self.terms = terms
-        self._last_term_hvps: list[tuple[Tree, Tree]] = []
+        # (v, H_last v as a tree or as leaves, the tree structure of those leaves or None)
+        self._last_term_hvps: list[tuple[Tree, Any, Tree]] = []
 
     # the weighted value and gradients are formed when first read (a method that only
     # needs the products pays no kernels for them)
@@ -369,11 +414,24 @@ class WeightedLinearization(Linearization):
         # Hessian product can be handed out again by term_hvp at no cost
         *others, (c_last, lin_last) = self.terms
         requests: list[Request] = [(lin, c, need_mixed, need_hvp) for c, lin in others]
-        *parts, (j_last, h_last) = scaled_products([*requests, (lin_last, None, need_mixed, need_hvp)], v)
-        jv = _combine(c_last, j_last, [p[0] for p in parts]) if need_mixed else None
-        hv = _combine(c_last, h_last, [p[1] for p in parts]) if need_hvp else None
-        if need_hvp and not need_mixed:
-            self._last_term_hvps.append((v, h_last))
+        requests.append((lin_last, None, need_mixed, need_hvp))
+        if not _all_reverse(requests):
+            *parts, (j_last, h_last) = scaled_products(requests, v)
+            jv = _combine(c_last, j_last, [p[0] for p in parts]) if need_mixed else None
+            hv = _combine(c_last, h_last, [p[1] for p in parts]) if need_hvp else None
+            if need_hvp and not need_mixed:
+                self._last_term_hvps.append((v, h_last, None))
+            return jv, hv
+        # reverse mode: combined on leaf lists, each product rebuilt as a tree once
+        *leaf_parts, (jl_last, hl_last) = _reverse_product_leaves(requests, T.leaves(v))
+        last = cast(_ReverseLinearization, lin_last)
+        jv = hv = None
+        if jl_last is not None:
+            jv = T.unflatten_like(_combine_leaves(c_last, jl_last, [cast(list, p[0]) for p in leaf_parts]), last._x_like)
+        if hl_last is not None:
+            hv = T.unflatten_like(_combine_leaves(c_last, hl_last, [cast(list, p[1]) for p in leaf_parts]), last._y_like)
+            if not need_mixed:
+                self._last_term_hvps.append((v, hl_last, last._y_like))
         return jv, hv
 
     def term_hvp(self, v: Tree) -> Tree | None:
@@ -383,7 +441,10 @@ class WeightedLinearization(Linearization):
         For ``φ_μ = μ f + (1 − μ) g`` this is ``H_g v``: the g-parts of sl-BAMM's KKT
         residual come free from the products its dual step made.
         """
-        return next((h for u, h in self._last_term_hvps if u is v), None)
+        for u, h, like in self._last_term_hvps:
+            if u is v:
+                return h if like is None else T.unflatten_like(h, like)
+        return None
 
 
 def _combine(c_last: float, last: Tree, scaled: Sequence[Tree]) -> Tree:
@@ -391,6 +452,16 @@ def _combine(c_last: float, last: Tree, scaled: Sequence[Tree]) -> Tree:
     if not scaled:
         return T.scale(c_last, last)
     return T.axpy(c_last, last, functools.reduce(T.add, scaled))
+
+
+def _combine_leaves(c_last: float, last: list[torch.Tensor], scaled: Sequence[list[torch.Tensor]]) -> T.Leaves:
+    """:func:`_combine` on the leaf lists of trees of one structure (the same kernels)."""
+    if not scaled:
+        return torch._foreach_mul(last, c_last)
+    total: T.Leaves = scaled[0]
+    for other in scaled[1:]:
+        total = torch._foreach_add(total, other)
+    return T.axpy_leaves(c_last, last, total)
 
 
 def _weighted_sum(terms: Sequence[tuple[float, Tree]]) -> Tree:

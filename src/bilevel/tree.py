@@ -61,21 +61,26 @@ def _flat_kind(tree: Tree) -> int:
 
 def leaves(tree: Tree) -> list[torch.Tensor]:
     """The tensors of ``tree`` in a fixed order."""
-    kind = _flat_kind(tree)
-    if kind == 1:
+    # the two usual cases inline (30+ calls a step): a dict flattens in the insertion order
+    # of its keys, as in pytree; a nested or other container goes through pytree
+    if type(tree) is dict:
+        values = list(tree.values())
+        for t in values:
+            if not isinstance(t, torch.Tensor):
+                return pytree.tree_leaves(tree)
+        return values
+    if isinstance(tree, torch.Tensor):
         return [tree]
-    if kind == 2:  # same order as pytree: a dict flattens in insertion order of its keys
-        return list(tree.values())
     return pytree.tree_leaves(tree)
 
 
 def unflatten_like(tensors: Leaves, like: Tree) -> Tree:
     """Rebuild a tree with the structure of ``like`` from a flat list of tensors."""
-    kind = _flat_kind(like)
-    if kind == 1 and len(tensors) == 1:
+    if type(like) is dict:
+        if len(tensors) == len(like) and _flat_kind(like) == 2:
+            return dict(zip(like, tensors, strict=True))
+    elif isinstance(like, torch.Tensor) and len(tensors) == 1:
         return tensors[0]
-    if kind == 2 and len(tensors) == len(like):
-        return dict(zip(like.keys(), tensors, strict=True))
     _, spec = pytree.tree_flatten(like)
     return pytree.tree_unflatten(list(tensors), spec)
 
@@ -164,12 +169,17 @@ def vdot_leaves(la: Leaves, lb: Leaves) -> torch.Tensor:
     if not la:
         raise ValueError("vdot of an empty tree: the variables hold no tensor")
     products = [torch.sum(p * q) for p, q in zip(la, lb, strict=True)]
-    return torch.stack(products).sum() if len(products) > 1 else products[0]
+    if len(products) <= 2:  # a sum of two numbers is one add, bit for bit (no stack)
+        return products[0] if len(products) == 1 else products[0] + products[1]
+    return torch.stack(products).sum()
 
 
 def sq_norm_leaves(la: Leaves) -> torch.Tensor:
     """``Σ ‖a_i‖²`` over leaves (0-d tensor; the kernels of :func:`sq_norm`)."""
     norms = torch._foreach_norm(la)
+    if len(norms) == 2:  # a sum of two numbers is one add, bit for bit (no stack)
+        squares = torch._foreach_mul(norms, norms)
+        return squares[0] + squares[1]
     return torch.stack(norms).square().sum() if len(norms) > 1 else norms[0].square()
 
 
@@ -183,11 +193,22 @@ def sq_norms(*trees: Tree) -> tuple[torch.Tensor, ...]:
     counts = [len(leaf_list) for leaf_list in lists]
     if 0 in counts:
         raise ValueError("sq_norms of an empty tree: the variables hold no tensor")
-    norms = torch.stack(torch._foreach_norm([t for leaf_list in lists for t in leaf_list]))
-    squares = norms * norms
+    norms = torch._foreach_norm([t for leaf_list in lists for t in leaf_list])
+    if max(counts) <= 2:
+        # trees of one or two tensors (a weight and a bias): the squares as a list and one add
+        # per two-tensor tree; a sum of two numbers is that add, bit for bit, so this gives what
+        # the reductions below give with 3-4 fewer kernels
+        squares_list = torch._foreach_mul(norms, norms)
+        out, start = [], 0
+        for count in counts:
+            out.append(squares_list[start] if count == 1 else squares_list[start] + squares_list[start + 1])
+            start += count
+        return tuple(out)
+    squares = torch.stack(norms)
+    squares = squares * squares
     if all(c == counts[0] for c in counts):  # one reshape and one sum for every tree at once
-        return squares.view(len(counts), counts[0]).sum(1).unbind() if counts[0] > 1 else squares.unbind()
-    return tuple(part.sum() for part in torch.split(squares, counts))
+        return squares.view(len(counts), counts[0]).sum(1).unbind()
+    return tuple(part.sum() for part in squares.split_with_sizes(counts))
 
 
 def norm(a: Tree) -> torch.Tensor:
