@@ -27,8 +27,10 @@ __all__ = [
     "all_finite",
     "axpy",
     "axpy_leaves",
+    "axpys",
     "clone",
     "detach",
+    "differences",
     "leaves",
     "leaves_like",
     "norm",
@@ -132,6 +134,26 @@ def sub(a: Tree, b: Tree) -> Tree:
     return unflatten_like(torch._foreach_sub(leaves(a), leaves_like(b, a)), a)
 
 
+def differences(*pairs: tuple[Tree, Tree]) -> list[Tree]:
+    """``[a_i − b_i]`` for pairs ``(a_i, b_i)`` of trees (each pair of one structure), from
+    one fused kernel: a step's diagnostics form several differences of small trees, and one
+    ``_foreach_sub`` over all their leaves costs what one :func:`sub` does."""
+    lhs: list[torch.Tensor] = []
+    rhs: list[torch.Tensor] = []
+    counts: list[int] = []
+    for a, b in pairs:
+        la = leaves(a)
+        lhs += la
+        rhs += leaves_like(b, a)
+        counts.append(len(la))
+    out = torch._foreach_sub(lhs, rhs)
+    trees, start = [], 0
+    for (a, _), count in zip(pairs, counts, strict=True):
+        trees.append(unflatten_like(out[start : start + count], a))
+        start += count
+    return trees
+
+
 def scale(c: float | torch.Tensor, a: Tree) -> Tree:
     """``c * a`` for a Python or 0-d tensor scalar ``c``."""
     return unflatten_like(torch._foreach_mul(leaves(a), c), a)
@@ -140,6 +162,25 @@ def scale(c: float | torch.Tensor, a: Tree) -> Tree:
 def axpy(c: float | torch.Tensor, x: Tree, y: Tree) -> Tree:
     """``y + c * x`` (BLAS naming)."""
     return unflatten_like(axpy_leaves(c, leaves_like(x, y), leaves(y)), y)
+
+
+def axpys(c: float | torch.Tensor, *pairs: tuple[Tree, Tree]) -> list[Tree]:
+    """``[y_i + c * x_i]`` for pairs ``(x_i, y_i)`` (each pair of one structure) with one
+    ``c``, from one fused kernel: what several :func:`axpy` calls with the same step give."""
+    xs: list[torch.Tensor] = []
+    ys: list[torch.Tensor] = []
+    counts: list[int] = []
+    for x, y in pairs:
+        ly = leaves(y)
+        xs += leaves_like(x, y)
+        ys += ly
+        counts.append(len(ly))
+    out = axpy_leaves(c, xs, ys)
+    trees, start = [], 0
+    for (_, y), count in zip(pairs, counts, strict=True):
+        trees.append(unflatten_like(out[start : start + count], y))
+        start += count
+    return trees
 
 
 def vdot(a: Tree, b: Tree) -> torch.Tensor:

@@ -222,16 +222,26 @@ class KKTResidual:
             h_g, _ = point.recorded_hvp_g(solve)
             j_phi, j_g, h_formed = point.direction_products(v, need_hvp_g=h_g is None)
             h_g = h_formed if h_g is None else h_g
-        direction = T.sub(grad_x_f, j_phi)
+        # the differences in one fused kernel: d = ∇_x f − J_φ v, then H_φ v_{k+1} − ∇_y f (free
+        # after a line search), then the g-parts ∇_y f − H_g v and ∇_x f − J_g v when φ_μ ≠ g
+        pairs = [(grad_x_f, j_phi)]
+        if solve.hv is not None:
+            pairs.append((solve.hv, grad_y_f))
+        if point.f is not None:
+            pairs.append((grad_y_f, h_g))
+            if projection is None:
+                pairs.append((grad_x_f, j_g))
+        differences = iter(T.differences(*pairs))
+        direction = next(differences)
         # every squared norm of the diagnostics in one fused kernel: ‖d‖², ‖∇_y g‖², then
-        # ‖H_φ v_{k+1} − ∇_y f‖² (free after a line search), then the g-parts when φ_μ ≠ g
+        # ‖H_φ v_{k+1} − ∇_y f‖², then the g-parts and ‖∇_y φ_μ‖² when φ_μ ≠ g
         trees = [direction, point.g.grad_y]
         if solve.hv is not None:
-            trees.append(T.sub(solve.hv, grad_y_f))
+            trees.append(next(differences))
         if point.f is not None:
-            trees += [T.sub(grad_y_f, h_g), point.phi.grad_y]
+            trees += [next(differences), point.phi.grad_y]
             if projection is None:
-                trees.append(T.sub(grad_x_f, j_g))
+                trees.append(next(differences))
         norms = iter(T.sq_norms(*trees))
         direction_sq, kkt_lower = next(norms), next(norms)
         # ‖H_φ v_{k+1} − ∇_y f‖² when the line search formed H_φ r, else the residual at v_k the step formed

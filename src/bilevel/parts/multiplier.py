@@ -93,7 +93,10 @@ class FixedStep:
 
     def __call__(self, r: Tree, matvec: MatVec, k: int, state: Any) -> tuple[torch.Tensor, Any, torch.Tensor | None]:
         leaf = _like(r)
-        return torch.as_tensor(self.schedule(k), dtype=leaf.dtype, device=leaf.device), state, None
+        eta = self.schedule(k)
+        if isinstance(eta, (int, float)):  # a number: scalar_tensor is the cheaper constructor (~1 µs a step)
+            return torch.scalar_tensor(eta, dtype=leaf.dtype, device=leaf.device), state, None
+        return torch.as_tensor(eta, dtype=leaf.dtype, device=leaf.device), state, None
 
 
 NUMERATORS = ("residual", "tensorwise")
@@ -222,6 +225,8 @@ class DualCorrection:
             return hu
 
         eta, state, r_sq = self.step(r, recording, k, state)
-        # H v_{k+1} = H v_k − η H r: free when H r was formed, for the measure's diagnostics
-        hv_next = T.axpy(-eta, seen[0], hv) if seen else None
-        return LinearSolveResult(v=T.axpy(-eta, r, v), residual_sq=r_sq, step=eta, residual=r, hv=hv_next, previous=v), state
+        if seen:  # H v_{k+1} = H v_k − η H r: free when H r was formed, for the measure's diagnostics
+            hv_next, v_next = T.axpys(-eta, (seen[0], hv), (r, v))
+        else:
+            hv_next, v_next = None, T.axpy(-eta, r, v)
+        return LinearSolveResult(v=v_next, residual_sq=r_sq, step=eta, residual=r, hv=hv_next, previous=v), state
