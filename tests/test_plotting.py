@@ -198,3 +198,25 @@ def test_plot_command_bad_ylim_is_one_line(tmp_path, capsys):
     assert main(["plot", str(run_dir), "--metric", "f1", "--ylim", "60", "--out", str(tmp_path / "x.png")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("bilevel: error: --ylim '60' is not two numbers") and err.count("\n") == 1
+
+
+def test_against_samples_on_a_log_axis_the_median_and_band_over_seeds(tmp_path, monkeypatch):
+    """x="samples" puts each point at the median of the seeds' samples seen; yscale="log"
+    spans the decades from the start (included) to the lowest seed."""
+    figures = _captured_axes(monkeypatch)
+    seeds = [
+        [{"iteration": 0, "time": 0.0, "samples": 0, "suboptimality": 10.0}, {"iteration": 50, "time": t, "samples": n, "suboptimality": v}]
+        for t, n, v in ((1.0, 100, 1e-4), (2.0, 300, 1e-2), (3.0, 200, 1e-3))
+    ]
+    paths = plot_runs({"SABA": seeds}, "suboptimality", tmp_path / "s.png", x="samples", center="median", yscale="log")
+    assert paths == [tmp_path / "s.png"]
+    (ax,) = figures[-1].axes
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "samples seen"
+    line = ax.get_lines()[0]
+    assert line.get_xdata().tolist() == [0.0, 200.0] and line.get_ydata().tolist() == [10.0, 1e-3]
+    low, high = ax.get_ylim()
+    assert 1e-5 < low < 1e-4 and 10.0 < high < 20.0 and not ax.texts  # the start is on the axis, no note
+    with pytest.raises(ValueError, match="yscale='symlog' is not one of 'linear', 'log'"):
+        plot_runs({"SABA": seeds}, "suboptimality", tmp_path / "t.png", yscale="symlog")
+    with pytest.raises(ValueError, match="lack 'samples'"):
+        plot_runs({"A": [RUN_A]}, "f1", tmp_path / "u.png", x="samples")

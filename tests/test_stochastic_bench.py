@@ -209,3 +209,12 @@ def test_schedules_in_a_configuration_are_polynomial_steps():
     assert as_upper_optimizer(method.lr_upper, "lr_upper").lr(0) == pytest.approx(0.1)
     with pytest.raises(ConfigError, match=r"^method.lr_upper=\{'value': 'a', 'power': 1\} must be a number or a schedule"):
         resolve_config(apply_overrides(load_config("stochastic_quadratic"), ["method.lr_upper={value: a, power: 1}"]))
+
+
+def test_the_benchmark_modules_docstring_example_runs():
+    import doctest
+
+    import bilevel.problems.benchmark as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 4 and result.failed == 0

@@ -1,5 +1,7 @@
-"""Built-in bilevel problems: toys with closed-form answers and the papers' experiments."""
+"""Built-in bilevel problems: toys with closed-form answers, the papers' experiments and
+benchopt's stochastic benchmark problems (:mod:`bilevel.problems.benchmark`)."""
 
+from .benchmark import StochasticBenchmark, stochastic_benchmark
 from .fewshot import EpisodeSource, EpisodicLower, FewshotProblem, fewshot_problem
 from .finite_sum import FiniteSumQuadratic, finite_sum_quadratic
 from .hyperclean import HypercleanProblem, hyperclean_problem
@@ -16,9 +18,11 @@ __all__ = [
     "FewshotProblem",
     "FiniteSumQuadratic",
     "HypercleanProblem",
+    "StochasticBenchmark",
     "T1g",
     "ToyProblem",
     "fewshot_problem",
     "finite_sum_quadratic",
     "hyperclean_problem",
+    "stochastic_benchmark",
 ]
