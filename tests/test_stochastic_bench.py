@@ -218,3 +218,14 @@ def test_the_benchmark_modules_docstring_example_runs():
 
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def test_bilevel_plot_draws_run_directories_against_samples_on_a_log_axis(tmp_path, capsys):
+    config = load_config("stochastic_quadratic")
+    for seed in (0, 1):
+        run_experiment(config, tmp_path / f"s{seed}", [*SMALL, "run.max_iters=20", "run.eval_every=10", f"run.seed={seed}"], progress=False)
+    out = tmp_path / "plot.svg"
+    argv = ["plot", str(tmp_path / "s0"), str(tmp_path / "s1"), "--by-method", "--metric", "suboptimality", "--x", "samples"]
+    assert main([*argv, "--center", "median", "--log-y", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert "samples seen" in out.read_text()
