@@ -172,3 +172,38 @@ def test_sq_norms_of_several_trees_equal_their_separate_sq_norms():
             assert abs(float(value) - expected) <= 1e-13 * expected
     with pytest.raises(ValueError, match="empty tree"):
         T.sq_norms(two, {})
+
+
+def test_fused_differences_sums_axpys_equal_the_separate_operations_bit_for_bit():
+    """differences / sums / axpys: one kernel for several pairs, each result equal (bit for
+    bit) to sub / add / axpy of its pair, in the structure of its first (differences, sums)
+    or second (axpys) tree; dict leaves paired by key, bare tensors and nested trees too."""
+    gen = torch.Generator().manual_seed(5)
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+    a, b = {"W": rand(3, 2), "b": rand(2)}, {"b": rand(2), "W": rand(3, 2)}  # other key order
+    u, w = rand(4), rand(4)
+    n1, n2 = {"p": [rand(2), rand(1)]}, {"p": [rand(2), rand(1)]}
+    pairs = ((a, b), (u, w), (n1, n2))
+    for fused, single in ((T.differences, T.sub), (T.sums, T.add)):
+        for got, (p, q) in zip(fused(*pairs), pairs, strict=True):
+            want = single(p, q)
+            assert T.leaves(got) != [] and len(T.leaves(got)) == len(T.leaves(want))
+            assert all(torch.equal(s, t) for s, t in zip(T.leaves(got), T.leaves(want), strict=True))
+            assert type(got) is type(p) and (not isinstance(p, dict) or list(got) == list(p))
+    for c in (-0.3, torch.tensor(-0.3, dtype=torch.float64)):
+        for got, (p, q) in zip(T.axpys(c, *pairs), pairs, strict=True):
+            want = T.axpy(c, p, q)
+            assert all(torch.equal(s, t) for s, t in zip(T.leaves(got), T.leaves(want), strict=True))
+            assert not isinstance(q, dict) or list(got) == list(q)
+
+
+def test_sq_norms_of_trees_of_three_or_more_tensors_and_mixed_counts():
+    """The reductions for trees of three or more tensors, next to trees of one and two."""
+    gen = torch.Generator().manual_seed(1)
+    three = _tree(gen)
+    two = {"W": torch.randn(2, 3, generator=gen, dtype=torch.float64), "b": torch.randn(2, generator=gen, dtype=torch.float64)}
+    bare = torch.randn(4, generator=gen, dtype=torch.float64)
+    for trees in [(three,), (three, three), (bare, three, two), (two, three)]:
+        for value, tree in zip(T.sq_norms(*trees), trees, strict=True):
+            expected = sum(float((t * t).sum()) for t in T.leaves(tree))
+            assert value.shape == () and abs(float(value) - expected) <= 1e-13 * expected

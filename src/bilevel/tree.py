@@ -40,6 +40,7 @@ __all__ = [
     "sq_norms",
     "structure_summary",
     "sub",
+    "sums",
     "tree_map",
     "unflatten_like",
     "vdot",
@@ -134,10 +135,9 @@ def sub(a: Tree, b: Tree) -> Tree:
     return unflatten_like(torch._foreach_sub(leaves(a), leaves_like(b, a)), a)
 
 
-def differences(*pairs: tuple[Tree, Tree]) -> list[Tree]:
-    """``[a_i − b_i]`` for pairs ``(a_i, b_i)`` of trees (each pair of one structure), from
-    one fused kernel: a step's diagnostics form several differences of small trees, and one
-    ``_foreach_sub`` over all their leaves costs what one :func:`sub` does."""
+def _pairwise(kernel: Callable[[list[torch.Tensor], list[torch.Tensor]], Leaves], pairs: tuple[tuple[Tree, Tree], ...]) -> list[Tree]:
+    """``kernel`` once over the leaves of every pair ``(a_i, b_i)`` (b_i paired with a_i by
+    key); the results rebuilt in the structures of the a_i."""
     lhs: list[torch.Tensor] = []
     rhs: list[torch.Tensor] = []
     counts: list[int] = []
@@ -146,12 +146,29 @@ def differences(*pairs: tuple[Tree, Tree]) -> list[Tree]:
         lhs += la
         rhs += leaves_like(b, a)
         counts.append(len(la))
-    out = torch._foreach_sub(lhs, rhs)
+    out = kernel(lhs, rhs)
     trees, start = [], 0
     for (a, _), count in zip(pairs, counts, strict=True):
         trees.append(unflatten_like(out[start : start + count], a))
         start += count
     return trees
+
+
+# Several operations of one kind on small trees cost one kernel launch (and one pass of tree
+# bookkeeping) each; the fused forms below make them one ``_foreach`` call, element for element
+# the same arithmetic.
+
+
+def differences(*pairs: tuple[Tree, Tree]) -> list[Tree]:
+    """``[a_i − b_i]`` for pairs ``(a_i, b_i)`` of trees (each pair of one structure), from
+    one fused kernel: a step's diagnostics form several differences of small trees, and one
+    ``_foreach_sub`` over all their leaves costs what one :func:`sub` does."""
+    return _pairwise(torch._foreach_sub, pairs)
+
+
+def sums(*pairs: tuple[Tree, Tree]) -> list[Tree]:
+    """``[a_i + b_i]`` for pairs ``(a_i, b_i)`` of trees, from one fused kernel."""
+    return _pairwise(torch._foreach_add, pairs)
 
 
 def scale(c: float | torch.Tensor, a: Tree) -> Tree:
@@ -167,20 +184,7 @@ def axpy(c: float | torch.Tensor, x: Tree, y: Tree) -> Tree:
 def axpys(c: float | torch.Tensor, *pairs: tuple[Tree, Tree]) -> list[Tree]:
     """``[y_i + c * x_i]`` for pairs ``(x_i, y_i)`` (each pair of one structure) with one
     ``c``, from one fused kernel: what several :func:`axpy` calls with the same step give."""
-    xs: list[torch.Tensor] = []
-    ys: list[torch.Tensor] = []
-    counts: list[int] = []
-    for x, y in pairs:
-        ly = leaves(y)
-        xs += leaves_like(x, y)
-        ys += ly
-        counts.append(len(ly))
-    out = axpy_leaves(c, xs, ys)
-    trees, start = [], 0
-    for (_, y), count in zip(pairs, counts, strict=True):
-        trees.append(unflatten_like(out[start : start + count], y))
-        start += count
-    return trees
+    return _pairwise(lambda ys, xs: axpy_leaves(c, xs, ys), tuple((y, x) for x, y in pairs))
 
 
 def vdot(a: Tree, b: Tree) -> torch.Tensor:

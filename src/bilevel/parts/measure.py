@@ -238,6 +238,8 @@ class KKTResidual:
         trees = [direction, point.g.grad_y]
         if solve.hv is not None:
             trees.append(next(differences))
+        elif solve.residual_sq is None:  # ‖r‖² of a fixed step, in the same kernel
+            trees.append(solve.residual)
         if point.f is not None:
             trees += [next(differences), point.phi.grad_y]
             if projection is None:
@@ -245,7 +247,7 @@ class KKTResidual:
         norms = iter(T.sq_norms(*trees))
         direction_sq, kkt_lower = next(norms), next(norms)
         # ‖H_φ v_{k+1} − ∇_y f‖² when the line search formed H_φ r, else the residual at v_k the step formed
-        dual_sq = next(norms) if solve.hv is not None else solve.residual_sq if solve.residual_sq is not None else T.sq_norm(solve.residual)
+        dual_sq = next(norms) if solve.residual_sq is None or solve.hv is not None else solve.residual_sq
         phi_lower: torch.Tensor | None = None
         if point.f is None:
             kkt_upper = projected_sq(projection, x, direction, direction_sq)

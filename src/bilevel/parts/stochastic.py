@@ -80,7 +80,8 @@ Evaluate = Callable[[Tree, Tree, Tree, Any, Any], OracleValues]
 
 
 def _directions(o: OracleValues) -> tuple[Tree, Tree, Tree]:
-    return o.grad_y_g, T.sub(o.hv, o.grad_y_f), T.sub(o.grad_x_f, o.jv)
+    d_v, d_x = T.differences((o.hv, o.grad_y_f), (o.grad_x_f, o.jv))  # one fused kernel
+    return o.grad_y_g, d_v, d_x
 
 
 @dataclass(frozen=True)
@@ -183,18 +184,21 @@ class SagaEstimate:
         i, wi, lower = draws.lower_block(0)
         j, wj, upper = draws.upper_block(0)
         o = evaluate(x, y, v, lower, upper)
-        out, means = {}, dict(state.means)
-        for keys, block, weight in ((_LOWER_KEYS, i, wi), (_UPPER_KEYS, j, wj)):
-            for key in keys:
-                fresh = getattr(o, key)
-                row = T.unflatten_like([table[block] for table in T.leaves(state.rows[key])], fresh)
-                delta = T.sub(fresh, row)
-                out[key] = T.add(delta, means[key])
-                means[key] = T.axpy(weight, delta, means[key])
-                for table, leaf in zip(T.leaves(state.rows[key]), T.leaves(fresh), strict=True):
-                    table[block].copy_(leaf)
-        directions = (out["grad_y_g"], T.sub(out["hv"], out["grad_y_f"]), T.sub(out["grad_x_f"], out["jv"]))
-        return directions, o, SagaState(rows=state.rows, means=means)
+        keys = (*_LOWER_KEYS, *_UPPER_KEYS)
+        fresh = [getattr(o, key) for key in keys]
+        # the rows of the drawn blocks (views of the tables), each oracle's row in its block
+        rows = [[table[i if key in _LOWER_KEYS else j] for table in T.leaves(state.rows[key])] for key in keys]
+        # every oracle at once, one fused kernel per operation (elementwise the same arithmetic):
+        # δ = fresh − row, the estimate δ + mean, the mean moved by w δ, the rows overwritten
+        deltas = T.differences(*((f, T.unflatten_like(row, f)) for f, row in zip(fresh, rows, strict=True)))
+        out = dict(zip(keys, T.sums(*((delta, state.means[key]) for delta, key in zip(deltas, keys, strict=True))), strict=True))
+        n_lower = len(_LOWER_KEYS)
+        moved = T.axpys(wi, *((delta, state.means[key]) for delta, key in zip(deltas[:n_lower], _LOWER_KEYS, strict=True)))
+        moved += T.axpys(wj, *((delta, state.means[key]) for delta, key in zip(deltas[n_lower:], _UPPER_KEYS, strict=True)))
+        means = {**state.means, **dict(zip(keys, moved, strict=True))}
+        torch._foreach_copy_([t for row in rows for t in row], [t for f in fresh for t in T.leaves(f)])
+        d_v, d_x = T.differences((out["hv"], out["grad_y_f"]), (out["grad_x_f"], out["jv"]))
+        return (out["grad_y_g"], d_v, d_x), o, SagaState(rows=state.rows, means=means)
 
 
 @part_state
@@ -261,7 +265,8 @@ class SarahEstimate:
             o = evaluate(x, y, v, lower, upper)
             old = evaluate(state.x, state.y, state.v, lower, upper)
             new_d, old_d = _directions(o), _directions(old)
-            d_y, d_v, d_x = (T.add(d, T.sub(a, b)) for d, a, b in zip((state.d_y, state.d_v, state.d_x), new_d, old_d, strict=True))
+            changes = T.differences(*zip(new_d, old_d, strict=True))  # one fused kernel per operation
+            d_y, d_v, d_x = T.sums(*zip((state.d_y, state.d_v, state.d_x), changes, strict=True))
         return (d_y, d_v, d_x), o, SarahState(x=x, y=y, v=v, d_y=d_y, d_v=d_v, d_x=d_x)
 
 
