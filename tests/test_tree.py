@@ -207,3 +207,11 @@ def test_sq_norms_of_trees_of_three_or_more_tensors_and_mixed_counts():
         for value, tree in zip(T.sq_norms(*trees), trees, strict=True):
             expected = sum(float((t * t).sum()) for t in T.leaves(tree))
             assert value.shape == () and abs(float(value) - expected) <= 1e-13 * expected
+
+
+def test_scales_equal_scale_of_each_tree_bit_for_bit():
+    gen = torch.Generator().manual_seed(2)
+    trees = (_tree(gen), torch.randn(3, generator=gen, dtype=torch.float64), {"p": [torch.randn(2, generator=gen, dtype=torch.float64)]})
+    for c in (0.7, torch.tensor(-1.5, dtype=torch.float64)):
+        for got, tree in zip(T.scales(c, *trees), trees, strict=True):
+            assert all(torch.equal(s, t) for s, t in zip(T.leaves(got), T.leaves(T.scale(c, tree)), strict=True))

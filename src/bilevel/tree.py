@@ -35,6 +35,7 @@ __all__ = [
     "leaves_like",
     "norm",
     "scale",
+    "scales",
     "sq_norm",
     "sq_norm_leaves",
     "sq_norms",
@@ -174,6 +175,22 @@ def sums(*pairs: tuple[Tree, Tree]) -> list[Tree]:
 def scale(c: float | torch.Tensor, a: Tree) -> Tree:
     """``c * a`` for a Python or 0-d tensor scalar ``c``."""
     return unflatten_like(torch._foreach_mul(leaves(a), c), a)
+
+
+def scales(c: float | torch.Tensor, *trees: Tree) -> list[Tree]:
+    """``[c * a_i]`` for several trees, from one fused kernel (what :func:`scale` gives each)."""
+    flat: list[torch.Tensor] = []
+    counts: list[int] = []
+    for a in trees:
+        la = leaves(a)
+        flat += la
+        counts.append(len(la))
+    out = torch._foreach_mul(flat, c)
+    result, start = [], 0
+    for a, count in zip(trees, counts, strict=True):
+        result.append(unflatten_like(out[start : start + count], a))
+        start += count
+    return result
 
 
 def axpy(c: float | torch.Tensor, x: Tree, y: Tree) -> Tree:

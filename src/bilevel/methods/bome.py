@@ -131,20 +131,20 @@ class BOME(JointAutoSteps, Assembled):
         y_hat, _, shadow_state = shadow.run(problem, x, y, batch, oracles, state.extra.get("lower", EmptyState()), k)
         grad_x_f, grad_y_f, upper_loss = oracles.gradients(problem.upper, x, y, batch)
         grad_x_q, grad_y_q, gap = value_gap(oracles, problem.lower, x, y, y_hat, batch)
-        gap_sq = T.sq_norm(grad_x_q) + T.sq_norm(grad_y_q)
+        grad_x_q_sq, grad_y_q_sq = T.sq_norms(grad_x_q, grad_y_q)  # one fused kernel
+        gap_sq = grad_x_q_sq + grad_y_q_sq
         dot = T.vdot(grad_x_f, grad_x_q) + T.vdot(grad_y_f, grad_y_q)
         if self.phi == "gradient":
             lam = torch.clamp(self.eta - dot / (gap_sq + self.eps), min=0.0)
         else:
             lam = torch.clamp((self.eta * gap - dot) / (gap_sq + self.eps), min=0.0)
-        d_x = T.axpy(lam, grad_x_q, grad_x_f)
-        d_y = T.axpy(lam, grad_y_q, grad_y_f)
-        d_y_sq = T.sq_norm(d_y)
-        direction_sq = T.sq_norm(d_x) + d_y_sq
-        stationarity = self.projected_direction_sq(x, d_x) + d_y_sq + torch.clamp(gap, min=0.0)
+        d_x, d_y = T.axpys(lam, (grad_x_q, grad_x_f), (grad_y_q, grad_y_f))
+        d_x_sq, d_y_sq = T.sq_norms(d_x, d_y)
+        direction_sq = d_x_sq + d_y_sq
+        stationarity = self.projected_direction_sq(x, d_x, d_x_sq) + d_y_sq + torch.clamp(gap, min=0.0)
         info = {
             "upper_loss": upper_loss,
-            "lower_grad_sq": T.sq_norm(grad_y_q),
+            "lower_grad_sq": grad_y_q_sq,
             "direction_sq": direction_sq,
             "constraint": gap,
             "multiplier": lam,

@@ -143,14 +143,15 @@ class MEHA(Assembled):
         k, x, y = state.k, state.x, state.y
         c, inv_gamma = float(self.penalty_schedule(k)), 1.0 / self.gamma
         theta, _, shadow_state = self.parts.lower.run(problem, x, y, batch, self.derivatives, state.extra.get("lower", EmptyState()), k)
+        y_minus_theta = T.sub(y, theta)  # the proximal term's direction, and (negated) the gap's θ − y
         if self.order == "jacobi":
             d_x, grad_y, (upper_loss, g_y, g_theta) = self._gradients(problem, x, y, theta, batch, c, "xy")
-            d_y = T.axpy(-inv_gamma, T.sub(y, theta), grad_y)
+            d_y = T.axpy(-inv_gamma, y_minus_theta, grad_y)
             y_next = T.axpy(-self.lr_lower, d_y, y)
             x_next, opt, direction_state = self.update_x(x, d_x, state)
         elif self.order == "y_first":
             _, grad_y, (upper_loss, g_y, _) = self._gradients(problem, x, y, theta, batch, c, "y")
-            d_y = T.axpy(-inv_gamma, T.sub(y, theta), grad_y)
+            d_y = T.axpy(-inv_gamma, y_minus_theta, grad_y)
             y_next = T.axpy(-self.lr_lower, d_y, y)
             d_x, _, (_, _, g_theta) = self._gradients(problem, x, y_next, theta, batch, c, "x")  # g(x_k, θ): the gap's term
             x_next, opt, direction_state = self.update_x(x, d_x, state)
@@ -158,16 +159,17 @@ class MEHA(Assembled):
             d_x, _, (upper_loss, g_y, g_theta) = self._gradients(problem, x, y, theta, batch, c, "x")
             x_next, opt, direction_state = self.update_x(x, d_x, state)
             _, grad_y, _ = self._gradients(problem, x_next, y, theta, batch, c, "y")
-            d_y = T.axpy(-inv_gamma, T.sub(y, theta), grad_y)
+            d_y = T.axpy(-inv_gamma, y_minus_theta, grad_y)
             y_next = T.axpy(-self.lr_lower, d_y, y)
         gap = g_y - cast(torch.Tensor, g_theta)
-        d_y_sq = T.sq_norm(d_y)
+        # ‖θ − y‖² = ‖y − θ‖² (negation is exact); the three norms from one fused kernel
+        d_x_sq, d_y_sq, distance_sq = T.sq_norms(d_x, d_y, y_minus_theta)
         info = {
             "upper_loss": upper_loss,
-            "direction_sq": T.sq_norm(d_x) + d_y_sq,
-            "moreau_gap": gap - 0.5 * inv_gamma * T.sq_norm(T.sub(theta, y)),
-            "penalty": upper_loss.new_tensor(c),
-            "stationarity": self.projected_direction_sq(x, d_x) + d_y_sq,
+            "direction_sq": d_x_sq + d_y_sq,
+            "moreau_gap": gap - 0.5 * inv_gamma * distance_sq,
+            "penalty": torch.scalar_tensor(c, dtype=upper_loss.dtype, device=upper_loss.device),
+            "stationarity": self.projected_direction_sq(x, d_x, d_x_sq) + d_y_sq,
         }
         extra = {**state.extra, "lower": shadow_state, "direction": direction_state}
         return State(x=x_next, y=y_next, v=None, opt=opt, k=k + 1, extra=extra), info

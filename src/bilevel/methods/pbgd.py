@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, cast
 
+import torch
+
 from .. import tree as T
 from ..auto import AdaptiveLower, JointAutoSteps, auto_upper, check_auto_positive, check_auto_upper, is_auto, joint_dog_step
 from ..parts import Parts
@@ -134,22 +136,23 @@ class PBGD(JointAutoSteps, Assembled):
             else:
                 omega, _, shadow_state = self.parts.lower.run(problem, x, y, batch, oracles, shadow_state, k)
             grad_x_p, grad_y_p, constraint = value_gap(oracles, problem.lower, x, y, omega, batch)
-            lower_grad_sq = T.sq_norm(grad_y_p)
+            lower_grad = grad_y_p
         else:
             lin = oracles.linearize(problem.lower, x, y, batch)
             grad_x_p, grad_y_p = lin.both(lin.grad_y)  # J ∇_y g, H ∇_y g: the gradient of ½‖∇_y g‖²
-            lower_grad_sq = T.sq_norm(lin.grad_y)
+            lower_grad = lin.grad_y
+        # (d_x, d_y) = scale (∇f + γ ∇p), and the squared norms of the diagnostics: one fused kernel each
+        d_x, d_y = T.scales(scale, *T.axpys(gamma, (grad_x_p, grad_x_f), (grad_y_p, grad_y_f)))
+        lower_grad_sq, d_x_sq, d_y_sq = T.sq_norms(lower_grad, d_x, d_y)
+        if self.variant != "value":
             constraint = 0.5 * lower_grad_sq
-        d_x = T.scale(scale, T.axpy(gamma, grad_x_p, grad_x_f))
-        d_y = T.scale(scale, T.axpy(gamma, grad_y_p, grad_y_f))
-        d_y_sq = T.sq_norm(d_y)
         info = {
             "upper_loss": upper_loss,
             "lower_grad_sq": lower_grad_sq,
-            "direction_sq": T.sq_norm(d_x) + d_y_sq,
+            "direction_sq": d_x_sq + d_y_sq,
             "constraint": constraint,
-            "penalty": upper_loss.new_tensor(gamma),
-            "stationarity": self.projected_direction_sq(x, d_x) + d_y_sq,
+            "penalty": torch.scalar_tensor(gamma, dtype=upper_loss.dtype, device=upper_loss.device),
+            "stationarity": self.projected_direction_sq(x, d_x, d_x_sq) + d_y_sq,
         }
         extra["lower"] = shadow_state
         info.update(shadow_info)
