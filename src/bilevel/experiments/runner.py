@@ -903,7 +903,8 @@ def _execute(exp: Experiment, run_dir: Path, start: dict, progress: bool, label:
     cadence = {"log_every": int(run["log_every"]), "eval_every": int(run["eval_every"])}
     if not segments or any(segments[-1].get(key) != value for key, value in cadence.items()):
         segments.append({"start": int(state.k), **cadence})
-    shown = ("upper_loss", "suboptimality") if config["problem"]["kind"] == "stochastic" else ("upper_loss", "test_accuracy")
+    stochastic = config["problem"]["kind"] == "stochastic"
+    shown = ("upper_loss", "suboptimality", "test_error") if stochastic else ("upper_loss", "test_accuracy")
     bar = ProgressBar(keys=shown, desc=label or config["method"]["name"], disable=not progress)
     tensorboard = TensorBoardLogger(run_dir / "tensorboard") if run["tensorboard"] else None
     recorder = _Recorder(exp, run_dir, history, evals, segments, bar, tensorboard)
@@ -1270,6 +1271,10 @@ def format_bench_table(
     ``notes`` column ("seed 1: diverged at iteration 37"), together with ``notes``
     (method -> list of strings, e.g. runs not started). The column appears only when a
     row has a note.
+
+    ``kind="stochastic"`` (benchopt's problems) gives another table: per method the final
+    ``suboptimality`` or ``test_error``, the step time and the samples seen, each the median
+    over the completed seeds with the lowest and highest in brackets; there are no baselines.
     """
     notes = notes or {}
     if kind == "stochastic":
