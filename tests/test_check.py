@@ -425,6 +425,17 @@ def test_cli_check_bad_input_is_one_line_with_status_2(check_config, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+
+def test_cli_check_refuses_the_stochastic_benchmarks_with_one_line(capsys):
+    """A stochastic method's direction is one mini-batch estimate: comparing it with the exact
+    hypergradient would fail every correct method, so ``bilevel check`` says what to do instead."""
+    from bilevel.cli import main
+
+    assert main(["check", "stochastic_quadratic", "problem.n_lower=256", "problem.n_upper=128"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert "a stochastic method's direction is a mini-batch estimate" in captured.err and "bilevel bench" in captured.err
+
 def test_docs_page_examples_run():
     import re
     from pathlib import Path

@@ -229,3 +229,22 @@ def test_bilevel_plot_draws_run_directories_against_samples_on_a_log_axis(tmp_pa
     assert main([*argv, "--center", "median", "--log-y", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
     assert "samples seen" in out.read_text()
+
+
+def test_several_processes_are_refused_before_any_starts(tmp_path, capsys, monkeypatch):
+    """A stochastic run is not split between processes (each would draw the same batches from
+    its own copy of the data): ``--nproc 2`` is one line, for a run and for a resume, and
+    torchrun is never launched."""
+    from bilevel import distributed
+
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("torchrun launched"))
+    message = "problem.kind: stochastic runs in one process (asked for 2): its mini-batches of 64 samples are not split"
+    assert main(["run", "stochastic_quadratic", *SMALL, "--nproc", "2", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "r").exists()
+    assert main(["run", "stochastic_quadratic", *SMALL, "run.max_iters=4", "--out", str(tmp_path / "one"), "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["resume", str(tmp_path / "one"), "--nproc", "2", "--max-iters", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert read_log(tmp_path / "one")[-1]["iteration"] == 4

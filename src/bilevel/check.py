@@ -592,7 +592,7 @@ def check_experiment(
     """
     import copy
 
-    from .experiments.config import apply_overrides, load_config, resolve
+    from .experiments.config import ConfigError, apply_overrides, load_config, resolve
     from .experiments.runner import build_experiment, build_method
 
     base = load_config(config) if not isinstance(config, dict) else copy.deepcopy(config)
@@ -601,6 +601,14 @@ def check_experiment(
         section = base.get("method") or {}
         methods = list(base.get("methods") or [section if isinstance(section, str) else section.get("name", "")])
     configs = [resolve(apply_overrides(base, [f"method.name={name}"])) for name in methods]
+    if configs[0].data["problem"]["kind"] == "stochastic":
+        # one step's direction is a draw of an estimator, compared with the exact hypergradient
+        # it is wrong by its noise: the check would fail every correct method
+        raise ConfigError(
+            "bilevel check compares one deterministic hypergradient with the exact one; a stochastic method's direction is "
+            "a mini-batch estimate (its unbiasedness is tested over many draws, docs/stochastic.md): "
+            "run the stochastic benchmarks with `bilevel run` or `bilevel bench`"
+        )
     experiment = build_experiment(configs[0])
     problem, data = experiment.problem, experiment.data
     batch = data.batch_at(0) if data is not None else None

@@ -239,9 +239,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "run":
         from . import distributed
         from .experiments import load_config
-        from .experiments.runner import data_dir_override, run_experiment
+        from .experiments.config import apply_overrides
+        from .experiments.runner import check_processes, data_dir_override, run_experiment
 
         overrides = list(args.overrides) + ([data_dir_override(args.data_dir)] if args.data_dir is not None else [])
+        if args.nproc != 1 and not distributed.launched_by_torchrun():
+            check_processes(apply_overrides(load_config(args.config), overrides), args.nproc)  # one line, before any process starts
         if args.nproc != 1 or distributed.launched_by_torchrun():
             return distributed.run_command(
                 args,

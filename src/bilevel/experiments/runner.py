@@ -395,6 +395,10 @@ def _build_stochastic(config: ResolvedConfig) -> Experiment:
 
     spec = config.problem
     assert isinstance(spec, StochasticSpec)
+    from .. import distributed
+
+    if distributed.is_active():
+        check_processes(config.data, torch.distributed.get_world_size())
     sizes = {"n_lower": spec.n_lower, "n_upper": spec.n_upper, "dim_x": spec.dim_x, "dim_y": spec.dim_y}
     bench = stochastic_benchmark(
         spec.name,
@@ -415,6 +419,20 @@ def _build_stochastic(config: ResolvedConfig) -> Experiment:
         return {**bench.evaluate(state), "samples": samples_seen(method, streams, int(state.k))}
 
     return Experiment(config=config.data, problem=bench.problem, method=method, data=streams, evaluate=evaluate)
+
+
+def check_processes(config: dict | ResolvedConfig, nproc: int) -> None:
+    """Refuse ``nproc > 1`` processes for a problem kind that is not split between them.
+
+    ``problem.kind: stochastic`` is not: every process would draw the same mini-batches
+    from its own full copy of the data, a one-process run at ``nproc`` times its cost.
+    """
+    data = config.data if isinstance(config, ResolvedConfig) else resolve(config).data
+    if nproc > 1 and data["problem"]["kind"] == "stochastic":
+        raise ConfigError(
+            f"problem.kind: stochastic runs in one process (asked for {nproc}): its mini-batches of "
+            f"{data['problem']['batch_size']} samples are not split between processes; run it without --nproc"
+        )
 
 
 def build_experiment(config: dict | ResolvedConfig) -> Experiment:
@@ -1201,6 +1219,7 @@ def check_resume(folder: str | Path, nproc: int, max_iters: int | None = None, *
             return  # every run finished: the resume only rebuilds the table
     else:
         resolved = _load_resumable(folder, max_iters, data_dir)[3]
+    check_processes(resolved, nproc)
     exp = build_experiment(resolved)  # the runs of a bench share their problem section: one split to check
     check_shards(exp.problem, exp.data, nproc)
 
