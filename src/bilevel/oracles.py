@@ -190,10 +190,23 @@ class _ReverseLinearization(Linearization):
             grads = _grads_or_zeros(value, inputs, create_graph=True)
         nx = len(self._xl) if with_grad_x else 0
         self._gy = grads[nx:]
-        self.value = value.detach()
-        self.grad_y = T.unflatten_like([g.detach() for g in self._gy], y)
-        self.grad_x = T.unflatten_like([g.detach() for g in grads[:nx]], x) if with_grad_x else None
+        self._gx = grads[:nx] if with_grad_x else None
+        self._value: torch.Tensor = value
         self._x_like, self._y_like = x, y
+
+    # detached when first read: a linearization that only serves products (the Hessian
+    # batches of StocBiO and AmIGO) pays no detach and no tree for them
+    @functools.cached_property
+    def value(self) -> torch.Tensor:  # type: ignore[override]
+        return self._value.detach()
+
+    @functools.cached_property
+    def grad_y(self) -> Tree:
+        return T.unflatten_like([g.detach() for g in self._gy], self._y_like)
+
+    @functools.cached_property
+    def grad_x(self) -> Tree | None:  # type: ignore[override]
+        return None if self._gx is None else T.unflatten_like([g.detach() for g in self._gx], self._x_like)
 
     def both(self, v: Tree, need_mixed: bool = True, need_hvp: bool = True) -> tuple[Tree, Tree]:
         # a product needs no grad mode: the engine runs a backward with create_graph=False without a graph
