@@ -240,24 +240,25 @@ def _reverse_product_leaves(requests: Sequence[Request], leaves_v: list[torch.Te
     outputs: list[torch.Tensor] = []
     cotangents: list[torch.Tensor] = []
     inputs: list[torch.Tensor] = []
+    # (the callers checked that every linearization is a _ReverseLinearization: no cast in this hot loop)
     for lin, c, need_mixed, need_hvp in requests:
-        lin = cast(_ReverseLinearization, lin)
-        outputs += lin._gy
+        outputs += lin._gy  # type: ignore[attr-defined]
         cotangents += leaves_v if c is None else [c * t for t in leaves_v]
         if need_mixed:
-            inputs += lin._xl
+            inputs += lin._xl  # type: ignore[attr-defined]
         if need_hvp:
-            inputs += lin._yl
+            inputs += lin._yl  # type: ignore[attr-defined]
     grads = _grads_or_zeros(outputs, inputs, cotangents, retain_graph=True)
     results: list[ProductLeaves] = []
     start = 0
     for lin, _, need_mixed, need_hvp in requests:
-        lin = cast(_ReverseLinearization, lin)
         jv = hv = None
         if need_mixed:
-            jv, start = grads[start : start + len(lin._xl)], start + len(lin._xl)
+            count = len(lin._xl)  # type: ignore[attr-defined]
+            jv, start = grads[start : start + count], start + count
         if need_hvp:
-            hv, start = grads[start : start + len(lin._yl)], start + len(lin._yl)
+            count = len(lin._yl)  # type: ignore[attr-defined]
+            hv, start = grads[start : start + count], start + count
         results.append((jv, hv))
     return results
 
