@@ -425,7 +425,6 @@ def test_cli_check_bad_input_is_one_line_with_status_2(check_config, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-
 def test_cli_check_refuses_the_stochastic_benchmarks_with_one_line(capsys):
     """A stochastic method's direction is one mini-batch estimate: comparing it with the exact
     hypergradient would fail every correct method, so ``bilevel check`` says what to do instead."""
@@ -435,6 +434,7 @@ def test_cli_check_refuses_the_stochastic_benchmarks_with_one_line(capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1
     assert "a stochastic method's direction is a mini-batch estimate" in captured.err and "bilevel bench" in captured.err
+
 
 def test_docs_page_examples_run():
     import re
