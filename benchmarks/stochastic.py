@@ -24,6 +24,7 @@ Default run time on a 2-core CPU: 6 methods × seeds × budget (+ the metric), ~
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -94,7 +95,9 @@ def run(
 
         srba_period = sarah_period(streams.batch_at(0), method.period_frac)  # type: ignore[attr-defined]
     state = method.init(problem, x0=x0, y0=y0, batch=streams.batch_at(0))
-    method.step(problem, state, streams.batch_at(0))  # untimed: the first call's lazy imports are not the method's cost
+    # untimed, on a copy: the first call's lazy imports are not the method's cost, and SABA's tables are
+    # written in place (a step from `state` itself would leave a write in them that the run never made)
+    method.step(problem, copy.deepcopy(state), streams.batch_at(0))
     records = [{"iteration": 0, "time": 0.0, "samples": 0.0, "subopt": metric(state)}]
     elapsed, samples, k = 0.0, 0.0, 0
     while elapsed < budget and k < max_iters:

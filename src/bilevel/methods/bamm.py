@@ -158,7 +158,7 @@ class SlBAMM(AutoSteps, StabilityChecked, DualOptions, Alternating):
 
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         new_state, info = super().step(problem, state, batch)
-        info["mu"] = torch.scalar_tensor(float(self.mu_schedule(state.k)), dtype=info["upper_loss"].dtype)
+        info["mu"] = torch.scalar_tensor(float(self.mu_schedule(state.k)), dtype=info["upper_loss"].dtype, device=info["upper_loss"].device)
         return new_state, info
 
     @cached_property

@@ -291,7 +291,9 @@ class SABA(SingleLoop):
     Cost per iteration: ``1 Gy + 1 HJ + 1 Gf`` and five row writes; one lower and one
     upper batch. Memory: ``(2 d_y + d_x)`` numbers per lower block and ``(d_y + d_x)`` per
     upper block, i.e. ``8 (2 d_y + d_x) / b`` bytes per lower sample in float64 (4 in
-    float32). The tables are updated in place.
+    float32). The tables are updated in place, so a state is stepped once: a second step from
+    the same state is refused with a clear error (it would bias the means for good);
+    ``copy.deepcopy(state)`` branches a run.
 
     Args:
         lr_lower: β (default 0.1).  lr_dual: η (default β).  lr_upper: α (default 0.1).

@@ -112,10 +112,18 @@ class PlainEstimate:
 @part_state
 class SagaState(NamedTuple):
     """SAGA memory: per-block rows and their weighted means, lower-indexed
-    (``grad_y_g``, ``hv``, ``jv``) and upper-indexed (``grad_y_f``, ``grad_x_f``)."""
+    (``grad_y_g``, ``hv``, ``jv``) and upper-indexed (``grad_y_f``, ``grad_x_f``).
+
+    The rows are written in place (they are n-sized), so a state can be stepped once:
+    ``rows["writes"]`` (a CPU counter shared by every state that holds these tables) counts
+    the writes made, and ``writes`` is the count this state expects. A second step from the
+    same state would read rows that a later iteration already overwrote and move the means
+    by the wrong amount — a bias that never goes away — so it is refused instead.
+    """
 
     rows: dict
     means: dict
+    writes: int = 0
 
 
 _LOWER_KEYS = ("grad_y_g", "hv", "jv")
@@ -161,6 +169,7 @@ class SagaEstimate:
         nl, nu = draws.lower_blocks, draws.upper_blocks
         rows = {"grad_y_g": _stack_zeros(y, nl), "hv": _stack_zeros(y, nl), "jv": _stack_zeros(x, nl)}
         rows.update({"grad_y_f": _stack_zeros(y, nu), "grad_x_f": _stack_zeros(x, nu)})
+        rows["writes"] = torch.zeros(1, dtype=torch.int64)  # on the CPU: reading it never waits for a device
         means = {"grad_y_g": T.zeros_like(y), "hv": T.zeros_like(y), "jv": T.zeros_like(x)}
         means.update({"grad_y_f": T.zeros_like(y), "grad_x_f": T.zeros_like(x)})
         if self.init_memory == "full" and evaluate is not None:
@@ -181,6 +190,13 @@ class SagaEstimate:
     def estimate(
         self, evaluate: Evaluate, x: Tree, y: Tree, v: Tree, draws: Any, state: SagaState, k: int
     ) -> tuple[tuple, OracleValues, SagaState]:
+        counter = state.rows.get("writes")
+        if counter is not None and int(counter[0]) != state.writes:
+            raise ValueError(
+                f"this SABA state was stepped before: its SAGA tables are updated in place and already hold "
+                f"{int(counter[0]) - state.writes} later write(s), so a second step from it would bias the estimate for good; "
+                f"step each state once, or step a copy (copy.deepcopy(state)) to branch"
+            )
         i, wi, lower = draws.lower_block(0)
         j, wj, upper = draws.upper_block(0)
         o = evaluate(x, y, v, lower, upper)
@@ -197,8 +213,10 @@ class SagaEstimate:
         moved += T.axpys(wj, *((delta, state.means[key]) for delta, key in zip(deltas[n_lower:], _UPPER_KEYS, strict=True)))
         means = {**state.means, **dict(zip(keys, moved, strict=True))}
         torch._foreach_copy_([t for row in rows for t in row], [t for f in fresh for t in T.leaves(f)])
+        if counter is not None:
+            counter += 1
         d_v, d_x = T.differences((out["hv"], out["grad_y_f"]), (out["grad_x_f"], out["jv"]))
-        return (out["grad_y_g"], d_v, d_x), o, SagaState(rows=state.rows, means=means)
+        return (out["grad_y_g"], d_v, d_x), o, SagaState(rows=state.rows, means=means, writes=state.writes + 1)
 
 
 @part_state
