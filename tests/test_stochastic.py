@@ -121,7 +121,6 @@ def test_saba_with_full_memory_initialisation_converges_too(p):
     assert err(state, p) < 1e-8
 
 
-
 def test_a_saba_state_is_stepped_once_and_a_copy_branches_exactly(p):
     """SABA's tables are written in place: stepping one state twice would leave a write the
     run never made and bias the means for good, so the second step is refused (one line);
@@ -141,6 +140,7 @@ def test_a_saba_state_is_stepped_once_and_a_copy_branches_exactly(p):
     assert torch.equal(again.x["x"], after.x["x"]) and torch.equal(again.y["y"], after.y["y"])
     restored = bl.State.from_dict(after.to_dict())
     method.step(p, restored, streams.batch_at(4))  # the count travels with the state
+
 
 def test_constant_step_soba_plateaus_where_saba_converges(p):
     """The reason for variance reduction: with the same constant steps and batches, SOBA stalls at a noise floor."""
