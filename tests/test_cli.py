@@ -78,3 +78,14 @@ def test_missing_checkpoint_is_a_clear_error(tiny_config, tmp_path, capsys):
     (tmp_path / "r" / "checkpoint.pt").unlink()
     assert main(["resume", str(tmp_path / "r")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_a_bad_configuration_under_nproc_is_one_line_before_any_process_starts(tiny_config, tmp_path, capsys, monkeypatch):
+    """``bilevel run --nproc 2`` resolves the configuration first: an error is one line from
+    this process, not one per launched process with torchrun's traceback."""
+    from bilevel import distributed
+
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("torchrun launched"))
+    assert main(["run", tiny_config, "method.name=Nope", "--nproc", "2", "--out", str(tmp_path / "r"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown method 'Nope'" in err and not (tmp_path / "r").exists()
