@@ -296,8 +296,12 @@ def stochastic_benchmark(
             ``logreg`` (:func:`logreg`).
         seed: the data's seed (default the benchmark's: 2442, 32, 0): the quadratic's
             draw, the data cleaning's split and corruption, logreg's split and start.
-        n_lower, n_upper, dim_x, dim_y: the quadratic's sizes (n, m, d_x, d_y).
-        noise_rate, reg: data cleaning's corrupted fraction and ``reg ‖W‖²``.
+        n_lower: the quadratic's lower samples n.
+        n_upper: the quadratic's upper samples m.
+        dim_x: the quadratic's d_x.
+        dim_y: the quadratic's d_y.
+        noise_rate: data cleaning's corrupted fraction.
+        reg: data cleaning's ``reg ‖W‖²``.
         dtype: float32 by default (logreg: float64, its Newton metric reaches 1e-20).
         device: where the data and the variables live.
         data_dir: searched first for the MNIST files (data cleaning).
