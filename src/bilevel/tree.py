@@ -149,10 +149,15 @@ def _pairwise(kernel: Callable[[list[torch.Tensor], list[torch.Tensor]], Leaves]
         lhs += la
         rhs += leaves_like(b, a)
         counts.append(len(la))
-    out = kernel(lhs, rhs)
+    return _split_like(kernel(lhs, rhs), [a for a, _ in pairs], counts)
+
+
+def _split_like(flat: Leaves, likes: list[Tree], counts: list[int]) -> list[Tree]:
+    """``flat`` cut into runs of ``counts`` leaves, each rebuilt in the structure of its tree
+    of ``likes`` (the way back from one fused kernel over several trees)."""
     trees, start = [], 0
-    for (a, _), count in zip(pairs, counts, strict=True):
-        trees.append(unflatten_like(out[start : start + count], a))
+    for like, count in zip(likes, counts, strict=True):
+        trees.append(unflatten_like(flat[start : start + count], like))
         start += count
     return trees
 
@@ -187,12 +192,7 @@ def scales(c: float | torch.Tensor, *trees: Tree) -> list[Tree]:
         la = leaves(a)
         flat += la
         counts.append(len(la))
-    out = torch._foreach_mul(flat, c)
-    result, start = [], 0
-    for a, count in zip(trees, counts, strict=True):
-        result.append(unflatten_like(out[start : start + count], a))
-        start += count
-    return result
+    return _split_like(torch._foreach_mul(flat, c), list(trees), counts)
 
 
 def axpy(c: float | torch.Tensor, x: Tree, y: Tree) -> Tree:

@@ -398,7 +398,7 @@ def _build_stochastic(config: ResolvedConfig) -> Experiment:
     from .. import distributed
 
     if distributed.is_active():
-        check_processes(config.data, torch.distributed.get_world_size())
+        check_processes(config, torch.distributed.get_world_size())
     sizes = {"n_lower": spec.n_lower, "n_upper": spec.n_upper, "dim_x": spec.dim_x, "dim_y": spec.dim_y}
     bench = stochastic_benchmark(
         spec.name,
@@ -1353,6 +1353,11 @@ def stochastic_metric(summary: dict) -> str:
     return "suboptimality" if "suboptimality" in summary.get("metrics", {}) else "test_error"
 
 
+def _bench_metric(rows: dict) -> str:
+    """The headline metric of a stochastic bench: the first run summary with metrics decides."""
+    return next((stochastic_metric(s) for summaries in rows.values() for s in summaries if s.get("metrics")), "suboptimality")
+
+
 def _median_band(values: Sequence[float | None], fmt: str) -> str:
     """``median [min, max]`` over seeds; one value alone is printed as it is."""
     kept = sorted(float(v) for v in values if v is not None and not math.isnan(float(v)))
@@ -1369,7 +1374,7 @@ def _stochastic_table(rows: dict, notes: dict) -> str:
     (``suboptimality`` or ``test_error``), the step time and the samples seen, each as the
     median over the completed seeds with the lowest and highest seed in brackets."""
     body, any_note = [], False
-    metric = next((stochastic_metric(s) for summaries in rows.values() for s in summaries if s.get("metrics")), "suboptimality")
+    metric = _bench_metric(rows)
     for method in list(rows) + [m for m in notes if m not in rows]:
         summaries = rows.get(method, [])
         done = [s for s in summaries if s.get("status", "max_iters") in COMPLETED]
@@ -1697,7 +1702,7 @@ def _bench_report(out: Path, manifest: dict, configs: dict | None = None, interr
     if kind == "hyperclean":
         figures.append(("f1", "f1", {}))
     if kind == "stochastic":
-        metric = next((stochastic_metric(r) for summaries in rows.values() for r in summaries if r.get("metrics")), "suboptimality")
+        metric = _bench_metric(rows)
         yscale = "log" if metric == "suboptimality" else "linear"
         figures = [(metric, f"{metric}-{x}", {"x": x, "center": "median", "yscale": yscale}) for x in ("time", "samples")]
     plots: list[Path] = []

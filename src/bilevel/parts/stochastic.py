@@ -215,8 +215,7 @@ class SagaEstimate:
         torch._foreach_copy_([t for row in rows for t in row], [t for f in fresh for t in T.leaves(f)])
         if counter is not None:
             counter += 1
-        d_v, d_x = T.differences((out["hv"], out["grad_y_f"]), (out["grad_x_f"], out["jv"]))
-        return (out["grad_y_g"], d_v, d_x), o, SagaState(rows=state.rows, means=means, writes=state.writes + 1)
+        return _directions(o._replace(**out)), o, SagaState(rows=state.rows, means=means, writes=state.writes + 1)
 
 
 @part_state
