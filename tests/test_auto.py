@@ -487,3 +487,118 @@ def test_v_pbgd_with_no_step_size_reaches_its_penalised_point_at_every_curvature
         assert preset.status is bl.Status.DIVERGED
     else:
         assert float((preset.x["x"] - target).abs().max()) > 1.0
+
+
+def _meha_rest_point(A, B, D, x_hat, c, gamma):
+    """The stationary point of f + c (g − e_γ) on T1g (as tests/test_meha.py derives it)."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype)
+    Y = c * gamma * torch.linalg.solve(eye + gamma * (1.0 + c) * A, B.T)
+    M = -c * gamma * B @ torch.linalg.solve(eye + gamma * A, A @ Y - B.T)
+    return torch.linalg.solve(M + D, D @ x_hat)
+
+
+@pytest.mark.parametrize("order", ["jacobi", "y_first", "x_first"])
+@pytest.mark.parametrize("s", [1e-3, 1.0, 1e3])
+def test_meha_with_no_step_size_reaches_its_penalised_point_at_every_curvature_scale(s, order):
+    """MEHA auto (AdGD on the proximal shadow, a DoG for x and one for y bounded by the shadow
+    step) reaches the stationary point of f + c(g − e_γ) on T1g to 1e-9 in 600 iterations,
+    f and g scaled by s and γ by 1/s (the Moreau parameter has the units of 1/curvature:
+    with γ fixed, scaling changes the problem, as the penalty of G-PBGD does); the explicit
+    steps that suit s = 1 diverge at s = 1e3 and stall at 1e-3."""
+    base = bl.problems.T1g(n=3, seed=1)
+    A, B, D, x_hat = (base.metadata[k] for k in ("A", "B", "D", "x_hat"))
+    problem, gamma, c = scaled(base, s), 1.0 / s, 4.0
+    target = _meha_rest_point(s * A, s * B, s * D, x_hat, c, gamma)
+    auto = bl.solve(problem, bl.MEHA(gamma=gamma, c0=c, p=0.0, shadow_steps=2, order=order), max_iters=600, log_every=600)
+    assert float((auto.x["x"] - target).norm() / target.norm()) <= 1e-9
+    assert {"lr_upper", "lr_lower", "lr_shadow"} <= set(auto.history[-1])
+    explicit = bl.MEHA(lr_upper=0.3, lr_lower=0.3, lr_shadow=0.3, gamma=gamma, c0=c, p=0.0, shadow_steps=2, order=order)
+    tuned = bl.solve(problem, explicit, max_iters=600, on_divergence="status")
+    if s == 1e3:
+        assert tuned.status is bl.Status.DIVERGED
+    elif s == 1e-3:
+        assert float((tuned.x["x"] - target).norm() / target.norm()) > 1e-2
+
+
+def test_meha_auto_bounds_the_y_step_by_the_shadow_step():
+    """The y step never exceeds η (y sees the 1/γ curvature of −(y − θ)/γ): on T1g scaled by
+    1e-3 with γ = 1, DoG alone would grow y's step past 2γ and diverge (the shadow lags)."""
+    problem = scaled(bl.problems.T1g(n=3, seed=1), 1e-3)
+    result = bl.solve(problem, bl.MEHA(gamma=1.0, c0=4.0, p=0.0, shadow_steps=2), max_iters=400, log_every=1)
+    assert result.status is not bl.Status.DIVERGED
+    for record in result.history:
+        assert float(record["lr_lower"]) <= float(record["lr_shadow"]) * (1 + 1e-12)
+    assert float(result.history[-1]["lr_upper"]) > 100.0  # x's own DoG is not bound by y's cap
+
+
+def test_meha_auto_options_and_resume(tmp_path):
+    """lr_lower auto with a number lr_upper takes β = α; with an optimizer it is refused; an auto
+    run checkpointed half-way resumes exactly."""
+    problem = bl.problems.T1(n=3)
+    with pytest.raises(ValueError, match=r"MEHA\(lr_lower='auto'\)"):
+        bl.MEHA(lr_upper=bl.Adam(0.1))
+    half = bl.MEHA(lr_upper=0.2, lr_shadow=0.5)
+    record = bl.solve(problem, half, max_iters=3, log_every=1).history[-1]
+    assert "lr_lower" not in record and "lr_shadow" not in record and "lr_upper" not in record
+    method = bl.MEHA(gamma=1.0)
+    straight = bl.solve(problem, method, max_iters=40)
+    path = tmp_path / "meha.pt"
+    bl.solve(problem, method, max_iters=20, checkpoint=path, checkpoint_every=20)
+    resumed = bl.solve(problem, method, max_iters=40, resume=path)
+    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
+    torch.testing.assert_close(resumed.y["y"], straight.y["y"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("s", [1e-3, 1.0, 1e3])
+def test_iaptt_gm_with_no_step_size_reaches_x_star_at_every_curvature_scale(s):
+    """IAPTT-GM auto (the tracked lower step, one DoG for (x, z)) reaches x* on T1 and the
+    optimistic x* = 1 of T2 (several lower minimisers) to 1e-12 in 600 iterations at curvature
+    × 1e-3, 1 and 1e3, with no guard restore; the docstring example's steps diverge at × 1e3."""
+    for toy in (T1(n=5), bl.problems.T2(n=5)):
+        problem = scaled(toy, s)
+        result = bl.solve(problem, bl.IAPTTGM(lower_steps=10), max_iters=600, log_every=600)
+        error = float((result.x["x"] - problem.x_star["x"]).norm() / problem.x_star["x"].norm())
+        assert error <= 1e-12, (toy.name, error)
+        assert float(result.history[-1]["rollbacks"]) == 0.0
+        assert float(result.history[-1]["lr_lower"]) == pytest.approx(1.0 / s, rel=1e-6)  # 1/λ of g's Hessian s·I
+    example = bl.IAPTTGM(lr_upper=0.5, lr_lower=0.5, lower_steps=10, lr_init=0.5)
+    assert bl.solve(scaled(bl.problems.T2(n=5), 1e3), example, max_iters=50, on_divergence="status").status is bl.Status.DIVERGED
+
+
+def test_iaptt_gm_auto_follows_the_curvature_where_a_step_fixed_at_init_diverges():
+    """Learned log-penalties (lower Hessian diag(e^x), growing along the path): the tracked
+    step converges where s fixed at 1/λ_max(x₀) — which passes the stability check — diverges.
+    With the warm start (y_0 = the previous y_K); the learned z hovers at 1e-5 here with auto
+    and with fixed stable steps alike: the rest point of min_{x,z} max_t f, not the step."""
+    problem = growing()
+    fixed = bl.IAPTTGM(lr_upper=0.05, lr_lower=1.0, lower_steps=30, initialization="warm")  # s = 1/λ_max(x₀) = 1; H grows to 148 I
+    assert bl.solve(problem, fixed, max_iters=300, on_divergence="status").status is bl.Status.DIVERGED
+    err, state = run_until(problem, bl.IAPTTGM(lower_steps=30, initialization="warm"), 800)
+    assert err <= 1e-6
+    assert float(state.extra["lower"].scale / state.extra["lower"].lam) < 2.0 / float(torch.exp(problem.x_star["x"]).max())
+
+
+def test_iaptt_gm_auto_options_guard_and_resume(tmp_path):
+    """lr_init auto with an upper optimizer is refused in one line; with a number lr_upper z
+    takes α; the guard undoes a blown iteration and halves s; a checkpointed auto run resumes
+    exactly."""
+    with pytest.raises(ValueError, match=r"IAPTTGM\(lr_init='auto'\)"):
+        bl.IAPTTGM(lr_upper=bl.Adam(0.1))
+    bl.IAPTTGM(lr_upper=bl.Adam(0.1), initialization="warm")  # no z: nothing to step
+    problem = bl.problems.T2(n=3)
+    given = bl.solve(problem, bl.IAPTTGM(lr_upper=0.5, lower_steps=10), max_iters=300)
+    assert abs(float(given.x["x"][0]) - 1.0) < 1e-3
+    method = bl.IAPTTGM(lower_steps=5)
+    state = method.init(T1(n=3), y0={"y": torch.zeros(3, dtype=F64)})  # off the lower solution y = x
+    lower = state.extra["lower"]
+    blown = state.replace(extra={**state.extra, "lower": lower._replace(scale=lower.scale * 1e3)})
+    # β = 1000/λ: the unroll explodes, the iteration is undone and s halved
+    after, info = method.step(T1(n=3), blown)
+    torch.testing.assert_close(after.x["x"], state.x["x"], rtol=0, atol=0)
+    torch.testing.assert_close(after.extra["unroll"].z["y"], state.extra["unroll"].z["y"], rtol=0, atol=0)
+    assert float(info["rollbacks"]) == 1.0 and float(after.extra["lower"].scale) == 500.0
+    straight = bl.solve(problem, method, max_iters=30)
+    path = tmp_path / "iaptt.pt"
+    bl.solve(problem, method, max_iters=15, checkpoint=path, checkpoint_every=15)
+    resumed = bl.solve(problem, method, max_iters=30, resume=path)
+    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)

@@ -596,26 +596,31 @@ class DoG:
         """``r̄ / √G`` (0 before any gradient)."""
         return _safe_divide(state.rbar, torch.sqrt(state.gsum))
 
-    def update(self, x: Tree, d: Tree, state: DoGState, k: int) -> tuple[Tree, DoGState]:
+    def update(self, x: Tree, d: Tree, state: DoGState, k: int, cap: Any = None) -> tuple[Tree, DoGState]:
+        """``x − min(r̄/√G, cap) d`` and the state after it (``cap=None``: no bound)."""
         rbar = torch.maximum(state.rbar, T.norm(T.sub(x, state.x0)))
         gsum = state.gsum + T.sq_norm(d)
         state = DoGState(x0=state.x0, rbar=rbar, gsum=gsum)
-        return T.axpy(-self.step_size(state), d, x), state
+        step = self.step_size(state)
+        return T.axpy(-(step if cap is None else torch.minimum(step, cap)), d, x), state
 
 
 # --------------------------------------------------------------------------- first-order methods
 
 
 def joint_dog_step(
-    x: Tree, y: Tree, d_x: Tree, d_y: Tree, state: DoGState, k: int, projection: Any = None
+    x: Tree, y: Tree, d_x: Tree, d_y: Tree, state: DoGState, k: int, projection: Any = None, cap: Any = None
 ) -> tuple[Tree, Tree, DoGState, torch.Tensor]:
     """One :class:`DoG` step for the pair (x, y) along (d_x, d_y): the joint descent of the
-    first-order methods (BOME, PBGD) when both of their steps are auto. Returns
-    ``(x_next, y_next, state, step)``; ``projection`` is applied to x."""
+    first-order methods (BOME, PBGD, MEHA) when both of their steps are auto. Returns
+    ``(x_next, y_next, state, step)``; ``projection`` is applied to x. ``cap`` (a 0-d
+    tensor or ``None``) bounds the step: MEHA's direction in y has the curvature of its
+    shadow's objective, whose step is the bound."""
     dog = DoG()
-    pair, state = dog.update({"x": x, "y": y}, {"x": d_x, "y": d_y}, state, k)
+    pair, state = dog.update({"x": x, "y": y}, {"x": d_x, "y": d_y}, state, k, cap)
     x_next = pair["x"] if projection is None else projection(pair["x"])
-    return x_next, pair["y"], state, dog.step_size(state)
+    step = dog.step_size(state)
+    return x_next, pair["y"], state, (step if cap is None else torch.minimum(step, cap))
 
 
 class JointAutoSteps:

@@ -9,17 +9,18 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
+from ..auto import DoG, TrackedLower, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto, undo_where
 from ..oracles import _grads_or_zeros, _requires_grad_copy
 from ..parts import LowerGD, Parts, Unroll
 from ..parts.base import Projection, check_projection
-from ..parts.trajectory import LearnedInit, pessimistic_step
+from ..parts.trajectory import InitState, LearnedInit, pessimistic_step
 from ..problem import Problem
-from ..schedules import ScheduleLike
+from ..schedules import ScheduleLike, as_schedule
 from ..state import EmptyState, State
 from ..tree import Tree
 from ..updates import UpperOptimizer
-from ..validation import check_bool, check_choice, check_count, check_positive, check_step_size
-from .base import Assembled, option, upper_option
+from ..validation import check_bool, check_choice, check_count
+from .base import Assembled, option
 
 __all__ = ["IAPTTGM"]
 
@@ -54,14 +55,22 @@ class IAPTTGM(Assembled):
     ``method.init_part`` = :class:`~bilevel.parts.LearnedInit` (``lr_init``, ``project_y``),
     ``PlainDirection()``, the upper optimizer of ``lr_upper``.
 
+    Steps left ``"auto"`` (the default; docs/auto.md): s from the curvature at the start of
+    each unroll (:class:`~bilevel.auto.TrackedLower`: a warm-started power iteration on the
+    Hessian of g at ``(x_k, y_0)``, one number for the whole unroll, so the differentiated
+    steps are the usual ones; its guard undoes an iteration whose last lower gradient is
+    more than 10× the one at y_0 and halves s), α by :class:`~bilevel.auto.DoG`, and s_z by
+    a DoG of its own (z is an upper-level variable: ``min_{x,z} max_t f``). Numbers run the
+    iteration above exactly.
+
     Args:
-        lr_upper: α, the x step (a number, a schedule or an upper optimizer; the
-            hyper-cleaning code uses Adam 0.01).
-        lr_lower: s, the lower step.
+        lr_upper: α, the x step: ``"auto"`` (default), a number, a schedule or an upper
+            optimizer (the hyper-cleaning code uses Adam 0.01).
+        lr_lower: s, the lower step: ``"auto"`` (default) or a number.
         lower_steps: K.
         initialization: ``"auxiliary"``, ``"warm"`` or ``"cold"`` (see above).
-        lr_init: s_z, the z step (the toy: 0.1; the hyper-cleaning code moves z with the
-            lower optimizer, s_z = s).
+        lr_init: s_z, the z step: ``"auto"`` (default), a number or a schedule (the toy:
+            0.1; the hyper-cleaning code moves z with the lower optimizer, s_z = s).
         project_y: ``Proj_Y`` (e.g. ``bilevel.Box(-2, 2)`` on the authors' toy), applied
             inside the differentiated steps and to z; ``None``: Y is the whole space.
         code_history: reproduce the authors' toy, where ``higher`` records the clamp of each
@@ -89,21 +98,62 @@ class IAPTTGM(Assembled):
     stationarity_doc: ClassVar[str] = "‖x − Proj(x − d_x)‖² + ‖d_z‖² at the pessimistic iterate y_k̃"
     uses_multiplier: ClassVar[bool] = False
 
-    lr_upper: ScheduleLike | UpperOptimizer = upper_option(0.1)
-    lr_lower: float = option(0.1, check_positive)
+    lr_upper: ScheduleLike | UpperOptimizer | str = option("auto", check_auto_upper, kw_only=True)  # type: ignore[assignment]
+    lr_lower: float | str = option("auto", check_auto_positive)
     lower_steps: int = option(20, check_count)
     initialization: str = option("auxiliary", check_choice, choices=("auxiliary", "warm", "cold"))
-    lr_init: ScheduleLike = option(0.1, check_step_size)
+    lr_init: ScheduleLike | str = option("auto", check_auto_step_size)
     project_y: Projection | None = option(None, check_projection)
     code_history: bool = option(False, check_bool)
 
     def build_parts(self) -> Parts:
-        return Parts(lower=LowerGD(lr=self.lr_lower, steps=self.lower_steps), unroll=Unroll(warm_start=self.initialization == "warm"))
+        if self._auto_init and not is_auto(self.lr_upper) and not callable(self.lr_upper) and not isinstance(self.lr_upper, (int, float)):
+            raise ValueError(
+                "IAPTTGM(lr_init='auto') takes the step of x for z (z is an upper-level variable): give lr_upper a number, "
+                "a schedule or 'auto', or give lr_init a number with an upper optimizer"
+            )
+        dynamics = LowerGD(lr=1.0 if is_auto(self.lr_lower) else cast(float, self.lr_lower), steps=self.lower_steps)
+        lower = TrackedLower(dynamics) if is_auto(self.lr_lower) else dynamics
+        return Parts(lower=lower, unroll=Unroll(warm_start=self.initialization == "warm"), upper=auto_upper(self.lr_upper))
 
     @cached_property
     def init_part(self) -> LearnedInit:
-        """The initialisation auxiliary z (used when ``initialization="auxiliary"``)."""
-        return LearnedInit(lr=self.lr_init, projection=self.project_y)
+        """The initialisation auxiliary z (used when ``initialization="auxiliary"``; with
+        ``lr_init="auto"`` its step is a :class:`~bilevel.auto.DoG` kept in the state)."""
+        return LearnedInit(lr=1.0 if is_auto(self.lr_init) else self.lr_init, projection=self.project_y)
+
+    @property
+    def _auto_init(self) -> bool:
+        return is_auto(self.lr_init) and self.initialization == "auxiliary"
+
+    @property
+    def joint_auto(self) -> bool:
+        """Whether (x, z) take one DoG step together (``lr_upper`` and ``lr_init`` auto, z learned)."""
+        return self._auto_init and is_auto(self.lr_upper)
+
+    def _start_of_unroll(self, state: State) -> Tree:
+        start_state = state.extra.get("unroll", EmptyState())
+        return start_state.z if self.initialization == "auxiliary" else cast(Unroll, self.parts.unroll).start(state.y, start_state)
+
+    def init(self, problem: Problem, x0: Tree = None, y0: Tree = None, batch: Any = None, validate: bool = True) -> State:
+        state = super().init(problem, x0, y0, batch, validate)
+        extra = dict(state.extra)
+        lower = self.parts.lower
+        if isinstance(lower, TrackedLower):  # s₀ from 30 power products at the first unroll's start
+            y_start = self._start_of_unroll(state)
+            matvec, _ = lower.hessian(problem, self.derivatives, state.x, y_start, batch, 0)
+            extra["lower"] = lower.start(matvec, y_start)
+        if self.joint_auto:
+            extra["joint"] = DoG().init({"x": state.x, "z": state.extra["unroll"].z})
+        return state.replace(extra=extra)
+
+    def _move_init(self, d_z: Tree, start_state: InitState, k: int) -> InitState:
+        """z's step when x does not carry it: the given s_z, or α_k (``lr_init="auto"`` with a
+        number or schedule ``lr_upper``)."""
+        if not self._auto_init:
+            return self.init_part.update(d_z, start_state, k)
+        z = T.axpy(-float(as_schedule(cast(ScheduleLike, self.lr_upper))(k)), d_z, start_state.z)
+        return InitState(z=self.project_y(z) if self.project_y is not None else z)
 
     def initial_state(self, x: Tree, y: Tree) -> State:
         state = super().initial_state(x, y)
@@ -117,7 +167,13 @@ class IAPTTGM(Assembled):
         k, x, lower = state.k, state.x, self.parts.lower
         start_state = state.extra.get("unroll", EmptyState())
         learned = self.initialization == "auxiliary"
-        y0 = start_state.z if learned else cast(Unroll, self.parts.unroll).start(state.y, start_state)
+        y0 = self._start_of_unroll(state)
+        tracked = isinstance(lower, TrackedLower)
+        if tracked:  # s from the curvature at the start of this unroll (lr_lower="auto")
+            tracker = cast(TrackedLower, lower)
+            matvec, reference_sq = tracker.hessian(problem, self.derivatives, x, y0, batch, k)
+            tracker_state = tracker.refresh(matvec, state.extra["lower"])
+            lower = tracker.dynamics_at(tracker.step_size(tracker_state))
         x_req = _requires_grad_copy(x)
         z_req = _requires_grad_copy(y0)
         inputs = T.leaves(x_req) + (T.leaves(z_req) if learned else [])
@@ -142,14 +198,32 @@ class IAPTTGM(Assembled):
         d_x = T.unflatten_like(grads[: len(T.leaves(x))], x)
         stationarity = self.projected_direction_sq(x, d_x)
         info = {"upper_loss": upper_loss.detach(), "lower_grad_sq": T.sq_norm(grad_g), "direction_sq": T.sq_norm(d_x)}
+        extra = dict(state.extra)
+        auto_info: dict = {}
         if learned:
             d_z = T.unflatten_like(grads[len(T.leaves(x)) :], y0)
             d_z_sq = T.sq_norm(d_z)
             info["direction_sq"] = info["direction_sq"] + d_z_sq
             stationarity = stationarity + d_z_sq
-            start_state = self.init_part.update(d_z, start_state, k)
         info["stationarity"] = stationarity
         info["selected_step"] = info["upper_loss"].new_tensor(float(selected))
-        x_next, opt, direction_state = self.update_x(x, d_x, state)
-        extra = {**state.extra, "unroll": start_state, "direction": direction_state}
-        return State(x=x_next, y=T.detach(trajectory[-1]), v=None, opt=opt, k=k + 1, extra=extra), info
+        opt = state.opt
+        if self.joint_auto:  # one DoG step for (x, z): the upper level of min_{x,z} max_t f
+            pair, extra["joint"] = DoG().update({"x": x, "z": start_state.z}, {"x": d_x, "z": d_z}, extra["joint"], k)
+            x_next = pair["x"] if self.parts.projection is None else self.parts.projection(pair["x"])
+            start_state = InitState(z=self.project_y(pair["z"]) if self.project_y is not None else pair["z"])
+            auto_info["lr_upper"] = auto_info["lr_init"] = DoG().step_size(extra["joint"])
+        else:
+            if learned:
+                start_state = self._move_init(d_z, start_state, k)
+            x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
+        extra["unroll"] = start_state
+        new_state = State(x=x_next, y=T.detach(trajectory[-1]), v=None, opt=opt, k=k + 1, extra=extra)
+        if isinstance(self.parts.upper, DoG) and not self.joint_auto:
+            auto_info["lr_upper"] = self.parts.upper.step_size(opt)
+        if tracked:
+            blown, tracker_state = tracker.guard(tracker_state, reference_sq, info["lower_grad_sq"], info["direction_sq"])
+            new_state = undo_where(blown, state, new_state, tracker_state)
+            auto_info.update(lr_lower=tracker.step_size(tracker_state), rollbacks=tracker_state.rollbacks)
+        info.update(auto_info)
+        return new_state, info

@@ -9,6 +9,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
+from ..auto import AdaptiveLower, DoG, JointAutoSteps, adaptive_start, auto_upper, check_auto_positive, check_auto_upper, is_auto
 from ..parts import Parts
 from ..parts.value import Shadow
 from ..problem import Problem
@@ -17,7 +18,7 @@ from ..state import EmptyState, State
 from ..tree import Tree
 from ..updates import UpperOptimizer
 from ..validation import check_choice, check_count, check_number, check_positive
-from .base import Assembled, option, upper_option
+from .base import Assembled, option
 
 __all__ = ["MEHA"]
 
@@ -28,8 +29,22 @@ def _check_power(owner: str, name: str, value: Any) -> Any:
     )
 
 
+class _Proximal:
+    """The objective of MEHA's shadow, ``θ ↦ g(x, θ) + ‖θ − y_k‖²/(2γ)`` with the anchor
+    y_k constant, as the ``lower`` of a problem (what :class:`~bilevel.auto.AdaptiveLower`
+    descends when ``lr_shadow="auto"``)."""
+
+    def __init__(self, problem: Problem, anchor: Tree, gamma: float):
+        self.upper, self._lower = problem.upper, problem.lower
+        self._anchor, self._half_inv_gamma = T.leaves(T.detach(anchor)), 0.5 / gamma
+
+    def lower(self, x: Tree, theta: Tree, batch: Any) -> torch.Tensor:
+        distance_sq = sum(((t - a) ** 2).sum() for t, a in zip(T.leaves(theta), self._anchor, strict=True))
+        return self._lower(x, theta, batch) + self._half_inv_gamma * distance_sq
+
+
 @dataclass(frozen=True)
-class MEHA(Assembled):
+class MEHA(JointAutoSteps, Assembled):
     """MEHA (Liu, Liu, Yao, Zeng & Zhang, ICML 2024): the lower level through its Moreau
     envelope ``e_γ(x, y) = min_θ g(x, θ) + ‖θ − y‖²/(2γ)``, single loop, first order, no
     lower-level convexity assumed (g weakly convex in y, γ below the inverse modulus).
@@ -61,10 +76,19 @@ class MEHA(Assembled):
     start="persistent", gamma=gamma)`` (θ), the schedule ``method.penalty_schedule`` =
     ``Polynomial(c0, −p)``, ``PlainDirection()``, the upper optimizer of ``lr_upper``.
 
+    Steps left ``"auto"`` (the default; docs/auto.md): η by adaptive gradient descent on
+    the shadow's proximal objective at fixed ``(x_k, y_k)`` (:class:`~bilevel.auto.AdaptiveLower`,
+    η₀ = 1/λ̂ of ``H + I/γ`` from 30 products at ``init``, θ kept in the state), and one
+    :class:`~bilevel.auto.DoG` for x and one for y, y's step bounded by η (d_y holds
+    ``−(y − θ)/γ``: y sees the curvature of the shadow's objective and must not outrun θ).
+    Numbers run the iteration above exactly.
+
     Args:
-        lr_upper: α, the x step (a number, a schedule or an upper optimizer).
-        lr_lower: β, the y step.
-        lr_shadow: η, the θ step.
+        lr_upper: α, the x step: ``"auto"`` (default), a number, a schedule or an upper
+            optimizer (with an optimizer, give ``lr_lower`` a number).
+        lr_lower: β, the y step: ``"auto"`` (default; β = α_k with a given number or
+            schedule ``lr_upper``) or a number.
+        lr_shadow: η, the θ step: ``"auto"`` (default) or a number.
         shadow_steps: θ steps per iteration (1 in the paper).
         gamma: γ > 0, the Moreau-envelope parameter (BOAT's ``gamma_1`` is 1/γ).
         c0: c₀ > 0.
@@ -93,9 +117,9 @@ class MEHA(Assembled):
     stationarity_doc: ClassVar[str] = "‖x − Proj(x − d_x)‖² + ‖d_y‖² of f/c_k + g − e_γ"
     uses_multiplier: ClassVar[bool] = False
 
-    lr_upper: ScheduleLike | UpperOptimizer = upper_option(0.01)
-    lr_lower: float = option(0.01, check_positive)
-    lr_shadow: float = option(0.01, check_positive)
+    lr_upper: ScheduleLike | UpperOptimizer | str = option("auto", check_auto_upper, kw_only=True)  # type: ignore[assignment]
+    lr_lower: float | str = option("auto", check_auto_positive)
+    lr_shadow: float | str = option("auto", check_auto_positive)
     shadow_steps: int = option(1, check_count)
     gamma: float = option(10.0, check_positive)
     c0: float = option(0.2, check_positive)
@@ -103,7 +127,62 @@ class MEHA(Assembled):
     order: str = option("jacobi", check_choice, choices=("jacobi", "y_first", "x_first"))
 
     def build_parts(self) -> Parts:
-        return Parts(lower=Shadow(lr=self.lr_shadow, steps=self.shadow_steps, start="persistent", gamma=self.gamma))
+        self.check_joint_steps("MEHA")
+        shadow: Any
+        if is_auto(self.lr_shadow):
+            shadow = AdaptiveLower(steps=self.shadow_steps)
+        else:
+            shadow = Shadow(lr=cast(float, self.lr_shadow), steps=self.shadow_steps, start="persistent", gamma=self.gamma)
+        return Parts(lower=shadow, upper=auto_upper(self.lr_upper))
+
+    @property
+    def joint_auto(self) -> bool:
+        """False: with both steps auto, x and y take a DoG each (:attr:`separate_lower_dog`)."""
+        return False
+
+    @property
+    def separate_lower_dog(self) -> bool:
+        """A DoG of its own for y (both steps auto), bounded by the shadow step η."""
+        return is_auto(self.lr_upper) and is_auto(self.lr_lower)
+
+    def init(self, problem: Problem, x0: Any = None, y0: Any = None, batch: Any = None, validate: bool = True) -> State:
+        state = super().init(problem, x0, y0, batch, validate)
+        extra = dict(state.extra)
+        if isinstance(self.parts.lower, AdaptiveLower):  # θ persists next to its AdGD state; η₀ = 1/λ̂(H + I/γ)
+            hvp, inv_gamma = self.derivatives.linearize(problem.lower, state.x, state.y, batch).hvp, 1.0 / self.gamma
+            extra["lower"] = adaptive_start(self.parts.lower, lambda u: T.axpy(inv_gamma, u, hvp(u)), state.y)
+            extra["theta"] = T.clone(state.y)
+        if self.separate_lower_dog:
+            extra["lower_dog"] = DoG().init(state.y)
+        return state.replace(extra=extra)
+
+    def _shadow(self, problem: Problem, x: Tree, y: Tree, batch: Any, extra: dict, k: int) -> tuple[Tree, dict, dict]:
+        """θ_{k+1} and the states it updates (and ``lr_shadow`` as a diagnostic when auto)."""
+        lower = self.parts.lower
+        if isinstance(lower, AdaptiveLower):
+            theta, _, lower_state = lower.run(_Proximal(problem, y, self.gamma), x, extra["theta"], batch, self.derivatives, extra["lower"], k)
+            return theta, {"lower": lower_state, "theta": theta}, {"lr_shadow": lower_state.beta}
+        theta, _, shadow_state = lower.run(problem, x, y, batch, self.derivatives, extra.get("lower", EmptyState()), k)
+        return theta, {"lower": shadow_state}, {}
+
+    def _shadow_step(self, extra: dict, k: int, like: Tree) -> torch.Tensor:
+        """η, the θ step in use: the bound on an auto y step. d_y holds ``−(y − θ)/γ``, so y
+        sees the curvature of θ's objective ``g + ‖θ − y‖²/(2γ)`` (at least 1/γ, whatever the
+        scale of g) and must not outrun the shadow that tracks it."""
+        lower = self.parts.lower
+        if isinstance(lower, AdaptiveLower):
+            return cast(torch.Tensor, extra["lower"].beta)
+        leaf = T.leaves(like)[0]
+        return torch.tensor(float(cast(float, self.lr_shadow)), dtype=leaf.dtype, device=leaf.device)
+
+    def _move_y(self, y: Tree, d_y: Tree, extra: dict, k: int, info: dict) -> Tree:
+        """y − β d_y: the given β, α_k (``lr_lower="auto"`` with a given ``lr_upper``) or y's own DoG."""
+        if self.separate_lower_dog:
+            dog, cap = DoG(), self._shadow_step(extra, k, d_y)
+            y_next, extra["lower_dog"] = dog.update(y, d_y, extra["lower_dog"], k, cap)
+            info["lr_lower"] = torch.minimum(dog.step_size(extra["lower_dog"]), cap)
+            return y_next
+        return T.axpy(-self.lower_step(k), d_y, y)
 
     @cached_property
     def penalty_schedule(self) -> Polynomial:
@@ -142,25 +221,28 @@ class MEHA(Assembled):
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         k, x, y = state.k, state.x, state.y
         c, inv_gamma = float(self.penalty_schedule(k)), 1.0 / self.gamma
-        theta, _, shadow_state = self.parts.lower.run(problem, x, y, batch, self.derivatives, state.extra.get("lower", EmptyState()), k)
+        extra = dict(state.extra)
+        theta, shadow_extra, auto_info = self._shadow(problem, x, y, batch, extra, k)
+        extra.update(shadow_extra)
         y_minus_theta = T.sub(y, theta)  # the proximal term's direction, and (negated) the gap's θ − y
+        opt = state.opt
         if self.order == "jacobi":
             d_x, grad_y, (upper_loss, g_y, g_theta) = self._gradients(problem, x, y, theta, batch, c, "xy")
             d_y = T.axpy(-inv_gamma, y_minus_theta, grad_y)
-            y_next = T.axpy(-self.lr_lower, d_y, y)
-            x_next, opt, direction_state = self.update_x(x, d_x, state)
+            y_next = self._move_y(y, d_y, extra, k, auto_info)
+            x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
         elif self.order == "y_first":
             _, grad_y, (upper_loss, g_y, _) = self._gradients(problem, x, y, theta, batch, c, "y")
             d_y = T.axpy(-inv_gamma, y_minus_theta, grad_y)
-            y_next = T.axpy(-self.lr_lower, d_y, y)
+            y_next = self._move_y(y, d_y, extra, k, auto_info)
             d_x, _, (_, _, g_theta) = self._gradients(problem, x, y_next, theta, batch, c, "x")  # g(x_k, θ): the gap's term
-            x_next, opt, direction_state = self.update_x(x, d_x, state)
+            x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
         else:
             d_x, _, (upper_loss, g_y, g_theta) = self._gradients(problem, x, y, theta, batch, c, "x")
-            x_next, opt, direction_state = self.update_x(x, d_x, state)
+            x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
             _, grad_y, _ = self._gradients(problem, x_next, y, theta, batch, c, "y")
             d_y = T.axpy(-inv_gamma, y_minus_theta, grad_y)
-            y_next = T.axpy(-self.lr_lower, d_y, y)
+            y_next = self._move_y(y, d_y, extra, k, auto_info)
         gap = g_y - cast(torch.Tensor, g_theta)
         # ‖θ − y‖² = ‖y − θ‖² (negation is exact); the three norms from one fused kernel
         d_x_sq, d_y_sq, distance_sq = T.sq_norms(d_x, d_y, y_minus_theta)
@@ -171,5 +253,7 @@ class MEHA(Assembled):
             "penalty": torch.scalar_tensor(c, dtype=upper_loss.dtype, device=upper_loss.device),
             "stationarity": self.projected_direction_sq(x, d_x, d_x_sq) + d_y_sq,
         }
-        extra = {**state.extra, "lower": shadow_state, "direction": direction_state}
+        if isinstance(self.parts.upper, DoG):
+            auto_info["lr_upper"] = self.parts.upper.step_size(opt)
+        info.update(auto_info)
         return State(x=x_next, y=y_next, v=None, opt=opt, k=k + 1, extra=extra), info
