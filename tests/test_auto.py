@@ -602,3 +602,23 @@ def test_iaptt_gm_auto_options_guard_and_resume(tmp_path):
     bl.solve(problem, method, max_iters=15, checkpoint=path, checkpoint_every=15)
     resumed = bl.solve(problem, method, max_iters=30, resume=path)
     torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
+
+
+def test_iaptt_gm_auto_costs_at_most_15_percent_more_than_its_unroll():
+    """The tracked step costs one gradient with its graph and one Hessian product per iteration
+    (3 gradient units), counted, against K = 20 differentiated steps and their backward."""
+    problem = T1(n=3)
+    auto = _counts(bl.IAPTTGM(lower_steps=20, lr_upper=0.1, lr_init=0.1), problem, 10)
+    explicit = _counts(bl.IAPTTGM(lower_steps=20, lr_upper=0.1, lr_lower=0.5, lr_init=0.1), problem, 10)
+    extra = _gradient_units(auto) - _gradient_units(explicit)
+    assert extra == 10 * 3, (auto, explicit)
+    assert extra <= 0.15 * 10 * (20 + 20 + 1)
+
+
+def test_meha_auto_makes_no_oracle_call_per_iteration_beyond_init():
+    """MEHA auto stays first order: after init (30 power products for η₀) it makes exactly the
+    oracle calls of the explicit steps."""
+    problem = T1(n=3)
+    auto = _counts(bl.MEHA(shadow_steps=2), problem, 10)
+    explicit = _counts(bl.MEHA(lr_upper=0.1, lr_lower=0.1, lr_shadow=0.1, shadow_steps=2), problem, 10)
+    assert _gradient_units(auto) == _gradient_units(explicit), (auto, explicit)
