@@ -290,11 +290,16 @@ def part_peak(seconds: float, names: list[str]) -> None:
     config, overrides = "hyperclean_mnist_liu", ["problem.model=linear"]
     exp = experiment(config, overrides)
     presets = load_presets(config)
-    show = lambda r: f"{r['peak']:.1f} ({r['peak_f1']:.3f}) @ {r['peak_time']:.1f} / {r['end']:.1f}"  # noqa: E731
+
+    def show(r: dict) -> str:
+        return f"{r['peak']:.1f} ({r['peak_f1']:.3f}) @ {r['peak_time']:.1f} / {r['end']:.1f}"
+
     for name, make in PEAK_HC.items():
         if name not in names:
             continue
-        preset = show(peak_run(exp, experiment(config, [*overrides, f"method.name={name}"]).method, seconds)) if name in presets else "no preset"
+        preset = "no preset"
+        if name in presets:
+            preset = show(peak_run(exp, experiment(config, [*overrides, f"method.name={name}"]).method, seconds))
         auto = peak_run(exp, make(), seconds)
         adam = peak_run(exp, make(lr_upper=bl.Adam(0.1)), seconds)
         print(f"| {name} | {preset} | {show(auto)} | {show(adam)} |", flush=True)

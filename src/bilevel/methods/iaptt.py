@@ -120,7 +120,7 @@ class IAPTTGM(Assembled):
     def init_part(self) -> LearnedInit:
         """The initialisation auxiliary z (used when ``initialization="auxiliary"``; with
         ``lr_init="auto"`` its step is a :class:`~bilevel.auto.DoG` kept in the state)."""
-        return LearnedInit(lr=1.0 if is_auto(self.lr_init) else self.lr_init, projection=self.project_y)
+        return LearnedInit(lr=1.0 if is_auto(self.lr_init) else cast(ScheduleLike, self.lr_init), projection=self.project_y)
 
     @property
     def _auto_init(self) -> bool:

@@ -160,7 +160,8 @@ class MEHA(JointAutoSteps, Assembled):
         """θ_{k+1} and the states it updates (and ``lr_shadow`` as a diagnostic when auto)."""
         lower = self.parts.lower
         if isinstance(lower, AdaptiveLower):
-            theta, _, lower_state = lower.run(_Proximal(problem, y, self.gamma), x, extra["theta"], batch, self.derivatives, extra["lower"], k)
+            proximal = cast(Problem, _Proximal(problem, y, self.gamma))  # the one objective AdaptiveLower reads: .lower
+            theta, _, lower_state = lower.run(proximal, x, extra["theta"], batch, self.derivatives, extra["lower"], k)
             return theta, {"lower": lower_state, "theta": theta}, {"lr_shadow": lower_state.beta}
         theta, _, shadow_state = lower.run(problem, x, y, batch, self.derivatives, extra.get("lower", EmptyState()), k)
         return theta, {"lower": shadow_state}, {}
