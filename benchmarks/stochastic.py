@@ -55,6 +55,21 @@ BEST_QUADRATIC = {
 METHODS = tuple(BEST_QUADRATIC)
 
 
+AUTO_METHODS = ("SOBA", "MASOBA", "SABA", "SRBA", "StocBiO", "AmIGO")
+
+
+def make_auto(name: str, params: dict, inner_steps: int = 10) -> bl.Method:
+    """The method with no step size given (docs/auto.md), the benchmark's other settings."""
+    if name in ("StocBiO", "AmIGO"):
+        inner = {"lower_steps": inner_steps, ("neumann_steps" if name == "StocBiO" else "dual_steps"): inner_steps}
+        return getattr(bl, name)(**inner)
+    if name == "SRBA":
+        return bl.SRBA(period_frac=params.get("period_frac", 0.5))
+    if name in AUTO_METHODS:
+        return getattr(bl, name)()
+    raise ValueError(f"{name} has no auto steps; choose from {', '.join(AUTO_METHODS)}")
+
+
 def make_method(name: str, params: dict, inner_steps: int = 10) -> bl.Method:
     """Our method with benchopt's parameters (their conventions: η = β, T = K = N = 10)."""
     beta, ratio = params["step_size"], params["outer_ratio"]
@@ -198,6 +213,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (data drawn on the CPU, then moved; timings synchronise the device)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--png", default=None)
+    parser.add_argument("--auto", action="store_true", help='also each method with no step size given ("auto", docs/auto.md)')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -213,8 +229,10 @@ def main(argv=None) -> dict:
         x0, y0, best = None, None, BEST_DATACLEANING
     print(f"# {environment(args.device)}, {problem.name}, batch {args.batch_size}, {args.dtype}")
     results: dict = {}
-    for name in args.methods:
-        method = make_method(name, best[name])
+    entries = [(name, make_method(name, best[name])) for name in args.methods if name in best]
+    if args.auto:
+        entries += [(f"{name} auto", make_auto(name, best.get(name, {}))) for name in args.methods if name in AUTO_METHODS]
+    for name, method in entries:
         runs = []
         for seed in range(1, args.seeds + 1):
             streams = make_streams(batch_size=args.batch_size, seed=seed)
@@ -224,7 +242,7 @@ def main(argv=None) -> dict:
         its = statistics.median(records[-1]["iteration"] for records in runs)
         low, mid = finals[len(finals) // 5], statistics.median(finals)
         what = "‖∇F‖²" if metric is None or args.problem == "logreg" else "test error"
-        print(f"{name:8s} median best {what} {mid:.3e}  [20%: {low:.3e}]  iterations in {args.budget:g}s: {its:.0f}")
+        print(f"{name:13s} median best {what} {mid:.3e}  [20%: {low:.3e}]  iterations in {args.budget:g}s: {its:.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results))
     if args.png:

@@ -622,3 +622,86 @@ def test_meha_auto_makes_no_oracle_call_per_iteration_beyond_init():
     auto = _counts(bl.MEHA(shadow_steps=2), problem, 10)
     explicit = _counts(bl.MEHA(lr_upper=0.1, lr_lower=0.1, lr_shadow=0.1, shadow_steps=2), problem, 10)
     assert _gradient_units(auto) == _gradient_units(explicit), (auto, explicit)
+
+
+# --------------------------------------------------------------------------- stochastic family
+
+
+def _finite_sum():
+    return bl.problems.finite_sum_quadratic(n_lower=64, n_upper=32, dim_x=3, dim_y=4, mu=0.5, seed=0)
+
+
+@pytest.mark.parametrize("s", [1e-3, 1.0, 1e3])
+def test_the_stochastic_family_with_no_step_size_is_scale_free(s):
+    """β = c_k/λ̂ (the tracked lower curvature) and DoG on x: f and g scaled by s give the same
+    iterates' errors. Full batch, SABA, SRBA and AmIGO reach x* to 1e-10, StocBiO (K = 100
+    Neumann factors: its truncation bias) to 1e-8, SOBA and MA-SOBA (decaying β) to 1e-3; on
+    the streams SABA and SRBA (variance reduced) still reach 1e-10. The docstring example's
+    steps diverge at × 1e3."""
+    base = _finite_sum()
+    problem = scaled(base, s)
+
+    def error(result):
+        return float((result.x["x"] - base.x_star["x"]).norm() / base.x_star["x"].norm())
+
+    cases = [
+        (bl.SABA(), 1e-10, 600),
+        (bl.SRBA(), 1e-10, 600),
+        (bl.AmIGO(lower_steps=2, dual_steps=2), 1e-10, 300),
+        (bl.StocBiO(lower_steps=2, neumann_steps=100), 1e-8, 300),
+        (bl.SOBA(), 1e-3, 600),
+        (bl.MASOBA(), 1e-3, 600),
+    ]
+    for method, tol, iters in cases:
+        full = bl.solve(problem, method, data=None, max_iters=iters, log_every=iters)
+        assert error(full) <= tol, (method.name, error(full))
+        assert {"lr_lower", "lr_upper"} <= set(full.history[-1])
+    for method in (bl.SABA(), bl.SRBA()):
+        streamed = bl.solve(problem, method, data=base.streams(batch_size=16, seed=1), max_iters=600, log_every=600)
+        assert error(streamed) <= 1e-10, (method.name, error(streamed))
+    if s == 1e3:
+        example = bl.SABA(lr_lower=0.3, lr_upper=0.3)
+        assert (
+            bl.solve(problem, example, data=base.streams(batch_size=16, seed=1), max_iters=100, on_divergence="status").status
+            is bl.Status.DIVERGED
+        )
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: bl.SOBA(), lambda: bl.SABA(), lambda: bl.AmIGO(lower_steps=5, dual_steps=5)], ids=["SOBA", "SABA", "AmIGO"]
+)
+def test_the_stochastic_auto_step_follows_a_growing_curvature(make):
+    """Learned log-penalties (H from I to 148 I along the path): the tracked λ̂ ends near 148
+    (β = 0.5/λ̂ below 2/λ_max at x*) and x reaches x* to 1e-10, where β fixed at 1/λ_max(x₀)
+    diverges."""
+    problem = growing()
+    method = make()
+    state = method.init(problem)
+    for _ in range(1500):
+        state, _ = method.step(problem, state)
+    assert rel_error(state.x, problem) <= 1e-10
+    lam_star = float(torch.exp(problem.x_star["x"]).max())  # λ_max(H(x*)) ≈ 148
+    assert abs(float(state.extra["curvature"].lam) / lam_star - 1.0) < 0.05
+    fixed = method.replace(lr_lower=1.0, lr_upper=0.5)
+    assert bl.solve(problem, fixed, data=None, max_iters=1500, on_divergence="status").status is bl.Status.DIVERGED
+
+
+def test_the_stochastic_auto_steps_cost_at_most_15_percent_and_resume_exactly(tmp_path):
+    """One refreshing product every 10 iterations (single loop) or 2 (double loop), counted;
+    a checkpointed auto run on streams resumes exactly (λ̂, u and DoG in the state)."""
+    problem = _finite_sum()
+    for auto, explicit in (
+        (bl.SOBA(), bl.SOBA(lr_lower=0.1, lr_upper=0.1)),
+        (bl.SABA(), bl.SABA(lr_lower=0.1, lr_upper=0.1)),
+        (bl.StocBiO(), bl.StocBiO(lr_lower=0.1, lr_upper=0.1)),
+        (bl.AmIGO(), bl.AmIGO(lr_lower=0.1, lr_upper=0.1)),
+    ):
+        a, e = _gradient_units(_counts(auto, problem, 20)), _gradient_units(_counts(explicit, problem, 20))
+        assert e < a <= 1.15 * e, (auto.name, a, e)
+    method = bl.SOBA()
+    straight = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=40)
+    path = tmp_path / "soba.pt"
+    bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=25, checkpoint=path, checkpoint_every=25)
+    resumed = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=40, resume=path)
+    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
+    torch.testing.assert_close(resumed.v, straight.v, rtol=0, atol=0)

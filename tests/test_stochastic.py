@@ -360,7 +360,7 @@ def test_streams_on_another_device_are_refused_at_init(p):
 
 
 def test_full_draws_make_the_stochastic_methods_deterministic(p):
-    a = _run(p, bl.SABA(), 5, None)
+    a = _run(p, bl.SABA(lr_lower=0.1, lr_upper=0.1), 5, None)
     b = _run(p, bl.SOBA(lr_lower=0.1, lr_upper=0.1), 5, None)
     assert torch.allclose(a.x["x"], b.x["x"], atol=1e-14)  # full-batch SABA is SOBA with constant steps
     assert as_draws(None).lower_blocks == 1

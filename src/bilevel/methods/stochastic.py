@@ -12,6 +12,14 @@ multiplier), α (upper); benchopt's ``step_size`` is β₀ and ``outer_ratio`` r
 α₀ = β₀ / r (:func:`benchmark_steps` converts). All single-loop oracles are taken at
 ``(x_k, y_k, v_k)`` and all variables then move (the Jacobi order of the papers' code).
 
+Steps left ``"auto"`` (the default of SOBA, MA-SOBA, SABA, SRBA, StocBiO, AmIGO; docs/auto.md):
+``β_k = c_k/λ̂`` with λ̂ the top eigenvalue of the lower Hessian, tracked by a warm-started
+power iteration on lower batches (:class:`~bilevel.auto.CurvatureTracker`: 30 products at
+``init``, one every 10 iterations, every 2 for the double loop) and ``c_k`` the method's
+unit-curvature shape (SOBA ``0.5 (k+1)^{−1/2}``, the others 0.5); the multiplier's step
+follows β; α by :class:`~bilevel.auto.DoG`. F2SA's steps stay numbers (its penalty λ
+weighs g against f, so rescaling g is not neutral for it).
+
 Diagnostics: ``upper_loss`` (f on the upper batch), ``lower_grad_sq`` (‖∇_y g‖² on the
 lower batch), ``direction_sq`` and ``stationarity`` (‖D_x‖², the squared norm of the
 stochastic hypergradient estimate; the true ‖∇F‖² needs the problem's closed form).
@@ -26,6 +34,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
+from ..auto import CurvatureTracker, DoG, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
 from ..parts import DirectionNorm, DualCorrection, FixedStep, Parts, PlainDirection
 from ..parts.stochastic import (
     AveragedDirection,
@@ -70,8 +79,12 @@ def _no_product(v: Tree) -> Tree:
     raise RuntimeError("the single-loop dual step is given D_v; it forms no product")  # pragma: no cover
 
 
+def _check_auto_or_none(owner: str, name: str, value: Any) -> Any:
+    return value if value is None else check_auto_positive(owner, name, value)
+
+
 def _check_step_or_none(owner: str, name: str, value: Any) -> Any:
-    return value if value is None else check_step_size(owner, name, value)
+    return value if value is None else check_auto_step_size(owner, name, value)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +93,64 @@ class Stochastic(Assembled):
     device check at ``init``, the oracles of a point on separate batches."""
 
     stationarity_doc: ClassVar[str] = "‖D_x‖² (the stochastic hypergradient estimate)"
+    #: the unit-curvature shape c_k = c (k+1)^{−p} of the auto lower and dual steps, β_k = c_k / λ̂
+    auto_lower_scale: ClassVar[float] = 0.5
+    auto_lower_power: ClassVar[float] = 0.0
+    #: iterations between two refreshes of λ̂ (:class:`~bilevel.auto.CurvatureTracker`)
+    curvature_every: ClassVar[int] = 10
+
+    lr_upper: Any = option("auto", check_auto_upper, kw_only=True)
+
+    @property
+    def auto_lower(self) -> bool:
+        """Whether y's step is auto (``lr_lower="auto"``)."""
+        return is_auto(getattr(self, "lr_lower", None))
+
+    @property
+    def auto_dual(self) -> bool:
+        """Whether the multiplier's step is auto (given as ``"auto"``, or left to follow an auto β)."""
+        dual = getattr(self, self.dual_option, None) if self.dual_option else None
+        return is_auto(dual) or (dual is None and self.auto_lower and self.dual_option is not None)
+
+    #: the name of the method's multiplier-step option (``None``: no multiplier)
+    dual_option: ClassVar[str | None] = None
+
+    @property
+    def auto_lower_shape(self) -> ScheduleLike:
+        """The unit-curvature shape ``c (k+1)^{−p}`` of the auto steps (a number when p = 0)."""
+        power = self.auto_lower_power
+        return Polynomial(self.auto_lower_scale, power) if power else self.auto_lower_scale
+
+    @cached_property
+    def curvature(self) -> CurvatureTracker | None:
+        """The lower-curvature tracker of the auto steps (``None`` when every step is given)."""
+        return CurvatureTracker(every=self.curvature_every) if (self.auto_lower or self.auto_dual) else None
+
+    def lower_shape(self) -> ScheduleLike:
+        """β's schedule for :class:`~bilevel.parts.LowerSGD`: the unit-curvature shape when auto."""
+        return self.auto_lower_shape if self.auto_lower else cast(ScheduleLike, cast(Any, self).lr_lower)
+
+    def track_curvature(self, problem: Problem, x: Tree, y: Tree, draws: Any, state: Any, k: int) -> tuple[Any, torch.Tensor | None]:
+        """``(curvature state, 1/λ̂)`` for iteration k: refreshed by one product when due."""
+        tracker = self.curvature
+        if tracker is None:
+            return state, None
+        if tracker.due(k):
+            state = tracker.refresh(self.derivatives.linearize(problem.lower, x, y, draws.lower(0)).hvp, state)
+        return state, tracker.inverse(state)
+
+    def auto_info(self, state: State, inverse: torch.Tensor | None, k: int) -> dict:
+        """The auto steps in use, in the problem's units: ``lr_lower``, ``lr_dual``, ``lr_upper``."""
+        info: dict = {}
+        if inverse is not None:
+            shape = float(as_schedule(self.auto_lower_shape)(k))
+            if self.auto_lower:
+                info["lr_lower"] = shape * inverse
+            if self.auto_dual:
+                info["lr_dual"] = shape * inverse
+        if isinstance(self.parts.upper, DoG):
+            info["lr_upper"] = self.parts.upper.step_size(state.opt)
+        return info
 
     def init(self, problem: Problem, x0: Tree = None, y0: Tree = None, batch: Any = None, validate: bool = True) -> State:
         """The initial state; checks x, y, the objectives on the first upper and lower
@@ -101,7 +172,11 @@ class Stochastic(Assembled):
         x, y = T.clone(x0), T.clone(y0)
         if self.parts.projection is not None:
             x = self.parts.projection(x)
-        return self.start(problem, self.initial_state(x, y), draws)
+        state = self.start(problem, self.initial_state(x, y), draws)
+        if self.curvature is not None:  # λ̂ from 30 products on the first lower batch
+            curvature = self.curvature.start(self.derivatives.linearize(problem.lower, x, y, draws.lower(0)).hvp, y)
+            state = state.replace(extra={**state.extra, "curvature": curvature})
+        return state
 
     def start(self, problem: Problem, state: State, draws: Any) -> State:
         """The states that need the data (SAGA tables); none by default."""
@@ -132,8 +207,10 @@ class SingleLoop(Stochastic):
     :class:`~bilevel.parts.SarahEstimate`) and, optionally, :meth:`build_direction`.
     """
 
-    lr_lower: ScheduleLike = option(0.1, check_step_size)
-    lr_dual: ScheduleLike | None = option(None, _check_step_or_none)
+    dual_option: ClassVar[str | None] = "lr_dual"
+
+    lr_lower: ScheduleLike | str = option("auto", check_auto_step_size)
+    lr_dual: ScheduleLike | str | None = option(None, _check_step_or_none)
 
     def build_estimator(self) -> Any:
         return PlainEstimate()
@@ -147,13 +224,14 @@ class SingleLoop(Stochastic):
         return self.build_estimator()
 
     def build_parts(self) -> Parts:
-        dual = self.lr_lower if self.lr_dual is None else self.lr_dual
+        dual = self.auto_lower_shape if self.auto_dual else (self.lr_lower if self.lr_dual is None else self.lr_dual)
         return Parts(
-            lower=LowerSGD(lr=self.lr_lower, steps=1),
-            multiplier=DualCorrection(FixedStep(dual)),
+            lower=LowerSGD(lr=self.lower_shape(), steps=1),
+            multiplier=DualCorrection(FixedStep(cast(ScheduleLike, dual))),
             direction=self.build_direction(),
             measure=DirectionNorm(),
             order="jacobi",
+            upper=auto_upper(self.lr_upper),
         )
 
     def initial_state(self, x: Tree, y: Tree) -> State:
@@ -169,16 +247,24 @@ class SingleLoop(Stochastic):
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         parts, k, extra = self.parts, state.k, state.extra
         draws = as_draws(batch)
+        curvature, inverse = self.track_curvature(problem, state.x, state.y, draws, extra.get("curvature"), k)
         (d_y, d_v, d_x), o, estimator_state = self.estimator.estimate(
             self.evaluator(problem), state.x, state.y, state.v, draws, extra["estimator"], k
         )
-        y = cast(LowerSGD, parts.lower).apply_at(state.y, d_y, k)
+        y = cast(LowerSGD, parts.lower).apply_at(state.y, d_y, k, inverse if self.auto_lower else None)
+        if inverse is not None and self.auto_dual:  # η_k = c_k/λ̂: the scale on D_v
+            d_v = T.scale(inverse, d_v)
         # v − η_k D_v: the dual correction with D_v given as its residual "H v − b" (b = 0)
         solve, multiplier_state = cast(DualCorrection, parts.multiplier).update(_no_product, None, state.v, extra["multiplier"], k, hv=d_v)
         info = self.report(o.upper_loss, o.grad_y_g, state.x, d_x)
         x, opt, direction_state = self.update_x(state.x, d_x, state)
         extra = {**extra, "multiplier": multiplier_state, "direction": direction_state, "estimator": estimator_state}
-        return State(x=x, y=y, v=solve.v, opt=opt, k=k + 1, extra=extra), info
+        if curvature is not None:
+            extra["curvature"] = curvature
+        new_state = State(x=x, y=y, v=solve.v, opt=opt, k=k + 1, extra=extra)
+        if inverse is not None or isinstance(parts.upper, DoG):
+            info.update(self.auto_info(new_state, inverse, k))
+        return new_state, info
 
 
 _SOBA_STEP = Polynomial(0.1, 0.5)
@@ -207,9 +293,10 @@ class SOBA(SingleLoop):
     batch. Memory: x, y, v.
 
     Args:
-        lr_lower: β_k (default ``0.1 (k+1)^{−1/2}``, the benchmark's schedule).
-        lr_dual: η_k (default: β_k, as the benchmark).
-        lr_upper: α_k (default ``0.1 (k+1)^{−1/2}``); any upper optimizer.
+        lr_lower: β_k: ``"auto"`` (default: ``0.5 (k+1)^{−1/2}/λ̂``, λ̂ the tracked lower
+            curvature, docs/auto.md), a number or a schedule (the benchmark's: ``0.1 (k+1)^{−1/2}``).
+        lr_dual: η_k (default: β_k, as the benchmark; ``"auto"`` alone is accepted).
+        lr_upper: α_k: ``"auto"`` (default, DoG), a number, a schedule or an upper optimizer.
 
     Guarantee (paper): ``(1/K) Σ E‖∇F(x_k)‖² = O(log K/√K)`` with steps ∝ k^{−1/2}, under
     third-order smoothness. With constant steps it stalls at an O(step) noise floor.
@@ -227,8 +314,7 @@ class SOBA(SingleLoop):
     """
 
     name: ClassVar[str] = "SOBA"
-    lr_upper: Any = upper_option(_SOBA_STEP)
-    lr_lower: ScheduleLike = option(_SOBA_STEP, check_step_size, kw_only=True)
+    auto_lower_power: ClassVar[float] = 0.5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -246,9 +332,10 @@ class MASOBA(SingleLoop):
     Cost per iteration: as SOBA (``1 Gy + 1 HJ + 1 Gf``), plus one d_x buffer h.
 
     Args:
-        lr_lower: β (default 0.1, constant as the paper).
+        lr_lower: β: ``"auto"`` (default: ``0.5/λ̂``, constant as the paper) or a number.
         lr_dual: η (default β).
-        lr_upper: α (default 0.01; keep α small relative to θ: averaging adds lag).
+        lr_upper: α: ``"auto"`` (default, DoG) or given (keep α small relative to θ:
+            averaging adds lag; the paper's experiments: 0.01).
         theta: θ in (0, 1] (default 0.1).
 
     Guarantee (paper): ``(1/K) Σ E‖∇F(x_k)‖² = O(K^{−1/2})`` with constant steps of order
@@ -267,7 +354,6 @@ class MASOBA(SingleLoop):
     """
 
     name: ClassVar[str] = "MASOBA"
-    lr_upper: Any = upper_option(0.01)
     theta: float = option(0.1, check_fraction, low_open=True, high_open=False)
 
     def build_direction(self) -> Any:
@@ -296,7 +382,8 @@ class SABA(SingleLoop):
     ``copy.deepcopy(state)`` branches a run.
 
     Args:
-        lr_lower: β (default 0.1).  lr_dual: η (default β).  lr_upper: α (default 0.1).
+        lr_lower: β: ``"auto"`` (default: ``0.5/λ̂``) or a number.  lr_dual: η (default β).
+        lr_upper: α: ``"auto"`` (default, DoG) or given.
         init_memory: ``"zero"`` (the benchmark's) or ``"full"`` (a pass at the start).
 
     Example:
@@ -334,7 +421,8 @@ class SRBA(SingleLoop):
     (x, y, v) and three directions (nothing per sample).
 
     Args:
-        lr_lower: β (default 0.1).  lr_dual: η (default β).  lr_upper: α (default 0.1).
+        lr_lower: β: ``"auto"`` (default: ``0.5/λ̂``) or a number.  lr_dual: η (default β).
+        lr_upper: α: ``"auto"`` (default, DoG) or given.
         period_frac: the benchmark's ``period_frac`` (default 0.5).  period: q itself.
 
     Guarantee (paper): O((n + m)^{1/2} ε^{−1}) oracle calls to an ε-stationary point,
@@ -366,42 +454,62 @@ class DoubleLoop(Stochastic):
     product on one more fresh batch, one upper step. Lower draws of iteration k:
     0 … T−1 (y steps), T … T+K−1 (Hessian products), T+K (J v)."""
 
-    lr_lower: ScheduleLike = option(0.1, check_step_size)
+    curvature_every: ClassVar[int] = 2
+
+    lr_lower: ScheduleLike | str = option("auto", check_auto_step_size)
     lower_steps: int = option(10, check_count)
 
     def build_multiplier(self) -> Any:  # pragma: no cover - implemented by the presets
         raise NotImplementedError
 
     def build_parts(self) -> Parts:
-        return Parts(lower=LowerSGD(lr=self.lr_lower, steps=self.lower_steps), multiplier=self.build_multiplier(), measure=DirectionNorm())
+        return Parts(
+            lower=LowerSGD(lr=self.lower_shape(), steps=self.lower_steps),
+            multiplier=self.build_multiplier(),
+            measure=DirectionNorm(),
+            upper=auto_upper(self.lr_upper),
+        )
+
+    def dual_step(self, k: int, given: Any, inverse: torch.Tensor | None) -> Any:
+        """The multiplier's step: the given number, β_k (``None``), or c_k/λ̂ (auto)."""
+        if self.auto_dual:
+            return float(as_schedule(self.auto_lower_shape)(k)) * cast(torch.Tensor, inverse)
+        return cast(LowerSGD, self.parts.lower).schedule(k) if given is None else given
 
     def initial_state(self, x: Tree, y: Tree) -> State:
         state = super().initial_state(x, y)
         return state.replace(v=T.zeros_like(y), extra={**state.extra, "multiplier": EmptyState()})
 
-    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int) -> Tree:  # pragma: no cover - presets
+    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int, inverse: torch.Tensor | None = None) -> Tree:  # pragma: no cover
         raise NotImplementedError
 
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         parts, oracles, k, x = self.parts, self.derivatives, state.k, state.x
         draws = as_draws(batch)
         lower = cast(LowerSGD, parts.lower)
+        curvature, inverse = self.track_curvature(problem, x, state.y, draws, state.extra.get("curvature"), k)
+        scale = inverse if self.auto_lower else None
         y, grad_y_g = state.y, None
         for t in range(lower.steps):
-            y, grad_y_g = lower.step(problem, x, y, draws, t, oracles, k)
+            y, grad_y_g = lower.step(problem, x, y, draws, t, oracles, k, scale)
         grad_x_f, grad_y_f, value = oracles.gradients(problem.upper, x, y, draws.upper(0))
         first = lower.steps
 
         def matvec_at(q: int) -> Any:
             return oracles.linearize(problem.lower, x, y, draws.lower(first + q)).hvp
 
-        v = self.multiplier_of(matvec_at, grad_y_f, state.v, k)
+        v = self.multiplier_of(matvec_at, grad_y_f, state.v, k, inverse)
         jv = oracles.linearize(problem.lower, x, y, draws.lower(first + self.hessian_draws)).mixed(v)
         direction = T.sub(grad_x_f, jv)
         info = self.report(value, grad_y_g, x, direction)
         x_next, opt, direction_state = self.update_x(x, direction, state)
         extra = {**state.extra, "direction": direction_state}
-        return State(x=x_next, y=y, v=v, opt=opt, k=k + 1, extra=extra), info
+        if curvature is not None:
+            extra["curvature"] = curvature
+        new_state = State(x=x_next, y=y, v=v, opt=opt, k=k + 1, extra=extra)
+        if inverse is not None or isinstance(parts.upper, DoG):
+            info.update(self.auto_info(new_state, inverse, k))
+        return new_state, info
 
     @property
     def hessian_draws(self) -> int:
@@ -434,9 +542,9 @@ class StocBiO(DoubleLoop):
     batches and 1 upper batch.
 
     Args:
-        lr_lower: β, a number or a schedule (default 0.1).  lower_steps: T (default 10).
+        lr_lower: β: ``"auto"`` (default: ``0.5/λ̂``), a number or a schedule.  lower_steps: T (default 10).
         neumann_steps: K (default 10).  lr_neumann: η (default β_k, as the benchmark).
-        lr_upper: α (default 0.1).
+        lr_upper: α: ``"auto"`` (default, DoG) or given.
 
     Example:
         >>> import bilevel as bl
@@ -450,14 +558,15 @@ class StocBiO(DoubleLoop):
     """
 
     name: ClassVar[str] = "StocBiO"
+    dual_option: ClassVar[str | None] = "lr_neumann"
     neumann_steps: int = option(10, check_count, minimum=0)
-    lr_neumann: float | None = option(None, check_positive, allow_none=True)
+    lr_neumann: float | str | None = option(None, _check_auto_or_none)
 
     def build_multiplier(self) -> Any:
-        return StochasticNeumann(steps=self.neumann_steps, lr=self.lr_neumann)
+        return StochasticNeumann(steps=self.neumann_steps, lr=None if is_auto(self.lr_neumann) else cast(float | None, self.lr_neumann))
 
-    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int) -> Tree:
-        eta = cast(LowerSGD, self.parts.lower).schedule(k) if self.lr_neumann is None else self.lr_neumann
+    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int, inverse: torch.Tensor | None = None) -> Tree:
+        eta = self.dual_step(k, self.lr_neumann, inverse)
         return cast(StochasticNeumann, self.parts.multiplier).solve(matvec_at, b, eta)
 
 
@@ -481,9 +590,9 @@ class AmIGO(DoubleLoop):
     Cost per iteration: ``T Gy + 1 Gf + N H + 1 J``; T + N + 1 lower batches, 1 upper.
 
     Args:
-        lr_lower: β, a number or a schedule (default 0.1).  lower_steps: T (default 10).
+        lr_lower: β: ``"auto"`` (default: ``0.5/λ̂``), a number or a schedule.  lower_steps: T (default 10).
         dual_steps: N (default 10).  lr_dual: η (default β_k, as the benchmark).
-        lr_upper: α (default 0.1).
+        lr_upper: α: ``"auto"`` (default, DoG) or given.
 
     Example:
         >>> import bilevel as bl
@@ -497,14 +606,15 @@ class AmIGO(DoubleLoop):
     """
 
     name: ClassVar[str] = "AmIGO"
+    dual_option: ClassVar[str | None] = "lr_dual"
     dual_steps: int = option(10, check_count)
-    lr_dual: float | None = option(None, check_positive, allow_none=True)
+    lr_dual: float | str | None = option(None, _check_auto_or_none)
 
     def build_multiplier(self) -> Any:
-        return DualSteps(steps=self.dual_steps, lr=self.lr_dual)
+        return DualSteps(steps=self.dual_steps, lr=None if is_auto(self.lr_dual) else cast(float | None, self.lr_dual))
 
-    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int) -> Tree:
-        eta = cast(LowerSGD, self.parts.lower).schedule(k) if self.lr_dual is None else self.lr_dual
+    def multiplier_of(self, matvec_at: Any, b: Tree, v: Tree, k: int, inverse: torch.Tensor | None = None) -> Tree:
+        eta = self.dual_step(k, self.lr_dual, inverse)
         return cast(DualSteps, self.parts.multiplier).solve(matvec_at, b, eta, v)
 
 

@@ -316,11 +316,19 @@ class LowerSGD:
     def averaging(self, k: int) -> float:
         return 0.0
 
-    def step(self, problem: Problem, x: Tree, y: Tree, batch: Any, t: int, oracles: Oracles, k: int = 0) -> tuple[Tree, Tree]:
-        """One step on the lower draw t of ``batch`` (a :class:`~bilevel.streams.Draws`, or a batch)."""
+    def step(
+        self, problem: Problem, x: Tree, y: Tree, batch: Any, t: int, oracles: Oracles, k: int = 0, scale: torch.Tensor | None = None
+    ) -> tuple[Tree, Tree]:
+        """One step on the lower draw t of ``batch`` (a :class:`~bilevel.streams.Draws`, or a
+        batch); ``scale`` multiplies β_k (the auto steps' 1/λ̂)."""
         lower = batch.lower(t) if hasattr(batch, "lower_block") else batch
         grad_g, _ = oracles.gradient_y(problem.lower, x, y, lower)
-        return T.axpy(-self.schedule(k), grad_g, y), grad_g
+        return T.axpy(-self.step_size(k, scale), grad_g, y), grad_g
+
+    def step_size(self, k: int, scale: torch.Tensor | None = None) -> Any:
+        """β_k, times ``scale`` when one is given."""
+        beta = self.schedule(k)
+        return beta if scale is None else beta * scale
 
     def run(
         self, problem: Problem, x: Tree, y: Tree, batch: Any, oracles: Oracles, state: Any = None, k: int = 0
@@ -336,9 +344,9 @@ class LowerSGD:
     def apply(self, y: Tree, gradient: Tree) -> Tree:
         return self.apply_at(y, gradient, 0)
 
-    def apply_at(self, y: Tree, gradient: Tree, k: int) -> Tree:
+    def apply_at(self, y: Tree, gradient: Tree, k: int, scale: torch.Tensor | None = None) -> Tree:
         """``y − β_k D_y`` from a direction the caller has (the single-loop methods)."""
-        return T.axpy(-self.schedule(k), gradient, y)
+        return T.axpy(-self.step_size(k, scale), gradient, y)
 
 
 MatVecAt = Callable[[int], Callable[[Tree], Tree]]
