@@ -280,15 +280,17 @@ PEAK_HC = {  # the auto configuration, and the same with Adam(0.1) on x (lower a
 }
 
 
-def part_peak(seconds: float, names: list[str]) -> None:
+def part_peak(seconds: float, names: list[str], config: str = "hyperclean_mnist_liu") -> None:
     """Hyper-cleaning's test accuracy peaks and then falls for every configuration, tuned
     presets included (the weights over-fit the validation loss), so runs are compared at
     their peak within ``seconds``, and at the end."""
-    print(f"\n## Peak test accuracy within {seconds:g} s, MNIST linear (2000/1000/2000, 50 % noise, evaluated every 0.5 s)\n")
-    print("| method | preset: peak (F1) @ s / end | auto | auto, lr_upper=Adam(0.1) |")
-    print("|---|---|---|---|")
-    config, overrides = "hyperclean_mnist_liu", ["problem.model=linear"]
+    print(f"\n## Peak test accuracy within {seconds:g} s, {config} linear (2000/1000/2000, 50 % noise, evaluated every 0.5 s)\n")
+    overrides = ["problem.model=linear"]
     exp = experiment(config, overrides)
+    base = exp.baseline()
+    print(f"(no cleaning: F1 {base['f1']:.3f}, test accuracy {base['test_accuracy']:.1f})\n")
+    print("| method | preset: peak (F1) @ s / end | auto | auto, lr_upper=Adam(0.1) | auto, lr_upper=AdamDoG() |")
+    print("|---|---|---|---|---|")
     presets = load_presets(config)
 
     def show(r: dict) -> str:
@@ -302,7 +304,8 @@ def part_peak(seconds: float, names: list[str]) -> None:
             preset = show(peak_run(exp, experiment(config, [*overrides, f"method.name={name}"]).method, seconds))
         auto = peak_run(exp, make(), seconds)
         adam = peak_run(exp, make(lr_upper=bl.Adam(0.1)), seconds)
-        print(f"| {name} | {preset} | {show(auto)} | {show(adam)} |", flush=True)
+        adam_dog = peak_run(exp, make(lr_upper=bl.auto.AdamDoG()), seconds)
+        print(f"| {name} | {preset} | {show(auto)} | {show(adam)} | {show(adam_dog)} |", flush=True)
 
 
 def load_presets(config: str) -> dict:
@@ -353,6 +356,7 @@ def main() -> None:
     parser.add_argument("--zoo-iters", type=int, default=3000)
     parser.add_argument("--methods", default=",".join(PEAK_HC), help="hyper-cleaning methods (comma-separated)")
     parser.add_argument("--peak-seconds", type=float, default=12.0, help="stepping time of each run of the peak part")
+    parser.add_argument("--peak-configs", default="hyperclean_mnist_liu,hyperclean_fashion_liu", help="configurations of the peak part")
     parser.add_argument("--mlp", action="store_true", help="also the PBGD MLP (MNIST)")
     parser.add_argument(
         "--device", default="cpu", help="cpu or cuda: the toy parts (zoo, growing, cost); the hyper-cleaning parts stay on the CPU"
@@ -379,7 +383,8 @@ def main() -> None:
             settings.append(("MNIST PBGD MLP", "hyperclean_mnist_pbgd", []))
         part_hyperclean(args.seconds, settings, args.methods.split(","))
     if "peak" in parts:
-        part_peak(args.peak_seconds, args.methods.split(","))
+        for config in args.peak_configs.split(","):
+            part_peak(args.peak_seconds, args.methods.split(","), config)
     if "walltime" in parts:
         part_walltime()
     if "grid" in parts:

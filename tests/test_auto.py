@@ -705,3 +705,47 @@ def test_the_stochastic_auto_steps_cost_at_most_15_percent_and_resume_exactly(tm
     resumed = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=40, resume=path)
     torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
     torch.testing.assert_close(resumed.v, straight.v, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- AdamDoG
+
+
+@pytest.mark.parametrize("s", [1e-3, 1.0, 1e3])
+def test_adam_dog_is_scale_free_and_reaches_x_star_on_t1(s):
+    """DoG along Adam's direction as every seed method's upper step, lower and dual steps
+    auto: the same errors at curvature × 1e-3, 1 and 1e3, x* reached (sl-BAMM with a μ_k
+    decaying as (k+1)^{-3}, as in the zoo)."""
+    problem = scaled(T1(n=5), s)
+    cases = [
+        (bl.GALET(lr_upper=bl.auto.AdamDoG()), 1e-10),
+        (bl.AID(lr_upper=bl.auto.AdamDoG()), 1e-10),
+        (bl.BAGDC(lr_upper=bl.auto.AdamDoG()), 1e-5),
+        (bl.SlBAMM(lr_upper=bl.auto.AdamDoG(), mu=lambda k: 0.9 / (k + 1) ** 3), 1e-5),
+    ]
+    for method, tol in cases:
+        result = bl.solve(problem, method, max_iters=600, log_every=600)
+        assert rel_error(result.x, problem) <= tol, (method.name, rel_error(result.x, problem))
+        assert "lr_upper" in result.history[-1]
+
+
+def test_adam_dog_moves_each_coordinate_at_its_own_scale_and_resumes_exactly(tmp_path):
+    """Two coordinates with curvatures 1e3 and 1e-3 both reach their optimum (a scalar step
+    cannot serve both in 500 iterations); without momenta (b₁ = b₂ = 0) a step is the sign
+    of the gradient times r̄/√k, the first one r_ε = r_rel (1 + ‖x₀‖_∞) on every coordinate;
+    a checkpointed run resumes exactly."""
+    rule = bl.auto.AdamDoG()
+    x, state = torch.tensor([3.0, -2.0], dtype=F64), rule.init(torch.tensor([3.0, -2.0], dtype=F64))
+    curvature = torch.tensor([1e3, 1e-3], dtype=F64)
+    for k in range(500):
+        x, state = rule.update(x, curvature * (x - 1.0), state, k)
+    torch.testing.assert_close(x, torch.ones(2, dtype=F64), rtol=0, atol=1e-9)
+    plain = bl.auto.AdamDoG(b1=0.0, b2=0.0, r_rel=1e-3)  # u = sign(d): the first step moves every coordinate by r_ε
+    start = torch.tensor([3.0, -2.0, 0.5], dtype=F64)
+    moved, _ = plain.update(start, torch.tensor([1e6, -1e-6, 2.0], dtype=F64), plain.init(start), 0)
+    torch.testing.assert_close(moved - start, torch.tensor([-4e-3, 4e-3, -4e-3], dtype=F64), rtol=1e-12, atol=0)
+    problem, method = T1(n=3), bl.BAGDC(lr_upper=bl.auto.AdamDoG())
+    straight = bl.solve(problem, method, max_iters=30)
+    path = tmp_path / "adamdog.pt"
+    bl.solve(problem, method, max_iters=15, checkpoint=path, checkpoint_every=15)
+    resumed = bl.solve(problem, method, max_iters=30, resume=path)
+    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)

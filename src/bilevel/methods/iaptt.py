@@ -9,7 +9,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import DoG, TrackedLower, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto, undo_where
+from ..auto import AdamDoG, DoG, TrackedLower, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto, undo_where
 from ..oracles import _grads_or_zeros, _requires_grad_copy
 from ..parts import LowerGD, Parts, Unroll
 from ..parts.base import Projection, check_projection
@@ -219,7 +219,7 @@ class IAPTTGM(Assembled):
             x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
         extra["unroll"] = start_state
         new_state = State(x=x_next, y=T.detach(trajectory[-1]), v=None, opt=opt, k=k + 1, extra=extra)
-        if isinstance(self.parts.upper, DoG) and not self.joint_auto:
+        if isinstance(self.parts.upper, (DoG, AdamDoG)) and not self.joint_auto:
             auto_info["lr_upper"] = self.parts.upper.step_size(opt)
         if tracked:
             blown, tracker_state = tracker.guard(tracker_state, reference_sq, info["lower_grad_sq"], info["direction_sq"])

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import AdaptiveLower, DoG, JointAutoSteps, adaptive_start, auto_upper, check_auto_positive, check_auto_upper, is_auto
+from ..auto import AdamDoG, AdaptiveLower, DoG, JointAutoSteps, adaptive_start, auto_upper, check_auto_positive, check_auto_upper, is_auto
 from ..parts import Parts
 from ..parts.value import Shadow
 from ..problem import Problem
@@ -254,7 +254,7 @@ class MEHA(JointAutoSteps, Assembled):
             "penalty": torch.scalar_tensor(c, dtype=upper_loss.dtype, device=upper_loss.device),
             "stationarity": self.projected_direction_sq(x, d_x, d_x_sq) + d_y_sq,
         }
-        if isinstance(self.parts.upper, DoG):
+        if isinstance(self.parts.upper, (DoG, AdamDoG)):
             auto_info["lr_upper"] = self.parts.upper.step_size(opt)
         info.update(auto_info)
         return State(x=x_next, y=y_next, v=None, opt=opt, k=k + 1, extra=extra), info

@@ -34,7 +34,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import CurvatureTracker, DoG, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
+from ..auto import AdamDoG, CurvatureTracker, DoG, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
 from ..parts import DirectionNorm, DualCorrection, FixedStep, Parts, PlainDirection
 from ..parts.stochastic import (
     AveragedDirection,
@@ -148,7 +148,7 @@ class Stochastic(Assembled):
                 info["lr_lower"] = shape * inverse
             if self.auto_dual:
                 info["lr_dual"] = shape * inverse
-        if isinstance(self.parts.upper, DoG):
+        if isinstance(self.parts.upper, (DoG, AdamDoG)):
             info["lr_upper"] = self.parts.upper.step_size(state.opt)
         return info
 
@@ -262,7 +262,7 @@ class SingleLoop(Stochastic):
         if curvature is not None:
             extra["curvature"] = curvature
         new_state = State(x=x, y=y, v=solve.v, opt=opt, k=k + 1, extra=extra)
-        if inverse is not None or isinstance(parts.upper, DoG):
+        if inverse is not None or isinstance(parts.upper, (DoG, AdamDoG)):
             info.update(self.auto_info(new_state, inverse, k))
         return new_state, info
 
@@ -507,7 +507,7 @@ class DoubleLoop(Stochastic):
         if curvature is not None:
             extra["curvature"] = curvature
         new_state = State(x=x_next, y=y, v=v, opt=opt, k=k + 1, extra=extra)
-        if inverse is not None or isinstance(parts.upper, DoG):
+        if inverse is not None or isinstance(parts.upper, (DoG, AdamDoG)):
             info.update(self.auto_info(new_state, inverse, k))
         return new_state, info
 
