@@ -55,7 +55,7 @@ BEST_QUADRATIC = {
 METHODS = tuple(BEST_QUADRATIC)
 
 
-AUTO_METHODS = ("SOBA", "MASOBA", "SABA", "SRBA", "StocBiO", "AmIGO")
+AUTO_METHODS = ("SOBA", "MASOBA", "SABA", "SRBA", "StocBiO", "AmIGO", "F2SA")
 
 
 def make_auto(name: str, params: dict, inner_steps: int = 10) -> bl.Method:
@@ -65,6 +65,8 @@ def make_auto(name: str, params: dict, inner_steps: int = 10) -> bl.Method:
         return getattr(bl, name)(**inner)
     if name == "SRBA":
         return bl.SRBA(period_frac=params.get("period_frac", 0.5))
+    if name == "F2SA":
+        return bl.F2SA(lambda0=params.get("lmbda0", 1.0), delta0=params.get("delta_lmbda", 0.1), lower_steps=inner_steps)
     if name in AUTO_METHODS:
         return getattr(bl, name)()
     raise ValueError(f"{name} has no auto steps; choose from {', '.join(AUTO_METHODS)}")

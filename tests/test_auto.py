@@ -749,3 +749,33 @@ def test_adam_dog_moves_each_coordinate_at_its_own_scale_and_resumes_exactly(tmp
     bl.solve(problem, method, max_iters=15, checkpoint=path, checkpoint_every=15)
     resumed = bl.solve(problem, method, max_iters=30, resume=path)
     torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
+
+
+def test_f2sa_with_no_step_size_is_scale_free_and_stays_first_order():
+    """F2SA auto (β^z = c_k/λ̂ of ∇²g at z, β^y = c_k/λ̂ of ∇²(f + λ_k g) at y, both from
+    differences of gradients; DoG on x): the same error at curvature × 1e-3, 1 and 1e3, inside
+    the O(1/λ) band of its fixed-λ rest point (λ = 20) after 300 full-batch iterations, and no
+    second-order product; the docstring example's steps diverge at × 1e3."""
+    base = _finite_sum()
+    errors = []
+    for s in (1e-3, 1.0, 1e3):
+        counting = bl.CountingOracles()
+        method = bl.F2SA(lambda0=20.0, delta0=0.0, lower_steps=5, oracles=counting)
+        result = bl.solve(scaled(base, s), method, data=None, max_iters=300, log_every=300)
+        errors.append(float((result.x["x"] - base.x_star["x"]).norm()))
+        assert set(counting.counts) <= {"gradient_y", "gradients"}, counting.counts
+        assert {"lr_lower", "lr_shadow", "lr_upper"} <= set(result.history[-1])
+    assert errors == pytest.approx([errors[1]] * 3, rel=1e-6)
+    assert 0.005 < errors[1] < 0.05
+    example = bl.F2SA(lr_lower=0.04, lr_shadow=0.5, lr_upper=0.5, lambda0=20.0, delta0=0.0, lower_steps=5)
+    assert bl.solve(scaled(base, 1e3), example, data=None, max_iters=100, on_divergence="status").status is bl.Status.DIVERGED
+
+
+def test_a_checkpointed_f2sa_auto_run_on_streams_resumes_exactly(tmp_path):
+    problem = _finite_sum()
+    method = bl.F2SA(lower_steps=2)
+    straight = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=30)
+    path = tmp_path / "f2sa.pt"
+    bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=20, checkpoint=path, checkpoint_every=20)
+    resumed = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=30, resume=path)
+    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)

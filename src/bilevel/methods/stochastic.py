@@ -17,8 +17,9 @@ Steps left ``"auto"`` (the default of SOBA, MA-SOBA, SABA, SRBA, StocBiO, AmIGO;
 power iteration on lower batches (:class:`~bilevel.auto.CurvatureTracker`: 30 products at
 ``init``, one every 10 iterations, every 2 for the double loop) and ``c_k`` the method's
 unit-curvature shape (SOBA ``0.5 (k+1)^{−1/2}``, the others 0.5); the multiplier's step
-follows β; α by :class:`~bilevel.auto.DoG`. F2SA's steps stay numbers (its penalty λ
-weighs g against f, so rescaling g is not neutral for it).
+follows β; α by :class:`~bilevel.auto.DoG`. F2SA's β^z and β^y take ``0.5 (k+1)^{−4/7}`` and
+``0.5 (k+1)^{−5/7}`` over the curvature of g at z and of ``f + λ_k g`` at y, both estimated
+from differences of gradients, so F2SA stays first order.
 
 Diagnostics: ``upper_loss`` (f on the upper batch), ``lower_grad_sq`` (‖∇_y g‖² on the
 lower batch), ``direction_sq`` and ``stationarity`` (‖D_x‖², the squared norm of the
@@ -29,12 +30,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 import torch
 
 from .. import tree as T
 from ..auto import AdamDoG, CurvatureTracker, DoG, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
+from ..oracles import Oracles
 from ..parts import DirectionNorm, DualCorrection, FixedStep, Parts, PlainDirection
 from ..parts.stochastic import (
     AveragedDirection,
@@ -54,8 +56,8 @@ from ..schedules import Polynomial, ScheduleLike, as_schedule
 from ..state import EmptyState, State
 from ..streams import as_draws
 from ..tree import Tree
-from ..validation import check_choice, check_count, check_fraction, check_nonnegative, check_positive, check_step_size
-from .base import Assembled, option, upper_option
+from ..validation import check_choice, check_count, check_fraction, check_nonnegative, check_positive
+from .base import Assembled, option
 
 __all__ = ["F2SA", "MASOBA", "SABA", "SOBA", "SRBA", "AmIGO", "DoubleLoop", "SingleLoop", "StocBiO", "Stochastic", "benchmark_steps"]
 
@@ -73,6 +75,13 @@ def benchmark_steps(step_size: float, outer_ratio: float = 1.0, power: float = 0
     lower = step_size if power == 0 else Polynomial(step_size, power)
     upper = step_size / outer_ratio if upper_power == 0 else Polynomial(step_size / outer_ratio, upper_power)
     return {"lr_lower": lower, "lr_upper": upper}
+
+
+class _BothBatches(NamedTuple):
+    """An upper and a lower batch handed to one objective (F2SA's f + λ g)."""
+
+    upper: Any
+    lower: Any
 
 
 def _no_product(v: Tree) -> Tree:
@@ -136,8 +145,12 @@ class Stochastic(Assembled):
         if tracker is None:
             return state, None
         if tracker.due(k):
-            state = tracker.refresh(self.derivatives.linearize(problem.lower, x, y, draws.lower(0)).hvp, state)
+            state = tracker.refresh(self.curvature_matvec(problem.lower, x, y, draws.lower(0)), state)
         return state, tracker.inverse(state)
+
+    def curvature_matvec(self, fn: Any, x: Tree, y: Tree, batch: Any) -> Any:
+        """``u ↦ ∇²_yy fn(x, y) u`` on one batch, the product the curvature tracker iterates."""
+        return self.derivatives.linearize(fn, x, y, batch).hvp
 
     def auto_info(self, state: State, inverse: torch.Tensor | None, k: int) -> dict:
         """The auto steps in use, in the problem's units: ``lr_lower``, ``lr_dual``, ``lr_upper``."""
@@ -174,8 +187,12 @@ class Stochastic(Assembled):
             x = self.parts.projection(x)
         state = self.start(problem, self.initial_state(x, y), draws)
         if self.curvature is not None:  # λ̂ from 30 products on the first lower batch
-            curvature = self.curvature.start(self.derivatives.linearize(problem.lower, x, y, draws.lower(0)).hvp, y)
+            curvature = self.curvature.start(self.curvature_matvec(problem.lower, x, y, draws.lower(0)), y)
             state = state.replace(extra={**state.extra, "curvature": curvature})
+        return self.start_auto(problem, state, draws)
+
+    def start_auto(self, problem: Problem, state: State, draws: Any) -> State:
+        """Further auto-step states that need the problem (none by default)."""
         return state
 
     def start(self, problem: Problem, state: State, draws: Any) -> State:
@@ -639,8 +656,11 @@ class F2SA(Stochastic):
     batches. Memory: x, y, z. The y step is stable while ``β^y_k λ_k L_g < 2``.
 
     Args:
-        lr_lower: β^y_k (default ``0.1 (k+1)^{−5/7}``).  lr_shadow: β^z_k (default
-            ``0.1 (k+1)^{−4/7}``).  lr_upper: α_k (default ``0.1 (k+1)^{−4/7}``).
+        lr_lower: β^y_k: ``"auto"`` (default: ``0.5 (k+1)^{−5/7}/λ̂_y``, λ̂_y the tracked
+            curvature of ``f + λ_k g`` at y from differences of gradients) or given (the
+            benchmark's ``0.1 (k+1)^{−5/7}``).  lr_shadow: β^z_k: ``"auto"`` (default:
+            ``0.5 (k+1)^{−4/7}/λ̂_g``) or given (``0.1 (k+1)^{−4/7}``).  lr_upper: α_k:
+            ``"auto"`` (default, DoG) or given (``0.1 (k+1)^{−4/7}``).
         lower_steps: T (default 10).  lambda0: λ_0 (default 1).  delta0: δ_0 (default
             0.01; 0 keeps λ fixed).  delta_power: δ_k = δ_0 (k+1)^{−delta_power} (1/7).
 
@@ -660,24 +680,60 @@ class F2SA(Stochastic):
 
     name: ClassVar[str] = "F2SA"
     uses_multiplier: ClassVar[bool] = False
-    lr_upper: Any = upper_option(Polynomial(0.1, 4 / 7))
-    lr_lower: ScheduleLike = option(Polynomial(0.1, 5 / 7), check_step_size)
-    lr_shadow: ScheduleLike = option(Polynomial(0.1, 4 / 7), check_step_size)
+    auto_lower_power: ClassVar[float] = 5 / 7
+    auto_shadow_power: ClassVar[float] = 4 / 7
+    lr_lower: ScheduleLike | str = option("auto", check_auto_step_size)
+    lr_shadow: ScheduleLike | str = option("auto", check_auto_step_size)
     lower_steps: int = option(10, check_count)
     lambda0: float = option(1.0, check_positive)
     delta0: float = option(0.01, check_nonnegative)
     delta_power: float = option(1 / 7, check_nonnegative)
 
     def build_parts(self) -> Parts:
-        return Parts(lower=LowerSGD(lr=self.lr_lower, steps=self.lower_steps), measure=DirectionNorm())
+        lower = LowerSGD(lr=self.lower_shape(), steps=self.lower_steps)
+        return Parts(lower=lower, measure=DirectionNorm(), upper=auto_upper(self.lr_upper))
+
+    @property
+    def auto_shadow(self) -> bool:
+        """Whether z's step is auto (``lr_shadow="auto"``)."""
+        return is_auto(self.lr_shadow)
+
+    @cached_property
+    def curvature(self) -> CurvatureTracker | None:
+        """One tracker serves both auto steps: of g at z (β^z) and of f + λ_k g at y (β^y)."""
+        return CurvatureTracker(every=self.curvature_every) if (self.auto_lower or self.auto_shadow) else None
+
+    @cached_property
+    def finite_differences(self) -> Oracles:
+        """F2SA stays first order with auto steps: its curvature products are differences of gradients."""
+        return Oracles(mode="finite_difference", fd_eps=1e-4)
+
+    def curvature_matvec(self, fn: Any, x: Tree, y: Tree, batch: Any) -> Any:
+        return self.finite_differences.linearize(fn, x, y, batch).hvp
+
+    def _penalised(self, problem: Problem, lam: float) -> Any:
+        """``f(·; ζ) + λ g(·; ξ)``, the objective of y, on a :class:`_BothBatches` (ζ, ξ)."""
+        return lambda xx, yy, both: problem.upper(xx, yy, both.upper) + lam * problem.lower(xx, yy, both.lower)
+
+    def start_auto(self, problem: Problem, state: State, draws: Any) -> State:
+        if self.curvature is None:
+            return state
+        lam = float(cast(PenaltyState, state.extra["penalty"]).lam)
+        both = _BothBatches(draws.upper(0), draws.lower(0))
+        matvec = self.curvature_matvec(self._penalised(problem, lam), state.x, state.y, both)
+        return state.replace(extra={**state.extra, "curvature_y": self.curvature.start(matvec, state.y)})
+
+    def lower_shape(self) -> ScheduleLike:
+        return Polynomial(self.auto_lower_scale, self.auto_lower_power) if self.auto_lower else cast(ScheduleLike, self.lr_lower)
+
+    @cached_property
+    def shadow_schedule(self) -> Any:
+        shape = Polynomial(self.auto_lower_scale, self.auto_shadow_power)
+        return as_schedule(shape if self.auto_shadow else cast(ScheduleLike, self.lr_shadow))
 
     @cached_property
     def penalty(self) -> PenaltyIncrements:
         return PenaltyIncrements(lambda0=self.lambda0, delta0=self.delta0, power=self.delta_power)
-
-    @cached_property
-    def shadow_schedule(self) -> Any:
-        return as_schedule(self.lr_shadow)
 
     def initial_state(self, x: Tree, y: Tree) -> State:
         state = super().initial_state(x, y)
@@ -689,7 +745,22 @@ class F2SA(Stochastic):
         lower = cast(LowerSGD, self.parts.lower)
         lam = cast(PenaltyState, state.extra["penalty"]).lam
         z, y = cast(LowerShadowState, state.extra["shadow"]).z, state.y
-        beta_y, beta_z = lower.schedule(k), self.shadow_schedule(k)
+        beta_y: Any = lower.schedule(k)
+        beta_z: Any = self.shadow_schedule(k)
+        auto_extra: dict = {}
+        if self.curvature is not None:  # β^z = c_k/λ̂(∇²g at z), β^y = c_k/λ̂(∇²(f + λ_k g) at y), first order
+            tracker = self.curvature
+            curvature_z, curvature_y = state.extra["curvature"], state.extra["curvature_y"]
+            if tracker.due(k):
+                curvature_z = tracker.refresh(self.curvature_matvec(problem.lower, x, z, draws.lower(0)), curvature_z)
+                both = _BothBatches(draws.upper(0), draws.lower(1))
+                penalised = self._penalised(problem, float(lam))
+                curvature_y = tracker.refresh(self.curvature_matvec(penalised, x, y, both), curvature_y)
+            auto_extra = {"curvature": curvature_z, "curvature_y": curvature_y}
+            if self.auto_shadow:
+                beta_z = beta_z * tracker.inverse(curvature_z)
+            if self.auto_lower:
+                beta_y = beta_y * tracker.inverse(curvature_y)
         grad_y_g = None
         for t in range(lower.steps):
             gz, _ = oracles.gradient_y(problem.lower, x, z, draws.lower(2 * t))
@@ -707,8 +778,16 @@ class F2SA(Stochastic):
         x_next, opt, direction_state = self.update_x(x, direction, state)
         extra = {
             **state.extra,
+            **auto_extra,
             "direction": direction_state,
             "shadow": LowerShadowState(z=z),
             "penalty": self.penalty.update(cast(PenaltyState, state.extra["penalty"]), k),
         }
-        return State(x=x_next, y=y, v=None, opt=opt, k=k + 1, extra=extra), info
+        new_state = State(x=x_next, y=y, v=None, opt=opt, k=k + 1, extra=extra)
+        if self.auto_lower:
+            info["lr_lower"] = torch.as_tensor(beta_y)
+        if self.auto_shadow:
+            info["lr_shadow"] = torch.as_tensor(beta_z)
+        if isinstance(self.parts.upper, (DoG, AdamDoG)):
+            info["lr_upper"] = self.parts.upper.step_size(opt)
+        return new_state, info
