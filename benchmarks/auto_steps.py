@@ -275,7 +275,7 @@ PEAK_HC = {  # the auto configuration, and the same with Adam(0.1) on x (lower a
     "SlBAMM": lambda **u: bl.SlBAMM(**u),
     "BAGDC": lambda **u: bl.BAGDC(**u),
     "AID-CG": lambda **u: bl.AID(lower_steps=5, **u),
-    "MEHA": lambda **u: bl.MEHA(**({"lr_lower": 0.5, **u} if u else {})),
+    "MEHA": lambda **u: bl.MEHA(**u),
     "IAPTT-GM": lambda **u: bl.IAPTTGM(lower_steps=10, **({"lr_init": 0.5, **u} if u else {})),
 }
 

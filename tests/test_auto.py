@@ -532,14 +532,14 @@ def test_meha_auto_bounds_the_y_step_by_the_shadow_step():
 
 
 def test_meha_auto_options_and_resume(tmp_path):
-    """lr_lower auto with a number lr_upper takes β = α; with an optimizer it is refused; an auto
-    run checkpointed half-way resumes exactly."""
+    """lr_lower auto keeps y's own DoG whatever x's step (an optimizer included); given steps
+    add no auto diagnostic; an auto run checkpointed half-way resumes exactly."""
     problem = bl.problems.T1(n=3)
-    with pytest.raises(ValueError, match=r"MEHA\(lr_lower='auto'\)"):
-        bl.MEHA(lr_upper=bl.Adam(0.1))
-    half = bl.MEHA(lr_upper=0.2, lr_shadow=0.5)
-    record = bl.solve(problem, half, max_iters=3, log_every=1).history[-1]
-    assert "lr_lower" not in record and "lr_shadow" not in record and "lr_upper" not in record
+    record = bl.solve(problem, bl.MEHA(lr_upper=bl.Adam(0.1)), max_iters=3, log_every=1).history[-1]
+    assert "lr_lower" in record and "lr_upper" not in record
+    given = bl.MEHA(lr_upper=0.2, lr_lower=0.2, lr_shadow=0.5)
+    record = bl.solve(problem, given, max_iters=3, log_every=1).history[-1]
+    assert not any(key.startswith("lr_") for key in record)
     method = bl.MEHA(gamma=1.0)
     straight = bl.solve(problem, method, max_iters=40)
     path = tmp_path / "meha.pt"

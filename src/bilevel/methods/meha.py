@@ -86,8 +86,8 @@ class MEHA(JointAutoSteps, Assembled):
     Args:
         lr_upper: α, the x step: ``"auto"`` (default), a number, a schedule or an upper
             optimizer (with an optimizer, give ``lr_lower`` a number).
-        lr_lower: β, the y step: ``"auto"`` (default; β = α_k with a given number or
-            schedule ``lr_upper``) or a number.
+        lr_lower: β, the y step: ``"auto"`` (default: a DoG of its own, bounded by η) or a
+            number.
         lr_shadow: η, the θ step: ``"auto"`` (default) or a number.
         shadow_steps: θ steps per iteration (1 in the paper).
         gamma: γ > 0, the Moreau-envelope parameter (BOAT's ``gamma_1`` is 1/γ).
@@ -127,7 +127,6 @@ class MEHA(JointAutoSteps, Assembled):
     order: str = option("jacobi", check_choice, choices=("jacobi", "y_first", "x_first"))
 
     def build_parts(self) -> Parts:
-        self.check_joint_steps("MEHA")
         shadow: Any
         if is_auto(self.lr_shadow):
             shadow = AdaptiveLower(steps=self.shadow_steps)
@@ -142,8 +141,8 @@ class MEHA(JointAutoSteps, Assembled):
 
     @property
     def separate_lower_dog(self) -> bool:
-        """A DoG of its own for y (both steps auto), bounded by the shadow step η."""
-        return is_auto(self.lr_upper) and is_auto(self.lr_lower)
+        """A DoG of its own for y (``lr_lower="auto"``, whatever x's step), bounded by the shadow step η."""
+        return is_auto(self.lr_lower)
 
     def init(self, problem: Problem, x0: Any = None, y0: Any = None, batch: Any = None, validate: bool = True) -> State:
         state = super().init(problem, x0, y0, batch, validate)
@@ -177,7 +176,7 @@ class MEHA(JointAutoSteps, Assembled):
         return torch.tensor(float(cast(float, self.lr_shadow)), dtype=leaf.dtype, device=leaf.device)
 
     def _move_y(self, y: Tree, d_y: Tree, extra: dict, k: int, info: dict) -> Tree:
-        """y − β d_y: the given β, α_k (``lr_lower="auto"`` with a given ``lr_upper``) or y's own DoG."""
+        """y − β d_y: the given β, or y's own DoG bounded by η (``lr_lower="auto"``)."""
         if self.separate_lower_dog:
             dog, cap = DoG(), self._shadow_step(extra, k, d_y)
             y_next, extra["lower_dog"] = dog.update(y, d_y, extra["lower_dog"], k, cap)
