@@ -288,6 +288,20 @@ def _gradient_units(counts):
     return sum(n * (2 if kind in ("hvp", "mixed", "both") else 1) for kind, n in counts.items())
 
 
+def _assert_resumes_exactly(tmp_path, problem, method, iters, data=None):
+    """A run checkpointed at half of ``iters`` and resumed ends where the straight run does;
+    ``data`` makes a fresh data source per run (streams), or None."""
+    source = (lambda: data()) if data is not None else (lambda: None)
+    straight = bl.solve(problem, method, data=source(), max_iters=iters)
+    path = tmp_path / f"{method.name}.pt"
+    bl.solve(problem, method, data=source(), max_iters=iters // 2, checkpoint=path, checkpoint_every=iters // 2)
+    resumed = bl.solve(problem, method, data=source(), max_iters=iters, resume=path)
+    for key in straight.x:
+        torch.testing.assert_close(resumed.x[key], straight.x[key], rtol=0, atol=0)
+    for key in straight.y:
+        torch.testing.assert_close(resumed.y[key], straight.y[key], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "auto, explicit",
     [
@@ -540,13 +554,7 @@ def test_meha_auto_options_and_resume(tmp_path):
     given = bl.MEHA(lr_upper=0.2, lr_lower=0.2, lr_shadow=0.5)
     record = bl.solve(problem, given, max_iters=3, log_every=1).history[-1]
     assert not any(key.startswith("lr_") for key in record)
-    method = bl.MEHA(gamma=1.0)
-    straight = bl.solve(problem, method, max_iters=40)
-    path = tmp_path / "meha.pt"
-    bl.solve(problem, method, max_iters=20, checkpoint=path, checkpoint_every=20)
-    resumed = bl.solve(problem, method, max_iters=40, resume=path)
-    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
-    torch.testing.assert_close(resumed.y["y"], straight.y["y"], rtol=0, atol=0)
+    _assert_resumes_exactly(tmp_path, problem, bl.MEHA(gamma=1.0), 40)
 
 
 @pytest.mark.parametrize("s", [1e-3, 1.0, 1e3])
@@ -597,11 +605,7 @@ def test_iaptt_gm_auto_options_guard_and_resume(tmp_path):
     torch.testing.assert_close(after.x["x"], state.x["x"], rtol=0, atol=0)
     torch.testing.assert_close(after.extra["unroll"].z["y"], state.extra["unroll"].z["y"], rtol=0, atol=0)
     assert float(info["rollbacks"]) == 1.0 and float(after.extra["lower"].scale) == 500.0
-    straight = bl.solve(problem, method, max_iters=30)
-    path = tmp_path / "iaptt.pt"
-    bl.solve(problem, method, max_iters=15, checkpoint=path, checkpoint_every=15)
-    resumed = bl.solve(problem, method, max_iters=30, resume=path)
-    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
+    _assert_resumes_exactly(tmp_path, problem, method, 30)
 
 
 def test_iaptt_gm_auto_costs_at_most_15_percent_more_than_its_unroll():
@@ -698,13 +702,7 @@ def test_the_stochastic_auto_steps_cost_at_most_15_percent_and_resume_exactly(tm
     ):
         a, e = _gradient_units(_counts(auto, problem, 20)), _gradient_units(_counts(explicit, problem, 20))
         assert e < a <= 1.15 * e, (auto.name, a, e)
-    method = bl.SOBA()
-    straight = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=40)
-    path = tmp_path / "soba.pt"
-    bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=25, checkpoint=path, checkpoint_every=25)
-    resumed = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=40, resume=path)
-    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
-    torch.testing.assert_close(resumed.v, straight.v, rtol=0, atol=0)
+    _assert_resumes_exactly(tmp_path, problem, bl.SOBA(), 40, data=lambda: problem.streams(batch_size=16, seed=1))
 
 
 # --------------------------------------------------------------------------- AdamDoG
@@ -743,12 +741,7 @@ def test_adam_dog_moves_each_coordinate_at_its_own_scale_and_resumes_exactly(tmp
     start = torch.tensor([3.0, -2.0, 0.5], dtype=F64)
     moved, _ = plain.update(start, torch.tensor([1e6, -1e-6, 2.0], dtype=F64), plain.init(start), 0)
     torch.testing.assert_close(moved - start, torch.tensor([-4e-3, 4e-3, -4e-3], dtype=F64), rtol=1e-12, atol=0)
-    problem, method = T1(n=3), bl.BAGDC(lr_upper=bl.auto.AdamDoG())
-    straight = bl.solve(problem, method, max_iters=30)
-    path = tmp_path / "adamdog.pt"
-    bl.solve(problem, method, max_iters=15, checkpoint=path, checkpoint_every=15)
-    resumed = bl.solve(problem, method, max_iters=30, resume=path)
-    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
+    _assert_resumes_exactly(tmp_path, T1(n=3), bl.BAGDC(lr_upper=bl.auto.AdamDoG()), 30)
 
 
 def test_f2sa_with_no_step_size_is_scale_free_and_stays_first_order():
@@ -773,9 +766,4 @@ def test_f2sa_with_no_step_size_is_scale_free_and_stays_first_order():
 
 def test_a_checkpointed_f2sa_auto_run_on_streams_resumes_exactly(tmp_path):
     problem = _finite_sum()
-    method = bl.F2SA(lower_steps=2)
-    straight = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=30)
-    path = tmp_path / "f2sa.pt"
-    bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=20, checkpoint=path, checkpoint_every=20)
-    resumed = bl.solve(problem, method, data=problem.streams(batch_size=16, seed=1), max_iters=30, resume=path)
-    torch.testing.assert_close(resumed.x["x"], straight.x["x"], rtol=0, atol=0)
+    _assert_resumes_exactly(tmp_path, problem, bl.F2SA(lower_steps=2), 30, data=lambda: problem.streams(batch_size=16, seed=1))
