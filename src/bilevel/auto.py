@@ -435,10 +435,12 @@ class TrackedLower:
 @part_state
 class CurvatureState(NamedTuple):
     """The state of :class:`CurvatureTracker`: the power-iteration vector ``u`` (unit norm,
-    shaped like y) and the estimate ``lam`` (λ̂, a 0-d tensor)."""
+    shaped like y), the estimate ``lam`` (λ̂) and the scale ``inverse`` = 1/λ̂ the steps use
+    (1 when λ̂ is 0 or not finite), 0-d tensors but ``u``."""
 
     u: Tree
     lam: torch.Tensor
+    inverse: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -470,7 +472,8 @@ class CurvatureTracker:
 
     def start(self, matvec: MatVec, y: Tree, iters: int = 30) -> CurvatureState:
         """The state after ``iters`` products from a fixed-seed random unit vector (no host sync)."""
-        return self.refresh(matvec, CurvatureState(u=power_start(y), lam=_scalar(0.0, y)), iters)
+        zero = _scalar(0.0, y)
+        return self.refresh(matvec, CurvatureState(u=power_start(y), lam=zero, inverse=zero + 1.0), iters)
 
     def refresh(self, matvec: MatVec, state: CurvatureState, iters: int = 1) -> CurvatureState:
         """``iters`` warm-started power products."""
@@ -480,7 +483,7 @@ class CurvatureTracker:
             lam = T.norm(hu)
             scaled = T.scale(1.0 / torch.clamp(lam, min=torch.finfo(lam.dtype).tiny), hu)
             u = _select(~(lam > 0), u, scaled)  # H u = 0 along u: keep u
-        return CurvatureState(u=u, lam=lam)
+        return CurvatureState(u=u, lam=lam, inverse=self._inverse(lam))
 
     def due(self, k: int) -> bool:
         """Whether iteration k refreshes the estimate."""
@@ -488,8 +491,12 @@ class CurvatureTracker:
 
     @staticmethod
     def inverse(state: CurvatureState) -> torch.Tensor:
-        """``1/λ̂`` (1 when λ̂ is 0 or not finite: the unit-curvature steps as given)."""
-        lam = state.lam
+        """``1/λ̂`` (1 when λ̂ is 0 or not finite: the unit-curvature steps as given), formed
+        once per refresh."""
+        return state.inverse
+
+    @staticmethod
+    def _inverse(lam: torch.Tensor) -> torch.Tensor:
         usable = (lam > 0) & torch.isfinite(lam)
         return torch.where(usable, 1.0 / torch.where(usable, lam, torch.ones_like(lam)), torch.ones_like(lam))
 

@@ -124,11 +124,16 @@ class Stochastic(Assembled):
     #: the name of the method's multiplier-step option (``None``: no multiplier)
     dual_option: ClassVar[str | None] = None
 
-    @property
+    @cached_property
     def auto_lower_shape(self) -> ScheduleLike:
         """The unit-curvature shape ``c (k+1)^{−p}`` of the auto steps (a number when p = 0)."""
         power = self.auto_lower_power
         return Polynomial(self.auto_lower_scale, power) if power else self.auto_lower_scale
+
+    @cached_property
+    def auto_shape_schedule(self) -> Any:
+        """:attr:`auto_lower_shape` as a schedule (built once)."""
+        return as_schedule(self.auto_lower_shape)
 
     @cached_property
     def curvature(self) -> CurvatureTracker | None:
@@ -156,11 +161,11 @@ class Stochastic(Assembled):
         """The auto steps in use, in the problem's units: ``lr_lower``, ``lr_dual``, ``lr_upper``."""
         info: dict = {}
         if inverse is not None:
-            shape = float(as_schedule(self.auto_lower_shape)(k))
+            step = float(self.auto_shape_schedule(k)) * inverse
             if self.auto_lower:
-                info["lr_lower"] = shape * inverse
+                info["lr_lower"] = step
             if self.auto_dual:
-                info["lr_dual"] = shape * inverse
+                info["lr_dual"] = step
         if isinstance(self.parts.upper, (DoG, AdamDoG)):
             info["lr_upper"] = self.parts.upper.step_size(state.opt)
         return info
@@ -490,7 +495,7 @@ class DoubleLoop(Stochastic):
     def dual_step(self, k: int, given: Any, inverse: torch.Tensor | None) -> Any:
         """The multiplier's step: the given number, β_k (``None``), or c_k/λ̂ (auto)."""
         if self.auto_dual:
-            return float(as_schedule(self.auto_lower_shape)(k)) * cast(torch.Tensor, inverse)
+            return float(self.auto_shape_schedule(k)) * cast(torch.Tensor, inverse)
         return cast(LowerSGD, self.parts.lower).schedule(k) if given is None else given
 
     def initial_state(self, x: Tree, y: Tree) -> State:
