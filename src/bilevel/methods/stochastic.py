@@ -12,7 +12,7 @@ multiplier), α (upper); benchopt's ``step_size`` is β₀ and ``outer_ratio`` r
 α₀ = β₀ / r (:func:`benchmark_steps` converts). All single-loop oracles are taken at
 ``(x_k, y_k, v_k)`` and all variables then move (the Jacobi order of the papers' code).
 
-Steps left ``"auto"`` (the default of SOBA, MA-SOBA, SABA, SRBA, StocBiO, AmIGO; docs/auto.md):
+Steps left ``"auto"`` (the default of every method of the family; docs/auto.md):
 ``β_k = c_k/λ̂`` with λ̂ the top eigenvalue of the lower Hessian, tracked by a warm-started
 power iteration on lower batches (:class:`~bilevel.auto.CurvatureTracker`: 30 products at
 ``init``, one every 10 iterations, every 2 for the double loop) and ``c_k`` the method's
