@@ -135,10 +135,15 @@ class Stochastic(Assembled):
         """:attr:`auto_lower_shape` as a schedule (built once)."""
         return as_schedule(self.auto_lower_shape)
 
+    @property
+    def tracks_curvature(self) -> bool:
+        """Whether a step is auto, so that the lower curvature is tracked."""
+        return self.auto_lower or self.auto_dual
+
     @cached_property
     def curvature(self) -> CurvatureTracker | None:
         """The lower-curvature tracker of the auto steps (``None`` when every step is given)."""
-        return CurvatureTracker(every=self.curvature_every) if (self.auto_lower or self.auto_dual) else None
+        return CurvatureTracker(every=self.curvature_every) if self.tracks_curvature else None
 
     def lower_shape(self) -> ScheduleLike:
         """β's schedule for :class:`~bilevel.parts.LowerSGD`: the unit-curvature shape when auto."""
@@ -703,10 +708,10 @@ class F2SA(Stochastic):
         """Whether z's step is auto (``lr_shadow="auto"``)."""
         return is_auto(self.lr_shadow)
 
-    @cached_property
-    def curvature(self) -> CurvatureTracker | None:
+    @property
+    def tracks_curvature(self) -> bool:
         """One tracker serves both auto steps: of g at z (β^z) and of f + λ_k g at y (β^y)."""
-        return CurvatureTracker(every=self.curvature_every) if (self.auto_lower or self.auto_shadow) else None
+        return self.auto_lower or self.auto_shadow
 
     @cached_property
     def finite_differences(self) -> Oracles:
