@@ -72,8 +72,10 @@ __all__ = [
     "check_auto_step_size",
     "check_auto_upper",
     "is_auto",
+    "is_distance_rule",
     "joint_dog_step",
     "undo_where",
+    "upper_step",
 ]
 
 #: the value of a step-size argument that asks for an automatic step
@@ -404,6 +406,28 @@ class TrackedLower:
             u = _select(lam <= 0, u, scaled)  # H u = 0 (no curvature along u): keep u, β falls back to s
         return state._replace(u=u, lam=lam)
 
+    def initial(self, problem: Problem, oracles: Oracles, x: Tree, y: Tree, batch: Any) -> TrackedLowerState:
+        """The state at ``init``: 30 power products at the first unroll's start ``(x, y)``."""
+        matvec, _ = self.hessian(problem, oracles, x, y, batch, 0)
+        return self.start(matvec, y)
+
+    def begin(
+        self, problem: Problem, oracles: Oracles, x: Tree, y: Tree, batch: Any, k: int, state: TrackedLowerState
+    ) -> tuple[Any, TrackedLowerState, torch.Tensor]:
+        """At the start ``(x_k, y_0)`` of unroll k: the dynamics with β_k, the refreshed state
+        and the guard's reference (:meth:`hessian`)."""
+        matvec, reference_sq = self.hessian(problem, oracles, x, y, batch, k)
+        state = self.refresh(matvec, state)
+        return self.dynamics_at(self.step_size(state)), state, reference_sq
+
+    def conclude(self, old: State, new: State, state: TrackedLowerState, reference_sq: torch.Tensor, info: dict) -> State:
+        """After the iteration: :meth:`guard` on ``info``'s ``lower_grad_sq`` and ``direction_sq``,
+        the iteration undone if it blew up (:func:`undo_where`), and ``lr_lower`` and
+        ``rollbacks`` added to ``info``."""
+        blown, state = self.guard(state, reference_sq, info["lower_grad_sq"], info["direction_sq"])
+        info.update(lr_lower=self.step_size(state), rollbacks=state.rollbacks)
+        return undo_where(blown, old, new, state)
+
     def step_size(self, state: TrackedLowerState) -> torch.Tensor:
         """β = s/λ̂ (s when λ̂ = 0)."""
         return torch.where(state.lam > 0, state.scale / torch.clamp(state.lam, min=torch.finfo(state.lam.dtype).tiny), state.scale)
@@ -488,12 +512,6 @@ class CurvatureTracker:
     def due(self, k: int) -> bool:
         """Whether iteration k refreshes the estimate."""
         return k > 0 and k % self.every == 0
-
-    @staticmethod
-    def inverse(state: CurvatureState) -> torch.Tensor:
-        """``1/λ̂`` (1 when λ̂ is 0 or not finite: the unit-curvature steps as given), formed
-        once per refresh."""
-        return state.inverse
 
     @staticmethod
     def _inverse(lam: torch.Tensor) -> torch.Tensor:
@@ -681,6 +699,18 @@ class DoG:
         return T.axpy(-(step if cap is None else torch.minimum(step, cap)), d, x), state
 
 
+def is_distance_rule(upper: Any) -> bool:
+    """Whether an upper optimizer is a distance-based rule (:class:`DoG`, :class:`AdamDoG`),
+    whose step is a state-dependent diagnostic."""
+    return isinstance(upper, (DoG, AdamDoG))
+
+
+def upper_step(upper: Any, state: Any) -> torch.Tensor | None:
+    """The step in use of a distance-based upper rule from its state, the ``lr_upper``
+    diagnostic; ``None`` for any other upper optimizer."""
+    return upper.step_size(state) if is_distance_rule(upper) else None
+
+
 @part_state
 class AdamDoGState(NamedTuple):
     """The state of :class:`AdamDoG`: the start ``x0`` and Adam's moments ``m``, ``s``
@@ -778,18 +808,15 @@ class AdamDoG:
 
 
 def joint_dog_step(
-    x: Tree, y: Tree, d_x: Tree, d_y: Tree, state: DoGState, k: int, projection: Any = None, cap: Any = None
+    x: Tree, y: Tree, d_x: Tree, d_y: Tree, state: DoGState, k: int, projection: Any = None
 ) -> tuple[Tree, Tree, DoGState, torch.Tensor]:
     """One :class:`DoG` step for the pair (x, y) along (d_x, d_y): the joint descent of the
-    first-order methods (BOME, PBGD, MEHA) when both of their steps are auto. Returns
-    ``(x_next, y_next, state, step)``; ``projection`` is applied to x. ``cap`` (a 0-d
-    tensor or ``None``) bounds the step: MEHA's direction in y has the curvature of its
-    shadow's objective, whose step is the bound."""
+    first-order methods (BOME, PBGD) when both of their steps are auto. Returns
+    ``(x_next, y_next, state, step)``; ``projection`` is applied to x."""
     dog = DoG()
-    pair, state = dog.update({"x": x, "y": y}, {"x": d_x, "y": d_y}, state, k, cap)
+    pair, state = dog.update({"x": x, "y": y}, {"x": d_x, "y": d_y}, state, k)
     x_next = pair["x"] if projection is None else projection(pair["x"])
-    step = dog.step_size(state)
-    return x_next, pair["y"], state, (step if cap is None else torch.minimum(step, cap))
+    return x_next, pair["y"], state, dog.step_size(state)
 
 
 class JointAutoSteps:
@@ -920,9 +947,9 @@ class AutoSteps:
     def _auto_info(self, state: State, info: dict) -> dict:
         """The auto steps in use as diagnostics: ``lr_upper`` (DoG) and ``lr_dual`` (monitored)."""
         out: dict = {}
-        upper = self.parts.upper  # type: ignore[attr-defined]
-        if isinstance(upper, (DoG, AdamDoG)):
-            out["lr_upper"] = upper.step_size(state.opt)
+        step = upper_step(self.parts.upper, state.opt)  # type: ignore[attr-defined]
+        if step is not None:
+            out["lr_upper"] = step
         multiplier_state = state.extra.get("multiplier")
         if isinstance(multiplier_state, MonitoredState):
             out["lr_dual"] = multiplier_state.eta

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import AdamDoG, DoG, TrackedLower, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto, undo_where
+from ..auto import DoG, TrackedLower, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto, upper_step
 from ..oracles import _grads_or_zeros, _requires_grad_copy
 from ..parts import LowerGD, Parts, Unroll
 from ..parts.base import Projection, check_projection
@@ -59,9 +59,9 @@ class IAPTTGM(Assembled):
     each unroll (:class:`~bilevel.auto.TrackedLower`: a warm-started power iteration on the
     Hessian of g at ``(x_k, y_0)``, one number for the whole unroll, so the differentiated
     steps are the usual ones; its guard undoes an iteration whose last lower gradient is
-    more than 10× the one at y_0 and halves s), α by :class:`~bilevel.auto.DoG`, and s_z by
-    a DoG of its own (z is an upper-level variable: ``min_{x,z} max_t f``). Numbers run the
-    iteration above exactly.
+    more than 10× the one at y_0 and halves s), and one :class:`~bilevel.auto.DoG` step for
+    the pair (x, z) (z is an upper-level variable: ``min_{x,z} max_t f``); with a number or
+    schedule ``lr_upper`` z takes α_k. Numbers run the iteration above exactly.
 
     Args:
         lr_upper: α, the x step: ``"auto"`` (default), a number, a schedule or an upper
@@ -119,7 +119,7 @@ class IAPTTGM(Assembled):
     @cached_property
     def init_part(self) -> LearnedInit:
         """The initialisation auxiliary z (used when ``initialization="auxiliary"``; with
-        ``lr_init="auto"`` its step is a :class:`~bilevel.auto.DoG` kept in the state)."""
+        ``lr_init="auto"`` z moves with x's step instead of this part's)."""
         return LearnedInit(lr=1.0 if is_auto(self.lr_init) else cast(ScheduleLike, self.lr_init), projection=self.project_y)
 
     @property
@@ -140,9 +140,7 @@ class IAPTTGM(Assembled):
         extra = dict(state.extra)
         lower = self.parts.lower
         if isinstance(lower, TrackedLower):  # s₀ from 30 power products at the first unroll's start
-            y_start = self._start_of_unroll(state)
-            matvec, _ = lower.hessian(problem, self.derivatives, state.x, y_start, batch, 0)
-            extra["lower"] = lower.start(matvec, y_start)
+            extra["lower"] = lower.initial(problem, self.derivatives, state.x, self._start_of_unroll(state), batch)
         if self.joint_auto:
             extra["joint"] = DoG().init({"x": state.x, "z": state.extra["unroll"].z})
         return state.replace(extra=extra)
@@ -171,9 +169,7 @@ class IAPTTGM(Assembled):
         tracked = isinstance(lower, TrackedLower)
         if tracked:  # s from the curvature at the start of this unroll (lr_lower="auto")
             tracker = cast(TrackedLower, lower)
-            matvec, reference_sq = tracker.hessian(problem, self.derivatives, x, y0, batch, k)
-            tracker_state = tracker.refresh(matvec, state.extra["lower"])
-            lower = tracker.dynamics_at(tracker.step_size(tracker_state))
+            lower, tracker_state, reference_sq = tracker.begin(problem, self.derivatives, x, y0, batch, k, state.extra["lower"])
         x_req = _requires_grad_copy(x)
         z_req = _requires_grad_copy(y0)
         inputs = T.leaves(x_req) + (T.leaves(z_req) if learned else [])
@@ -219,11 +215,10 @@ class IAPTTGM(Assembled):
             x_next, opt, extra["direction"] = self.update_x(x, d_x, state)
         extra["unroll"] = start_state
         new_state = State(x=x_next, y=T.detach(trajectory[-1]), v=None, opt=opt, k=k + 1, extra=extra)
-        if isinstance(self.parts.upper, (DoG, AdamDoG)) and not self.joint_auto:
-            auto_info["lr_upper"] = self.parts.upper.step_size(opt)
-        if tracked:
-            blown, tracker_state = tracker.guard(tracker_state, reference_sq, info["lower_grad_sq"], info["direction_sq"])
-            new_state = undo_where(blown, state, new_state, tracker_state)
-            auto_info.update(lr_lower=tracker.step_size(tracker_state), rollbacks=tracker_state.rollbacks)
+        step = None if self.joint_auto else upper_step(self.parts.upper, opt)
+        if step is not None:
+            auto_info["lr_upper"] = step
         info.update(auto_info)
+        if tracked:
+            new_state = tracker.conclude(state, new_state, tracker_state, reference_sq, info)
         return new_state, info

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import AdamDoG, AdaptiveLower, DoG, JointAutoSteps, adaptive_start, auto_upper, check_auto_positive, check_auto_upper, is_auto
+from ..auto import AdaptiveLower, DoG, adaptive_start, auto_upper, check_auto_positive, check_auto_upper, is_auto, upper_step
 from ..parts import Parts
 from ..parts.value import Shadow
 from ..problem import Problem
@@ -44,7 +44,7 @@ class _Proximal:
 
 
 @dataclass(frozen=True)
-class MEHA(JointAutoSteps, Assembled):
+class MEHA(Assembled):
     """MEHA (Liu, Liu, Yao, Zeng & Zhang, ICML 2024): the lower level through its Moreau
     envelope ``e_γ(x, y) = min_θ g(x, θ) + ‖θ − y‖²/(2γ)``, single loop, first order, no
     lower-level convexity assumed (g weakly convex in y, γ below the inverse modulus).
@@ -85,7 +85,7 @@ class MEHA(JointAutoSteps, Assembled):
 
     Args:
         lr_upper: α, the x step: ``"auto"`` (default), a number, a schedule or an upper
-            optimizer (with an optimizer, give ``lr_lower`` a number).
+            optimizer.
         lr_lower: β, the y step: ``"auto"`` (default: a DoG of its own, bounded by η) or a
             number.
         lr_shadow: η, the θ step: ``"auto"`` (default) or a number.
@@ -135,11 +135,6 @@ class MEHA(JointAutoSteps, Assembled):
         return Parts(lower=shadow, upper=auto_upper(self.lr_upper))
 
     @property
-    def joint_auto(self) -> bool:
-        """False: with both steps auto, x and y take a DoG each (:attr:`separate_lower_dog`)."""
-        return False
-
-    @property
     def separate_lower_dog(self) -> bool:
         """A DoG of its own for y (``lr_lower="auto"``, whatever x's step), bounded by the shadow step η."""
         return is_auto(self.lr_lower)
@@ -165,7 +160,7 @@ class MEHA(JointAutoSteps, Assembled):
         theta, _, shadow_state = lower.run(problem, x, y, batch, self.derivatives, extra.get("lower", EmptyState()), k)
         return theta, {"lower": shadow_state}, {}
 
-    def _shadow_step(self, extra: dict, k: int, like: Tree) -> torch.Tensor:
+    def _shadow_step(self, extra: dict, like: Tree) -> torch.Tensor:
         """η, the θ step in use: the bound on an auto y step. d_y holds ``−(y − θ)/γ``, so y
         sees the curvature of θ's objective ``g + ‖θ − y‖²/(2γ)`` (at least 1/γ, whatever the
         scale of g) and must not outrun the shadow that tracks it."""
@@ -178,11 +173,11 @@ class MEHA(JointAutoSteps, Assembled):
     def _move_y(self, y: Tree, d_y: Tree, extra: dict, k: int, info: dict) -> Tree:
         """y − β d_y: the given β, or y's own DoG bounded by η (``lr_lower="auto"``)."""
         if self.separate_lower_dog:
-            dog, cap = DoG(), self._shadow_step(extra, k, d_y)
+            dog, cap = DoG(), self._shadow_step(extra, d_y)
             y_next, extra["lower_dog"] = dog.update(y, d_y, extra["lower_dog"], k, cap)
             info["lr_lower"] = torch.minimum(dog.step_size(extra["lower_dog"]), cap)
             return y_next
-        return T.axpy(-self.lower_step(k), d_y, y)
+        return T.axpy(-cast(float, self.lr_lower), d_y, y)
 
     @cached_property
     def penalty_schedule(self) -> Polynomial:
@@ -253,7 +248,8 @@ class MEHA(JointAutoSteps, Assembled):
             "penalty": torch.scalar_tensor(c, dtype=upper_loss.dtype, device=upper_loss.device),
             "stationarity": self.projected_direction_sq(x, d_x, d_x_sq) + d_y_sq,
         }
-        if isinstance(self.parts.upper, (DoG, AdamDoG)):
-            auto_info["lr_upper"] = self.parts.upper.step_size(opt)
+        step = upper_step(self.parts.upper, opt)
+        if step is not None:
+            auto_info["lr_upper"] = step
         info.update(auto_info)
         return State(x=x_next, y=y_next, v=None, opt=opt, k=k + 1, extra=extra), info

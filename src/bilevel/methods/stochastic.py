@@ -28,6 +28,7 @@ stochastic hypergradient estimate; the true ‖∇F‖² needs the problem's clo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar, NamedTuple, cast
@@ -35,7 +36,16 @@ from typing import Any, ClassVar, NamedTuple, cast
 import torch
 
 from .. import tree as T
-from ..auto import AdamDoG, CurvatureTracker, DoG, auto_upper, check_auto_positive, check_auto_step_size, check_auto_upper, is_auto
+from ..auto import (
+    CurvatureTracker,
+    auto_upper,
+    check_auto_positive,
+    check_auto_step_size,
+    check_auto_upper,
+    is_auto,
+    is_distance_rule,
+    upper_step,
+)
 from ..oracles import Oracles
 from ..parts import DirectionNorm, DualCorrection, FixedStep, Parts, PlainDirection
 from ..parts.stochastic import (
@@ -149,14 +159,29 @@ class Stochastic(Assembled):
         """β's schedule for :class:`~bilevel.parts.LowerSGD`: the unit-curvature shape when auto."""
         return self.auto_lower_shape if self.auto_lower else cast(ScheduleLike, cast(Any, self).lr_lower)
 
-    def track_curvature(self, problem: Problem, x: Tree, y: Tree, draws: Any, state: Any, k: int) -> tuple[Any, torch.Tensor | None]:
-        """``(curvature state, 1/λ̂)`` for iteration k: refreshed by one product when due."""
+    def track_curvature(self, fn: Any, x: Tree, y: Tree, batch: Callable[[], Any], state: Any, k: int) -> tuple[Any, torch.Tensor | None]:
+        """``(curvature state, 1/λ̂)`` for iteration k: refreshed by one product of ``∇²_yy fn``
+        on ``batch()`` when due (``(state, None)`` when no step is auto)."""
         tracker = self.curvature
         if tracker is None:
             return state, None
         if tracker.due(k):
-            state = tracker.refresh(self.curvature_matvec(problem.lower, x, y, draws.lower(0)), state)
-        return state, tracker.inverse(state)
+            state = tracker.refresh(self.curvature_matvec(fn, x, y, batch()), state)
+        return state, state.inverse
+
+    @cached_property
+    def reports_auto(self) -> bool:
+        """Whether any step is auto: a method with every step given skips the auto bookkeeping."""
+        return self.curvature is not None or is_distance_rule(self.parts.upper)
+
+    def conclude_auto(self, new_state: State, info: dict, curvature: Any, inverse: torch.Tensor | None, k: int) -> State:
+        """The curvature state kept in ``new_state`` and the auto steps added to ``info``."""
+        if not self.reports_auto:
+            return new_state
+        if curvature is not None:
+            new_state = new_state.replace(extra={**new_state.extra, "curvature": curvature})
+        info.update(self.auto_info(new_state, inverse, k))
+        return new_state
 
     def curvature_matvec(self, fn: Any, x: Tree, y: Tree, batch: Any) -> Any:
         """``u ↦ ∇²_yy fn(x, y) u`` on one batch, the product the curvature tracker iterates."""
@@ -166,13 +191,14 @@ class Stochastic(Assembled):
         """The auto steps in use, in the problem's units: ``lr_lower``, ``lr_dual``, ``lr_upper``."""
         info: dict = {}
         if inverse is not None:
-            step = float(self.auto_shape_schedule(k)) * inverse
+            beta = float(self.auto_shape_schedule(k)) * inverse
             if self.auto_lower:
-                info["lr_lower"] = step
+                info["lr_lower"] = beta
             if self.auto_dual:
-                info["lr_dual"] = step
-        if isinstance(self.parts.upper, (DoG, AdamDoG)):
-            info["lr_upper"] = self.parts.upper.step_size(state.opt)
+                info["lr_dual"] = beta
+        alpha = upper_step(self.parts.upper, state.opt)
+        if alpha is not None:
+            info["lr_upper"] = alpha
         return info
 
     def init(self, problem: Problem, x0: Tree = None, y0: Tree = None, batch: Any = None, validate: bool = True) -> State:
@@ -274,7 +300,7 @@ class SingleLoop(Stochastic):
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         parts, k, extra = self.parts, state.k, state.extra
         draws = as_draws(batch)
-        curvature, inverse = self.track_curvature(problem, state.x, state.y, draws, extra.get("curvature"), k)
+        curvature, inverse = self.track_curvature(problem.lower, state.x, state.y, lambda: draws.lower(0), extra.get("curvature"), k)
         (d_y, d_v, d_x), o, estimator_state = self.estimator.estimate(
             self.evaluator(problem), state.x, state.y, state.v, draws, extra["estimator"], k
         )
@@ -286,15 +312,8 @@ class SingleLoop(Stochastic):
         info = self.report(o.upper_loss, o.grad_y_g, state.x, d_x)
         x, opt, direction_state = self.update_x(state.x, d_x, state)
         extra = {**extra, "multiplier": multiplier_state, "direction": direction_state, "estimator": estimator_state}
-        if curvature is not None:
-            extra["curvature"] = curvature
         new_state = State(x=x, y=y, v=solve.v, opt=opt, k=k + 1, extra=extra)
-        if inverse is not None or isinstance(parts.upper, (DoG, AdamDoG)):
-            info.update(self.auto_info(new_state, inverse, k))
-        return new_state, info
-
-
-_SOBA_STEP = Polynomial(0.1, 0.5)
+        return self.conclude_auto(new_state, info, curvature, inverse, k), info
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -514,7 +533,7 @@ class DoubleLoop(Stochastic):
         parts, oracles, k, x = self.parts, self.derivatives, state.k, state.x
         draws = as_draws(batch)
         lower = cast(LowerSGD, parts.lower)
-        curvature, inverse = self.track_curvature(problem, x, state.y, draws, state.extra.get("curvature"), k)
+        curvature, inverse = self.track_curvature(problem.lower, x, state.y, lambda: draws.lower(0), state.extra.get("curvature"), k)
         scale = inverse if self.auto_lower else None
         y, grad_y_g = state.y, None
         for t in range(lower.steps):
@@ -531,12 +550,8 @@ class DoubleLoop(Stochastic):
         info = self.report(value, grad_y_g, x, direction)
         x_next, opt, direction_state = self.update_x(x, direction, state)
         extra = {**state.extra, "direction": direction_state}
-        if curvature is not None:
-            extra["curvature"] = curvature
         new_state = State(x=x_next, y=y, v=v, opt=opt, k=k + 1, extra=extra)
-        if inverse is not None or isinstance(parts.upper, (DoG, AdamDoG)):
-            info.update(self.auto_info(new_state, inverse, k))
-        return new_state, info
+        return self.conclude_auto(new_state, info, curvature, inverse, k), info
 
     @property
     def hessian_draws(self) -> int:
@@ -733,9 +748,6 @@ class F2SA(Stochastic):
         matvec = self.curvature_matvec(self._penalised(problem, lam), state.x, state.y, both)
         return state.replace(extra={**state.extra, "curvature_y": self.curvature.start(matvec, state.y)})
 
-    def lower_shape(self) -> ScheduleLike:
-        return Polynomial(self.auto_lower_scale, self.auto_lower_power) if self.auto_lower else cast(ScheduleLike, self.lr_lower)
-
     @cached_property
     def shadow_schedule(self) -> Any:
         shape = Polynomial(self.auto_lower_scale, self.auto_shadow_power)
@@ -757,20 +769,14 @@ class F2SA(Stochastic):
         z, y = cast(LowerShadowState, state.extra["shadow"]).z, state.y
         beta_y: Any = lower.schedule(k)
         beta_z: Any = self.shadow_schedule(k)
-        auto_extra: dict = {}
-        if self.curvature is not None:  # β^z = c_k/λ̂(∇²g at z), β^y = c_k/λ̂(∇²(f + λ_k g) at y), first order
-            tracker = self.curvature
-            curvature_z, curvature_y = state.extra["curvature"], state.extra["curvature_y"]
-            if tracker.due(k):
-                curvature_z = tracker.refresh(self.curvature_matvec(problem.lower, x, z, draws.lower(0)), curvature_z)
-                both = _BothBatches(draws.upper(0), draws.lower(1))
-                penalised = self._penalised(problem, float(lam))
-                curvature_y = tracker.refresh(self.curvature_matvec(penalised, x, y, both), curvature_y)
-            auto_extra = {"curvature": curvature_z, "curvature_y": curvature_y}
-            if self.auto_shadow:
-                beta_z = beta_z * tracker.inverse(curvature_z)
-            if self.auto_lower:
-                beta_y = beta_y * tracker.inverse(curvature_y)
+        # β^z = c_k/λ̂(∇²g at z), β^y = c_k/λ̂(∇²(f + λ_k g) at y), both first order
+        curvature_z, inverse_z = self.track_curvature(problem.lower, x, z, lambda: draws.lower(0), state.extra.get("curvature"), k)
+        both = lambda: _BothBatches(draws.upper(0), draws.lower(1))  # built only when a refresh is due
+        curvature_y, inverse_y = self.track_curvature(self._penalised(problem, float(lam)), x, y, both, state.extra.get("curvature_y"), k)
+        if inverse_z is not None and self.auto_shadow:
+            beta_z = beta_z * inverse_z
+        if inverse_y is not None and self.auto_lower:
+            beta_y = beta_y * inverse_y
         grad_y_g = None
         for t in range(lower.steps):
             gz, _ = oracles.gradient_y(problem.lower, x, z, draws.lower(2 * t))
@@ -788,16 +794,13 @@ class F2SA(Stochastic):
         x_next, opt, direction_state = self.update_x(x, direction, state)
         extra = {
             **state.extra,
-            **auto_extra,
             "direction": direction_state,
             "shadow": LowerShadowState(z=z),
             "penalty": self.penalty.update(cast(PenaltyState, state.extra["penalty"]), k),
         }
-        new_state = State(x=x_next, y=y, v=None, opt=opt, k=k + 1, extra=extra)
-        if self.auto_lower:
-            info["lr_lower"] = torch.as_tensor(beta_y)
+        if curvature_y is not None:
+            extra["curvature_y"] = curvature_y
         if self.auto_shadow:
             info["lr_shadow"] = torch.as_tensor(beta_z)
-        if isinstance(self.parts.upper, (DoG, AdamDoG)):
-            info["lr_upper"] = self.parts.upper.step_size(opt)
-        return new_state, info
+        new_state = State(x=x_next, y=y, v=None, opt=opt, k=k + 1, extra=extra)
+        return self.conclude_auto(new_state, info, curvature_z, inverse_y, k), info

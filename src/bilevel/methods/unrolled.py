@@ -19,7 +19,7 @@ from typing import Any, ClassVar, cast
 import torch
 
 from .. import tree as T
-from ..auto import TrackedLower, undo_where
+from ..auto import TrackedLower
 from ..oracles import _grads_or_zeros, _requires_grad_copy
 from ..parts import EmptyState, Parts, Unroll, projected_sq
 from ..problem import Problem
@@ -57,8 +57,7 @@ class Unrolled(Assembled):
         if not isinstance(lower, TrackedLower):
             return state
         y_start = cast(Unroll, self.parts.unroll).start(state.y, state.extra.get("unroll", EmptyState()))
-        matvec, _ = lower.hessian(problem, self.derivatives, state.x, y_start, batch, 0)
-        return state.replace(extra={**state.extra, "lower": lower.start(matvec, y_start)})
+        return state.replace(extra={**state.extra, "lower": lower.initial(problem, self.derivatives, state.x, y_start, batch)})
 
     def step(self, problem: Problem, state: State, batch: Any = None) -> tuple[State, dict]:
         parts, oracles = self.parts, self.derivatives
@@ -69,9 +68,7 @@ class Unrolled(Assembled):
         tracked = isinstance(lower, TrackedLower)
         if tracked:  # β from the curvature at the start of this unroll (lr_lower="auto")
             tracker = cast(TrackedLower, lower)
-            matvec, reference_sq = tracker.hessian(problem, oracles, state.x, y, batch, k)
-            tracker_state = tracker.refresh(matvec, state.extra["lower"])
-            lower = tracker.dynamics_at(tracker.step_size(tracker_state))
+            lower, tracker_state, reference_sq = tracker.begin(problem, oracles, state.x, y, batch, k, state.extra["lower"])
         for t in range(steps - differentiated):
             y, _ = lower.step(problem, state.x, y, batch, t, oracles, k)
         x_req = _requires_grad_copy(state.x)
@@ -92,7 +89,5 @@ class Unrolled(Assembled):
         extra = {**state.extra, "direction": direction_state}
         new_state = State(x=x_next, y=T.detach(y), v=None, opt=opt, k=k + 1, extra=extra)
         if tracked:
-            blown, tracker_state = tracker.guard(tracker_state, reference_sq, info["lower_grad_sq"], direction_sq)
-            new_state = undo_where(blown, state, new_state, tracker_state)
-            info.update(lr_lower=tracker.step_size(tracker_state), rollbacks=tracker_state.rollbacks)
+            new_state = tracker.conclude(state, new_state, tracker_state, reference_sq, info)
         return new_state, info
