@@ -16,8 +16,9 @@ Parts (``--parts``, default all):
   (``--seconds`` per run), F1 and test accuracy; the no-cleaning baseline.
 * ``peak``: hyper-cleaning's test accuracy peaks early and then falls for every
   configuration (presets too: the weights over-fit the validation loss), so the preset,
-  auto, and auto with ``lr_upper=Adam(0.1)`` are compared at their peak within
-  ``--peak-seconds`` (and at the end), MNIST linear; MEHA and IAPTT-GM have no preset.
+  auto, and auto with ``lr_upper=Adam(0.1)`` or ``lr_upper=bl.auto.AdamDoG()`` are compared
+  at their peak within ``--peak-seconds`` (and at the end), on the linear model of each of
+  ``--peak-configs`` (MNIST and FashionMNIST).
 * ``walltime``: wall-clock per iteration of auto against the preset, interleaved steps.
 * ``grid``: a 3×3 grid over BAGDC's (lr_lower, Adam lr_upper) on MNIST linear: its best
   test accuracy and its total time, against the time auto needs to reach it.
@@ -270,7 +271,7 @@ def peak_run(exp, method, seconds: float, every: float = 0.5) -> dict:
     return {"peak": best[1], "peak_f1": best[2], "peak_time": best[0], "end": rows[-1][1], "end_f1": rows[-1][2]}
 
 
-PEAK_HC = {  # the auto configuration, and the same with Adam(0.1) on x (lower and dual steps auto)
+PEAK_HC = {  # the auto configuration; part_peak adds an upper optimizer (lower and dual steps stay auto)
     "GALET": lambda **u: bl.GALET(lower_steps=5, shadow_steps=5, **u),
     "SlBAMM": lambda **u: bl.SlBAMM(**u),
     "BAGDC": lambda **u: bl.BAGDC(**u),
